@@ -1,0 +1,330 @@
+"""The job spec: one validated schema for the CLI, TOML job files and the slash commands.
+
+Every job keeps its fully resolved spec (presets applied, defaults filled in), so `/retrain` and the CLI
+reproduce it exactly. Validation errors name the field and the allowed values.
+"""
+
+from __future__ import annotations
+
+import copy
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+
+OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Lion8bit", "Prodigy", "Adafactor")
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+SAMPLERS = ("euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim")
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+
+
+class SpecError(ValueError):
+    """A job spec is invalid. `problems` lists (field, message) pairs; str() is ready to show a user."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = problems
+        super().__init__("; ".join(f"{f}: {m}" if f else m for f, m in problems))
+
+
+class _Strict(BaseModel):
+    # extra="forbid": a typo in a TOML file is an error, not a silently ignored setting.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _canonical(value: Any, allowed: tuple[str, ...]) -> Any:
+    if isinstance(value, str):
+        for a in allowed:
+            if a.lower() == value.strip().lower():
+                return a
+    return value
+
+
+class SamplePrompt(_Strict):
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = 1111
+    steps: int = Field(20, ge=1, le=150)
+    cfg: float = Field(7.0, ge=0.0, le=30.0)
+    width: int | None = Field(None, ge=64, le=2048, multiple_of=8)
+    height: int | None = Field(None, ge=64, le=2048, multiple_of=8)
+    sampler: Literal["euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim"] = "euler_a"
+
+    @field_validator("sampler", mode="before")
+    @classmethod
+    def _sampler(cls, v: Any) -> Any:
+        return _canonical(v, SAMPLERS)
+
+
+class Concept(_Strict):
+    image_dir: str
+    instance_prompt: str = ""
+    # How per-image .txt captions combine with the instance prompt (the DreamBooth extension's [filewords]).
+    caption_mode: Literal["instance_and_caption", "caption_only", "instance_only"] = "instance_and_caption"
+    class_prompt: str | None = None
+    class_dir: str | None = None
+    class_count: int = Field(0, ge=0, le=10000)
+    repeats: int = Field(1, ge=1, le=1000)
+
+
+class NetworkSpec(_Strict):
+    dim: int = Field(16, ge=1, le=1024)
+    alpha: float | None = Field(None, gt=0, le=4096)  # None: alpha = dim
+    conv_dim: int = Field(0, ge=0, le=1024)  # 0: plain LoRA; > 0: LoCon conv layers too
+    conv_alpha: float | None = Field(None, gt=0, le=4096)  # None: conv_alpha = conv_dim
+    train_unet: bool = True
+    train_text_encoder: bool = False
+    text_encoder_lr: float | None = Field(None, gt=0, le=1.0)
+    blocks: str | None = None  # e.g. "OUT03-OUT05,MID"; None: every block
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @property
+    def resolved_alpha(self) -> float:
+        return float(self.alpha if self.alpha is not None else self.dim)
+
+    @property
+    def resolved_conv_alpha(self) -> float:
+        return float(self.conv_alpha if self.conv_alpha is not None else max(self.conv_dim, 1))
+
+    @model_validator(mode="after")
+    def _something_trains(self) -> NetworkSpec:
+        if not self.train_unet and not self.train_text_encoder:
+            raise ValueError("train_unet and train_text_encoder are both off: nothing would be trained")
+        return self
+
+
+class OptimizerSpec(_Strict):
+    name: Literal["AdamW", "AdamW8bit", "Lion", "Lion8bit", "Prodigy", "Adafactor"] = "AdamW"
+    lr: float = Field(1e-4, gt=0, le=10.0)
+    weight_decay: float = Field(0.01, ge=0, le=10.0)
+    betas: tuple[float, float] | None = None
+    eps: float | None = Field(None, gt=0)
+    scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    num_cycles: int = Field(1, ge=1, le=1000)  # cosine_with_restarts
+    power: float = Field(1.0, gt=0, le=10.0)  # polynomial
+    max_grad_norm: float | None = Field(1.0, gt=0)
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _name(cls, v: Any) -> Any:
+        return _canonical(v, OPTIMIZERS)
+
+    @field_validator("scheduler", mode="before")
+    @classmethod
+    def _sched(cls, v: Any) -> Any:
+        return _canonical(v, SCHEDULERS)
+
+
+class DataSpec(_Strict):
+    resolution: int = Field(512, ge=64, le=4096, multiple_of=8)
+    bucketing: bool = False  # aspect-ratio buckets instead of center crops
+    bucket_step: int = Field(64, ge=8, le=256, multiple_of=8)
+    bucket_min_side: int = Field(256, ge=64, le=4096, multiple_of=8)
+    bucket_max_side: int = Field(1024, ge=64, le=8192, multiple_of=8)
+    random_flip: bool = False
+    shuffle_tags: bool = False
+    keep_tokens: int = Field(0, ge=0, le=100)  # tags kept in place at the front when shuffling
+    caption_dropout: float = Field(0.0, ge=0.0, le=1.0)
+    trigger_word: str | None = None  # always kept first in every caption
+    cache_latents: bool = True
+    cache_text_encoder_outputs: bool = False
+
+    @model_validator(mode="after")
+    def _bucket_sides(self) -> DataSpec:
+        if self.bucket_min_side > self.bucket_max_side:
+            raise ValueError("bucket_min_side must not exceed bucket_max_side")
+        return self
+
+
+class SampleSpec(_Strict):
+    prompts: list[SamplePrompt] = Field(default_factory=list)
+    every_n_steps: int = Field(0, ge=0)  # 0: only at the end
+    at_end: bool = True
+
+
+class TrainSpec(_Strict):
+    kind: Literal["train"] = "train"
+    base_model: str = "tiny-sd15"
+    prediction_type: Literal["auto", "epsilon", "v_prediction"] = "auto"
+    output_name: str = Field("lora", min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\- ]*$")
+    concepts: list[Concept] = Field(default_factory=list)
+    network: NetworkSpec = Field(default_factory=NetworkSpec)
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    sample: SampleSpec = Field(default_factory=SampleSpec)
+    steps: int = Field(1000, ge=1, le=200_000)
+    batch_size: int = Field(1, ge=1, le=64)
+    grad_accum: int = Field(1, ge=1, le=256)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    save_precision: Literal["fp16", "bf16", "fp32"] = "fp16"
+    gradient_checkpointing: bool = False
+    seed: int = Field(1111, ge=0, le=2**32 - 1)
+    min_snr_gamma: float | None = Field(None, gt=0, le=100)
+    noise_offset: float = Field(0.0, ge=0.0, le=1.0)
+    loss_type: Literal["l2", "l1", "huber"] = "l2"
+    huber_c: float = Field(0.1, gt=0, le=10)
+    prior_loss_weight: float = Field(1.0, ge=0, le=100)
+    save_every_n_steps: int = Field(0, ge=0)  # intermediate LoRA files; 0: only the final one
+    state_every_n_steps: int = Field(50, ge=1)  # full training state for resume
+    preset: str | None = None  # informational: the preset this spec was resolved from
+
+    @model_validator(mode="after")
+    def _checks(self) -> TrainSpec:
+        if self.network.blocks is not None:
+            self.network.blocks = self.network.blocks.strip() or None
+        return self
+
+
+class MergeInput(_Strict):
+    path: str
+    ratio: float = Field(1.0, ge=-10, le=10)
+    # Per-block weights by block name (BASE, IN00.., MID, OUT..); blocks not named keep weight 1.0.
+    block_weights: dict[str, float] | None = None
+
+
+class GridSpec(_Strict):
+    prompt: str = ""
+    negative_prompt: str = ""
+    strengths: list[float] = Field(default_factory=lambda: [-1.0, 0.0, 0.5, 1.0, 1.5, 2.0], min_length=1, max_length=12)
+    seeds: list[int] = Field(default_factory=lambda: [1111, 2222, 3333], min_length=1, max_length=8)
+    sampler: Literal["euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim"] = "euler_a"
+    steps: int = Field(20, ge=1, le=150)
+    cfg: float = Field(7.0, ge=0, le=30)
+    width: int | None = Field(None, ge=64, le=2048, multiple_of=8)
+    height: int | None = Field(None, ge=64, le=2048, multiple_of=8)
+
+    @field_validator("sampler", mode="before")
+    @classmethod
+    def _sampler(cls, v: Any) -> Any:
+        return _canonical(v, SAMPLERS)
+
+
+class MergeSpec(_Strict):
+    kind: Literal["merge"] = "merge"
+    inputs: list[MergeInput] = Field(min_length=1, max_length=16)
+    rank: int | Literal["auto"] = "auto"
+    conv_rank: int | Literal["auto"] = "auto"
+    clamp_quantile: float | None = Field(0.99, gt=0, le=1.0)
+    base_model: str | None = None  # checked for compatibility; required for a checkpoint merge or a grid
+    into_checkpoint: bool = False
+    half: bool = False
+    output_name: str = Field("merged", min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\- ]*$")
+    grid: GridSpec | None = None
+    seed: int = 0
+
+    @field_validator("rank", "conv_rank")
+    @classmethod
+    def _rank(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 1 <= v <= 1024:
+            raise ValueError("rank must be between 1 and 1024, or 'auto'")
+        return v
+
+
+class LoraRef(_Strict):
+    path: str
+    strength: float = Field(1.0, ge=-10, le=10)
+
+
+class PreviewSpec(_Strict):
+    kind: Literal["preview"] = "preview"
+    base_model: str = "tiny-sd15"
+    loras: list[LoraRef] = Field(default_factory=list, max_length=8)
+    grid: GridSpec = Field(default_factory=GridSpec)
+    output_name: str = "preview"
+
+
+JobSpec = Annotated[TrainSpec | MergeSpec | PreviewSpec, Field(discriminator="kind")]
+_JOB = TypeAdapter(JobSpec)
+
+
+def _problems(err: ValidationError) -> list[tuple[str, str]]:
+    out = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in ("train", "merge", "preview")))
+        msg = e["msg"]
+        if e["type"] == "literal_error":
+            msg = f"{e['msg']} (got {e.get('input')!r})"
+        elif e["type"] == "extra_forbidden":
+            msg = "unknown setting (check the spelling)"
+        elif "input" in e and not isinstance(e["input"], dict | list):
+            msg = f"{msg} (got {e['input']!r})"
+        out.append((loc, msg.replace("Value error, ", "")))
+    return out
+
+
+def parse_job(data: dict[str, Any]) -> TrainSpec | MergeSpec | PreviewSpec:
+    data = dict(data)
+    data.setdefault("kind", "train")
+    try:
+        return _JOB.validate_python(data)
+    except ValidationError as err:
+        raise SpecError(_problems(err)) from None
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def list_presets() -> dict[str, str]:
+    """Preset name -> its one-line description (the `description` key of the preset file)."""
+    return {p.stem: tomllib.loads(p.read_text()).get("description", "") for p in sorted(PRESETS_DIR.glob("*.toml"))}
+
+
+def preset_values(name: str) -> dict[str, Any]:
+    path = PRESETS_DIR / f"{name}.toml"
+    if not path.exists():
+        raise SpecError([("preset", f"unknown preset {name!r}; choose one of {', '.join(list_presets())}")])
+    values = tomllib.loads(path.read_text())
+    values.pop("description", None)
+    return values
+
+
+def resolve_job(values: dict[str, Any], preset: str | None = None) -> TrainSpec | MergeSpec | PreviewSpec:
+    """Apply a preset (if any, from the argument or a `preset` key), then the given values field by field."""
+    preset = preset or values.get("preset")
+    merged = dict(values)
+    if preset:
+        merged = deep_merge(preset_values(preset), values)
+        merged["preset"] = preset
+    return parse_job(merged)
+
+
+def load_toml_text(text: str, source: str = "job file") -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise SpecError([("", f"{source} is not valid TOML: {e}")]) from None
+
+
+def load_job_file(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainSpec | MergeSpec | PreviewSpec:
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError([("", f"job file {p} does not exist")])
+    values = load_toml_text(p.read_text(encoding="utf-8"), source=str(p))
+    return resolve_job(deep_merge(values, overrides or {}))
+
+
+def to_toml(spec: BaseModel) -> str:
+    """The fully resolved spec as TOML (None values are left out: TOML has no null)."""
+    return tomli_w.dumps(spec.model_dump(mode="json", exclude_none=True))
+
+
+def from_json(text: str) -> TrainSpec | MergeSpec | PreviewSpec:
+    try:
+        return _JOB.validate_json(text)
+    except ValidationError as err:
+        raise SpecError(_problems(err)) from None
+
+
+def to_json(spec: BaseModel) -> str:
+    return spec.model_dump_json()
