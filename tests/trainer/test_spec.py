@@ -1,0 +1,95 @@
+"""The job spec: one schema, errors that name the field and the allowed values."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trainer.spec import (
+    SpecError,
+    from_json,
+    list_presets,
+    load_job_file,
+    parse_job,
+    resolve_job,
+    to_json,
+    to_toml,
+)
+
+
+def test_defaults_and_case_insensitive_names() -> None:
+    spec = parse_job({"optimizer": {"name": "lion8bit", "scheduler": "COSINE"}, "network": {"dim": 32, "alpha": 8}})
+    assert spec.optimizer.name == "Lion8bit"
+    assert spec.optimizer.scheduler == "cosine"
+    assert spec.network.resolved_alpha == 8.0
+    assert parse_job({}).network.resolved_alpha == 16.0  # alpha defaults to dim
+
+
+@pytest.mark.parametrize(
+    ("values", "field", "words"),
+    [
+        ({"network": {"dim": 0}}, "network.dim", "greater than or equal to 1"),
+        ({"optimizer": {"name": "sgd"}}, "optimizer.name", "AdamW8bit"),
+        ({"stepz": 10}, "stepz", "unknown setting"),
+        ({"data": {"resolution": 100}}, "data.resolution", "multiple of 8"),
+        ({"steps": -1}, "steps", "greater than or equal to 1"),
+        ({"network": {"train_unet": False}}, "network", "nothing would be trained"),
+    ],
+)
+def test_errors_name_the_field(values: dict, field: str, words: str) -> None:
+    with pytest.raises(SpecError) as ei:
+        parse_job(values)
+    fields = [f for f, _ in ei.value.problems]
+    assert field in fields
+    assert words in str(ei.value)
+
+
+def test_bad_toml_is_a_clear_error(tmp_path: Path) -> None:
+    f = tmp_path / "job.toml"
+    f.write_text("steps = = 3\n")
+    with pytest.raises(SpecError, match="not valid TOML"):
+        load_job_file(f)
+    with pytest.raises(SpecError, match="does not exist"):
+        load_job_file(tmp_path / "missing.toml")
+
+
+def test_presets_override_field_by_field() -> None:
+    assert {"sd15-8gb", "sdxl-10gb", "sdxl-expression"} <= set(list_presets())
+    spec = resolve_job({"network": {"dim": 8}}, "sdxl-expression")
+    assert spec.network.dim == 8  # overridden
+    assert spec.network.resolved_alpha == 8.0  # kept from the preset
+    assert spec.optimizer.name == "Lion"
+    assert spec.preset == "sdxl-expression"
+    with pytest.raises(SpecError, match="unknown preset"):
+        resolve_job({}, "nope")
+
+
+def test_resolved_spec_round_trips() -> None:
+    spec = resolve_job({"steps": 7, "concepts": [{"image_dir": "x", "instance_prompt": "scs girl"}]}, "sd15-8gb")
+    assert from_json(to_json(spec)) == spec
+    assert "steps = 7" in to_toml(spec)
+
+
+def test_merge_and_preview_specs() -> None:
+    m = parse_job({"kind": "merge", "inputs": [{"path": "a.safetensors", "ratio": -0.6}], "rank": 8})
+    assert m.kind == "merge" and m.inputs[0].ratio == -0.6
+    with pytest.raises(SpecError, match="rank"):
+        parse_job({"kind": "merge", "inputs": [{"path": "a"}], "rank": 0})
+    p = parse_job({"kind": "preview", "grid": {"sampler": "DPMPP_2M_KARRAS"}})
+    assert p.grid.sampler == "dpmpp_2m_karras"
+    assert p.grid.strengths == [-1.0, 0.0, 0.5, 1.0, 1.5, 2.0] and p.grid.seeds == [1111, 2222, 3333]
+
+
+def test_cli_validate_reports_bad_field(tmp_path: Path) -> None:
+    f = tmp_path / "job.toml"
+    f.write_text('[optimizer]\nname = "Adam"\n')
+    r = subprocess.run([sys.executable, "-m", "trainer", "validate", str(f)], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "optimizer.name" in r.stderr and "Prodigy" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "trainer", "validate", str(f), "--set", "optimizer.name=prodigy"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert 'name = "Prodigy"' in r.stdout
