@@ -57,6 +57,9 @@ class IntakeLimits:
     zip_max_total_bytes: int = 500 * MiB
     zip_max_ratio: float = 100.0
     zip_max_bytes: int = 200 * MiB
+    # Small entries are exempt from the ratio check: a plain-colour BMP or a long caption can
+    # compress 100:1 legitimately, and a 1 MiB entry cannot be a bomb (reads are bounded anyway).
+    zip_ratio_floor_bytes: int = 1 * MiB
     max_caption_bytes: int = 64 * 1024
 
 
@@ -325,12 +328,10 @@ def _scan_zip(name: str, data: bytes, limits: IntakeLimits, out: _Gather, result
                 continue
             is_caption = ext in CAPTION_EXTS
             size_limit = limits.max_caption_bytes if is_caption else limits.max_file_bytes
-            if info.file_size > size_limit:
-                result.rejected.append(
-                    (shown, f"is {_mib(info.file_size)}, over the {_mib(size_limit)} limit per file")
-                )
-                continue
-            if info.file_size > 0 and info.file_size > limits.zip_max_ratio * max(info.compress_size, 1):
+            # Ratio first: a bomb is named as such even when it is also over the size limit.
+            if info.file_size > limits.zip_ratio_floor_bytes and info.file_size > limits.zip_max_ratio * max(
+                info.compress_size, 1
+            ):
                 ratio = info.file_size / max(info.compress_size, 1)
                 result.rejected.append(
                     (
@@ -338,6 +339,11 @@ def _scan_zip(name: str, data: bytes, limits: IntakeLimits, out: _Gather, result
                         f"compresses {ratio:,.0f}:1 (limit {limits.zip_max_ratio:,.0f}:1), which looks like a "
                         "zip bomb; it was not unpacked",
                     )
+                )
+                continue
+            if info.file_size > size_limit:
+                result.rejected.append(
+                    (shown, f"is {_mib(info.file_size)}, over the {_mib(size_limit)} limit per file")
                 )
                 continue
             try:

@@ -67,7 +67,12 @@ async def test_migrates_v1_database_with_data(tmp_path: Path) -> None:
         assert img.caption == "a cat" and img.width == 64
         job = await repo.get_job(1)
         assert job is not None and job.state == "queued"
-        assert (job.priority, job.gpu_seconds, job.cancel_requested, job.heartbeat_at) == (0, 0.0, False, None)
+        assert (job.priority, job.gpu_seconds, job.cancel_requested, job.heartbeat_at) == (
+            0,
+            0.0,
+            False,
+            None,
+        )
         # The new table works on the migrated database.
         await repo.add_event(job.id, "started", {"step": 0})
         assert [e.type for e in await repo.list_events(job.id)] == ["started"]

@@ -15,7 +15,9 @@ SHA = [f"{i:064x}" for i in range(10)]
 
 
 async def _job(repo: Repo, owner: int = 1, priority: int = 0, kind: str = "train") -> int:
-    job = await repo.create_job(kind, owner, json.dumps({"steps": 10}), guild_id=5, channel_id=6, priority=priority)
+    job = await repo.create_job(
+        kind, owner, json.dumps({"steps": 10}), guild_id=5, channel_id=6, priority=priority
+    )
     return job.id
 
 
@@ -143,7 +145,9 @@ async def test_try_start_job_across_two_connections(tmp_path: Path) -> None:
     try:
         r1, r2 = Repo(d1), Repo(d2)
         ids = [await _job(r1) for _ in range(10)]
-        results = await asyncio.gather(*(r.try_start_job(j, name) for j in ids for r, name in ((r1, "a"), (r2, "b"))))
+        results = await asyncio.gather(
+            *(r.try_start_job(j, name) for j in ids for r, name in ((r1, "a"), (r2, "b")))
+        )
         assert sum(results) == len(ids)
         assert [(await r1.get_job(j)).attempts for j in ids] == [1] * len(ids)
     finally:
