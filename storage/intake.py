@@ -37,8 +37,16 @@ if Image.MAX_IMAGE_PIXELS is None:
     Image.MAX_IMAGE_PIXELS = 89_478_485
 
 # Pillow format name -> the extension we store the file under.
-FORMAT_EXT: dict[str, str] = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "BMP": "bmp", "GIF": "gif"}
-ALLOWED_FORMATS = tuple(FORMAT_EXT)
+# MPO is how Pillow reports many phone-camera JPEGs (a JPEG with extra frames): a JPEG to us.
+FORMAT_EXT: dict[str, str] = {
+    "PNG": "png",
+    "JPEG": "jpg",
+    "MPO": "jpg",
+    "WEBP": "webp",
+    "BMP": "bmp",
+    "GIF": "gif",
+}
+ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")  # JPEG's opener may hand back MPO
 CAPTION_EXTS = frozenset({".txt", ".caption"})
 ARCHIVE_EXTS = frozenset({".zip"})
 # OS litter inside archives: skipped without a complaint.

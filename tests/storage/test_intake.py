@@ -76,6 +76,13 @@ def test_ext_comes_from_content_not_name() -> None:
     assert check_image("really_a_png.jpg", png()).ext == "png"
 
 
+def test_phone_jpeg_with_extra_frames_mpo_is_a_jpeg() -> None:
+    frames = [Image.effect_noise((100, 100), 50).convert("RGB") for _ in range(2)]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="MPO", save_all=True, append_images=frames[1:])
+    assert check_image("phone.jpg", buf.getvalue()).ext == "jpg"
+
+
 def test_animated_gif_first_frame() -> None:
     frames = [Image.new("P", (80, 80), i) for i in range(3)]
     buf = io.BytesIO()

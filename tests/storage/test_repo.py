@@ -78,6 +78,8 @@ async def test_artifacts_and_events_cascade_with_job(repo: Repo, db: Database) -
     e1 = await repo.add_event(jid, "step", {"step": 1, "loss": 0.5})
     await repo.add_event(jid, "step", {"step": 2})
     assert [e.payload["step"] for e in await repo.list_events(jid, after_id=e1.id)] == [2]
+    assert await repo.add_events(jid, [("step", {"step": 3}), ("sample", {"path": "s.png"})]) == 2
+    assert [e.type for e in await repo.list_events(jid, types=["sample"])] == ["sample"]
 
     with pytest.raises(IllegalTransitionError):
         await repo.delete_job(jid)  # still queued
