@@ -241,3 +241,76 @@ async def test_threads_messages_uploads_dms_with_bot_token(fake_discord: FakeDis
         assert fake.unknown_calls == []
     finally:
         await bot.close()
+
+
+class CancelButton(discord.ui.DynamicItem[discord.ui.Button], template=r"job:cancel:(?P<id>\d+)"):
+    cancelled: list[int] = []
+
+    def __init__(self, job_id: int) -> None:
+        super().__init__(discord.ui.Button(label="Cancel", custom_id=f"job:cancel:{job_id}"))
+        self.job_id = job_id
+
+    @classmethod
+    async def from_custom_id(cls, interaction, item, match):  # type: ignore[override]
+        return cls(int(match["id"]))
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        CancelButton.cancelled.append(self.job_id)
+        await interaction.response.send_message(f"job {self.job_id} cancelled", ephemeral=True)
+
+
+class NameModal(discord.ui.Modal, title="Name it"):
+    name = discord.ui.TextInput(label="Name", custom_id="name")
+
+    async def on_submit(self, interaction: discord.Interaction) -> None:
+        await interaction.response.send_message(f"named {self.name.value}")
+
+
+async def test_running_helper_threads_dynamic_items_modal(fake_discord: FakeDiscord) -> None:
+    fake = fake_discord
+    bot = make_bot()
+    bot.add_dynamic_items(CancelButton)
+
+    @bot.tree.command(name="job", description="start a job in a thread")
+    async def job(interaction: discord.Interaction) -> None:
+        await interaction.response.defer(ephemeral=True)
+        thread = await interaction.channel.create_thread(name="job-7", type=discord.ChannelType.public_thread)
+        view = discord.ui.View(timeout=None)
+        view.add_item(CancelButton(7))
+        await thread.send("job 7 queued", view=view)
+        await interaction.edit_original_response(content=f"queued in {thread.mention}")
+
+    @bot.tree.command(name="rename", description="opens a modal")
+    async def rename(interaction: discord.Interaction) -> None:
+        await interaction.response.send_modal(NameModal())
+
+    async with fake.running(bot):
+        payload = fake.slash_command("job", user="bob")
+        await fake.dispatch("INTERACTION_CREATE", payload)
+        edit = await fake.wait_for_call("PATCH /messages/@original")
+        rec = fake.interaction(payload)
+        assert rec.original.ephemeral and not rec.original.flags & 128  # loading flag cleared by the edit
+        [tid] = fake.threads
+        assert edit.json["content"] == f"queued in <#{tid}>"
+        await fake.wait_for(
+            lambda: bot.get_guild(fake.guild_id).get_thread(tid) is not None
+        )  # THREAD_CREATE echo
+        [queued] = fake.channel_messages(tid)
+        assert queued.custom_ids() == ["job:cancel:7"]
+
+        # the persistent (DynamicItem) button still works for a message the bot did not just send
+        press = fake.button_press("job:cancel:7", queued.id, user="bob")
+        await fake.dispatch("INTERACTION_CREATE", press)
+        answer = await fake.wait_for_response(press)
+        assert CancelButton.cancelled == [7] and answer.original.content == "job 7 cancelled"
+        assert answer.original.channel_id == tid
+
+        payload = fake.slash_command("rename", user="alice")
+        await fake.dispatch("INTERACTION_CREATE", payload)
+        modal = (await fake.wait_for_response(payload)).modal
+        assert modal["title"] == "Name it"
+        submit = fake.modal_submit(modal["custom_id"], {"name": "chibi-v2"}, user="alice")
+        await fake.dispatch("INTERACTION_CREATE", submit)
+        assert (await fake.wait_for_response(submit)).original.content == "named chibi-v2"
+        assert not bot.errors
+    assert bot.is_closed()

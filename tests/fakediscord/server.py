@@ -10,7 +10,7 @@ import contextlib
 import json
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -257,6 +257,10 @@ class FakeDiscord:
         self.port = 0
         self._saved: dict[str, Any] = {}
         self._ws_tasks: set[asyncio.Task] = set()
+        self._echo_tasks: set[asyncio.Task] = set()
+        # Like Discord, tell identified gateway clients about what REST calls changed (THREAD_CREATE,
+        # MESSAGE_CREATE/UPDATE/DELETE), so discord.py's caches (guild.get_thread, ...) fill as in production.
+        self.echo_events = True
 
         self._install_routes()
         self._make_default_guild(premium_tier)
@@ -297,7 +301,7 @@ class FakeDiscord:
         for conn in list(self.gateway_conns):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(conn.ws.close(code=1001), 1)
-        for task in list(self._ws_tasks):
+        for task in list(self._ws_tasks) + list(self._echo_tasks):
             task.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
@@ -717,6 +721,55 @@ class FakeDiscord:
             raise RuntimeError("no identified gateway connection (await fake.wait_for_gateway() first)")
         for c in conns:
             await c.dispatch(event, data)
+
+    def _echo(self, event: str, data: dict) -> None:
+        if not self.echo_events:
+            return
+        conns = [c for c in self.gateway_conns if c.ready.is_set() and not c.ws.closed]
+        if not conns:
+            return
+        payload = json.loads(json.dumps(data))
+
+        async def send() -> None:
+            for c in conns:
+                with contextlib.suppress(Exception):
+                    await c.dispatch(event, payload)
+
+        task = asyncio.get_running_loop().create_task(send())
+        self._echo_tasks.add(task)
+        task.add_done_callback(self._echo_tasks.discard)
+
+    @contextlib.asynccontextmanager
+    async def running(
+        self, bot: discord.Client, *, gateway: bool = True, timeout: float = 10.0, fast_ready: bool = True
+    ) -> AsyncIterator[discord.Client]:
+        """Run ``bot`` against this fake for the block, then close it.
+
+        ``gateway=True``: ``bot.start(token)`` in a task; waits until ``bot.is_ready()`` (READY, GUILD_CREATEs,
+        member chunks, setup_hook done). ``fast_ready`` shortens discord.py's guild_ready_timeout (2 s by
+        default) to 0.05 s. ``gateway=False`` (direct path): only ``bot.login(token)`` (HTTP session, app info,
+        setup_hook); feed interactions with ``fake.feed(bot, payload)``.
+        """
+        if not gateway:
+            await bot.login(self.token)
+            try:
+                yield bot
+            finally:
+                await bot.close()
+            return
+        if fast_ready:
+            bot._connection.guild_ready_timeout = min(bot._connection.guild_ready_timeout, 0.05)
+        task = asyncio.create_task(bot.start(self.token))
+        try:
+            await self.wait_for(lambda: bot.is_ready() or task.done(), timeout)
+            if task.done():
+                task.result()  # startup failed: raise its error here
+                raise RuntimeError("bot.start() returned before the bot was ready")
+            yield bot
+        finally:
+            await bot.close()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(task, 5)
 
     async def disconnect_all(self, code: int = 4000) -> None:
         """Drop every gateway socket. 4000 (default) makes discord.py RESUME; 4004 etc. are fatal for it."""
@@ -1337,6 +1390,7 @@ class FakeDiscord:
         )
         self.messages.setdefault(channel_id, []).append(msg)
         self._message_index[mid] = msg
+        self._echo("MESSAGE_CREATE", data)
         if ch is not None:
             ch["last_message_id"] = str(mid)
             if "message_count" in ch:
@@ -1360,9 +1414,14 @@ class FakeDiscord:
         data["flags"] = int(data.get("flags") or 0) & ~FLAG_LOADING
         data["edited_timestamp"] = P.iso_now()
         msg.history.append(json.loads(json.dumps(data)))
+        self._echo("MESSAGE_UPDATE", data)
 
     def _delete_message(self, msg: StoredMessage) -> None:
         msg.deleted = True
+        event = {"id": str(msg.id), "channel_id": str(msg.channel_id)}
+        if msg.data.get("guild_id"):
+            event["guild_id"] = msg.data["guild_id"]
+        self._echo("MESSAGE_DELETE", event)
 
     def _create_thread(self, cid: str, body: dict, message_id: int | None) -> dict:
         parent = self._channel(cid)
@@ -1380,6 +1439,7 @@ class FakeDiscord:
             auto_archive_duration=int(body.get("auto_archive_duration") or 1440),
         )
         self.threads[tid] = t
+        self._echo("THREAD_CREATE", {**t, "newly_created": True})
         self.channels[tid] = t
         if message_id is not None:
             self._message_index[message_id].data["thread"] = t
