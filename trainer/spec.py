@@ -154,8 +154,31 @@ class SampleSpec(_Strict):
     at_end: bool = True
 
 
+class DifferencePair(_Strict):
+    name: str = Field("pair", min_length=1, max_length=60, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\- ]*$")
+    original: str  # the image the copier learns to reproduce
+    target: str  # the edited image; the pass-2 LoRA learns only what changed
+
+
+class DifferenceSpec(_Strict):
+    """Copy-machine training (sd-webui-traintrain's Difference mode): copier on the original, then the change."""
+
+    pairs: list[DifferencePair] = Field(min_length=1, max_length=8)
+    prompt: str = ""  # the same conditioning for both passes; "" = empty prompt
+    # Pass-2 overrides of this spec's fields (network, optimizer, steps, seed, ...); unset fields keep pass 1's.
+    pass2: dict[str, Any] = Field(default_factory=dict)
+    save_copier: bool = False
+    copier: str | None = None  # a saved copier LoRA to reuse (pass 1 is skipped); same original only
+    # The copier must lower the denoising loss on the original by at least this fraction, or the job stops.
+    copier_min_improvement: float = Field(0.5, ge=0.0, lt=1.0)
+    merge_rank: int | None = Field(None, ge=1, le=1024)  # several pairs: also write their SVD merge at this rank
+    merge_ratio: float = Field(1.0, ge=-10, le=10)
+
+
 class TrainSpec(_Strict):
     kind: Literal["train"] = "train"
+    mode: Literal["standard", "difference"] = "standard"
+    difference: DifferenceSpec | None = None
     base_model: str = "tiny-sd15"
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = "auto"
     output_name: str = Field("lora", min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\- ]*$")
@@ -184,7 +207,28 @@ class TrainSpec(_Strict):
     def _checks(self) -> TrainSpec:
         if self.network.blocks is not None:
             self.network.blocks = self.network.blocks.strip() or None
+        if self.mode == "difference":
+            if self.difference is None:
+                raise ValueError("mode 'difference' needs a [difference] section with at least one pair")
+            self.pass2_spec()  # validates the pass-2 overrides now, not after pass 1 has run
+        elif self.difference is not None:
+            raise ValueError("a [difference] section needs mode = 'difference'")
         return self
+
+    def pass2_spec(self) -> TrainSpec:
+        """This spec with the pass-2 overrides applied: every pass-2 field defaults to pass 1's."""
+        assert self.difference is not None
+        over = self.difference.pass2
+        bad = {"mode", "difference", "kind", "concepts", "base_model"} & set(over)
+        if bad:
+            raise ValueError(f"difference.pass2 cannot change {', '.join(sorted(bad))}")
+        base = self.model_dump(mode="python", exclude={"difference"})
+        base["mode"] = "standard"
+        try:
+            return TrainSpec.model_validate(deep_merge(base, over))
+        except ValidationError as err:
+            msgs = "; ".join(f"difference.pass2.{f}: {m}" for f, m in _problems(err))
+            raise ValueError(msgs) from None
 
 
 class MergeInput(_Strict):

@@ -93,3 +93,24 @@ def test_cli_validate_reports_bad_field(tmp_path: Path) -> None:
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert 'name = "Prodigy"' in r.stdout
+
+
+def test_difference_mode_pass2_defaults_to_pass1() -> None:
+    spec = parse_job({
+        "mode": "difference",
+        "steps": 1000,
+        "network": {"dim": 16, "alpha": 16, "conv_dim": 8, "conv_alpha": 8},
+        "optimizer": {"name": "Lion", "lr": 5e-5},
+        "difference": {"pairs": [{"original": "a.png", "target": "b.png"}],
+                       "pass2": {"network": {"dim": 4, "alpha": 4, "conv_dim": 0}}},
+    })
+    p2 = spec.pass2_spec()
+    assert (p2.network.dim, p2.network.resolved_alpha, p2.network.conv_dim) == (4, 4.0, 0)
+    assert p2.optimizer.name == "Lion" and p2.optimizer.lr == 5e-5 and p2.steps == 1000
+    with pytest.raises(SpecError, match="difference.pass2.network.dim"):
+        parse_job({"mode": "difference", "difference": {"pairs": [{"original": "a", "target": "b"}],
+                                                         "pass2": {"network": {"dim": 0}}}})
+    with pytest.raises(SpecError, match="needs a \\[difference\\] section"):
+        parse_job({"mode": "difference"})
+    with pytest.raises(SpecError, match="target"):
+        parse_job({"mode": "difference", "difference": {"pairs": [{"original": "a"}]}})
