@@ -1,0 +1,368 @@
+"""Which modules a LoRA trains, what kohya calls them, and which block each one sits in.
+
+Everything here reads module attributes only (no weights), so it works on meta-device models too.
+Names follow kohya sd-scripts (see facts.md section 1): SD1/SD2 UNet names are diffusers paths,
+SDXL UNet names are the original SGM paths, text-encoder names always carry `text_model_`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import nn
+
+Arch = Literal["sd1", "sd2", "sdxl"]
+Kind = Literal["linear", "conv1x1", "conv3x3"]
+ModelKey = Literal["unet", "te1", "te2"]
+
+# kohya's LoRA: every Linear / 1x1 conv inside the transformer blocks, and these text-encoder layers.
+UNET_LINEAR_SUFFIXES = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
+TE_SUFFIXES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
+# LoCon adds the resnets, downsamplers and upsamplers (never conv_in / conv_out / time embedding).
+UNET_CONV_SUFFIXES = ("conv1", "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv")
+
+PREFIX_UNET = "lora_unet_"
+TE_PREFIXES: dict[str, tuple[str, ...]] = {"sd1": ("lora_te_",), "sd2": ("lora_te_",), "sdxl": ("lora_te1_", "lora_te2_")}
+ALL_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+
+# SGM names of the parts of a diffusers ResnetBlock2D.
+_RESNET_TO_SGM = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
+                  "conv_shortcut": "skip_connection", "norm1": "in_layers.0", "norm2": "out_layers.0"}
+# Modules outside the block structure, for files from other trainers that touch them.
+_TOP_TO_SGM = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
+               "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
+               "add_embedding.linear_2": "label_emb.0.2", "conv_out": "out.2", "conv_norm_out": "out.0"}
+
+
+@dataclass(frozen=True)
+class Target:
+    """One module a LoRA can attach to."""
+
+    model: ModelKey          # which model it lives in
+    path: str                # module path in that diffusers/transformers model
+    kind: Kind
+    in_features: int
+    out_features: int
+    kohya_name: str          # e.g. lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q
+    block: str               # BASE, IN00.., MID, OUT00..
+    aliases: tuple[str, ...] = ()  # other names seen in the wild for the same module (diffusers-named SDXL, no text_model_)
+
+    @property
+    def uses_conv_dim(self) -> bool:
+        """3x3 convs take conv_dim/conv_alpha; everything else the linear dim/alpha (kohya's rule)."""
+        return self.kind == "conv3x3"
+
+    def down_shape(self, rank: int) -> tuple[int, ...]:
+        if self.kind == "linear":
+            return (rank, self.in_features)
+        k = 3 if self.kind == "conv3x3" else 1
+        return (rank, self.in_features, k, k)
+
+    def up_shape(self, rank: int) -> tuple[int, ...]:
+        if self.kind == "linear":
+            return (self.out_features, rank)
+        return (self.out_features, rank, 1, 1)
+
+
+# --- block slots ---------------------------------------------------------------------------------
+
+def block_slots(arch: Arch) -> list[str]:
+    """All block slot names of an architecture, in kohya/SuperMerger order."""
+    n = 9 if arch == "sdxl" else 12
+    return ["BASE", *(f"IN{i:02d}" for i in range(n)), "MID", *(f"OUT{i:02d}" for i in range(n))]
+
+
+def _norm_slot(token: str) -> str:
+    t = token.strip().upper()
+    m = re.fullmatch(r"(IN|OUT)(\d{1,2})", t)
+    return f"{m.group(1)}{int(m.group(2)):02d}" if m else t
+
+
+def parse_blocks(spec: str | Sequence[str] | None, arch: Arch) -> list[str] | None:
+    """Parse "OUT03-OUT05,MID" (ranges and lists, case-insensitive) into slot names in canonical order.
+
+    None or an empty spec means "all blocks" and returns None.
+    """
+    if spec is None:
+        return None
+    tokens = [t for part in ([spec] if isinstance(spec, str) else spec) for t in str(part).split(",")]
+    tokens = [t.strip() for t in tokens if t.strip()]
+    if not tokens:
+        return None
+    slots = block_slots(arch)
+    index = {s: i for i, s in enumerate(slots)}
+    chosen: set[str] = set()
+
+    def check(name: str, raw: str) -> int:
+        if name not in index:
+            raise ValueError(
+                f"unknown block {raw.strip()!r} for {arch}; valid blocks are {', '.join(slots)} "
+                f"(ranges like OUT03-OUT05 and lists like IN04,MID are accepted)")
+        return index[name]
+
+    for tok in tokens:
+        if "-" in tok:
+            a, _, b = tok.partition("-")
+            ia, ib = check(_norm_slot(a), a), check(_norm_slot(b), b)
+            if ia > ib:
+                raise ValueError(f"block range {tok!r} runs backwards; write it as {slots[ib]}-{slots[ia]}")
+            chosen.update(slots[ia:ib + 1])
+        else:
+            chosen.add(slots[check(_norm_slot(tok), tok)])
+    return [s for s in slots if s in chosen]
+
+
+# --- naming ------------------------------------------------------------------------------------
+
+def _up_block_has_attentions(unet: nn.Module, i: int) -> bool:
+    try:
+        block = unet.up_blocks[i]
+    except (AttributeError, IndexError):
+        return False
+    return len(getattr(block, "attentions", None) or []) > 0
+
+
+def sgm_location(path: str, layers_per_block: int = 2, up_has_attn: Iterable[int] | None = None,
+                 ) -> tuple[str, int | None, str] | None:
+    """Map a diffusers UNet path to (SGM path, sgm index, region) where region is 'in'/'mid'/'out'/'top'.
+
+    `up_has_attn` lists the up-block indices that have attentions (decides the upsampler's SGM slot).
+    Returns None when the path has no SGM counterpart we know.
+    """
+    n_in = layers_per_block + 1  # per block: layers + downsampler (input) / layers (output: n_in layers)
+    m = re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", path)
+    if m:
+        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+        idx = n_in * i + j + 1
+        return f"input_blocks.{idx}.{0 if kind == 'resnets' else 1}.{_resnet_rest(rest, kind)}", idx, "in"
+    m = re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv", path)
+    if m:
+        idx = n_in * int(m[1]) + n_in
+        return f"input_blocks.{idx}.0.op", idx, "in"
+    m = re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", path)
+    if m:
+        kind, j, rest = m[1], int(m[2]), m[3]
+        idx = 1 if kind == "attentions" else 2 * j
+        return f"middle_block.{idx}.{_resnet_rest(rest, kind)}", None, "mid"
+    m = re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", path)
+    if m:
+        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+        idx = n_in * i + j
+        return f"output_blocks.{idx}.{0 if kind == 'resnets' else 1}.{_resnet_rest(rest, kind)}", idx, "out"
+    m = re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv", path)
+    if m:
+        i = int(m[1])
+        idx = n_in * i + layers_per_block
+        has_attn = up_has_attn is None or i in set(up_has_attn)
+        return f"output_blocks.{idx}.{2 if has_attn else 1}.conv", idx, "out"
+    if path in _TOP_TO_SGM:
+        return _TOP_TO_SGM[path], None, "top"
+    return None
+
+
+def _resnet_rest(rest: str, kind: str) -> str:
+    if kind != "resnets":
+        return rest
+    return _RESNET_TO_SGM.get(rest, rest)
+
+
+def _block_from_location(loc: tuple[str, int | None, str] | None, path: str, arch: Arch) -> str:
+    if loc is None:
+        return "BASE"
+    sgm, idx, region = loc
+    if region == "in":
+        return f"IN{idx:02d}"
+    if region == "out":
+        return f"OUT{idx:02d}"
+    if region == "mid":
+        return "MID"
+    # Outside the blocks: conv_in is input_blocks.0 (IN00), conv_out ends the last output block;
+    # the time/label embeddings belong to no block and are counted with BASE.
+    if sgm.startswith("input_blocks.0"):
+        return "IN00"
+    if sgm.startswith("out."):
+        return block_slots(arch)[-1]
+    return "BASE"
+
+
+def te_kohya_path(path: str) -> str:
+    """transformers 5 CLIPTextModel paths lack `text_model.`, CLIPTextModelWithProjection's have it."""
+    return path if path.startswith("text_model.") else f"text_model.{path}"
+
+
+def _kind_of(module: nn.Module) -> tuple[Kind, int, int] | None:
+    if isinstance(module, nn.Linear):
+        return "linear", module.in_features, module.out_features
+    if isinstance(module, nn.Conv2d):
+        ks = tuple(module.kernel_size)
+        if ks == (1, 1):
+            return "conv1x1", module.in_channels, module.out_channels
+        if ks == (3, 3):
+            return "conv3x3", module.in_channels, module.out_channels
+    return None
+
+
+def _iter_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Linear/Conv2d modules by path; a peft-wrapped module counts as its base layer."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # pragma: no cover - peft is a dependency
+        BaseTunerLayer = ()  # type: ignore[assignment]
+    for name, mod in model.named_modules():
+        if ".base_layer" in name or ".lora_" in name:
+            continue
+        if BaseTunerLayer and isinstance(mod, BaseTunerLayer):
+            mod = mod.get_base_layer()
+        yield name, mod
+
+
+def _unet_selected(path: str, conv: bool) -> bool:
+    if ".attentions." in path and any(path.endswith("." + s) for s in UNET_LINEAR_SUFFIXES):
+        return True
+    if conv:
+        if ".resnets." in path and any(path.endswith("." + s) for s in UNET_CONV_SUFFIXES[:4]):
+            return True
+        if any(path.endswith("." + s) for s in UNET_CONV_SUFFIXES[4:]):
+            return True
+    return False
+
+
+def _te_selected(path: str) -> bool:
+    return ".layers." in path and any(path.endswith("." + s) for s in TE_SUFFIXES)
+
+
+def _unet_target(path: str, mod: nn.Module, arch: Arch, lpb: int, up_attn: list[int]) -> Target | None:
+    k = _kind_of(mod)
+    if k is None:
+        return None
+    kind, fin, fout = k
+    loc = sgm_location(path, lpb, up_attn)
+    diffusers_name = PREFIX_UNET + path.replace(".", "_")
+    if arch == "sdxl" and loc is not None:
+        name, aliases = PREFIX_UNET + loc[0].replace(".", "_"), (diffusers_name,)
+    else:
+        name, aliases = diffusers_name, ()
+    return Target("unet", path, kind, fin, fout, name, _block_from_location(loc, path, arch), aliases)
+
+
+def _te_target(path: str, mod: nn.Module, arch: Arch, te_index: int) -> Target | None:
+    k = _kind_of(mod)
+    if k is None:
+        return None
+    kind, fin, fout = k
+    prefix = TE_PREFIXES[arch][te_index]
+    kp = te_kohya_path(path).replace(".", "_")
+    bare = kp[len("text_model_"):]
+    aliases = [prefix + bare]  # transformers-5 names without text_model_ (only diffusers loads those)
+    if arch != "sdxl":
+        aliases.append("lora_te1_" + kp)  # diffusers' convert_state_dict_to_kohya writes lora_te1_ for SD1
+    return Target("te1" if te_index == 0 else "te2", path, kind, fin, fout, prefix + kp, "BASE", tuple(aliases))
+
+
+def lora_targets(unet: nn.Module | None, text_encoders: Sequence[nn.Module], arch: Arch, conv: bool,
+                 train_unet: bool = True, train_te: bool = False,
+                 blocks: Sequence[str] | str | None = None) -> list[Target]:
+    """Exactly kohya's module set for these models.
+
+    `blocks` (slot names or a spec string for parse_blocks) keeps only modules in those blocks;
+    BASE stands for the text encoder(s), so a block list without BASE trains no text encoder.
+    """
+    chosen = parse_blocks(blocks, arch) if isinstance(blocks, str) else (
+        parse_blocks(list(blocks), arch) if blocks is not None else None)
+    out: list[Target] = []
+    if train_te:
+        if len(text_encoders) != (2 if arch == "sdxl" else 1):
+            raise ValueError(f"{arch} expects {2 if arch == 'sdxl' else 1} text encoder(s), got {len(text_encoders)}")
+        for ti, te in enumerate(text_encoders):
+            for path, mod in _iter_layers(te):
+                if _te_selected(path):
+                    t = _te_target(path, mod, arch, ti)
+                    if t is not None:
+                        out.append(t)
+    if train_unet and unet is not None:
+        lpb, up_attn = _unet_layout(unet)
+        for path, mod in _iter_layers(unet):
+            if _unet_selected(path, conv):
+                t = _unet_target(path, mod, arch, lpb, up_attn)
+                if t is not None:
+                    out.append(t)
+    if chosen is not None:
+        keep = set(chosen)
+        out = [t for t in out if t.block in keep]
+    return out
+
+
+def _unet_layout(unet: nn.Module) -> tuple[int, list[int]]:
+    lpb = unet.config.layers_per_block
+    if not isinstance(lpb, int):  # a per-block list: kohya's SGM layout needs one number
+        lpb = int(lpb[0])
+    n_up = len(getattr(unet, "up_blocks", []))
+    return lpb, [i for i in range(n_up) if _up_block_has_attentions(unet, i)]
+
+
+def all_module_targets(unet: nn.Module | None, text_encoders: Sequence[nn.Module], arch: Arch) -> dict[str, Target]:
+    """Every Linear/1x1/3x3 conv of the base by kohya name AND alias: for loading files from any trainer."""
+    out: dict[str, Target] = {}
+    for ti, te in enumerate(text_encoders):
+        for path, mod in _iter_layers(te):
+            t = _te_target(path, mod, arch, ti)
+            if t is not None:
+                _register(out, t)
+    if unet is not None:
+        lpb, up_attn = _unet_layout(unet)
+        for path, mod in _iter_layers(unet):
+            t = _unet_target(path, mod, arch, lpb, up_attn)
+            if t is not None:
+                _register(out, t)
+    return out
+
+
+def _register(out: dict[str, Target], t: Target) -> None:
+    out[t.kohya_name] = t
+    for a in t.aliases:
+        out.setdefault(a, t)  # a real kohya name always wins over an alias
+
+
+# --- block of a kohya name (any file) ------------------------------------------------------------
+
+def block_of_kohya_name(name: str, arch: Arch, layers_per_block: int = 2) -> str:
+    """The block slot of a module name from any kohya-style file (SGM or diffusers UNet names).
+
+    Accepts names with or without the `.lora_down.weight`/`.alpha` suffix. Raises ValueError for names
+    that are not LoRA module names.
+    """
+    base = name.split(".", 1)[0]
+    if base.startswith(("lora_te_", "lora_te1_", "lora_te2_")):
+        return "BASE"
+    if not base.startswith(PREFIX_UNET):
+        raise ValueError(f"{name!r} is not a kohya LoRA module name (no lora_unet_/lora_te*_ prefix)")
+    rest = base[len(PREFIX_UNET):]
+    n_in = layers_per_block + 1
+    m = re.match(r"input_blocks_(\d+)_", rest)
+    if m:
+        return f"IN{int(m[1]):02d}"
+    if rest.startswith("middle_block_"):
+        return "MID"
+    m = re.match(r"output_blocks_(\d+)_", rest)
+    if m:
+        return f"OUT{int(m[1]):02d}"
+    m = re.match(r"down_blocks_(\d+)_(resnets|attentions|downsamplers)_(\d+)_", rest)
+    if m:
+        i, kind, j = int(m[1]), m[2], int(m[3])
+        return f"IN{n_in * i + (n_in if kind == 'downsamplers' else j + 1):02d}"
+    if rest.startswith("mid_block_"):
+        return "MID"
+    m = re.match(r"up_blocks_(\d+)_(resnets|attentions|upsamplers)_(\d+)_", rest)
+    if m:
+        i, kind, j = int(m[1]), m[2], int(m[3])
+        return f"OUT{n_in * i + (layers_per_block if kind == 'upsamplers' else j):02d}"
+    if rest.startswith("conv_in"):
+        return "IN00"
+    if rest.startswith(("conv_out", "out_2", "conv_norm_out", "out_0")):
+        return block_slots(arch)[-1]
+    if rest.startswith(("time_embed", "label_emb", "add_embedding")):
+        return "BASE"
+    raise ValueError(f"cannot tell the block of UNet module {name!r}")
