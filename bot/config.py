@@ -1,0 +1,207 @@
+"""The bot's settings: one pydantic model loaded from a TOML file (see config.example.toml).
+
+Every key has a default, so ``load_config(None)`` gives a working local setup (the demo uses it).
+Errors name the offending key (``limits.max_steps: ...``) so an operator can fix the file quickly.
+This module must stay torch-free: GPU detection asks ``nvidia-smi`` or /proc, never CUDA itself.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from storage.intake import IntakeLimits
+
+MiB = 1024 * 1024
+
+
+class ConfigError(ValueError):
+    """The config file is unreadable or has bad values; the message names each key."""
+
+
+class _Section(BaseModel):
+    # A typo in the file must be an error, not a silently ignored setting.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PathsConfig(_Section):
+    data_dir: Path = Path("data")
+    models_dir: Path = Path("models")
+
+
+class DiscordConfig(_Section):
+    token_env: str = "LORAFORGE_TOKEN"
+    guild_ids: list[int] = Field(default_factory=list)
+    admin_user_ids: list[int] = Field(default_factory=list)
+    admin_role_ids: list[int] = Field(default_factory=list)
+    trainer_role_ids: list[int] = Field(default_factory=list)  # empty: everyone may train
+    allow_dms: bool = False
+    progress_mode: Literal["thread", "dm"] = "thread"
+    progress_interval_s: float = Field(5.0, ge=1.0, le=600.0)
+    public_base_url: str = "http://localhost:8080"
+    link_secret_env: str = "LORAFORGE_LINK_SECRET"
+    link_ttl_s: int = Field(24 * 3600, ge=60, le=30 * 24 * 3600)
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(8080, ge=0, le=65535)
+
+    @field_validator("public_base_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return v.rstrip("/")
+
+
+class LimitsConfig(_Section):
+    max_queued_per_user: int = Field(3, ge=1, le=10_000)
+    max_running_per_user: int = Field(1, ge=1, le=1000)
+    daily_gpu_minutes_per_user: float = Field(120.0, ge=0)  # 0: no quota
+    stall_timeout_s: float = Field(600.0, gt=0)
+    cancel_grace_s: float = Field(60.0, gt=0)
+    max_steps: int = Field(5000, ge=1, le=200_000)
+    max_resolution: int = Field(1024, ge=64, le=4096)
+    # upload checks (storage.intake.IntakeLimits)
+    max_image_mib: float = Field(20.0, gt=0)
+    max_image_side: int = Field(8192, ge=64)
+    max_image_pixels: int = Field(40_000_000, ge=4096)
+    min_image_side: int = Field(64, ge=1)
+    zip_max_entries: int = Field(2000, ge=1)
+    zip_max_mib: float = Field(200.0, gt=0)
+    zip_max_total_mib: float = Field(500.0, gt=0)
+    zip_max_ratio: float = Field(100.0, ge=1)
+    max_caption_bytes: int = Field(64 * 1024, ge=16)
+
+    def intake_limits(self) -> IntakeLimits:
+        return IntakeLimits(
+            max_file_bytes=int(self.max_image_mib * MiB),
+            max_width=self.max_image_side,
+            max_height=self.max_image_side,
+            max_pixels=self.max_image_pixels,
+            min_side=self.min_image_side,
+            zip_max_entries=self.zip_max_entries,
+            zip_max_total_bytes=int(self.zip_max_total_mib * MiB),
+            zip_max_ratio=self.zip_max_ratio,
+            zip_max_bytes=int(self.zip_max_mib * MiB),
+            max_caption_bytes=self.max_caption_bytes,
+        )
+
+
+class WorkersConfig(_Section):
+    devices: list[str] = Field(default_factory=list)  # empty: one per GPU, else one "cpu"
+    restart_backoff_s: float = Field(2.0, ge=0, le=600)
+    ready_timeout_s: float = Field(300.0, gt=0)
+    # The command that starts one worker; --device and --models-dir are appended. Empty: the real
+    # engine (python -m trainer.worker). Tests point it at a protocol-speaking stand-in.
+    worker_cmd: list[str] = Field(default_factory=list)
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, v: list[str]) -> list[str]:
+        for d in v:
+            base = d.split(":", 1)[0]
+            if base not in ("cpu", "cuda", "mps", "xpu"):
+                raise ValueError(f"unknown device {d!r}; use cpu, cuda, cuda:N, mps or xpu")
+        return v
+
+
+class Config(_Section):
+    paths: PathsConfig = Field(default_factory=PathsConfig)
+    discord: DiscordConfig = Field(default_factory=DiscordConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    workers: WorkersConfig = Field(default_factory=WorkersConfig)
+
+    @property
+    def data_dir(self) -> Path:
+        return self.paths.data_dir
+
+    @property
+    def models_dir(self) -> Path:
+        return self.paths.models_dir
+
+    def worker_devices(self) -> list[str]:
+        """The configured devices, or one worker per detected NVIDIA GPU, or a single CPU worker."""
+        if self.workers.devices:
+            return list(self.workers.devices)
+        n = detect_gpu_count()
+        return [f"cuda:{i}" for i in range(n)] if n else ["cpu"]
+
+    def worker_command(self) -> list[str]:
+        return list(self.workers.worker_cmd) or [sys.executable, "-m", "trainer.worker"]
+
+    def token(self) -> str | None:
+        return os.environ.get(self.discord.token_env) or None
+
+    def link_secret(self) -> str | None:
+        return os.environ.get(self.discord.link_secret_env) or None
+
+
+def detect_gpu_count() -> int:
+    """Count NVIDIA GPUs without importing torch (the bot process never loads CUDA)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return 0
+    count = 0
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10, check=False)
+            count = sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+        except (OSError, subprocess.SubprocessError):
+            count = 0
+    if not count:
+        gpus = Path("/proc/driver/nvidia/gpus")
+        if gpus.is_dir():
+            count = sum(1 for _ in gpus.iterdir())
+    if visible is not None and count:
+        count = min(count, len([v for v in visible.split(",") if v.strip()]))
+    return count
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].replace("Value error, ", "")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling against config.example.toml)"
+        elif "input" in e and not isinstance(e["input"], dict | list):
+            msg = f"{msg} (got {e['input']!r})"
+        lines.append(f"{key}: {msg}")
+    return "; ".join(lines)
+
+
+def config_from_dict(values: dict[str, Any], base_dir: Path | None = None) -> Config:
+    """Validate a parsed TOML table. Relative paths resolve against ``base_dir`` (the file's folder)."""
+    try:
+        cfg = Config.model_validate(values)
+    except ValidationError as err:
+        raise ConfigError(f"invalid config: {_format_errors(err)}") from None
+    if base_dir is not None:
+        for key in ("data_dir", "models_dir"):
+            p = getattr(cfg.paths, key)
+            if not p.is_absolute():
+                setattr(cfg.paths, key, (base_dir / p).resolve())
+    return cfg
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Read a TOML config file; ``None`` gives the built-in defaults (paths relative to the CWD)."""
+    if path is None:
+        return Config()
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {p}: {e.strerror or e}") from None
+    try:
+        values = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {p} is not valid TOML: {e}") from None
+    return config_from_dict(values, base_dir=p.resolve().parent)

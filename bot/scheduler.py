@@ -1,0 +1,694 @@
+"""The scheduler: feeds queued jobs from the database to worker processes, fairly.
+
+The queue *is* the database (jobs in state ``queued``); nothing lives only in memory, so a restart
+loses nothing: ``start()`` puts every ``running`` job back to ``queued`` and the engine resumes it
+from ``job_dir/state``. ``Repo.try_start_job`` (a conditional UPDATE) makes sure no job runs twice.
+
+Fair order, when a worker is free: admin priority first (jobs.priority), then the user with the
+fewest running jobs, then the user whose last job started longest ago, FIFO within a user; users
+at ``max_running_per_user`` wait. The same order (simulated forward) gives queue positions.
+
+Worker messages are persisted (job_events, progress_json, artifacts, state, gpu_seconds) before
+they are fanned out to listeners, so a listener always sees what the database already holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import hashlib
+import inspect
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from bot.config import Config
+from bot.workers import OOM_MESSAGE, WorkerHandle, WorkerStartError, looks_like_oom
+from storage import queries
+from storage.files import FileStore, write_bytes_atomic
+from storage.repo import ARTIFACT_KINDS, IllegalTransitionError, Job, NotFoundError, Repo
+from trainer.spec import SpecError, from_json, parse_job, to_json, to_toml
+
+log = logging.getLogger(__name__)
+
+Event = dict[str, Any]
+Listener = Callable[[Job, Event], Any]  # sync or async; its exceptions are logged, never raised
+DAY_S = 24 * 3600.0
+PROGRESS_PERSIST_S = 1.0  # progress rows in job_events at most this often per job (listeners get all)
+
+
+class QuotaError(Exception):
+    """A submission refused by a limit; ``str()`` is a message to show the user as is."""
+
+
+@dataclass
+class _Run:
+    """A job this process has handed to a worker (memory only; the database has the truth)."""
+
+    job_id: int
+    worker: WorkerHandle
+    started: float = field(default_factory=time.monotonic)
+    last_event: float = field(default_factory=time.monotonic)
+    last_persisted_progress: float = 0.0
+    progress: dict[str, Any] = field(default_factory=dict)
+    stalled: str | None = None  # set by the watchdog: the job fails with this message
+    killer: asyncio.Task[None] | None = None
+
+
+class _AsyncListener:
+    """Runs one async listener on its own queue: in order, and a slow one never holds up the rest."""
+
+    def __init__(self, fn: Listener) -> None:
+        self.fn = fn
+        self.queue: asyncio.Queue[tuple[Job, Event] | None] = asyncio.Queue()
+        self.task: asyncio.Task[None] | None = None
+
+    def put(self, job: Job, ev: Event) -> None:
+        if self.task is None:
+            self.task = asyncio.create_task(self._run(), name=f"listener-{getattr(self.fn, '__name__', '?')}")
+        self.queue.put_nowait((job, ev))
+
+    async def _run(self) -> None:
+        while True:
+            item = await self.queue.get()
+            try:
+                if item is None:
+                    return
+                await self.fn(*item)
+            except Exception:  # noqa: BLE001 - isolation: one listener cannot break the others
+                log.exception("listener %r failed", self.fn)
+            finally:
+                self.queue.task_done()
+
+    async def close(self, timeout: float = 5.0) -> None:
+        if self.task is None:
+            return
+        self.queue.put_nowait(None)
+        try:
+            await asyncio.wait_for(asyncio.shield(self.task), timeout)
+        except TimeoutError:
+            self.task.cancel()
+
+
+def _file_info(path: Path) -> tuple[int, str | None]:
+    """(bytes, sha256) of a file; directories count their bytes and have no hash. Blocking."""
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()), None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return path.stat().st_size, h.hexdigest()
+
+
+def _fmt_minutes(seconds: float) -> str:
+    m = max(1, round(seconds / 60))
+    return f"{m} min" if m < 120 else f"{m / 60:.1f} h"
+
+
+class Scheduler:
+    def __init__(
+        self,
+        repo: Repo,
+        files: FileStore,
+        config: Config,
+        workers: list[WorkerHandle] | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.repo = repo
+        self.files = files
+        self.config = config
+        self._clock = clock
+        if workers is None:
+            workers = [
+                WorkerHandle(
+                    i, dev, config.worker_command(), Path(config.models_dir), files.root / "logs",
+                    self._on_message, self._on_exit, ready_timeout_s=config.workers.ready_timeout_s,
+                )
+                for i, dev in enumerate(config.worker_devices())
+            ]
+        for w in workers:  # handles built elsewhere report to us
+            w.on_message, w.on_exit = self._on_message, self._on_exit
+        self.workers = workers
+        self._runs: dict[int, _Run] = {}
+        self._user_locks: dict[int, asyncio.Lock] = {}
+        self._sync_listeners: list[Listener] = []
+        self._async_listeners: list[_AsyncListener] = []
+        self._waiters: dict[int, list[asyncio.Future[Job]]] = {}
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._restart_failures: dict[str, int] = {}
+        self._started = False
+        self._stopping = False
+        self.worker_errors: list[str] = []  # start failures, newest last (for the console/admin)
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> list[int]:
+        """Recover from a previous run, start the workers, and begin dispatching. Returns the ids
+        of jobs that were running when the last process died (now queued again, to resume)."""
+        self._stopping = False
+        requeued = await self.repo.requeue_running_jobs()
+        for job_id in requeued:
+            await self._record(job_id, {"type": "state", "state": "queued", "reason": "restart recovery"})
+        self._started = True
+        await asyncio.gather(*(self._start_worker(w) for w in self.workers))
+        self._spawn(self._dispatch_loop(), "dispatcher")
+        self._spawn(self._watchdog_loop(), "stall-watchdog")
+        self.kick()
+        return requeued
+
+    async def stop(self) -> None:
+        """Stop dispatching and shut the workers down. Jobs still running go back to ``queued``
+        (their saved state lets the next start resume them), exactly as after a crash."""
+        self._stopping = True
+        for t in list(self._tasks):
+            t.cancel()
+        for t in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        for run in list(self._runs.values()):
+            with contextlib.suppress(IllegalTransitionError, NotFoundError):
+                await self.repo.add_gpu_seconds(run.job_id, time.monotonic() - run.started)
+                await self.repo.update_job_state(run.job_id, "queued", expected="running")
+        self._runs.clear()
+        await asyncio.gather(
+            *(w.kill() if w.job_id is not None else w.shutdown() for w in self.workers),
+            return_exceptions=True,
+        )
+        for al in self._async_listeners:
+            await al.close()
+        self._async_listeners = [_AsyncListener(al.fn) for al in self._async_listeners]
+        self._started = False
+
+    def _spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _start_worker(self, w: WorkerHandle) -> None:
+        try:
+            await w.start()
+            self._restart_failures[w.id] = 0
+            self.kick()
+        except WorkerStartError as e:
+            self.worker_errors.append(str(e))
+            log.error("%s", e)
+            if not self._stopping:
+                self._spawn(self._restart_worker(w), f"restart-{w.id}")
+
+    async def _restart_worker(self, w: WorkerHandle) -> None:
+        n = self._restart_failures.get(w.id, 0)
+        self._restart_failures[w.id] = n + 1
+        delay = min(self.config.workers.restart_backoff_s * (2**n), 300.0)
+        await asyncio.sleep(delay)
+        if not self._stopping:
+            await self._start_worker(w)
+
+    # ---- listeners ----------------------------------------------------------------------------
+
+    def add_listener(self, fn: Listener) -> Callable[[], None]:
+        """Call ``fn(job, event)`` for every event (engine events and ``{"type": "state", ...}``).
+        ``job`` is the row after the event was persisted. Returns a function that removes it."""
+        if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None)):  # noqa: B004
+            al = _AsyncListener(fn)
+            self._async_listeners.append(al)
+
+            def remove() -> None:
+                with contextlib.suppress(ValueError):
+                    self._async_listeners.remove(al)
+                if al.task is not None:
+                    al.queue.put_nowait(None)
+        else:
+            self._sync_listeners.append(fn)
+
+            def remove() -> None:
+                with contextlib.suppress(ValueError):
+                    self._sync_listeners.remove(fn)
+
+        return remove
+
+    def _fan_out(self, job: Job, ev: Event) -> None:
+        for fn in list(self._sync_listeners):
+            try:
+                res = fn(job, ev)
+                if inspect.isawaitable(res):  # a sync callable that returned a coroutine anyway
+                    t = asyncio.ensure_future(res)
+                    t.add_done_callback(lambda t: t.cancelled() or t.exception())
+            except Exception:  # noqa: BLE001 - isolation
+                log.exception("listener %r failed", fn)
+        for al in list(self._async_listeners):
+            al.put(job, ev)
+        if job.is_terminal:
+            for fut in self._waiters.pop(job.id, []):
+                if not fut.done():
+                    fut.set_result(job)
+
+    async def _record(self, job_id: int, ev: Event, *, persist: bool = True) -> Job | None:
+        """Persist one event row (optional) and fan it out with the fresh job row."""
+        if persist:
+            payload = {k: v for k, v in ev.items() if k != "type"}
+            await self.repo.add_event(job_id, str(ev.get("type", "?")), payload)
+        job = await self.repo.get_job(job_id)
+        if job is not None:
+            self._fan_out(job, ev)
+        return job
+
+    async def wait_for_job(self, job_id: int, timeout: float | None = None) -> Job:
+        """Wait until the job reaches a terminal state; returns the final row."""
+        job = await self.repo.get_job(job_id)
+        if job is None:
+            raise NotFoundError(f"job {job_id} does not exist")
+        if job.is_terminal:
+            return job
+        fut: asyncio.Future[Job] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(job_id, []).append(fut)
+
+        async def poll() -> Job:
+            # Belt and braces for changes made by another process (the CLI, an admin tool).
+            while True:
+                done, _ = await asyncio.wait({fut}, timeout=2.0)
+                if done:
+                    return fut.result()
+                j = await self.repo.get_job(job_id)
+                if j is not None and j.is_terminal:
+                    return j
+
+        return await asyncio.wait_for(poll(), timeout)
+
+    # ---- submission ---------------------------------------------------------------------------
+
+    def _user_lock(self, owner_id: int) -> asyncio.Lock:
+        return self._user_locks.setdefault(owner_id, asyncio.Lock())
+
+    def _validate(self, kind: str, spec: BaseModel | dict[str, Any] | str, is_admin: bool) -> str:
+        """The stored spec JSON. A str is an already-resolved spec (retrain) and is kept byte for byte."""
+        if isinstance(spec, str):
+            model, spec_json = from_json(spec), spec
+        else:
+            if isinstance(spec, dict):
+                spec = parse_job({**spec, "kind": spec.get("kind", kind)})
+            model, spec_json = spec, to_json(spec)
+        if getattr(model, "kind", None) != kind:
+            raise SpecError([("kind", f"the spec is a {getattr(model, 'kind', '?')!r} job, not {kind!r}")])
+        if kind == "train" and not is_admin:
+            lim = self.config.limits
+            if model.steps > lim.max_steps:  # type: ignore[attr-defined]
+                raise QuotaError(
+                    f"{model.steps} steps is over this server's limit of {lim.max_steps}; "  # type: ignore[attr-defined]
+                    "choose fewer steps"
+                )
+            if model.data.resolution > lim.max_resolution:  # type: ignore[attr-defined]
+                raise QuotaError(
+                    f"resolution {model.data.resolution} is over this server's limit of "  # type: ignore[attr-defined]
+                    f"{lim.max_resolution}; choose a smaller resolution"
+                )
+        return spec_json
+
+    async def submit(
+        self,
+        owner_id: int,
+        kind: str,
+        spec: BaseModel | dict[str, Any] | str,
+        guild_id: int | None = None,
+        channel_id: int | None = None,
+        priority: int = 0,
+        is_admin: bool = False,
+    ) -> Job:
+        """Queue a job. Raises QuotaError (message for the user) or trainer.spec.SpecError.
+        Only admins may set ``priority`` (others get 0); admins are exempt from quotas."""
+        spec_json = self._validate(kind, spec, is_admin)
+        lim = self.config.limits
+        # Count-then-insert must not interleave for one user, or 200 concurrent /train calls
+        # could all see "2 queued" and all get in.
+        async with self._user_lock(owner_id):
+            if not is_admin:
+                queued = await self.repo.count_jobs(owner_id, ["queued"])
+                if queued >= lim.max_queued_per_user:
+                    raise QuotaError(
+                        f"You already have {queued} job(s) waiting in the queue; the limit is "
+                        f"{lim.max_queued_per_user}. A slot frees up as soon as one of them starts "
+                        "(or cancel one with /cancel)."
+                    )
+                if lim.daily_gpu_minutes_per_user > 0:
+                    now = self._clock()
+                    used = await self.repo.gpu_seconds_since(owner_id, now - DAY_S)
+                    if used >= lim.daily_gpu_minutes_per_user * 60:
+                        oldest = await queries.quota_window_start(self.repo.db, owner_id, now - DAY_S)
+                        frees = (oldest or now) + DAY_S
+                        when = dt.datetime.fromtimestamp(frees, dt.UTC).strftime("%H:%M UTC")
+                        raise QuotaError(
+                            f"You have used {used / 60:.0f} of your {lim.daily_gpu_minutes_per_user:.0f} GPU "
+                            f"minutes for the last 24 hours. Time starts freeing up at {when} "
+                            f"(in about {_fmt_minutes(frees - now)})."
+                        )
+            job = await self.repo.create_job(
+                kind, owner_id, spec_json, guild_id, channel_id, priority if is_admin else 0  # type: ignore[arg-type]
+            )
+        await self._record(job.id, {"type": "state", "state": "queued"})
+        self.kick()
+        return job
+
+    async def retrain(self, job_id: int, by_user: int, is_admin: bool = False, **where: Any) -> Job:
+        """Queue a new job with exactly the stored spec of ``job_id`` (owner or admin only)."""
+        job = await self._job_or_raise(job_id)
+        if job.owner_id != by_user and not is_admin:
+            raise PermissionError(f"job {job_id} belongs to someone else; only its owner or an admin can retrain it")
+        return await self.submit(
+            by_user, job.kind, job.spec_json,
+            where.get("guild_id", job.guild_id), where.get("channel_id", job.channel_id),
+            is_admin=is_admin,
+        )
+
+    async def _job_or_raise(self, job_id: int) -> Job:
+        job = await self.repo.get_job(job_id)
+        if job is None:
+            raise NotFoundError(f"job {job_id} does not exist")
+        return job
+
+    # ---- cancel -------------------------------------------------------------------------------
+
+    async def cancel(self, job_id: int, by_user: int, is_admin: bool = False) -> Job:
+        """Queued: cancelled at once. Running: the worker is told to stop (the engine saves what
+        it has and reports ``cancelled``); if it has not stopped after ``cancel_grace_s`` it is
+        killed. Only the owner or an admin; others get PermissionError."""
+        job = await self._job_or_raise(job_id)
+        if job.owner_id != by_user and not is_admin:
+            raise PermissionError(f"job {job_id} belongs to someone else; only its owner or an admin can cancel it")
+        if job.is_terminal:
+            return job
+        job = await self.repo.request_cancel(job_id)
+        if job.state == "cancelled":
+            await self._record(job_id, {"type": "state", "state": "cancelled", "by": by_user})
+            self.kick()
+            return job
+        run = self._runs.get(job_id)
+        if run is not None:
+            await run.worker.cancel(job_id)
+            if run.killer is None:
+                run.killer = self._spawn(self._kill_after(run, self.config.limits.cancel_grace_s), f"kill-{job_id}")
+        return job
+
+    async def _kill_after(self, run: _Run, delay: float) -> None:
+        await asyncio.sleep(delay)
+        if self._runs.get(run.job_id) is run:
+            log.warning("job %s did not stop within %.0f s; killing %s", run.job_id, delay, run.worker.id)
+            await run.worker.kill(report=True)
+
+    # ---- dispatch -----------------------------------------------------------------------------
+
+    def kick(self) -> None:
+        """Wake the dispatcher (a job was queued, a worker got free...)."""
+        self._wake.set()
+
+    async def _dispatch_loop(self) -> None:
+        while not self._stopping:
+            with contextlib.suppress(TimeoutError):
+                # The timeout picks up jobs queued by another process (the CLI).
+                await asyncio.wait_for(self._wake.wait(), 5.0)
+            self._wake.clear()
+            try:
+                await self._dispatch_once()
+            except Exception:  # noqa: BLE001 - the dispatcher must survive anything
+                log.exception("dispatch failed")
+                await asyncio.sleep(1.0)
+
+    async def _dispatch_once(self) -> None:
+        for w in self.workers:
+            if not w.idle or self._stopping:
+                continue
+            for job in await self.fair_order(for_dispatch=True):
+                if await self._start_on(w, job):
+                    break
+
+    async def fair_order(self, *, for_dispatch: bool = False) -> list[Job]:
+        """Queued jobs in the order they will start. ``for_dispatch``: only jobs that may start
+        now (their owner is under max_running_per_user)."""
+        queued = await self.repo.list_jobs(states=["queued"])  # priority DESC, created_at, id
+        if not queued:
+            return []
+        loads = await queries.owner_loads(self.repo.db)
+        running = {o: ld.running for o, ld in loads.items()}
+        last = {o: ld.last_started_at or float("-inf") for o, ld in loads.items()}
+        per_user: dict[int, list[Job]] = {}
+        for j in queued:
+            per_user.setdefault(j.owner_id, []).append(j)
+        heads = {o: 0 for o in per_user}
+        cap = self.config.limits.max_running_per_user
+        order: list[Job] = []
+        tick = self._clock()
+        while True:
+            best: tuple[Any, ...] | None = None
+            for o, jobs in per_user.items():
+                i = heads[o]
+                if i >= len(jobs) or (for_dispatch and running.get(o, 0) >= cap):
+                    continue
+                j = jobs[i]
+                key = (-j.priority, running.get(o, 0), last.get(o, float("-inf")), j.created_at, j.id, o)
+                if best is None or key < best:
+                    best = key
+            if best is None:
+                return order
+            o = best[-1]
+            order.append(per_user[o][heads[o]])
+            heads[o] += 1
+            # Pretend it started now: the next pick prefers everybody else.
+            running[o] = running.get(o, 0) + 1
+            tick += 1e-3
+            last[o] = tick
+
+    async def _start_on(self, w: WorkerHandle, job: Job) -> bool:
+        if not await self.repo.try_start_job(job.id, w.id):
+            return False  # cancelled or started elsewhere meanwhile
+        run = _Run(job.id, w)
+        self._runs[job.id] = run
+        w.job_id = job.id  # reserve the worker while the job folder is prepared
+        try:
+            job_dir = await asyncio.to_thread(self._prepare_job_dir, job)
+        except Exception as e:  # noqa: BLE001 - a broken job must not wedge the queue
+            w.job_id = None
+            self._runs.pop(job.id, None)
+            await self._finish(job.id, "failed", f"could not prepare the job folder: {e}")
+            return True
+        await self._record(job.id, {"type": "state", "state": "running", "worker": w.id, "device": w.device})
+        w.job_id = None
+        sent = False
+        with contextlib.suppress(RuntimeError):
+            sent = await w.run(job.id, json.loads(job.spec_json), job_dir)
+        if not sent:
+            # The worker died in between; its exit handler restarts it. The job goes back.
+            self._runs.pop(job.id, None)
+            with contextlib.suppress(IllegalTransitionError):
+                await self.repo.update_job_state(job.id, "queued", expected="running")
+                await self._record(job.id, {"type": "state", "state": "queued", "reason": "worker unavailable"})
+            return False
+        return True
+
+    def _prepare_job_dir(self, job: Job) -> Path:
+        job_dir = self.files.make_job_dirs(job.id)
+        spec_path = self.files.job_spec_path(job.id)
+        if not spec_path.exists():  # a resumed job keeps its first copy
+            try:
+                write_bytes_atomic(spec_path, to_toml(from_json(job.spec_json)).encode())
+            except (SpecError, ValueError) as e:
+                log.warning("job %s: could not write spec.toml: %s", job.id, e)
+        return job_dir.resolve()
+
+    # ---- worker messages ----------------------------------------------------------------------
+
+    async def _on_message(self, w: WorkerHandle, msg: dict[str, Any]) -> None:
+        t = msg.get("type")
+        job_id = msg.get("job_id")
+        if t == "event" and isinstance(job_id, int):
+            await self._on_event(job_id, msg.get("event") or {})
+        elif t == "done" and isinstance(job_id, int):
+            run = self._runs.get(job_id)
+            if run is None or run.worker is not w:
+                return
+            self._runs.pop(job_id, None)
+            if run.killer is not None:
+                run.killer.cancel()
+            await self.repo.add_gpu_seconds(job_id, time.monotonic() - run.started)
+            state = str(msg.get("state") or "failed")
+            error = msg.get("error")
+            if state not in ("succeeded", "failed", "cancelled"):
+                state, error = "failed", f"the worker reported an unknown state {state!r}"
+            if state == "failed" and looks_like_oom(error):
+                error = OOM_MESSAGE
+            await self._finish(job_id, state, error)
+            self.kick()
+        elif t == "heartbeat" and isinstance(job_id, int):
+            await self.repo.heartbeat(job_id)
+
+    async def _on_event(self, job_id: int, ev: Event) -> None:
+        run = self._runs.get(job_id)
+        if run is None:
+            return  # a late event of a job we no longer run (killed, requeued at stop)
+        run.last_event = time.monotonic()
+        t = ev.get("type")
+        prog = run.progress
+        persist = True
+        if t == "started":
+            prog.update(total=ev.get("total_steps"), resumed_from=ev.get("resumed_from", 0),
+                        step=ev.get("resumed_from", 0), kind=ev.get("kind"))
+        elif t == "phase":
+            prog.update(phase=ev.get("name"), phase_current=ev.get("current"), phase_total=ev.get("total"))
+        elif t == "progress":
+            prog.update({k: ev.get(k) for k in ("step", "total", "loss", "lr", "steps_per_s", "eta_s")})
+            prog["phase"] = "training"
+            now = time.monotonic()
+            last_step = ev.get("step") is not None and ev.get("step") == ev.get("total")
+            persist = last_step or now - run.last_persisted_progress >= PROGRESS_PERSIST_S
+            if persist:
+                run.last_persisted_progress = now
+        elif t in ("sample", "file"):
+            await self._add_artifact(job_id, ev)
+        elif t == "failed":
+            prog["error"] = ev.get("error")
+        prog["updated_at"] = self._clock()
+        await queries.set_progress_and_heartbeat(self.repo.db, job_id, prog)
+        await self._record(job_id, ev, persist=persist)
+
+    async def _add_artifact(self, job_id: int, ev: Event) -> None:
+        kind = "sample" if ev.get("type") == "sample" else str(ev.get("kind") or "")
+        raw = ev.get("path")
+        if kind == "state" or not raw:
+            return  # resume state is internal, rewritten every N steps; not a deliverable
+        if kind not in ARTIFACT_KINDS:
+            log.warning("job %s: unknown artifact kind %r (%s)", job_id, kind, raw)
+            return
+        path = Path(raw)
+        try:
+            size, sha = await asyncio.to_thread(_file_info, path)
+        except OSError as e:
+            log.warning("job %s: artifact %s unreadable: %s", job_id, path, e)
+            return
+        try:
+            stored = self.files.relative(path)
+        except ValueError:
+            stored = str(path)  # outside data_dir (e.g. a models folder); keep it absolute
+        meta = {k: v for k, v in ev.items() if k not in ("type", "kind", "path")}
+        # A resumed run may write the same file again: keep one row per content.
+        for a in await self.repo.list_artifacts(job_id, kind):
+            if a.path == stored and a.sha256 == sha:
+                return
+        await self.repo.add_artifact(job_id, kind, stored, size, sha, meta or None)  # type: ignore[arg-type]
+
+    async def _finish(self, job_id: int, state: str, error: str | None) -> None:
+        try:
+            await self.repo.update_job_state(job_id, state, error=error, expected="running")  # type: ignore[arg-type]
+        except (IllegalTransitionError, NotFoundError) as e:
+            log.info("job %s: not moved to %s (%s)", job_id, state, e)
+            return
+        ev: Event = {"type": "state", "state": state}
+        if error:
+            ev["error"] = error
+        await self._record(job_id, ev)
+
+    async def _on_exit(self, w: WorkerHandle, reason: str) -> None:
+        for run in [r for r in self._runs.values() if r.worker is w]:
+            self._runs.pop(run.job_id, None)
+            if run.killer is not None and run.killer is not asyncio.current_task():
+                run.killer.cancel()
+            await self.repo.add_gpu_seconds(run.job_id, time.monotonic() - run.started)
+            job = await self.repo.get_job(run.job_id)
+            if job is None or job.state != "running":
+                continue
+            if run.stalled:
+                await self._finish(run.job_id, "failed", run.stalled)
+            elif job.cancel_requested:
+                await self._finish(run.job_id, "cancelled", None)
+            else:
+                await self._finish(run.job_id, "failed", reason)
+        w.job_id = None
+        if not self._stopping:
+            self._spawn(self._restart_worker(w), f"restart-{w.id}")
+        self.kick()
+
+    # ---- stall watchdog -----------------------------------------------------------------------
+
+    async def _watchdog_loop(self) -> None:
+        limit = self.config.limits.stall_timeout_s
+        period = max(0.05, min(limit / 4, 5.0))
+        while not self._stopping:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for run in list(self._runs.values()):
+                if run.stalled is None and now - run.last_event > limit:
+                    run.stalled = f"no progress for {limit:.0f} s; the job was stopped"
+                    log.warning("job %s: %s; killing %s", run.job_id, run.stalled, run.worker.id)
+                    self._spawn(run.worker.kill(report=True), f"stall-kill-{run.job_id}")
+
+    # ---- queue information --------------------------------------------------------------------
+
+    async def queue_position(self, job_id: int) -> int | None:
+        """1-based place among queued jobs in the fair order; None if the job is not queued."""
+        for i, j in enumerate(await self.fair_order(), 1):
+            if j.id == job_id:
+                return i
+        return None
+
+    async def _duration(self, job: Job, speeds: dict[str, tuple[float, float] | None]) -> float | None:
+        """Seconds this job still needs, from its own progress or the measured speed of its kind."""
+        prog = job.progress or {}
+        if job.state == "running" and prog.get("eta_s") is not None:
+            return float(prog["eta_s"])
+        if job.kind not in speeds:
+            speeds[job.kind] = await queries.recent_speed(self.repo.db, job.kind)
+        sp = speeds[job.kind]
+        if sp is None:
+            return None
+        steps_per_s, secs_per_job = sp
+        if job.kind == "train" and steps_per_s > 0:
+            total = float(job.spec.get("steps") or 0)
+            done = float(prog.get("step") or 0) if job.state == "running" else 0.0
+            return max(0.0, total - done) / steps_per_s
+        return secs_per_job
+
+    async def eta(self, job_id: int) -> float | None:
+        """Estimated seconds until the job finishes (None: no measurements yet, or finished)."""
+        job = await self._job_or_raise(job_id)
+        if job.is_terminal:
+            return None
+        speeds: dict[str, tuple[float, float] | None] = {}
+        own = await self._duration(job, speeds)
+        if own is None or job.state == "running":
+            return own
+        order = await self.fair_order()
+        ahead: list[Job] = []
+        for j in order:
+            if j.id == job_id:
+                break
+            ahead.append(j)
+        ahead += await self.repo.list_jobs(states=["running"])
+        total = 0.0
+        for j in ahead:
+            d = await self._duration(j, speeds)
+            if d is None:
+                return None
+            total += d
+        n = max(1, len(self.workers))
+        return total / n + own
+
+    # ---- introspection ------------------------------------------------------------------------
+
+    def running_jobs(self) -> dict[int, str]:
+        """job id -> worker id, for jobs this process is running."""
+        return {jid: r.worker.id for jid, r in self._runs.items()}
+
+    def worker_status(self) -> list[dict[str, Any]]:
+        return [
+            {"id": w.id, "device": w.device, "pid": w.pid, "alive": w.alive, "ready": w.ready,
+             "job_id": w.job_id, "log": str(w.log_path), "last_exit": w.exit_reason}
+            for w in self.workers
+        ]
