@@ -1,0 +1,378 @@
+"""Sampling: txt2img with a base model and any set of kohya LoRAs, grids of strength x seed, preview jobs.
+
+LoRAs are applied the way AUTOMATIC1111 does it: the weight of every targeted Linear/Conv2d is patched in place
+(W += strength * alpha/r * up @ down) after backing the original weight up on the CPU. Removing a LoRA copies
+the backup back, so the base returns bit-exactly and is never reloaded. This works with files from any trainer
+(SD1 diffusers names, SDXL original names or diffusers names, te/te1/te2 prefixes), with conv (LoCon) modules and
+with any strength including negative ones, and costs nothing per denoising step.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from trainer.events import EventSink, JobCancelled, JobFailed, StopCheck, event, never_stop, null_sink  # noqa: E402
+from trainer.grid import save_png, strength_seed_grid  # noqa: E402
+from trainer.kohya import KohyaLora, LoraFileError, check_compatible, delta_weight, read_kohya  # noqa: E402
+from trainer.models import BaseModel, load_base  # noqa: E402
+from trainer.spec import GridSpec, PreviewSpec, SamplePrompt  # noqa: E402
+
+if TYPE_CHECKING:
+    from trainer.blocks import Target
+
+SAMPLER_NAMES = ("euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim")
+
+
+# --- LoRAs in and onto the base -------------------------------------------------------------------
+
+LoraSource = Any  # a path, a kohya state dict, a KohyaLora, or a LoraNetwork (its current weights)
+
+
+def as_kohya(src: LoraSource) -> KohyaLora:
+    """Whatever callers hold, as a validated KohyaLora (files go through the safe, header-checked reader)."""
+    if isinstance(src, KohyaLora):
+        return src
+    if isinstance(src, str | Path):
+        return read_kohya(src)
+    if isinstance(src, Mapping):
+        return read_kohya(src)
+    if hasattr(src, "network_state"):  # trainer.network.LoraNetwork: snapshot its weights in float32
+        from trainer.kohya import export_state
+
+        return read_kohya(export_state(src, torch.float32))
+    raise TypeError(f"cannot use {type(src).__name__} as a LoRA (give a path, a state dict or a KohyaLora)")
+
+
+def _layer(base: BaseModel, t: Target) -> nn.Module:
+    model = {"unet": base.unet, "te1": base.text_encoders[0]}.get(t.model)
+    if model is None:
+        model = base.text_encoders[1]
+    m = model.get_submodule(t.path)
+    if hasattr(m, "get_base_layer"):  # peft-wrapped during training: patch the frozen base layer
+        m = m.get_base_layer()
+    return m
+
+
+class WeightPatcher:
+    """Applies LoRAs to a model in place and restores the exact base weights from CPU backups."""
+
+    def __init__(self, base: BaseModel):
+        self.base = base
+        self._backup: dict[nn.Module, torch.Tensor] = {}
+
+    @property
+    def active(self) -> bool:
+        return bool(self._backup)
+
+    @torch.no_grad()
+    def apply(self, loras: Sequence[tuple[KohyaLora, float]]) -> None:
+        """Add every LoRA at its strength (raises LoraFileError when one does not fit the base)."""
+        deltas: dict[nn.Module, torch.Tensor] = {}
+        plans = [(lora, strength, check_compatible(lora, self.base)) for lora, strength in loras]  # check all first
+        for lora, strength, targets in plans:
+            if strength == 0:
+                continue
+            for name, t in targets.items():
+                m = _layer(self.base, t)
+                mod = lora.modules[name]
+                d = (delta_weight(mod.down, mod.up, mod.alpha, mod.kind) * strength).reshape(m.weight.shape)
+                deltas[m] = deltas[m] + d if m in deltas else d
+        for m, d in deltas.items():
+            if m not in self._backup:
+                self._backup[m] = m.weight.detach().to("cpu", copy=True)
+            w = m.weight
+            # Sum in float32 so fp16 bases do not lose the small LoRA delta to rounding twice.
+            w.copy_((w.float() + d.to(w.device)).to(w.dtype))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for m, w in self._backup.items():
+            m.weight.copy_(w.to(m.weight.device))
+        self._backup.clear()
+
+
+# --- schedulers and pipelines -------------------------------------------------------------------
+
+def make_scheduler(name: str, config: Mapping[str, Any]):
+    """A diffusers sampler built from the base's scheduler config (prediction type, betas, spacing kept)."""
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+    )
+
+    cfg = dict(config)
+    if name == "euler":
+        return EulerDiscreteScheduler.from_config(cfg)
+    if name == "euler_a":
+        return EulerAncestralDiscreteScheduler.from_config(cfg)
+    if name in ("dpmpp_2m", "dpmpp_2m_karras"):
+        return DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++", solver_order=2,
+                                                       use_karras_sigmas=name == "dpmpp_2m_karras")
+    if name == "ddim":
+        return DDIMScheduler.from_config(cfg)
+    raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLER_NAMES)}")
+
+
+def build_pipeline(base: BaseModel, sampler: str = "euler"):
+    """A txt2img pipeline sharing the BaseModel's modules (nothing copied, no safety checker)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    sched = make_scheduler(sampler, base.noise_scheduler.config)
+    if base.arch == "sdxl":
+        pipe = StableDiffusionXLPipeline(vae=base.vae, text_encoder=base.text_encoders[0],
+                                         text_encoder_2=base.text_encoders[1], tokenizer=base.tokenizers[0],
+                                         tokenizer_2=base.tokenizers[1], unet=base.unet, scheduler=sched,
+                                         add_watermarker=False)
+    else:
+        pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoders[0], tokenizer=base.tokenizers[0],
+                                       unet=base.unet, scheduler=sched, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def native_size(base: BaseModel) -> int:
+    """The resolution the base was trained at (64 for tiny models, 512 SD1.5, 768 SD2, 1024 SDXL)."""
+    vae_scale = 2 ** (len(base.vae.config.block_out_channels) - 1)
+    return int(base.unet.config.sample_size) * vae_scale
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _place(m: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    # Cast only when needed: diffusers warns on every dtype .to() of a loaded model.
+    p = next(m.parameters(), None)
+    if p is not None and p.dtype != dtype:
+        m.to(device=device, dtype=dtype)
+    else:
+        m.to(device)
+
+
+def _source_key(src: LoraSource) -> Any:
+    """Identity of a LoRA source for "is this set already patched in?": a file by path and mtime, a
+    KohyaLora by object; anything else (a training network whose weights move) never matches."""
+    if isinstance(src, str | Path):
+        p = Path(src).resolve()
+        return f"{p}:{p.stat().st_mtime_ns}" if p.exists() else str(p)
+    if isinstance(src, KohyaLora):
+        return ("kohya", id(src))
+    return object()
+
+
+class Sampler:
+    """Keeps one base pipeline loaded and renders with any set of LoRAs, swapping them without a reload."""
+
+    CACHE_FILES = 8  # parsed LoRA files kept (a grid re-applies the same file at every strength)
+
+    def __init__(self, base: BaseModel | str | Path, device: str | torch.device | None = None,
+                 dtype: torch.dtype | None = None, models_dir: Path | None = None):
+        self.device = resolve_device(device)
+        if dtype is None:
+            dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        if not isinstance(base, BaseModel):
+            self.ref = str(base)
+            base = load_base(base, models_dir)
+        else:
+            self.ref = str(base.source)
+        self.base = base
+        for m in [base.unet, *base.text_encoders]:
+            _place(m, self.device, dtype)
+        # The VAE decodes in float32: SD1/SDXL VAEs overflow to NaN/black images in fp16.
+        _place(base.vae, self.device, torch.float32)
+        self.pipe = build_pipeline(self.base)
+        self.patcher = WeightPatcher(self.base)
+        self._applied: tuple = ()  # key of the LoRA set now patched in; () = none
+        self._files: dict[str, KohyaLora] = {}
+
+    def _load(self, src: LoraSource) -> KohyaLora:
+        if isinstance(src, str | Path):
+            key = _source_key(src)
+            if key not in self._files:
+                if len(self._files) >= self.CACHE_FILES:
+                    self._files.pop(next(iter(self._files)))
+                self._files[key] = read_kohya(src)
+            return self._files[key]
+        return as_kohya(src)
+
+    def set_loras(self, loras: Sequence[tuple[LoraSource, float]] = ()) -> None:
+        """Make exactly these LoRAs active (restoring the base first when the set changes)."""
+        key = tuple((_source_key(s), float(w)) for s, w in loras)
+        if key == self._applied:
+            return
+        self.patcher.restore()
+        self._applied = ()
+        if loras:
+            self.patcher.apply([(self._load(s), float(w)) for s, w in loras])
+        self._applied = key
+
+    def clear_loras(self) -> None:
+        self.set_loras(())
+
+    @torch.no_grad()
+    def render(self, prompt: str, negative: str = "", seed: int = 1111, steps: int = 20, cfg: float = 7.0,
+               width: int | None = None, height: int | None = None, sampler: str = "euler_a",
+               loras: Sequence[tuple[Any, float]] = ()) -> Image.Image:
+        self.set_loras(loras)
+        return render_image(self.pipe, self.base, prompt, negative, seed, steps, cfg, width, height, sampler)
+
+    def render_grid(self, loras: Sequence[tuple[Any, float]], grid: GridSpec,
+                    on_event: EventSink = null_sink, should_stop: StopCheck = never_stop,
+                    ) -> list[list[Image.Image]]:
+        """images[seed][strength]: every LoRA at (its strength x the column's strength).
+
+        Strength-major order, so each LoRA set is patched in once per column, not once per cell.
+        """
+        strengths, seeds = list(grid.strengths), list(grid.seeds)
+        cells: list[list[Image.Image | None]] = [[None] * len(strengths) for _ in seeds]
+        total, done = len(strengths) * len(seeds), 0
+        for c, s in enumerate(strengths):
+            for r, seed in enumerate(seeds):
+                if should_stop():
+                    raise JobCancelled()
+                cells[r][c] = self.render(grid.prompt, grid.negative_prompt, seed, grid.steps, grid.cfg,
+                                          grid.width, grid.height, grid.sampler,
+                                          [(src, w * s) for src, w in loras])
+                done += 1
+                on_event(event("phase", name="rendering grid", current=done, total=total))
+        return cells  # type: ignore[return-value]
+
+
+def render_image(pipe, base: BaseModel, prompt: str, negative: str, seed: int, steps: int, cfg: float,
+                 width: int | None, height: int | None, sampler: str) -> Image.Image:
+    size = native_size(base)
+    pipe.scheduler = make_scheduler(sampler, base.noise_scheduler.config)
+    gen = torch.Generator("cpu").manual_seed(int(seed))  # CPU generator: same image for a seed on any device
+    out = pipe(prompt=prompt, negative_prompt=negative or None, num_inference_steps=int(steps), guidance_scale=cfg,
+               width=width or size, height=height or size, generator=gen, output_type="pil")
+    return out.images[0]
+
+
+# --- sampling during training -----------------------------------------------------------------
+
+def render_with_network(base: BaseModel, network: Any, prompts: Sequence[SamplePrompt], out_dir: Path,
+                        step: int) -> list[Path]:
+    """Render the training samples with the in-memory network at its current weights.
+
+    The network's layers are already injected into base's modules (peft), so the pipeline sees them as they are;
+    eval mode for the render, then each module's previous train/eval mode comes back.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    modules = [base.unet, base.vae, *base.text_encoders]
+    if isinstance(network, nn.Module):
+        modules.append(network)
+    modes = [{n: m.training for n, m in mod.named_modules()} for mod in modules]
+    pipe = build_pipeline(base)
+    paths: list[Path] = []
+    try:
+        for mod in modules:
+            mod.eval()
+        with torch.no_grad():
+            for i, p in enumerate(prompts):
+                img = render_image(pipe, base, p.prompt, p.negative_prompt, p.seed, p.steps, p.cfg, p.width,
+                                   p.height, p.sampler)
+                path = out_dir / f"step{step:06d}_{i:02d}.png"
+                paths.append(save_png(img, path))
+    finally:
+        for mod, mode in zip(modules, modes, strict=True):
+            for n, m in mod.named_modules():
+                m.training = mode.get(n, m.training)
+    return paths
+
+
+# --- preview job ------------------------------------------------------------------------------------
+
+def get_sampler(base_ref: str, models_dir: Path | None, device: str | None,
+                context: dict[str, Any] | None = None) -> Sampler:
+    """A Sampler for this base, reused from the worker's context when it is already loaded there."""
+    key = (base_ref, str(models_dir), str(resolve_device(device)))
+    if context is not None:
+        cached = context.get("sampler")
+        if cached is not None and context.get("sampler_key") == key:
+            return cached
+        context.pop("sampler", None)  # free the old base before loading another
+    try:
+        sampler = Sampler(base_ref, device=device, models_dir=models_dir)
+    except (OSError, ValueError) as e:
+        raise JobFailed(f"could not load the base model {base_ref!r}: {e}", reason="bad_input") from e
+    if context is not None:
+        context["sampler"], context["sampler_key"] = sampler, key
+    return sampler
+
+
+def render_strength_grid_file(sampler: Sampler, loras: Sequence[tuple[Any, float]], grid: GridSpec, out_path: Path,
+                              on_event: EventSink = null_sink, should_stop: StopCheck = never_stop) -> Path:
+    cells = sampler.render_grid(loras, grid, on_event, should_stop)
+    img, _ = strength_seed_grid(cells, grid.strengths, grid.seeds, grid.prompt)
+    return save_png(img, out_path)
+
+
+def run_preview_job(spec: PreviewSpec, job_dir: Path, on_event: EventSink = null_sink,
+                    should_stop: StopCheck = never_stop, models_dir: Path | None = None, device: str | None = None,
+                    context: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One image when the grid has one strength and one seed, otherwise a strength x seed grid."""
+    t0 = time.monotonic()
+    out_dir = Path(job_dir) / "outputs"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    on_event(event("phase", name="loading base model"))
+    sampler = get_sampler(spec.base_model, models_dir, device, context)
+    loras = [(_resolve_lora_path(r.path, models_dir), r.strength) for r in spec.loras]
+    grid = spec.grid
+    if not loras and len(grid.strengths) > 1:
+        # Without a LoRA every column would be the same image: render one column.
+        grid = grid.model_copy(update={"strengths": [1.0]})
+        on_event(event("log", level="info", message="no LoRA given: one column per seed"))
+    try:
+        sampler.set_loras(loras)
+    except (LoraFileError, OSError) as e:
+        raise JobFailed(str(e), reason="bad_input") from e
+    outputs: dict[str, Any] = {}
+    if len(grid.strengths) == 1 and len(grid.seeds) == 1:
+        on_event(event("phase", name="rendering", current=0, total=1))
+        s = grid.strengths[0]
+        img = sampler.render(grid.prompt, grid.negative_prompt, grid.seeds[0], grid.steps, grid.cfg, grid.width,
+                             grid.height, grid.sampler, [(src, w * s) for src, w in loras])
+        path = save_png(img, out_dir / f"{spec.output_name}.png")
+        on_event(event("file", kind="image", path=str(path)))
+        outputs["image"] = str(path)
+    else:
+        path = render_strength_grid_file(sampler, loras, grid, out_dir / f"{spec.output_name}_grid.png", on_event,
+                                         should_stop)
+        on_event(event("file", kind="grid", path=str(path)))
+        outputs["grid"] = str(path)
+    summary = {"seconds": round(time.monotonic() - t0, 2), "cells": len(grid.strengths) * len(grid.seeds)}
+    on_event(event("finished", outputs=outputs, summary=summary))
+    return outputs
+
+
+def _resolve_lora_path(ref: str, models_dir: Path | None) -> Path:
+    p = Path(ref).expanduser()
+    if p.exists():
+        return p
+    if models_dir is not None:
+        for c in (Path(models_dir) / ref, Path(models_dir) / f"{ref}.safetensors"):
+            if c.exists():
+                return c
+    raise JobFailed(f"LoRA file {ref!r} not found", reason="bad_input")
+
+
+def iter_cells(strengths: Iterable[float], seeds: Iterable[int]) -> list[tuple[int, float]]:
+    """(seed, strength) in the grid's cell order: rows = seeds, columns = strengths."""
+    return [(seed, s) for seed in seeds for s in strengths]
+
