@@ -1,0 +1,62 @@
+"""Console entry: ``python -m bot demo`` (the whole pipeline without Discord) and ``python -m bot run``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import inspect
+import logging
+import sys
+from pathlib import Path
+
+from bot.config import ConfigError, load_config
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not config.token():
+        print(
+            f"error: no Discord bot token: set the environment variable {config.discord.token_env} "
+            "(the config names it in [discord] token_env; the token itself never goes in the file)",
+            file=sys.stderr,
+        )
+        return 2
+    import bot.app  # lazily: discord.py and the cogs load only for this subcommand
+
+    result = bot.app.run(config)
+    if inspect.isawaitable(result):
+        result = asyncio.run(result)  # type: ignore[arg-type]
+    return int(result or 0)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from bot.demo import main as demo_main
+
+    return demo_main(data_dir=Path(args.data_dir), steps=args.steps, fresh=args.fresh, config_path=args.config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bot", description="loraforge: the Discord LoRA training bot")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run the Discord bot")
+    r.add_argument("--config", type=Path, default=None, help="TOML config (see config.example.toml)")
+    d = sub.add_parser("demo", help="train a tiny LoRA end to end without Discord")
+    d.add_argument("--data-dir", default="demo-data", help="where the demo keeps its database and files")
+    d.add_argument("--steps", type=int, default=80, help="training steps (default 80)")
+    d.add_argument("--fresh", action="store_true", help="delete the data dir first")
+    d.add_argument("--config", type=Path, default=None, help="optional config; the demo overrides paths")
+    args = p.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return _run(args) if args.command == "run" else _demo(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""``python -m bot demo``: the whole pipeline on one machine, without Discord.
+
+Generated images -> intake -> a dataset in SQLite -> a queued train job -> a worker process
+training the built-in tiny SD1.5 model -> events and artifacts recorded -> paths printed.
+Runs in a couple of minutes on two CPU cores, offline. Run it again and it reuses the data dir
+(the images dedupe, a new job is queued); ``--fresh`` starts over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+from bot.config import Config, ConfigError, load_config
+from bot.service import Service
+from storage.repo import DuplicateNameError, Job
+
+DEMO_USER = 1
+DATASET = "demo-shapes"
+TRIGGER = "zqx"
+COLORS = [((220, 40, 40), "red"), ((40, 160, 60), "green"), ((40, 80, 220), "blue"),
+          ((230, 200, 30), "yellow"), ((160, 60, 200), "purple"), ((240, 130, 20), "orange")]
+
+
+def demo_images(n: int = 6, size: int = 96) -> list[tuple[str, bytes]]:
+    """Colored circles on a gradient, each with a caption file (what /dataset upload receives)."""
+    files: list[tuple[str, bytes]] = []
+    for i in range(n):
+        color, name = COLORS[i % len(COLORS)]
+        im = Image.new("RGB", (size, size))
+        px = im.load()
+        for y in range(size):
+            for x in range(size):
+                t = (x + y) / (2 * size)
+                px[x, y] = (int(30 + 60 * t), int(30 + 40 * t), int(90 + 120 * (1 - t)))  # type: ignore[index]
+        d = ImageDraw.Draw(im)
+        r = size // 4 + (i % 3) * 4
+        cx = size // 2 + int(10 * math.cos(i))
+        cy = size // 2 + int(10 * math.sin(i))
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color, outline=(255, 255, 255), width=2)
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        files.append((f"shape{i}.png", buf.getvalue()))
+        files.append((f"shape{i}.txt", f"a {name} circle on a gradient background".encode()))
+    return files
+
+
+def demo_overrides(steps: int) -> dict[str, Any]:
+    """A small recipe that visibly learns on the tiny model in ~a minute on CPU."""
+    return {
+        "base_model": "tiny-sd15",
+        "output_name": "tiny-demo",
+        "steps": steps,
+        "seed": 1234,
+        "state_every_n_steps": max(10, steps // 4),
+        "network": {"dim": 8, "alpha": 8},
+        "optimizer": {"name": "AdamW", "lr": 2e-3, "scheduler": "constant", "weight_decay": 0.0},
+        "data": {"resolution": 64, "cache_latents": True},
+        "sample": {"prompts": [{"prompt": f"{TRIGGER}, a red circle", "steps": 8, "width": 64,
+                                "height": 64, "seed": 42, "cfg": 5.0}], "at_end": True},
+    }
+
+
+def demo_config(data_dir: Path, config_path: Path | None) -> Config:
+    cfg = load_config(config_path)
+    cfg.paths.data_dir = data_dir.resolve()
+    if config_path is None:
+        cfg.paths.models_dir = (data_dir / "models").resolve()
+    cfg.limits.max_queued_per_user = 100
+    cfg.limits.daily_gpu_minutes_per_user = 0
+    cfg.limits.max_resolution = max(cfg.limits.max_resolution, 64)
+    return cfg
+
+
+class _Printer:
+    """Prints one line per phase and a progress line at most every 2 s."""
+
+    def __init__(self) -> None:
+        self.last = 0.0
+
+    def __call__(self, job: Job, ev: dict[str, Any]) -> None:
+        t = ev.get("type")
+        tag = f"[job {job.id}]"
+        if t == "state":
+            extra = f": {ev['error']}" if ev.get("error") else ""
+            print(f"{tag} {ev.get('state')}{extra}", flush=True)
+        elif t == "started":
+            resumed = f", resuming from step {ev['resumed_from']}" if ev.get("resumed_from") else ""
+            print(f"{tag} started: {ev.get('total_steps')} steps{resumed}", flush=True)
+        elif t == "phase" and ev.get("current") in (None, 0):
+            print(f"{tag} {ev.get('name')}", flush=True)
+        elif t == "progress":
+            now = time.monotonic()
+            if now - self.last >= 2.0 or ev.get("step") == ev.get("total"):
+                self.last = now
+                sps = ev.get("steps_per_s") or 0
+                eta = ev.get("eta_s")
+                print(f"{tag} step {ev.get('step')}/{ev.get('total')}  loss {ev.get('loss', 0):.4f}  "
+                      f"{sps:.1f} steps/s" + (f"  eta {eta:.0f}s" if eta is not None else ""), flush=True)
+        elif t in ("sample", "file") and ev.get("kind") != "state":
+            print(f"{tag} wrote {ev.get('kind', 'sample')}: {ev.get('path')}", flush=True)
+        elif t == "log" and ev.get("level") in ("warning", "error"):
+            print(f"{tag} {ev.get('level')}: {ev.get('message')}", flush=True)
+        elif t == "failed":
+            print(f"{tag} failed: {ev.get('error')}", flush=True)
+
+
+async def _watch_workers(service: Service) -> str:
+    """Returns a message once no worker can start (so the demo fails instead of waiting forever)."""
+    while True:
+        await asyncio.sleep(1.0)
+        ws = service.scheduler.workers
+        if service.scheduler.worker_errors and not any(w.alive for w in ws):
+            tail = ws[0].log_tail(3000) if ws else ""
+            return f"{service.scheduler.worker_errors[-1]}\n--- worker log tail ---\n{tail}"
+
+
+async def run_demo(data_dir: Path, steps: int, config_path: Path | None = None, timeout_s: float = 1800) -> int:
+    cfg = demo_config(data_dir, config_path)
+    service = Service(cfg)
+    print(f"loraforge demo: data in {cfg.data_dir}, device(s) {', '.join(cfg.worker_devices())}", flush=True)
+    await service.open()
+    try:
+        repo = service.repo
+        ds = await repo.find_dataset_by_name(DEMO_USER, DATASET)
+        files = demo_images()
+        try:
+            if ds is None:
+                up = await service.create_dataset_from_files(
+                    DEMO_USER, DATASET, files, trigger_word=TRIGGER, class_prompt="shape"
+                )
+            else:
+                up = await service.add_files(ds.id, files)
+        except DuplicateNameError:  # another run created it meanwhile
+            ds = await repo.find_dataset_by_name(DEMO_USER, DATASET)
+            assert ds is not None
+            up = await service.add_files(ds.id, files)
+        ds = up.dataset
+        n = await repo.count_images(ds.id)
+        print(f"dataset {ds.name!r} (id {ds.id}): {n} images; {up.summary().replace(chr(10), ' ')}", flush=True)
+        if up.rejected:
+            print("some demo images were refused; that should not happen", file=sys.stderr)
+            return 1
+
+        service.add_listener(_Printer())
+        job = await service.submit_train(DEMO_USER, ds.id, demo_overrides(steps))
+        print(f"queued job {job.id}: {steps} steps on tiny-sd15, "
+              f"position {await service.scheduler.queue_position(job.id)}", flush=True)
+        t0 = time.monotonic()
+        await service.scheduler.start()
+        waiter = asyncio.ensure_future(service.scheduler.wait_for_job(job.id, timeout_s))
+        watcher = asyncio.ensure_future(_watch_workers(service))
+        done, _ = await asyncio.wait({waiter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        watcher.cancel()
+        if waiter not in done:
+            waiter.cancel()
+            print(f"error: the worker could not start: {watcher.result()}", file=sys.stderr)
+            return 1
+        try:
+            final = waiter.result()
+        except TimeoutError:
+            print(f"error: job {job.id} did not finish within {timeout_s:.0f} s", file=sys.stderr)
+            return 1
+        if final.state != "succeeded":
+            print(f"error: job {job.id} {final.state}: {final.error}", file=sys.stderr)
+            print(f"(worker log: {service.scheduler.workers[0].log_path})", file=sys.stderr)
+            return 1
+        loras = await service.artifact_paths(job.id, "lora")
+        samples = await service.artifact_paths(job.id, "sample")
+        plots = await service.artifact_paths(job.id, "plot")
+        if not loras or not loras[-1].is_file():
+            print(f"error: job {job.id} succeeded but recorded no LoRA file", file=sys.stderr)
+            return 1
+        prog = final.progress or {}
+        print(f"\njob {job.id} succeeded in {time.monotonic() - t0:.0f} s "
+              f"(final loss {prog.get('loss', float('nan')):.4f})")
+        print(f"LoRA:       {loras[-1]}")
+        for s in samples:
+            print(f"sample:     {s}")
+        for p in plots:
+            print(f"loss curve: {p}")
+        print(f"database:   {service.files.db_path}")
+        return 0
+    finally:
+        await service.stop()
+
+
+def main(data_dir: Path = Path("demo-data"), steps: int = 80, fresh: bool = False,
+         config_path: Path | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if steps < 1:
+        print("error: --steps must be at least 1", file=sys.stderr)
+        return 2
+    if fresh:
+        shutil.rmtree(data_dir, ignore_errors=True)
+    try:
+        return asyncio.run(run_demo(data_dir, steps, config_path))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; run the demo again to resume the job", file=sys.stderr)
+        return 130
