@@ -11,6 +11,7 @@ API (pure functions; randomness only from the `random.Random` you pass in):
     'instance_only':        the instance prompt; file captions are ignored.
   The DreamBooth extension's `[filewords]` token in the instance prompt is replaced by the file caption
   (by nothing when there is none, or in 'instance_only'); the caption is then not appended a second time.
+  'caption_only' uses the caption alone whenever there is one, [filewords] or not.
 - `process_caption(caption, *, trigger_word, shuffle_tags, keep_tokens, caption_dropout, rng) -> str`
   — every time a sample is drawn (each step), with `rng = caption_rng(seed, epoch, sample_index)` so a
   resumed run draws the same captions. Order of operations:
