@@ -1,0 +1,262 @@
+"""Getting result files to users: as an attachment when it fits, otherwise as a signed link.
+
+Discord caps uploads per file (10 MiB by default, 50/100 MiB on boosted guilds) and per request
+(25 MiB); an SDXL LoRA can be 200 MB. Files that do not fit are served by the bot itself:
+``GET /files/{token}`` where the token is an HMAC-SHA256-signed, expiring reference to one artifact
+(job id + artifact id + expiry). A token cannot be guessed (256-bit MAC) or altered (any change
+breaks the MAC: 403), and stops working at its expiry (410).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import discord
+from aiohttp import web
+
+from bot.errors import too_large
+
+log = logging.getLogger("loraforge.delivery")
+
+MiB = 1024 * 1024
+DEFAULT_UPLOAD_LIMIT = 10 * MiB  # Discord's per-file limit without boosts
+REQUEST_LIMIT = 25 * MiB  # Discord's per-request limit, whatever the per-file one
+MAX_FILES_PER_MESSAGE = 10
+
+
+class LinkError(Exception):
+    status = 403
+
+
+class ForgedLink(LinkError):
+    status = 403
+
+
+class ExpiredLink(LinkError):
+    status = 410
+
+
+@dataclass(frozen=True, slots=True)
+class LinkRef:
+    job_id: int
+    artifact_id: int
+    expires: int
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+class LinkSigner:
+    """Makes and checks ``<job>.<artifact>.<expires>.<mac>`` tokens."""
+
+    def __init__(self, secret: str | bytes, ttl_s: float = 7 * 86400, clock: Callable[[], float] = time.time) -> None:
+        if isinstance(secret, str):
+            secret = secret.encode()
+        if len(secret) < 16:
+            raise ValueError("the link secret must be at least 16 bytes")
+        self._secret = secret
+        self.ttl_s = ttl_s
+        self._clock = clock
+
+    def _mac(self, body: str) -> str:
+        return _b64(hmac.new(self._secret, body.encode(), hashlib.sha256).digest())
+
+    def sign(self, job_id: int, artifact_id: int, ttl_s: float | None = None) -> str:
+        expires = int(self._clock() + (self.ttl_s if ttl_s is None else ttl_s))
+        body = f"{int(job_id)}.{int(artifact_id)}.{expires}"
+        return f"{body}.{self._mac(body)}"
+
+    def verify(self, token: str) -> LinkRef:
+        """The reference, or ForgedLink (bad shape or MAC) / ExpiredLink (valid but too old).
+        The MAC is checked first, so a forged token never learns whether it would have expired."""
+        parts = token.split(".")
+        if len(parts) != 4 or not all(p.isdigit() for p in parts[:3]):
+            raise ForgedLink("malformed link")
+        body = ".".join(parts[:3])
+        if not hmac.compare_digest(self._mac(body), parts[3]):
+            raise ForgedLink("bad signature")
+        ref = LinkRef(int(parts[0]), int(parts[1]), int(parts[2]))
+        if self._clock() >= ref.expires:
+            raise ExpiredLink("link expired")
+        return ref
+
+    def expiry_of(self, token: str) -> int:
+        return int(token.split(".")[2])
+
+
+def load_secret(configured: str | None, env_name: str | None, data_dir: Path | None) -> str:
+    """The link secret: from config, else the env var, else a random one kept in the data dir so
+    links survive a restart (created 0600)."""
+    if configured:
+        return configured
+    if env_name and os.environ.get(env_name):
+        return os.environ[env_name]
+    if data_dir is None:
+        return secrets.token_urlsafe(32)
+    path = Path(data_dir) / "link_secret"
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    value = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value)
+    return value
+
+
+# (job id, artifact id) -> (absolute path, download file name), or None when unknown.
+ArtifactResolver = Callable[[int, int], Awaitable[tuple[Path, str] | None]]
+
+
+class FileServer:
+    """The bot's small HTTP server for big files. ``public_base_url`` is what users' browsers reach
+    (a reverse proxy in production); by default the bound address."""
+
+    def __init__(
+        self,
+        signer: LinkSigner,
+        resolve: ArtifactResolver,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        public_base_url: str | None = None,
+    ) -> None:
+        self.signer = signer
+        self._resolve = resolve
+        self.host, self.port = host, port
+        self._public = public_base_url.rstrip("/") if public_base_url else None
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def base_url(self) -> str:
+        return self._public or f"http://{self.host}:{self.port}"
+
+    def url_for(self, job_id: int, artifact_id: int, ttl_s: float | None = None) -> str:
+        return f"{self.base_url}/files/{self.signer.sign(job_id, artifact_id, ttl_s)}"
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/files/{token}", self._get)
+        app.router.add_get("/healthz", self._health)
+        self._runner = web.AppRunner(app, access_log=None)  # access logs would contain the tokens
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        if self.port == 0:
+            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        log.info("file server listening on %s:%s (public %s)", self.host, self.port, self.base_url)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def _get(self, request: web.Request) -> web.StreamResponse:
+        token = request.match_info["token"]
+        try:
+            ref = self.signer.verify(token)
+        except LinkError as e:
+            return web.Response(status=e.status, text=f"{e}\n")
+        found = await self._resolve(ref.job_id, ref.artifact_id)
+        if found is None or not found[0].is_file():
+            return web.Response(status=404, text="file no longer exists\n")
+        path, name = found
+        safe = "".join(c for c in name if c.isalnum() or c in "._- ") or "file"
+        return web.FileResponse(
+            path,
+            headers={
+                "Content-Disposition": f'attachment; filename="{safe}"',
+                "Cache-Control": "private, no-store",
+            },
+        )
+
+
+def upload_limit(stored: int | None, guild: discord.Guild | None = None) -> int:
+    """The per-file limit for a job's destination: the interaction's ``attachment_size_limit``
+    stored with the job, else the guild's, else Discord's default."""
+    if stored:
+        return int(stored)
+    if guild is not None:
+        try:
+            return int(guild.filesize_limit)
+        except Exception:  # noqa: BLE001 - a partial guild has no tier
+            pass
+    return DEFAULT_UPLOAD_LIMIT
+
+
+def split_by_request_limit(paths: Sequence[Path], per_file: int) -> tuple[list[Path], list[Path]]:
+    """(attach, too big): files over the per-file limit go to links; the rest are attached while the
+    request stays under 25 MiB and 10 files."""
+    attach: list[Path] = []
+    too_big: list[Path] = []
+    total = 0
+    for p in paths:
+        size = p.stat().st_size
+        if size > per_file or size > REQUEST_LIMIT:
+            too_big.append(p)
+        elif total + size <= REQUEST_LIMIT and len(attach) < MAX_FILES_PER_MESSAGE:
+            attach.append(p)
+            total += size
+        else:
+            too_big.append(p)
+    return attach, too_big
+
+
+LinkMaker = Callable[[Path], Awaitable[str | None]]
+
+
+async def send_files(
+    dest: discord.abc.Messageable,
+    content: str,
+    paths: Sequence[Path],
+    *,
+    limit: int,
+    make_link: LinkMaker,
+    names: dict[Path, str] | None = None,
+    **kwargs: Any,
+) -> tuple[discord.Message, list[Path]]:
+    """Send ``content`` with the files that fit, and links for those that do not. If Discord refuses
+    the upload anyway (413 / 40005: the limit was lower than we thought), resend with links only.
+    Returns the message and the paths that went out as links. Raises only when even the text fails."""
+    names = names or {}
+    attach, linked = split_by_request_limit(paths, limit)
+    text = content + await _links_text(linked, make_link, names)
+    try:
+        msg = await dest.send(text[:2000], files=[discord.File(p, filename=names.get(p, p.name)) for p in attach], **kwargs)
+        return msg, linked
+    except discord.HTTPException as e:
+        if not too_large(e) or not attach:
+            raise
+        log.info("upload of %d file(s) refused as too large; sending links instead", len(attach))
+    linked = list(paths)
+    text = content + await _links_text(linked, make_link, names)
+    msg = await dest.send(text[:2000], **kwargs)
+    return msg, linked
+
+
+async def _links_text(paths: Sequence[Path], make_link: LinkMaker, names: dict[Path, str]) -> str:
+    lines = []
+    for p in paths:
+        url = await make_link(p)
+        size = p.stat().st_size / MiB
+        name = names.get(p, p.name)
+        if url:
+            lines.append(f"\n:link: `{name}` ({size:.1f} MiB, too big to attach here): <{url}>")
+        else:
+            lines.append(f"\n`{name}` ({size:.1f} MiB) is too big to attach and no download link could be made; "
+                         "ask an admin to fetch it from the server.")
+    return "".join(lines)

@@ -1,0 +1,457 @@
+"""Progress fan-out: one live message per job, sample images as they come, and the final post.
+
+The scheduler calls ``ProgressHub.on_event(job, event)`` for every engine event. Each job gets a
+``JobReporter`` with a small loop that keeps only the newest state (coalescing: a burst of 100
+progress events costs one edit) and edits the job's progress message at most once per
+``progress_interval_s``. Discord caps edits of messages older than an hour (30046), so a fresh
+progress message is started when the current one is older than ``fresh_after_s`` (50 min) or an
+edit is refused. Everything is posted with the BOT token into the job's thread/DM (interaction
+tokens die after 15 minutes). The job row is the source of truth for state; events only add detail,
+so after a restart a reporter picks up from the database (message id included).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import discord
+
+from bot.delivery import send_files, upload_limit
+from bot.errors import CODE_EDIT_CAP
+from bot.interactions import DELIVERED_EVENT, META_EVENT, clip, format_duration, spec_summary
+from bot.views import job_view
+
+if TYPE_CHECKING:
+    from bot.app import LoraforgeBot
+
+log = logging.getLogger("loraforge.progress")
+
+FRESH_AFTER_S = 50 * 60
+BAR_WIDTH = 20
+TERMINAL = ("succeeded", "failed", "cancelled")
+# What to tell a user for each failure reason code (trainer.events "failed".reason).
+FAILURE_ADVICE = {
+    "oom": "Try a smaller batch size or resolution, turn on gradient checkpointing, or pick a preset for a smaller card.",
+    "nan": "The loss became NaN: lower the learning rate, or use fp32/bf16 instead of fp16.",
+    "bad_input": "Check the dataset and settings named above, fix them and run `/retrain` or `/train` again.",
+    "not_converged": "Try more steps or a higher learning rate.",
+}
+DEFAULT_ADVICE = "Run `/retrain` to try again; if it fails the same way, tell an admin the job id."
+
+
+def progress_bar(done: float, total: float, width: int = BAR_WIDTH) -> str:
+    frac = 0.0 if total <= 0 else max(0.0, min(1.0, done / total))
+    full = int(round(frac * width))
+    return "\u2588" * full + "\u2591" * (width - full)
+
+
+def _num(v: Any, fmt: str) -> str | None:
+    try:
+        return format(float(v), fmt)
+    except (TypeError, ValueError):
+        return None
+
+
+def render(job: Any, st: dict[str, Any]) -> str:
+    """The progress message text. ``job``: the row; ``st``: newest detail from events."""
+    state = job.state
+    if state == "running" and job.cancel_requested:
+        state = "cancelling"
+    head = f"**Job #{job.id}** \u00b7 {job.kind} \u00b7 {state}"
+    lines = [head]
+    if state == "queued":
+        pos = st.get("position")
+        eta = st.get("queue_eta_s")
+        if st.get("resumed"):
+            lines.append("Back in the queue after a restart; it resumes from its last saved state.")
+        if pos is not None:
+            lines.append(f"Position in queue: **{pos}**" + (f" \u00b7 starts in ~{format_duration(eta)}" if eta else ""))
+        else:
+            lines.append("Waiting for a free worker.")
+    step, total = st.get("step"), st.get("total") or st.get("total_steps")
+    if state != "queued" and step is not None and total:
+        pct = 100.0 * float(step) / float(total)
+        lines.append(f"`{progress_bar(float(step), float(total))}` {pct:.0f}% \u00b7 step {step}/{total}")
+        parts = []
+        if (x := _num(st.get("loss"), ".4f")) is not None:
+            parts.append(f"loss {x}")
+        if (x := _num(st.get("lr"), ".2e")) is not None:
+            parts.append(f"lr {x}")
+        if (x := _num(st.get("steps_per_s"), ".2f")) is not None:
+            parts.append(f"{x} steps/s")
+        if state in ("running", "cancelling") and st.get("eta_s") is not None:
+            parts.append(f"ETA {format_duration(st.get('eta_s'))}")
+        if parts:
+            lines.append(" \u00b7 ".join(parts))
+    elif state == "running" and st.get("total_steps"):
+        lines.append(f"`{progress_bar(0, 1)}` 0% \u00b7 step 0/{st['total_steps']}")
+    if st.get("phase") and state in ("running", "cancelling"):
+        ph = f"Phase: {st['phase']}"
+        if st.get("phase_total"):
+            ph += f" ({st.get('phase_current', 0)}/{st['phase_total']})"
+        lines.append(ph)
+    if st.get("resumed_from"):
+        lines.append(f"Resumed from step {st['resumed_from']}.")
+    if state == "succeeded":
+        lines.append("Finished. Results are posted below.")
+    elif state == "failed":
+        lines.append(f"Failed: {clip(job.error or st.get('error') or 'unknown error', 300)}")
+    elif state == "cancelled":
+        lines.append("Cancelled.")
+    return "\n".join(lines)
+
+
+class JobReporter:
+    """One job's message loop. State is coalesced; samples and the final post are queued in order."""
+
+    def __init__(self, hub: ProgressHub, job_id: int) -> None:
+        self.hub = hub
+        self.job_id = job_id
+        self.state: dict[str, Any] = {}
+        self.samples: list[dict[str, Any]] = []
+        self.outputs: dict[str, Any] = {}
+        self.terminal: dict[str, Any] | None = None  # set when the job row reached a final state
+        self.final: dict[str, Any] = {}  # the engine's finished/failed/cancelled event
+        self.dirty = True
+        self.wake = asyncio.Event()
+        self.wake.set()
+        self.ended = asyncio.Event()  # set on the terminal event: cuts the throttle wait short
+        self.edits = 0
+        self.task: asyncio.Task[None] | None = None
+
+    def feed(self, event: dict[str, Any]) -> None:
+        t = event.get("type")
+        st = self.state
+        if t == "started":
+            st["total_steps"] = event.get("total_steps")
+            st["total"] = event.get("total_steps") or st.get("total")
+            st["resumed_from"] = event.get("resumed_from") or 0
+            st.pop("resumed", None)
+        elif t == "phase":
+            st["phase"] = event.get("name")
+            st["phase_current"], st["phase_total"] = event.get("current"), event.get("total")
+        elif t == "progress":
+            for k in ("step", "total", "loss", "lr", "steps_per_s", "eta_s"):
+                if k in event:
+                    st[k] = event[k]
+        elif t == "sample":
+            self.samples.append(event)
+        elif t == "file":
+            self.outputs.setdefault(str(event.get("kind")), []).append(event.get("path"))
+        elif t in ("finished", "cancelled", "failed"):
+            # The engine's last word: outputs and the reason. The job row changes state right
+            # after (a "state" event); that is what ends the reporter.
+            self.final = event
+            if isinstance(event.get("outputs"), dict):
+                for k, v in event["outputs"].items():
+                    self.outputs.setdefault(str(k), []).extend(v if isinstance(v, list) else [v])
+            if t == "failed":
+                st["error"] = event.get("error")
+        elif t == "state":
+            state = event.get("state")
+            if state == "queued":
+                st["resumed"] = bool(event.get("reason"))  # restart recovery / worker lost
+            elif state == "running":
+                st.pop("resumed", None)
+            elif state in TERMINAL:
+                self.terminal = {"state": state, "error": event.get("error")}
+        else:
+            return  # log lines, reports: not shown in the progress message
+        if self.terminal is not None:
+            self.ended.set()
+        self.dirty = True
+        self.wake.set()
+
+    def start(self) -> None:
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._loop(), name=f"progress-{self.job_id}")
+
+    async def _loop(self) -> None:
+        hub, bot = self.hub, self.hub.bot
+        await hub.wait_bound(self.job_id)
+        while not hub.closed:
+            await self.wake.wait()
+            self.wake.clear()
+            try:
+                job = await bot.repo.get_job(self.job_id)
+                if job is None:
+                    return
+                if job.is_terminal and self.terminal is None:
+                    # The row says it ended but we saw no event (restart, or the scheduler only
+                    # changed the state): finish from the row.
+                    self.terminal = {"state": job.state, "error": job.error}
+                    self.ended.set()
+                while self.samples:
+                    await self._post_sample(job, self.samples.pop(0))
+                if self.dirty or self.terminal is not None:
+                    self.dirty = False
+                    await self._flush(job if self.terminal is None else (await bot.repo.get_job(self.job_id) or job))
+                if self.terminal is not None:
+                    await self._finish()
+                    return
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - progress must never take the bot down; retry later
+                log.exception("progress update for job %s failed", self.job_id)
+            # Throttle: at most one edit per interval, but a job's end is shown at once.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.ended.wait(), hub.interval_s)
+
+    def _destination(self, job: Any) -> discord.PartialMessageable | None:
+        cid = job.thread_id or job.channel_id
+        return self.hub.bot.get_partial_messageable(int(cid)) if cid else None
+
+    async def _flush(self, job: Any) -> None:
+        bot = self.hub.bot
+        dest = self._destination(job)
+        if dest is None:
+            return
+        if job.state == "queued":
+            pos, eta = await bot.queue_info(job.id)
+            self.state["position"], self.state["queue_eta_s"] = pos, eta
+        if job.progress and "step" not in self.state:
+            # After a restart the last persisted progress seeds the message.
+            for k, v in job.progress.items():
+                self.state.setdefault(k, v)
+        text = render(job, self.state)
+        view = job_view(job.id) if not job.is_terminal else None
+        mid = job.message_id
+        if mid and time.time() - discord.utils.snowflake_time(int(mid)).timestamp() < self.hub.fresh_after_s:
+            try:
+                await dest.get_partial_message(int(mid)).edit(content=text, view=view)
+                self.edits += 1
+                return
+            except discord.NotFound:
+                log.info("progress message of job %s is gone; starting a new one", job.id)
+            except discord.HTTPException as e:
+                if e.code != CODE_EDIT_CAP:
+                    raise
+                log.info("progress message of job %s hit the edit cap; starting a new one", job.id)
+        kwargs: dict[str, Any] = {"view": view} if view is not None else {}
+        msg = await dest.send(text, **kwargs)
+        await bot.repo.set_job_message(job.id, message_id=msg.id)
+
+    async def _post_sample(self, job: Any, ev: dict[str, Any]) -> None:
+        path = self.hub.resolve_path(job.id, ev.get("path"))
+        dest = self._destination(job)
+        if path is None or dest is None:
+            return
+        caption = f"Sample at step {ev.get('step', '?')}"
+        if ev.get("prompt"):
+            caption += f": *{clip(str(ev['prompt']), 300)}*"
+        try:
+            await dest.send(caption, file=discord.File(path, filename=path.name))
+        except discord.HTTPException as e:
+            log.info("could not post sample %s of job %s: %s", path.name, job.id, e.status)
+
+    async def _finish(self) -> None:
+        hub, bot = self.hub, self.hub.bot
+        if await hub.already_delivered(self.job_id):
+            return
+        job = await bot.repo.get_job(self.job_id)
+        if job is None:
+            return
+        dest = self._destination(job)
+        if dest is None:
+            log.warning("job %s finished but has nowhere to post", job.id)
+            return
+        mention = f"<@{job.owner_id}>"
+        allowed = discord.AllowedMentions(users=[discord.Object(job.owner_id)], roles=False, everyone=False)
+        if job.state == "succeeded":
+            await self._deliver_success(job, dest, mention, allowed)
+        elif job.state == "failed":
+            reason = self.final.get("reason") or ""
+            error = job.error or (self.terminal or {}).get("error") or self.final.get("error") or "unknown error"
+            advice = FAILURE_ADVICE.get(str(reason), DEFAULT_ADVICE)
+            await dest.send(clip(f"{mention} job **#{job.id}** failed: {error}\n{advice}"), allowed_mentions=allowed)
+        else:
+            await dest.send(
+                f"{mention} job **#{job.id}** was cancelled. `/retrain {job.id}` starts it again.",
+                allowed_mentions=allowed,
+            )
+        await bot.repo.add_event(job.id, DELIVERED_EVENT, {"state": job.state})
+
+    async def _deliver_success(
+        self, job: Any, dest: discord.PartialMessageable, mention: str, allowed: discord.AllowedMentions
+    ) -> None:
+        hub, bot = self.hub, self.hub.bot
+        files = await hub.result_files(job.id, self.outputs)
+        meta = await hub.job_meta(job.id)
+        guild = bot.get_guild(job.guild_id) if job.guild_id else None
+        limit = upload_limit(meta.get("attachment_size_limit"), guild)
+        summary = self.final.get("summary") or {}
+        lines = [f"{mention} job **#{job.id}** finished."]
+        lines.append(f"Settings: {spec_summary(job.spec_json)}")
+        if isinstance(summary, dict) and summary:
+            extra = ", ".join(f"{k} `{v}`" for k, v in list(summary.items())[:8] if not isinstance(v, dict | list))
+            if extra:
+                lines.append(f"Summary: {extra}")
+        if not files:
+            lines.append("The engine reported no output files; ask an admin to look at the job folder.")
+
+        async def make_link(p: Path) -> str | None:
+            return await hub.link_for(job.id, p)
+
+        names = {p: n for p, n in files}
+        await send_files(dest, clip("\n".join(lines)), [p for p, _ in files], limit=limit, make_link=make_link,
+                         names=names, allowed_mentions=allowed)
+
+
+class ProgressHub:
+    """Scheduler listener; owns one reporter per job that is being reported on."""
+
+    def __init__(self, bot: LoraforgeBot, interval_s: float, fresh_after_s: float = FRESH_AFTER_S) -> None:
+        self.bot = bot
+        self.interval_s = float(interval_s)
+        self.fresh_after_s = float(fresh_after_s)
+        self.reporters: dict[int, JobReporter] = {}
+        self._bound: dict[int, asyncio.Event] = {}
+        self.closed = False
+
+    # -- the scheduler side
+
+    def on_event(self, job: Any, event: dict[str, Any]) -> None:
+        """Called by the scheduler for each event (``job``: row or id). Never blocks, never raises."""
+        try:
+            job_id = int(job if isinstance(job, int) else job.id)
+            rep = self._reporter(job_id)
+            rep.feed(dict(event))
+            if event.get("type") in ("started", "state"):
+                self.refresh_queued(except_id=job_id)  # the queue moved
+        except Exception:  # noqa: BLE001
+            log.exception("progress listener failed on %r", event)
+
+    def _reporter(self, job_id: int) -> JobReporter:
+        rep = self.reporters.get(job_id)
+        if rep is None or (rep.task is not None and rep.task.done()):
+            rep = JobReporter(self, job_id)
+            self.reporters[job_id] = rep
+        if not self.closed:
+            rep.start()
+        return rep
+
+    def nudge(self, job_id: int) -> None:
+        """Re-render a job's message soon (e.g. after a cancel request)."""
+        rep = self._reporter(job_id)
+        rep.dirty = True
+        rep.wake.set()
+
+    def refresh_queued(self, except_id: int | None = None) -> None:
+        for jid, rep in list(self.reporters.items()):
+            if jid != except_id and rep.terminal is None and "step" not in rep.state:
+                rep.dirty = True
+                rep.wake.set()
+
+    async def track_open_jobs(self) -> None:
+        """On start-up: resume the messages of every queued/running job (after a restart)."""
+        for job in await self.bot.repo.list_jobs(states=("queued", "running")):
+            rep = self._reporter(job.id)
+            if job.state == "queued" and job.attempts:
+                rep.state["resumed"] = True
+            rep.dirty = True
+            rep.wake.set()
+
+    # -- the submitter side: the destination is set up right after the job is queued
+
+    def expect(self, job_id: int) -> None:
+        self._bound.setdefault(job_id, asyncio.Event())
+
+    def bind(self, job_id: int) -> None:
+        self._bound.setdefault(job_id, asyncio.Event()).set()
+        self.nudge(job_id)
+
+    async def wait_bound(self, job_id: int, timeout: float = 30.0) -> None:
+        ev = self._bound.get(job_id)
+        if ev is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ev.wait(), timeout)
+
+    async def close(self) -> None:
+        self.closed = True
+        tasks = [r.task for r in self.reporters.values() if r.task is not None and not r.task.done()]
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+
+    async def wait_idle(self, job_id: int, timeout: float = 30.0) -> None:
+        """Tests: wait until the job's reporter has finished its final post."""
+        rep = self.reporters.get(job_id)
+        if rep is not None and rep.task is not None:
+            await asyncio.wait_for(asyncio.shield(rep.task), timeout)
+
+    # -- files
+
+    def resolve_path(self, job_id: int, stored: Any) -> Path | None:
+        """Engine paths may be absolute, relative to the job folder, or relative to the data dir."""
+        if not stored:
+            return None
+        p = Path(str(stored))
+        files = self.bot.files
+        candidates = [p] if p.is_absolute() else [files.job_dir(job_id) / p, files.root / p]
+        for c in candidates:
+            try:
+                c = c.resolve()
+                if c.is_file() and c.is_relative_to(files.root.resolve()):
+                    return c
+            except (OSError, ValueError):
+                continue
+        return None
+
+    async def result_files(self, job_id: int, outputs: dict[str, Any]) -> list[tuple[Path, str]]:
+        """(path, download name): the main file (LoRA/checkpoint) first, then grid, loss curve, images."""
+        repo = self.bot.repo
+        by_kind: dict[str, list[Path]] = {}
+        for kind, paths in outputs.items():
+            for raw in paths if isinstance(paths, list) else [paths]:
+                p = self.resolve_path(job_id, raw)
+                if p is not None:
+                    by_kind.setdefault(kind, []).append(p)
+        for art in await repo.list_artifacts(job_id):
+            p = self.resolve_path(job_id, art.path)
+            if p is not None and p not in by_kind.get(art.kind, []):
+                by_kind.setdefault(art.kind, []).append(p)
+        out: list[tuple[Path, str]] = []
+        seen: set[Path] = set()
+        for kind in ("lora", "checkpoint", "grid", "plot", "image"):
+            paths = by_kind.get(kind, [])
+            if kind in ("lora", "checkpoint", "grid", "plot") and paths:
+                paths = paths[-1:]  # the final one (intermediate saves stay on disk)
+            for p in paths[:8]:
+                if p not in seen:
+                    seen.add(p)
+                    out.append((p, p.name))
+        return out
+
+    async def link_for(self, job_id: int, path: Path) -> str | None:
+        server = self.bot.file_server
+        if server is None:
+            return None
+        repo, files = self.bot.repo, self.bot.files
+        rel = files.relative(path)
+        art = next((a for a in await repo.list_artifacts(job_id) if a.path == rel or
+                    self.resolve_path(job_id, a.path) == path), None)
+        if art is None:
+            kind = "lora" if path.suffix == ".safetensors" else "image"
+            art = await repo.add_artifact(job_id, kind, rel, bytes=path.stat().st_size)  # type: ignore[arg-type]
+        return server.url_for(job_id, art.id)
+
+    async def resolve_artifact(self, job_id: int, artifact_id: int) -> tuple[Path, str] | None:
+        for art in await self.bot.repo.list_artifacts(job_id):
+            if art.id == artifact_id:
+                p = self.resolve_path(job_id, art.path)
+                return (p, p.name) if p is not None else None
+        return None
+
+    async def job_meta(self, job_id: int) -> dict[str, Any]:
+        events = await self.bot.repo.list_events(job_id, types=[META_EVENT])
+        return events[-1].payload if events else {}
+
+    async def already_delivered(self, job_id: int) -> bool:
+        return bool(await self.bot.repo.list_events(job_id, types=[DELIVERED_EVENT], limit=1))

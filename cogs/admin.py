@@ -1,0 +1,70 @@
+"""/admin sync|status: operator commands (admins only).
+
+Commands are synced on request, never on start: every sync counts against a small daily limit.
+Guild sync is instant (good while testing); global sync reaches every server but can take a while.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot.errors import reply
+from bot.interactions import clip, ensure_deferred
+
+if TYPE_CHECKING:
+    from bot.app import LoraforgeBot
+
+
+@app_commands.default_permissions(administrator=True)
+class Admin(commands.GroupCog, group_name="admin", group_description="Bot administration"):
+    def __init__(self, bot: LoraforgeBot) -> None:
+        self.bot = bot
+        super().__init__()
+
+    @app_commands.command(name="sync", description="Publish the slash commands to Discord")
+    @app_commands.describe(scope="guild: this server only, at once; global: every server")
+    async def sync(self, interaction: discord.Interaction, scope: Literal["guild", "global"] = "guild") -> None:
+        bot = self.bot
+        bot.access.require_admin(interaction)
+        await ensure_deferred(interaction, ephemeral=True)
+        if scope == "guild":
+            if interaction.guild_id is None:
+                await reply(interaction, "Run a guild sync inside a server (or use `scope: global`).", ephemeral=True)
+                return
+            guild = discord.Object(interaction.guild_id)
+            bot.tree.copy_global_to(guild=guild)
+            synced = await bot.tree.sync(guild=guild)
+            where = "this server"
+        else:
+            synced = await bot.tree.sync()
+            where = "every server (may take up to an hour to show)"
+        await reply(interaction, f"Synced {len(synced)} command(s) to {where}: "
+                    + ", ".join(f"`/{c.name}`" for c in synced), ephemeral=True)
+
+    @app_commands.command(name="status", description="Workers and the queue")
+    async def status(self, interaction: discord.Interaction) -> None:
+        bot = self.bot
+        bot.access.require_admin(interaction)
+        await ensure_deferred(interaction, ephemeral=True)
+        lines = ["**Workers**"]
+        try:
+            for w in bot.scheduler.worker_status():
+                state = f"busy with #{w['job_id']}" if w.get("job_id") else ("ready" if w.get("ready") else "starting/down")
+                lines.append(f"- `{w['id']}` on {w['device']}: {state}"
+                             + (f" (last exit: {w['last_exit']})" if w.get("last_exit") else ""))
+        except Exception:  # noqa: BLE001 - status must show what it can
+            lines.append("- (scheduler not started)")
+        queued = await bot.repo.list_jobs(states=["queued"])
+        running = await bot.repo.list_jobs(states=["running"])
+        lines.append(f"**Queue**: {len(running)} running, {len(queued)} waiting")
+        for j in (running + queued)[:15]:
+            lines.append(f"- #{j.id} {j.kind} {j.state} <@{j.owner_id}>")
+        await reply(interaction, clip("\n".join(lines)), ephemeral=True)
+
+
+async def setup(bot: LoraforgeBot) -> None:
+    await bot.add_cog(Admin(bot))

@@ -1,0 +1,140 @@
+"""/jobs, /job show, /cancel, /retrain: looking after queued, running and finished jobs.
+
+Only the owner or an admin sees a job's details, cancels it or retrains it; for anyone else a job
+id looks like one that does not exist.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import TYPE_CHECKING, Any
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot.errors import reply
+from bot.interactions import announce_job, cancel_job, clip, ensure_deferred, format_duration, spec_summary
+
+if TYPE_CHECKING:
+    from bot.app import LoraforgeBot
+
+STATE_ICON = {"queued": "\u23f3", "running": "\u25b6\ufe0f", "succeeded": "\u2705", "failed": "\u274c",
+              "cancelled": "\u23f9\ufe0f"}
+
+
+def _when(ts: float | None) -> str:
+    return f"<t:{int(ts)}:R>" if ts else "-"
+
+
+def _progress_bit(job: Any) -> str:
+    p = job.progress or {}
+    if job.state == "running" and p.get("step") is not None and p.get("total"):
+        return f" {int(100 * float(p['step']) / float(p['total']))}% (step {p['step']}/{p['total']})"
+    return ""
+
+
+async def _job_ac(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[int]]:
+    bot: LoraforgeBot = interaction.client  # type: ignore[assignment]
+    try:
+        jobs = await bot.repo.list_jobs(owner_id=interaction.user.id, newest_first=True, limit=25)
+    except Exception:  # noqa: BLE001
+        return []
+    out = []
+    for j in jobs:
+        label = f"#{j.id} {j.kind} {j.state} {j.spec.get('output_name', '')}"
+        if current and current not in label:
+            continue
+        out.append(app_commands.Choice(name=label[:100], value=j.id))
+    return out[:25]
+
+
+class Jobs(commands.Cog):
+    job = app_commands.Group(name="job", description="One job")
+
+    def __init__(self, bot: LoraforgeBot) -> None:
+        self.bot = bot
+
+    @app_commands.command(name="jobs", description="Your jobs (admins: everyone's with all=True)")
+    @app_commands.describe(all="Admins: show every user's jobs", active="Only queued and running jobs")
+    async def jobs(self, interaction: discord.Interaction, all: bool = False, active: bool = False) -> None:  # noqa: A002
+        await ensure_deferred(interaction, ephemeral=True)
+        bot = self.bot
+        everyone = all and bot.access.is_admin(interaction)
+        states = ("queued", "running") if active else None
+        rows = await bot.repo.list_jobs(owner_id=None if everyone else interaction.user.id, states=states,
+                                        newest_first=True, limit=25)
+        if not rows:
+            await reply(interaction, "No jobs yet. Start one with `/train`.", ephemeral=True)
+            return
+        lines = []
+        for j in rows:
+            extra = ""
+            if j.state == "queued":
+                pos, _ = await bot.queue_info(j.id)
+                extra = f" position {pos}" if pos else ""
+            who = f" <@{j.owner_id}>" if everyone else ""
+            where = f" <#{j.thread_id}>" if j.thread_id else ""
+            lines.append(f"{STATE_ICON.get(j.state, '')} **#{j.id}** {j.kind} `{j.spec.get('output_name', '')}` "
+                         f"{j.state}{_progress_bit(j)}{extra} · {_when(j.created_at)}{who}{where}")
+        if all and not everyone:
+            lines.insert(0, "(Only admins can see everyone's jobs; these are yours.)")
+        await reply(interaction, clip("\n".join(lines)), ephemeral=True)
+
+    @job.command(name="show", description="Details of one of your jobs")
+    @app_commands.autocomplete(id=_job_ac)
+    async def show(self, interaction: discord.Interaction, id: int) -> None:  # noqa: A002
+        await ensure_deferred(interaction, ephemeral=True)
+        bot = self.bot
+        job = await bot.repo.get_job(id)
+        bot.access.require_job_access(interaction, job)
+        lines = [f"{STATE_ICON.get(job.state, '')} **Job #{job.id}** · {job.kind} · {job.state}{_progress_bit(job)}"]
+        lines.append(f"Owner: <@{job.owner_id}> · created {_when(job.created_at)}"
+                     + (f" · started {_when(job.started_at)}" if job.started_at else "")
+                     + (f" · finished {_when(job.finished_at)}" if job.finished_at else ""))
+        if job.state == "queued":
+            pos, eta = await bot.queue_info(job.id)
+            if pos:
+                lines.append(f"Position in queue: {pos}" + (f", done in about {format_duration(eta)}" if eta else ""))
+        elif job.state == "running":
+            _, eta = await bot.queue_info(job.id)
+            if eta:
+                lines.append(f"About {format_duration(eta)} left.")
+        if job.error:
+            lines.append(f"Error: {clip(job.error, 500)}")
+        lines.append(f"Settings: {spec_summary(job.spec_json)}")
+        if job.gpu_seconds:
+            lines.append(f"Device time: {dt.timedelta(seconds=int(job.gpu_seconds))}")
+        arts = [a for a in await bot.repo.list_artifacts(job.id) if a.kind in ("lora", "checkpoint", "grid", "plot")]
+        if arts:
+            lines.append("Files: " + ", ".join(f"{a.kind} `{a.path.rsplit('/', 1)[-1]}`" for a in arts[-6:]))
+            if bot.file_server is not None:
+                main = [a for a in arts if a.kind in ("lora", "checkpoint")]
+                if main:
+                    lines.append(f"Download: <{bot.file_server.url_for(job.id, main[-1].id)}>")
+        if job.thread_id:
+            lines.append(f"Progress: <#{job.thread_id}>")
+        await reply(interaction, clip("\n".join(lines)), ephemeral=True)
+
+    @app_commands.command(name="cancel", description="Cancel one of your queued or running jobs")
+    @app_commands.autocomplete(id=_job_ac)
+    async def cancel(self, interaction: discord.Interaction, id: int) -> None:  # noqa: A002
+        await ensure_deferred(interaction, ephemeral=True)
+        text = await cancel_job(interaction, id)
+        await reply(interaction, text, ephemeral=True)
+
+    @app_commands.command(name="retrain", description="Run one of your jobs again with exactly the same settings")
+    @app_commands.autocomplete(id=_job_ac)
+    async def retrain(self, interaction: discord.Interaction, id: int) -> None:  # noqa: A002
+        bot = self.bot
+        bot.access.require_trainer(interaction)
+        await ensure_deferred(interaction, ephemeral=True)
+        old = await bot.repo.get_job(id)
+        bot.access.require_job_access(interaction, old)
+        job = await bot.scheduler.retrain(id, interaction.user.id, bot.access.is_admin(interaction),
+                                          guild_id=interaction.guild_id, channel_id=interaction.channel_id)
+        await announce_job(interaction, job, title=f"{job.spec.get('output_name', job.kind)} (retrain of #{id})")
+
+
+async def setup(bot: LoraforgeBot) -> None:
+    await bot.add_cog(Jobs(bot))

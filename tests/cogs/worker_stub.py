@@ -1,0 +1,126 @@
+"""A torch-free stand-in for `python -m trainer.worker` for the cog tests (same JSON-lines protocol).
+
+Behaviour per job from the spec's output_name prefix:
+  "fast"  steps progress events at once, a sample, a lora, grid and plot, finished
+  "slow"  like fast, sleeping STUB_STEP_S (default 0.05 s) per step; cancellable between steps
+  "big"   like fast but the lora is 64 KiB of random bytes (for the size-limit tests)
+  "fail"  started, a few steps, then failed with reason "nan"
+Resume: a job started again finds its state file and reports resumed_from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+
+lock = threading.Lock()
+cancelled: set[int] = set()
+jobs: list[dict] = []
+cond = threading.Condition()
+
+
+def send(msg: dict) -> None:
+    with lock:
+        sys.stdout.write(json.dumps(msg) + "\n")
+        sys.stdout.flush()
+
+
+def ev(job_id: int, **e: object) -> None:
+    send({"type": "event", "job_id": job_id, "event": e})
+
+
+def png(w: int = 8, h: int = 8, rgb: tuple[int, int, int] = (200, 40, 40)) -> bytes:
+    def chunk(t: bytes, d: bytes) -> bytes:
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
+
+    raw = b"".join(b"\x00" + bytes(rgb) * w for _ in range(h))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def reader() -> None:
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        cmd = json.loads(line)
+        with cond:
+            if cmd["cmd"] == "run":
+                jobs.append(cmd)
+            elif cmd["cmd"] == "cancel":
+                cancelled.add(int(cmd["job_id"]))
+            elif cmd["cmd"] == "shutdown":
+                jobs.append({"cmd": "shutdown"})
+            cond.notify_all()
+    with cond:
+        jobs.append({"cmd": "shutdown"})
+        cond.notify_all()
+
+
+def run(cmd: dict) -> None:
+    job_id = int(cmd["job_id"])
+    spec = cmd["spec"]
+    job_dir = Path(cmd["job_dir"])
+    name = str(spec.get("output_name", "fast"))
+    steps = int(spec.get("steps", 3))
+    step_s = float(os.environ.get("STUB_STEP_S", "0.05")) if name.startswith("slow") else 0.0
+    state = job_dir / "state" / "step.txt"
+    start = int(state.read_text()) if state.exists() else 0
+    ev(job_id, type="started", total_steps=steps, kind=spec.get("kind"), resumed_from=start)
+    ev(job_id, type="phase", name="training")
+    for s in range(start + 1, steps + 1):
+        if job_id in cancelled:
+            ev(job_id, type="cancelled", outputs={})
+            send({"type": "done", "job_id": job_id, "state": "cancelled", "error": None})
+            return
+        if step_s:
+            time.sleep(step_s)
+        ev(job_id, type="progress", step=s, total=steps, loss=1.0 / s, lr=1e-4, steps_per_s=20.0,
+           eta_s=(steps - s) * max(step_s, 0.001))
+        if s % 5 == 0:
+            state.parent.mkdir(parents=True, exist_ok=True)
+            state.write_text(str(s))
+        if name.startswith("fail") and s >= 2:
+            ev(job_id, type="failed", error="the loss became NaN at step 2", reason="nan")
+            send({"type": "done", "job_id": job_id, "state": "failed", "error": "the loss became NaN at step 2"})
+            return
+    out = job_dir / "outputs"
+    out.mkdir(parents=True, exist_ok=True)
+    samples = job_dir / "samples"
+    samples.mkdir(parents=True, exist_ok=True)
+    sample = samples / f"sample-{steps:06d}-0.png"
+    sample.write_bytes(png(rgb=(10, 200, 10)))
+    ev(job_id, type="sample", path=str(sample), step=steps, prompt="a red circle")
+    lora = out / f"{name}.safetensors"
+    lora.write_bytes(os.urandom(64 * 1024) if name.startswith("big") else b"stub lora " + str(job_id).encode())
+    grid = out / "grid.png"
+    grid.write_bytes(png())
+    plot = out / "loss.png"
+    plot.write_bytes(png(rgb=(0, 0, 200)))
+    for kind, p in (("lora", lora), ("grid", grid), ("plot", plot)):
+        ev(job_id, type="file", kind=kind, path=str(p), step=steps)
+    ev(job_id, type="finished", outputs={"lora": str(lora), "grid": str(grid), "plot": str(plot)},
+       summary={"final_loss": round(1.0 / steps, 4)})
+    send({"type": "done", "job_id": job_id, "state": "succeeded", "error": None})
+
+
+def main() -> None:
+    threading.Thread(target=reader, daemon=True).start()
+    send({"type": "ready", "pid": os.getpid(), "device": "cpu"})
+    while True:
+        with cond:
+            while not jobs:
+                cond.wait()
+            cmd = jobs.pop(0)
+        if cmd["cmd"] == "shutdown":
+            return
+        run(cmd)
+
+
+if __name__ == "__main__":
+    main()
