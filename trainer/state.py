@@ -1,0 +1,259 @@
+"""The full training state for resume, written without pickle.
+
+A state is a folder `job_dir/state/step-XXXXXXXX/` with two files:
+- `tensors.safetensors`: the network's kohya-named fp32 tensors (`network.<key>`) and every tensor found in
+  the optimizer / scheduler / scaler state (`t.<n>`), referenced from the JSON;
+- `state.json`: everything else (step, optimizer param groups and scalars, scheduler state, RNG states as
+  base64, data position, loss history, GradScaler state) plus a fingerprint of the spec and the dataset.
+
+Nested Python values are encoded to JSON losslessly: tensors -> {"__tensor__": "t.<n>"}, tuples ->
+{"__tuple__": [...]}, bytes -> {"__bytes__": base64}, non-string dict keys -> {"__dict__": [[k, v], ...]}.
+Floats survive JSON exactly (repr round-trips), NaN/inf included.
+
+A state is written into a temporary folder and renamed into place (os.replace), so a crash leaves either
+the old state or the new one, never half of one. The latest two are kept.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from trainer.events import JobFailed
+
+STATE_VERSION = 1
+KEEP = 2
+# Spec fields that do not change the training trajectory: a state stays valid when only these differ.
+_NOT_FINGERPRINTED = {"output_name", "sample", "save_every_n_steps", "state_every_n_steps", "preset",
+                      "save_precision"}
+
+
+class StateError(JobFailed):
+    def __init__(self, message: str):
+        super().__init__(message, reason="bad_state")
+
+
+def spec_fingerprint(spec: Any) -> str:
+    data = {k: v for k, v in spec.model_dump(mode="json").items() if k not in _NOT_FINGERPRINTED}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --- lossless encoding of nested values ----------------------------------------------------------
+
+class _Encoder:
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def __call__(self, v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            key = f"t.{len(self.tensors)}"
+            # safetensors wants contiguous, unshared CPU tensors
+            self.tensors[key] = v.detach().to("cpu").contiguous().clone()
+            return {"__tensor__": key}
+        if isinstance(v, dict):
+            if all(isinstance(k, str) for k in v):
+                return {k: self(x) for k, x in v.items()}
+            return {"__dict__": [[self(k), self(x)] for k, x in v.items()]}
+        if isinstance(v, tuple):
+            return {"__tuple__": [self(x) for x in v]}
+        if isinstance(v, list):
+            return [self(x) for x in v]
+        if isinstance(v, bytes | bytearray):
+            return {"__bytes__": base64.b64encode(bytes(v)).decode()}
+        if isinstance(v, np.ndarray):
+            return {"__ndarray__": v.tolist(), "dtype": str(v.dtype)}
+        if isinstance(v, np.generic):
+            return v.item()
+        if v is None or isinstance(v, bool | int | float | str):
+            return v
+        if isinstance(v, torch.dtype | torch.device):
+            return {"__str__": str(v)}
+        raise TypeError(f"cannot store a {type(v).__name__} in a training state")
+
+
+def _decode(v: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(v, list):
+        return [_decode(x, tensors) for x in v]
+    if not isinstance(v, dict):
+        return v
+    if "__tensor__" in v:
+        return tensors[v["__tensor__"]]
+    if "__tuple__" in v:
+        return tuple(_decode(x, tensors) for x in v["__tuple__"])
+    if "__bytes__" in v:
+        return base64.b64decode(v["__bytes__"])
+    if "__dict__" in v:
+        return {_decode(k, tensors): _decode(x, tensors) for k, x in v["__dict__"]}
+    if "__ndarray__" in v:
+        return np.array(v["__ndarray__"], dtype=v["dtype"])
+    if "__str__" in v:
+        return v["__str__"]
+    return {k: _decode(x, tensors) for k, x in v.items()}
+
+
+# --- RNG states ----------------------------------------------------------------------------------
+
+def rng_states() -> dict[str, Any]:
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = [s for s in torch.cuda.get_rng_state_all()]
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    if "torch" in states:
+        torch.set_rng_state(states["torch"].to(torch.uint8))
+    if "python" in states:
+        v, internal, gauss = states["python"]
+        random.setstate((v, tuple(internal), gauss))
+    if "numpy" in states:
+        np.random.set_state(tuple(states["numpy"]))
+    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.to(torch.uint8) for s in states["cuda"]])
+
+
+# --- the state ---------------------------------------------------------------------------------
+
+@dataclass
+class TrainState:
+    step: int
+    network: dict[str, torch.Tensor]  # kohya-named fp32 tensors
+    optimizer: dict[str, Any]  # optimizer.state_dict()
+    scheduler: dict[str, Any]  # lr_scheduler.state_dict()
+    scaler: dict[str, Any] | None = None
+    rng: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)  # {"micro_batch": m, "epoch": e}
+    loss_history: list[list[float]] = field(default_factory=list)  # [[step, loss], ...]
+    extra: dict[str, Any] = field(default_factory=dict)  # smoothed loss, elapsed time, notes...
+    spec_fingerprint: str = ""
+    data_fingerprint: str = ""
+
+
+def state_root(job_dir: Path) -> Path:
+    return Path(job_dir) / "state"
+
+
+def _step_dirs(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / "state.json").is_file()]
+    return sorted(dirs, key=lambda p: int(p.name.split("-")[1]))
+
+
+def has_state(job_dir: Path) -> bool:
+    return bool(_step_dirs(state_root(job_dir)))
+
+
+def save_state(job_dir: Path, state: TrainState, keep: int = KEEP) -> Path:
+    root = state_root(job_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    enc = _Encoder()
+    meta = {
+        "version": STATE_VERSION,
+        "step": state.step,
+        "spec_fingerprint": state.spec_fingerprint,
+        "data_fingerprint": state.data_fingerprint,
+        "optimizer": enc(state.optimizer),
+        "scheduler": enc(state.scheduler),
+        "scaler": enc(state.scaler),
+        "rng": enc(state.rng),
+        "data": enc(state.data),
+        "loss_history": state.loss_history,
+        "extra": enc(state.extra),
+        "network_keys": sorted(state.network),
+    }
+    tensors = dict(enc.tensors)
+    for k, v in state.network.items():
+        tensors[f"network.{k}"] = v.detach().to("cpu", torch.float32).contiguous().clone()
+    final = root / f"step-{state.step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    try:
+        save_file(tensors, str(tmp / "tensors.safetensors"), metadata={"format": "pt", "loraforge_state": "1"})
+        with open(tmp / "state.json", "w", encoding="utf-8") as f:
+            json.dump(meta, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():  # the same step saved again (a cancel right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in _step_dirs(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".tmp-*"):  # left by a crash mid-write
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def _read(folder: Path) -> TrainState:
+    meta = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+    if meta.get("version") != STATE_VERSION:
+        raise StateError(f"training state {folder} has format version {meta.get('version')}, this engine "
+                         f"reads {STATE_VERSION}; start the job again without its state folder")
+    tensors = load_file(str(folder / "tensors.safetensors"))
+    network = {k[len("network."):]: v for k, v in tensors.items() if k.startswith("network.")}
+    return TrainState(
+        step=int(meta["step"]),
+        network=network,
+        optimizer=_decode(meta["optimizer"], tensors),
+        scheduler=_decode(meta["scheduler"], tensors),
+        scaler=_decode(meta["scaler"], tensors),
+        rng=_decode(meta["rng"], tensors),
+        data=_decode(meta["data"], tensors),
+        loss_history=[list(x) for x in meta["loss_history"]],
+        extra=_decode(meta["extra"], tensors),
+        spec_fingerprint=meta["spec_fingerprint"],
+        data_fingerprint=meta["data_fingerprint"],
+    )
+
+
+def load_latest_state(job_dir: Path, spec_fp: str | None = None, data_fp: str | None = None) -> TrainState | None:
+    """The newest readable state (falling back to the previous one if the newest is damaged), or None."""
+    dirs = _step_dirs(state_root(job_dir))
+    errors = []
+    for folder in reversed(dirs):
+        try:
+            st = _read(folder)
+        except StateError:
+            raise
+        except (OSError, ValueError, KeyError, SafetensorError) as e:
+            errors.append(f"{folder.name}: {e}")
+            continue
+        if spec_fp is not None and st.spec_fingerprint != spec_fp:
+            raise StateError(
+                f"the saved training state in {state_root(job_dir)} belongs to different settings "
+                f"(spec fingerprint {st.spec_fingerprint}, this job {spec_fp}); resume with the original "
+                "settings, or start over by deleting the state folder / using a new job"
+            )
+        if data_fp is not None and st.data_fingerprint and st.data_fingerprint != data_fp:
+            raise StateError(
+                f"the dataset changed since the training state in {state_root(job_dir)} was saved "
+                "(images or captions differ); restore the dataset or start the job over"
+            )
+        return st
+    if errors:
+        raise StateError(f"no readable training state in {state_root(job_dir)} ({'; '.join(errors)}); "
+                         "delete the state folder to start over")
+    return None
+
+
+def optimizer_layout(optimizer: torch.optim.Optimizer) -> list[list[list[int]]]:
+    """Shapes of the parameters per group: a state is only loaded into an optimizer with the same layout."""
+    return [[list(p.shape) for p in g["params"]] for g in optimizer.param_groups]
