@@ -100,10 +100,11 @@ def check_same_arch(loras: Sequence[KohyaLora], arch: str | None = None) -> str:
 
     A file whose architecture cannot be told (tiny test models) takes the others' (or `arch`).
     """
-    known = {lo.source or f"input {n + 1}": lo.arch for n, lo in enumerate(loras) if lo.arch is not None}
-    archs = set(known.values()) | ({arch} if arch else set())
+    known = [(f"input {n + 1} ({lo.source})" if lo.source else f"input {n + 1}", lo.arch)
+             for n, lo in enumerate(loras) if lo.arch is not None]
+    archs = {a for _, a in known} | ({arch} if arch else set())
     if len(archs) > 1:
-        listing = ", ".join(f"{src} ({ARCH_NAMES.get(a, a)})" for src, a in known.items())
+        listing = ", ".join(f"{src}: {ARCH_NAMES.get(a, a)}" for src, a in known)
         want = f"; the target is {ARCH_NAMES.get(arch, arch)}" if arch else ""
         raise MergeError(f"cannot merge LoRAs made for different base models: {listing}{want}. "
                          "Merge only LoRAs of one kind (all SD1.x, all SD2.x or all SDXL)")
