@@ -278,6 +278,10 @@ async def announce_job(interaction: discord.Interaction, job: Any, *, title: str
     lines = [f"Queued job **#{job_id}** ({title})."]
     if position is not None:
         lines.append(f"Position in queue: **{position}**" + (f", done in about {format_duration(eta)}" if eta else ""))
+    else:
+        now_job = await bot.repo.get_job(job_id)
+        if now_job is not None and now_job.state == "running":
+            lines.append("A worker was free: it is running now.")
     lines.append(f"Progress and results: {where}.")
     if summary:
         lines.append(summary)
