@@ -234,18 +234,23 @@ async def send_files(
     Returns the message and the paths that went out as links. Raises only when even the text fails."""
     names = names or {}
     attach, linked = split_by_request_limit(paths, limit)
-    text = content + await _links_text(linked, make_link, names)
-    try:
-        msg = await dest.send(text[:2000], files=[discord.File(p, filename=names.get(p, p.name)) for p in attach], **kwargs)
-        return msg, linked
-    except discord.HTTPException as e:
-        if not too_large(e) or not attach:
-            raise
-        log.info("upload of %d file(s) refused as too large; sending links instead", len(attach))
-    linked = list(paths)
-    text = content + await _links_text(linked, make_link, names)
-    msg = await dest.send(text[:2000], **kwargs)
-    return msg, linked
+    while True:
+        text = content + await _links_text(linked, make_link, names)
+        files = [discord.File(p, filename=names.get(p, p.name)) for p in attach]
+        try:
+            msg = await dest.send(text[:2000], files=files, **kwargs)
+            return msg, linked
+        except discord.HTTPException as e:
+            if not too_large(e) or not attach:
+                raise
+            # The real limit is lower than we were told: link the biggest file and try again.
+            biggest = max(attach, key=lambda p: p.stat().st_size)
+            log.info("upload refused as too large; sending %s as a link instead", biggest.name)
+            attach.remove(biggest)
+            linked.append(biggest)
+        finally:
+            for f in files:
+                f.close()
 
 
 async def _links_text(paths: Sequence[Path], make_link: LinkMaker, names: dict[Path, str]) -> str:

@@ -1,0 +1,183 @@
+"""Big files: attached when they fit, otherwise a signed expiring link served by the bot; and the
+fault paths (413 on upload, expired interaction token, 429, edit cap, unexpected errors)."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import aiohttp
+import pytest
+from conftest import add_images, answer, run_command
+
+from bot.delivery import ExpiredLink, ForgedLink, LinkSigner
+from bot.errors import RedactFilter
+
+
+async def train_and_wait(fake, bot, name: str, user: str = "bob", steps: int = 3) -> int:
+    rec = await run_command(fake, bot, "dataset", {"name": f"ds-{name}", **add_images(fake, 2)}, user=user,
+                            subcommand="create")
+    assert "added" in answer(rec)
+    rec = await run_command(fake, bot, "train", {"dataset": f"ds-{name}", "steps": steps, "output_name": name},
+                            user=user)
+    m = re.search(r"job \*\*#(\d+)\*\*", answer(rec))
+    assert m, answer(rec)
+    job_id = int(m.group(1))
+    await bot.scheduler.wait_for_job(job_id, 30)
+    await bot.progress.wait_idle(job_id, 30)
+    return job_id
+
+
+def final_post(fake, bot_job) -> object:
+    return fake.channel_messages(bot_job.thread_id)[-1]
+
+
+async def test_link_above_upload_limit_downloads_exact_bytes(fake_discord, bot):
+    fake = fake_discord
+    fake.set_upload_limit(16 * 1024)  # the stub's "big" LoRA is 64 KiB
+    job_id = await train_and_wait(fake, bot, "big-one")
+    job = await bot.repo.get_job(job_id)
+    post = final_post(fake, job)
+    assert "big-one.safetensors" not in post.file_names
+    assert post.file_names == ["grid.png", "loss.png"]  # the small ones are still attached
+    url = re.search(r"<(http://127\.0\.0\.1:\d+/files/[^>]+)>", post.content).group(1)
+    expected = (bot.files.job_outputs_dir(job_id) / "big-one.safetensors").read_bytes()
+    async with aiohttp.ClientSession() as http:
+        async with http.get(url) as r:
+            assert r.status == 200
+            assert await r.read() == expected
+            assert "big-one.safetensors" in r.headers["Content-Disposition"]
+        token = url.rsplit("/", 1)[1]
+        job_part, art, exp, mac = token.split(".")
+        tampered = f"{job_part}.{int(art) + 1}.{exp}.{mac}"
+        async with http.get(url.replace(token, tampered)) as r:
+            assert r.status == 403
+        longer = f"{job_part}.{art}.{int(exp) + 3600}.{mac}"
+        async with http.get(url.replace(token, longer)) as r:
+            assert r.status == 403
+        async with http.get(url.rsplit("/", 1)[0] + "/garbage") as r:
+            assert r.status == 403
+        expired = bot.file_server.url_for(job_id, int(art), ttl_s=-1)
+        async with http.get(expired) as r:
+            assert r.status == 410
+
+
+async def test_upload_refused_413_falls_back_to_link(fake_discord, bot):
+    fake = fake_discord
+    # Discord says 10 MiB in the payload but refuses the LoRA upload anyway (a lower real limit).
+    from fakediscord import error_response
+
+    @fake.route("POST", r"/channels/(?P<cid>\d+)/messages")
+    async def refuse_loras(call, files, cid):
+        if any(name.endswith(".safetensors") for name, *_ in files):
+            return error_response(413, 40005, "Request entity too large")
+        return fake._create_message(int(cid), call.json or {}, files, via="bot").data
+
+    job_id = await train_and_wait(fake, bot, "big-413")
+    job = await bot.repo.get_job(job_id)
+    msgs = fake.channel_messages(job.thread_id)
+    post = msgs[-1]
+    assert post.file_names == ["grid.png", "loss.png"]
+    assert "big-413.safetensors" in post.content and "/files/" in post.content
+    assert any(c.status == 413 for c in fake.calls("POST", f"/channels/{job.thread_id}/messages"))
+
+
+async def test_expired_interaction_token_falls_back_to_channel_post(fake_discord, bot):
+    fake = fake_discord
+    fake.fail_next("/webhooks/", 401, 50027, "Invalid Webhook Token", method="POST", count=1)
+    payload = fake.slash_command("dataset", {"name": "late", **add_images(fake, 1)}, user="bob",
+                                 subcommand="create")
+    fake.feed(bot, payload)
+    bob = fake.users["bob"]["id"]
+    await fake.wait_for(lambda: any(m.via == "bot" and f"<@{bob}>" in m.content
+                                    for m in fake.channel_messages(fake.channel_id)), 10)
+    msg = next(m for m in fake.channel_messages(fake.channel_id) if m.via == "bot")
+    assert "added 1 image(s)" in msg.content
+
+
+async def test_429_on_followup_and_edit_is_retried(fake_discord, bot, monkeypatch):
+    fake = fake_discord
+    fake.rate_limit_next("/webhooks/", retry_after=0.05, method="POST")
+    rec = await run_command(fake, bot, "dataset", {"name": "rl", **add_images(fake, 1)}, user="bob",
+                            subcommand="create")
+    assert "added 1" in answer(rec)
+    assert [c.status for c in fake.calls("POST", "/webhooks/")][:2] == [429, 200]
+    fake.rate_limit_next("/messages/", retry_after=0.05, method="PATCH", count=1)
+    job_id = await train_and_wait(fake, bot, "fast-rl", steps=4)
+    job = await bot.repo.get_job(job_id)
+    patches = fake.calls("PATCH", f"/channels/{job.thread_id}/messages/")
+    assert 429 in [c.status for c in patches] and patches[-1].status == 200
+    assert "succeeded" in fake.message(job.message_id).content
+
+
+async def test_edit_cap_starts_a_fresh_progress_message(fake_discord, bot, monkeypatch):
+    fake = fake_discord
+    monkeypatch.setenv("STUB_STEP_S", "0.05")
+    armed = {}
+
+    async def arm(job, ev):
+        if ev.get("type") == "progress" and ev.get("step") == 5 and not armed:
+            armed["x"] = True
+            fake.fail_next(f"/channels/{job.thread_id}/messages/", 400, 30046,
+                           "Maximum number of edits to messages older than 1 hour reached.", method="PATCH")
+
+    bot.scheduler.add_listener(arm)
+    job_id = await train_and_wait(fake, bot, "slow-cap", steps=50)
+    job = await bot.repo.get_job(job_id)
+    progress_msgs = [m for m in fake.channel_messages(job.thread_id) if m.content.startswith(f"**Job #{job_id}**")]
+    assert len(progress_msgs) == 2
+    assert job.message_id == progress_msgs[-1].id
+    assert "succeeded" in progress_msgs[-1].content
+
+
+async def test_unexpected_error_shows_id_and_logs_traceback(fake_discord, bot, monkeypatch, caplog):
+    fake = fake_discord
+    await run_command(fake, bot, "dataset", {"name": "boom", **add_images(fake, 1)}, user="bob", subcommand="create")
+
+    async def broken(*a, **k):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(bot.service, "build_train_spec", broken)
+    with caplog.at_level(logging.ERROR, logger="loraforge.errors"):
+        rec = await run_command(fake, bot, "train", {"dataset": "boom"}, user="bob")
+    text = answer(rec)
+    eid = re.search(r"error id `([0-9a-f]+)`", text).group(1)
+    assert "disk on fire" not in text and rec.followups[-1].ephemeral
+    logged = [r for r in caplog.records if eid in r.getMessage()]
+    assert logged and logged[0].exc_info and "disk on fire" in str(logged[0].exc_info[1])
+
+
+def test_link_signer_unit():
+    now = [1000.0]
+    s = LinkSigner("x" * 32, ttl_s=60, clock=lambda: now[0])
+    tok = s.sign(3, 7)
+    assert s.verify(tok).artifact_id == 7
+    other = LinkSigner("y" * 32, ttl_s=60, clock=lambda: now[0])
+    with pytest.raises(ForgedLink):
+        other.verify(tok)
+    now[0] += 61
+    with pytest.raises(ExpiredLink):
+        s.verify(tok)
+    with pytest.raises(ValueError):
+        LinkSigner("short")
+
+
+def test_token_never_logged(caplog):
+    token = "MTAxNjQ4.secret-bot-token.abcdefg"
+    f = RedactFilter([token])
+    logger = logging.getLogger("loraforge.test.redact")
+    handler = logging.Handler()
+    records = []
+    handler.emit = records.append  # type: ignore[method-assign]
+    handler.addFilter(f)
+    logger.addHandler(handler)
+    try:
+        logger.error("connecting with %s", token)
+        try:
+            raise RuntimeError(f"bad token {token}")
+        except RuntimeError:
+            logger.exception("failed")
+    finally:
+        logger.removeHandler(handler)
+    assert all(token not in r.getMessage() and token not in (r.exc_text or "") for r in records)
+    assert "[redacted]" in records[0].getMessage()
