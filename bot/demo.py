@@ -132,24 +132,26 @@ async def run_demo(data_dir: Path, steps: int, config_path: Path | None = None, 
     try:
         repo = service.repo
         ds = await repo.find_dataset_by_name(DEMO_USER, DATASET)
-        files = demo_images()
-        try:
-            if ds is None:
-                up = await service.create_dataset_from_files(
-                    DEMO_USER, DATASET, files, trigger_word=TRIGGER, class_prompt="shape"
-                )
-            else:
+        if ds is not None and await repo.count_images(ds.id):
+            print(f"reusing dataset {ds.name!r} (id {ds.id}) from an earlier run", flush=True)
+        else:
+            files = demo_images()
+            try:
+                if ds is None:
+                    up = await service.create_dataset_from_files(
+                        DEMO_USER, DATASET, files, trigger_word=TRIGGER, class_prompt="shape"
+                    )
+                else:
+                    up = await service.add_files(ds.id, files)
+            except DuplicateNameError:  # another run created it meanwhile
+                ds = await repo.find_dataset_by_name(DEMO_USER, DATASET)
+                assert ds is not None
                 up = await service.add_files(ds.id, files)
-        except DuplicateNameError:  # another run created it meanwhile
-            ds = await repo.find_dataset_by_name(DEMO_USER, DATASET)
-            assert ds is not None
-            up = await service.add_files(ds.id, files)
-        ds = up.dataset
-        n = await repo.count_images(ds.id)
-        print(f"dataset {ds.name!r} (id {ds.id}): {n} images; {up.summary().replace(chr(10), ' ')}", flush=True)
-        if up.rejected:
-            print("some demo images were refused; that should not happen", file=sys.stderr)
-            return 1
+            ds = up.dataset
+            print(f"dataset {ds.name!r} (id {ds.id}): {up.summary().replace(chr(10), ' ')}", flush=True)
+            if up.rejected:
+                print("some demo images were refused; that should not happen", file=sys.stderr)
+                return 1
 
         service.add_listener(_Printer())
         job = await service.submit_train(DEMO_USER, ds.id, demo_overrides(steps))
