@@ -102,7 +102,7 @@ def describe(exc: BaseException) -> tuple[str, bool]:
             return "These settings are not valid:\n" + "\n".join(lines) + "\nFix them and run the command again.", True
         return f"These settings are not valid: {exc}\nFix them and run the command again.", True
     if name in ("QuotaError", "QuotaExceeded"):
-        return f"{exc}\nWait for your running jobs to finish, or ask an admin to raise your limit.", True
+        return str(exc), True  # the scheduler's text already says which limit and what to do
     if name == "IntakeError":
         return f"{exc}", True
     if name == "DuplicateNameError":

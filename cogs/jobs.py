@@ -64,8 +64,9 @@ class Jobs(commands.Cog):
         states = ("queued", "running") if active else None
         rows = await bot.repo.list_jobs(owner_id=None if everyone else interaction.user.id, states=states,
                                         newest_first=True, limit=25)
+        note = "(Only admins can see everyone's jobs; these are yours.)\n" if all and not everyone else ""
         if not rows:
-            await reply(interaction, "No jobs yet. Start one with `/train`.", ephemeral=True)
+            await reply(interaction, note + "No jobs yet. Start one with `/train`.", ephemeral=True)
             return
         lines = []
         for j in rows:
@@ -77,9 +78,7 @@ class Jobs(commands.Cog):
             where = f" <#{j.thread_id}>" if j.thread_id else ""
             lines.append(f"{STATE_ICON.get(j.state, '')} **#{j.id}** {j.kind} `{j.spec.get('output_name', '')}` "
                          f"{j.state}{_progress_bit(j)}{extra} · {_when(j.created_at)}{who}{where}")
-        if all and not everyone:
-            lines.insert(0, "(Only admins can see everyone's jobs; these are yours.)")
-        await reply(interaction, clip("\n".join(lines)), ephemeral=True)
+        await reply(interaction, clip(note + "\n".join(lines)), ephemeral=True)
 
     @job.command(name="show", description="Details of one of your jobs")
     @app_commands.autocomplete(id=_job_ac)

@@ -1,0 +1,95 @@
+"""Who may do what: the trainer role, owners vs others, admins, shared datasets, quotas."""
+
+from __future__ import annotations
+
+from conftest import add_images, answer, run_command
+
+
+async def test_user_without_trainer_role_cannot_train_or_upload(fake_discord, bot):
+    fake = fake_discord
+    rec = await run_command(fake, bot, "dataset", {"name": "c", **add_images(fake, 1)}, user="carol",
+                            subcommand="create")
+    assert "trainer role" in answer(rec)
+    await run_command(fake, bot, "dataset", {"name": "shared", **add_images(fake, 1), "shared": True},
+                      user="bob", subcommand="create")
+    rec = await run_command(fake, bot, "train", {"dataset": "shared", "steps": 2}, user="carol")
+    assert "trainer role" in answer(rec)
+    assert await bot.repo.list_jobs() == []
+
+
+async def test_others_jobs_are_invisible_and_untouchable(fake_discord, bot, monkeypatch):
+    fake = fake_discord
+    monkeypatch.setenv("STUB_STEP_S", "0.05")
+    await run_command(fake, bot, "dataset", {"name": "b", **add_images(fake, 1)}, user="bob", subcommand="create")
+    await run_command(fake, bot, "train", {"dataset": "b", "steps": 3000, "output_name": "slow-p"}, user="bob")
+    # carol (no role) and a second trainer both get the same "no such job" answer
+    dave = fake.add_user("dave", roles=[fake.role_ids["trainer"]])
+    for who in ("carol", dave):
+        for cmd, sub in (("cancel", None), ("retrain", None), ("job", "show")):
+            rec = await run_command(fake, bot, cmd, {"id": 1}, user=who, subcommand=sub)
+            text = answer(rec)
+            assert "No job of yours" in text or "trainer role" in text, (cmd, text)
+        rec = await run_command(fake, bot, "jobs", None, user=who)
+        assert "#1" not in answer(rec)
+    rec = await run_command(fake, bot, "jobs", {"all": True}, user=dave)
+    assert "#1" not in answer(rec) and "Only admins" in answer(rec)
+    assert not (await bot.repo.get_job(1)).cancel_requested
+    # an admin sees everything and may cancel
+    rec = await run_command(fake, bot, "jobs", {"all": True}, user="alice")
+    assert "**#1**" in answer(rec)
+    rec = await run_command(fake, bot, "job", {"id": 1}, user="alice", subcommand="show")
+    assert "Job #1" in answer(rec)
+    rec = await run_command(fake, bot, "cancel", {"id": 1}, user="alice")
+    assert "ancel" in answer(rec)
+    assert (await bot.scheduler.wait_for_job(1, 20)).state == "cancelled"
+
+
+async def test_private_datasets_stay_private(fake_discord, bot):
+    fake = fake_discord
+    await run_command(fake, bot, "dataset", {"name": "mine", **add_images(fake, 2)}, user="bob", subcommand="create")
+    ds = (await bot.repo.list_datasets())[0]
+    dave = fake.add_user("dave", roles=[fake.role_ids["trainer"]])
+    for ref in ("mine", f"#{ds.id}"):
+        for sub, extra in (("show", {}), ("delete", {"confirm": True}), ("caption", {"number": 1, "caption": "x"})):
+            rec = await run_command(fake, bot, "dataset", {"dataset": ref, **extra}, user=dave, subcommand=sub)
+            assert "No dataset of yours" in answer(rec), (sub, answer(rec))
+        rec = await run_command(fake, bot, "train", {"dataset": ref}, user=dave)
+        assert "No dataset of yours" in answer(rec)
+    rec = await run_command(fake, bot, "dataset", None, user=dave, subcommand="list")
+    assert "mine" not in answer(rec)
+    assert await bot.repo.get_dataset(ds.id) is not None
+    # shared: others may look and train, not change or delete
+    await bot.repo.update_dataset(ds.id, visibility="shared")
+    rec = await run_command(fake, bot, "dataset", {"dataset": f"#{ds.id}"}, user=dave, subcommand="show")
+    assert rec.followups[-1].file_names
+    rec = await run_command(fake, bot, "dataset", {"dataset": f"#{ds.id}", "confirm": True}, user=dave,
+                            subcommand="delete")
+    assert "only its owner" in answer(rec)
+    rec = await run_command(fake, bot, "train", {"dataset": f"#{ds.id}", "steps": 2, "output_name": "fast-s"},
+                            user=dave)
+    assert "Queued job" in answer(rec)
+    job = (await bot.repo.list_jobs())[0]
+    assert job.owner_id == int(dave["id"])
+    # the admin may delete anyone's dataset
+    rec = await run_command(fake, bot, "dataset", {"dataset": f"#{ds.id}", "confirm": True}, user="alice",
+                            subcommand="delete")
+    assert "Deleted" in answer(rec)
+
+
+async def test_quota_is_explained(fake_discord, bot_factory, monkeypatch):
+    fake = fake_discord
+    monkeypatch.setenv("STUB_STEP_S", "0.05")
+    b = bot_factory(limits={"max_queued_per_user": 1, "max_steps": 100})
+    async with fake.running(b, gateway=False):
+        await run_command(fake, b, "dataset", {"name": "q", **add_images(fake, 1)}, user="bob", subcommand="create")
+        rec = await run_command(fake, b, "train", {"dataset": "q", "steps": 500}, user="bob")
+        assert "500 steps" in answer(rec) and "limit of 100" in answer(rec)
+        for i in range(2):
+            rec = await run_command(fake, b, "train", {"dataset": "q", "steps": 100, "output_name": f"slow-{i}"},
+                                    user="bob")
+            assert "Queued job" in answer(rec)
+            if i == 0:  # the first one leaves the queue when it starts
+                await fake.wait_for(lambda: 1 in b.scheduler.running_jobs(), 10)
+        rec = await run_command(fake, b, "train", {"dataset": "q", "steps": 100, "output_name": "slow-3"}, user="bob")
+        assert "waiting in the queue" in answer(rec) and "limit is 1" in answer(rec)
+        assert rec.followups[-1].ephemeral
