@@ -86,12 +86,16 @@ def _inject(model: nn.Module, adapter: str, specs: Mapping[str, tuple[int, float
             lora_dropout=dropout, init_lora_weights=True, bias="none",
         )
         inject_adapter_in_model(cfg, model, adapter_name=adapter)
-    # peft leaves its config on the model; diffusers would read it as its own adapters, so restore what was there.
-    if had_config:
-        model.peft_config = prev_config
-    elif "peft_config" in model.__dict__:
-        del model.peft_config
+        # peft leaves its config on the model; diffusers would read it as its own adapters, so restore what was there.
+        if had_config:
+            model.peft_config = prev_config
+        elif "peft_config" in model.__dict__:
+            del model.peft_config
     registry[adapter] = {"enabled": True, "trainable": True}
+    # peft activates only the new adapter on EVERY LoRA layer of the model: put the others back.
+    for mod in model.modules():
+        if isinstance(mod, LoraLayer):
+            _sync_layer(model, mod)
 
 
 def _sync_layer(model: nn.Module, layer: LoraLayer) -> None:
