@@ -40,8 +40,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # noqa: E402
+from diffusers.utils import logging as dlogging  # noqa: E402
 from safetensors import safe_open  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
 
 from trainer.models import (  # noqa: E402
@@ -67,6 +68,7 @@ log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # real SDXL headers are ~200 KB; anything near this is garbage
+_COMPONENT_PREFIXES = (UNET_PREFIX, "first_stage_model.", "cond_stage_model.", "conditioner.")
 TINY_CONFIGS = {"sd1": "tiny-sd15", "sd2": "tiny-sd2", "sdxl": "tiny-sdxl"}
 ARCH_LABEL = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
 _ST_DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "U16", "U32", "U64", "BOOL",
@@ -355,8 +357,6 @@ def _effective_config_dir(config_dir: Path, arch: Arch, tensors: dict[str, dict]
 def _prediction_type(arch: Arch, metadata: dict[str, str], tensors: dict[str, dict], default: str,
                      override: str | None) -> tuple[str, str]:
     if override:
-        if override not in ("epsilon", "v_prediction"):
-            raise CheckpointError(f"prediction_type must be 'epsilon' or 'v_prediction', not {override!r}")
         return override, "argument"
     md = metadata.get("modelspec.prediction_type", "").strip().lower()
     if md in ("v", "v_prediction", "v-prediction", "velocity"):
@@ -383,14 +383,20 @@ def load_single_file(path: str | Path, dtype: torch.dtype = torch.float32,
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
 
     path = Path(path)
+    if prediction_type not in (None, "epsilon", "v_prediction"):
+        raise CheckpointError(f"prediction_type must be 'epsilon' or 'v_prediction', not {prediction_type!r}")
     tensors, metadata = read_safetensors_header(path)
     arch = detect_arch(list(tensors))
     config_dir = select_config(arch, tensors)
     folder = _effective_config_dir(config_dir, arch, tensors)
     # Read the tensors ourselves with safetensors: diffusers' path loader would torch.load (unpickle) any file
     # whose name does not end in .safetensors.
-    sd = load_file(str(path))
+    # Only the components' tensors: EMA copies and the like would double the memory for nothing.
+    with safe_open(str(path), framework="pt") as f:
+        sd = {k: f.get_tensor(k) for k in f.keys() if k.startswith(_COMPONENT_PREFIXES)}
     kw = {"config": str(folder), "local_files_only": True, "torch_dtype": dtype}
+    verbosity = dlogging.get_verbosity()
+    dlogging.set_verbosity_error()  # diffusers warns about every unused key (EMA, position_ids...) and dtype casts
     try:
         unet = UNet2DConditionModel.from_single_file(sd, subfolder="unet", **kw)
         vae = AutoencoderKL.from_single_file(sd, subfolder="vae", **kw)
@@ -405,6 +411,7 @@ def load_single_file(path: str | Path, dtype: torch.dtype = torch.float32,
     except Exception as e:  # diffusers' own errors are long and name internals: say what failed, keep the cause
         raise CheckpointError(f"could not load {path.name} as an {ARCH_LABEL[arch]} checkpoint: {e}") from e
     finally:
+        dlogging.set_verbosity(verbosity)
         del sd
     for m, what in [(unet, "UNet"), (vae, "VAE"), *((t, "text encoder") for t in tes)]:
         _no_meta(m, what)

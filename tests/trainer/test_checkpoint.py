@@ -102,9 +102,8 @@ def test_tiny_single_file_loads_offline_and_matches_folder(name: str, cache, no_
         single.text_encoders[0](ids)
 
 
-@pytest.mark.parametrize("name", ["tiny-sd2", "tiny-sdxl"])
-def test_save_of_a_loaded_file_reproduces_it(name: str, cache, tmp_path: Path) -> None:
-    src = ck.materialize_tiny_single_file(name)
+def test_save_of_a_loaded_file_reproduces_it(cache, tmp_path: Path) -> None:
+    src = ck.materialize_tiny_single_file("tiny-sdxl")
     model = load_base(src)
     out = ck.save_single_file(model, tmp_path / "again.safetensors", metadata={"modelspec.title": "again"})
     a, b = load_file(str(src)), load_file(str(out))
