@@ -270,8 +270,7 @@ def lora_targets(unet: nn.Module | None, text_encoders: Sequence[nn.Module], arc
     `blocks` (slot names or a spec string for parse_blocks) keeps only modules in those blocks;
     BASE stands for the text encoder(s), so a block list without BASE trains no text encoder.
     """
-    chosen = parse_blocks(blocks, arch) if isinstance(blocks, str) else (
-        parse_blocks(list(blocks), arch) if blocks is not None else None)
+    chosen = parse_blocks(blocks, arch)
     out: list[Target] = []
     if train_te:
         if len(text_encoders) != (2 if arch == "sdxl" else 1):
