@@ -172,6 +172,13 @@ class JobReporter:
             self.task = asyncio.create_task(self._loop(), name=f"progress-{self.job_id}")
 
     async def _loop(self) -> None:
+        try:
+            await self._run()
+        finally:
+            if self.hub.reporters.get(self.job_id) is self and self.terminal is not None:
+                del self.hub.reporters[self.job_id]  # finished jobs hold no memory
+
+    async def _run(self) -> None:
         hub, bot = self.hub, self.hub.bot
         await hub.wait_bound(self.job_id)
         while not hub.closed:
@@ -381,7 +388,7 @@ class ProgressHub:
                 await t
 
     async def wait_idle(self, job_id: int, timeout: float = 30.0) -> None:
-        """Tests: wait until the job's reporter has finished its final post."""
+        """Tests and tools: wait until the job's reporter has made its final post."""
         rep = self.reporters.get(job_id)
         if rep is not None and rep.task is not None:
             await asyncio.wait_for(asyncio.shield(rep.task), timeout)
