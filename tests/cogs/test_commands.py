@@ -8,7 +8,7 @@ import time
 import zipfile
 
 import pytest
-from conftest import add_images, answer, png_bytes, run_command
+from cogkit import add_images, answer, png_bytes, run_command
 from PIL import Image
 
 CB_DEFERRED = 5

@@ -8,7 +8,7 @@ import re
 
 import aiohttp
 import pytest
-from conftest import add_images, answer, run_command
+from cogkit import add_images, answer, run_command
 
 from bot.delivery import ExpiredLink, ForgedLink, LinkSigner
 from bot.errors import RedactFilter

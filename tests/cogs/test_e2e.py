@@ -8,7 +8,7 @@ import asyncio
 import re
 
 import pytest
-from conftest import answer, run_command
+from cogkit import answer, run_command
 
 from bot.demo import demo_images
 

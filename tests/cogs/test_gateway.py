@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
-from conftest import add_images, answer
+from cogkit import add_images, answer
 
 
 async def gw_command(fake, name, options=None, timeout=15.0, **kw):

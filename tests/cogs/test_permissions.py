@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import add_images, answer, run_command
+from cogkit import add_images, answer, run_command
 
 
 async def test_user_without_trainer_role_cannot_train_or_upload(fake_discord, bot):
