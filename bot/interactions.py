@@ -208,16 +208,19 @@ async def ensure_deferred(interaction: discord.Interaction, *, ephemeral: bool =
 async def open_destination(
     bot: LoraforgeBot, interaction: discord.Interaction, title: str
 ) -> tuple[int | None, str]:
-    """Where a job reports: a public thread in the command's channel (config progress_mode "thread"),
+    """Where a job reports: a private thread in the command's channel (config progress_mode "thread"),
     else the user's DMs; falls back to the channel itself. Returns (channel id, "thread"|"dm"|"channel")."""
     mode = bot.config.discord.progress_mode
     if mode == "thread" and interaction.guild_id is not None and interaction.channel_id is not None:
         try:
+            # A private thread: only the owner (added below) and moderators (admins) see the job's
+            # progress and its files, as jobs are private to their owner.
             data = await bot.http.start_thread_without_message(
                 interaction.channel_id,
                 name=title[:100],
                 auto_archive_duration=1440,
-                type=discord.ChannelType.public_thread.value,  # type: ignore[arg-type]
+                type=discord.ChannelType.private_thread.value,  # type: ignore[arg-type]
+                invitable=False,
                 reason=f"job for {interaction.user}",
             )
             thread_id = int(data["id"])

@@ -93,3 +93,15 @@ async def test_quota_is_explained(fake_discord, bot_factory, monkeypatch):
         rec = await run_command(fake, b, "train", {"dataset": "q", "steps": 100, "output_name": "slow-3"}, user="bob")
         assert "waiting in the queue" in answer(rec) and "limit is 1" in answer(rec)
         assert rec.followups[-1].ephemeral
+
+
+async def test_job_thread_is_private_with_the_owner_added(fake_discord, bot):
+    fake = fake_discord
+    await run_command(fake, bot, "dataset", {"name": "t", **add_images(fake, 1)}, user="bob", subcommand="create")
+    await run_command(fake, bot, "train", {"dataset": "t", "steps": 2, "output_name": "fast-t"}, user="bob")
+    thread = next(iter(fake.threads.values()))
+    assert thread["type"] == 12  # private: other members cannot open it or its files
+    bob = fake.users["bob"]["id"]
+    assert fake.calls("PUT", f"/channels/{thread['id']}/thread-members/{bob}")
+    await bot.scheduler.wait_for_job(1, 20)
+    await bot.progress.wait_idle(1, 20)
