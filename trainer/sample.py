@@ -191,10 +191,10 @@ class Sampler:
         else:
             self.ref = str(base.source)
         self.base = base
-        for m in [base.unet, *base.text_encoders]:
+        # One dtype for all parts: the SD pipeline feeds the VAE latents in the UNet's dtype, and the SDXL
+        # pipeline upcasts its VAE for the decode by itself (force_upcast) when it runs in fp16.
+        for m in [base.unet, base.vae, *base.text_encoders]:
             _place(m, self.device, dtype)
-        # The VAE decodes in float32: SD1/SDXL VAEs overflow to NaN/black images in fp16.
-        _place(base.vae, self.device, torch.float32)
         self.pipe = build_pipeline(self.base)
         self.patcher = WeightPatcher(self.base)
         self._applied: tuple = ()  # key of the LoRA set now patched in; () = none
