@@ -218,7 +218,7 @@ def svd_merge(loras: Sequence[MergeInputLike], rank: Rank = "auto", conv_rank: R
             if m is None:
                 continue
             ref = ref or m
-            w = i.block_weights.get(block_of_kohya_name(name, arch), 1.0) if i.block_weights else 1.0  # type: ignore[arg-type]
+            w = _block_weight(i.block_weights, name, arch) if i.block_weights else 1.0
             c = i.ratio * w * m.scale
             if c == 0.0:
                 continue  # contributes nothing; also keeps zero columns out of the QR
@@ -242,6 +242,14 @@ def svd_merge(loras: Sequence[MergeInputLike], rank: Rank = "auto", conv_rank: R
     return out
 
 
+def _block_weight(weights: Mapping[str, float], name: str, arch: str) -> float:
+    try:
+        block = block_of_kohya_name(name, arch)  # type: ignore[arg-type]
+    except ValueError as e:
+        raise MergeError(f"block weights given, but {e}") from e
+    return weights.get(block, 1.0)
+
+
 def _check_shapes(inputs: Sequence[_Input], names: Sequence[str]) -> None:
     for name in names:
         seen: tuple[Any, ...] | None = None
@@ -249,11 +257,15 @@ def _check_shapes(inputs: Sequence[_Input], names: Sequence[str]) -> None:
             m = i.lora.modules.get(name)
             if m is None:
                 continue
-            shape = (m.up.shape[0], tuple(m.down.shape[1:]))
+            # Linear and 1x1-conv spellings of one layer merge fine (same flattened matrix); 3x3 must match.
+            shape = (m.up.shape[0], m.down.flatten(1).shape[1], m.kind == "conv3x3")
             if seen is None:
                 seen = (shape, i.lora.source)
             elif seen[0] != shape:
-                raise MergeError(f"{name} has shape {seen[0]} in {seen[1]} but {shape} in {i.lora.source}: "
+                def fmt(sh: tuple) -> str:
+                    return f"{sh[1]}->{sh[0]}{' (3x3 conv)' if sh[2] else ''}"
+
+                raise MergeError(f"{name} is {fmt(seen[0])} in {seen[1]} but {fmt(shape)} in {i.lora.source}: "
                                  "these LoRAs were made for different base models and cannot be merged")
 
 

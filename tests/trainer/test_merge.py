@@ -198,6 +198,10 @@ def test_mixing_sd1_and_sdxl_is_refused():
         svd_merge([(sd1, 0.6), (sdxl, 0.6)])
     with pytest.raises(MergeError, match="different base models"):
         svd_merge([(sd1, 0.6)], arch="sdxl")
+    wide = {k: (torch.randn(v.shape[0], v.shape[1] * 2) if k == f"{ATTN_IN01}.lora_down.weight" else v)
+            for k, v in make_lora(4, 4.0, 2, seed=6).items()}
+    with pytest.raises(MergeError, match=ATTN_IN01):  # same name, other layer width: another base model
+        svd_merge([(make_lora(4, 4.0, 2, seed=5), 0.6), (wide, 0.6)], arch="sd1")
 
 
 def test_quantile_beyond_torch_limit_matches_interpolation(monkeypatch):
