@@ -268,3 +268,18 @@ def test_copy_machine_presets(tmp_path: Path, images: tuple[Path, Path]) -> None
     assert Path(out["merged"]).name == "cm-merged.safetensors"
     assert {m.rank for m in merged.modules.values()} == {2}
     assert set(merged.modules) == set(read_kohya(out["loras"]["front"]).modules)
+
+
+def test_saved_copier_is_reused(tmp_path: Path, images: tuple[Path, Path], full_run: dict[str, Any]) -> None:
+    copier = full_run["outputs"]["copier"]
+    events: list[dict[str, Any]] = []
+    out = train_difference(_spec(*images, difference={"copier": copier}), tmp_path / "job", events.append,
+                           device="cpu")
+    assert events[0]["total_steps"] == STEPS2  # pass 1 skipped
+    assert any(e["type"] == "log" and "reusing the copier" in e["message"] for e in events)
+    assert any(e["type"] == "file" and e["kind"] == "image" for e in events)  # the check still ran
+    assert not any(e["type"] == "progress" and e["pass"] == 1 for e in events)
+    assert "copier" not in out  # the user already has it
+    # the same copier and target give the same difference LoRA as the job that trained the copier
+    got, want = load_file(out["lora"]), load_file(full_run["outputs"]["lora"])
+    assert all(torch.equal(got[k], want[k]) for k in want)
