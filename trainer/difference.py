@@ -505,6 +505,9 @@ def train_difference(spec: TrainSpec, job_dir: Path, on_event: EventSink = null_
             done_steps += s2.steps
     on_event(event("started", kind="train", mode="difference", total_steps=total, resumed_from=done_steps,
                    pairs=[p.pair.name for p in plans]))
+    if spec.data.random_flip:
+        on_event(event("log", level="warning", message="data.random_flip is ignored in difference mode: the copier "
+                       "must reproduce the original as it is"))
 
     outputs: dict[str, Any] = {"loras": {}, "image": [], "plot": []}
     summary: dict[str, Any] = {"pairs": {}}
@@ -628,7 +631,11 @@ def train_difference(spec: TrainSpec, job_dir: Path, on_event: EventSink = null_
             on_event(event("log", level="warning", message="merge_rank is set but there is only one pair: "
                            "nothing to merge"))
         else:
-            outputs["merged"] = str(_merge(spec, loras, out_dir, on_event, should_stop))
+            try:
+                outputs["merged"] = str(_merge(spec, loras, out_dir, on_event, should_stop))
+            except JobCancelled:
+                on_event(event("cancelled", outputs={"lora": loras, "loras": dict(outputs["loras"])}))
+                raise
     outputs["lora"] = loras[0] if len(loras) == 1 else loras
     if copiers:
         outputs["copier"] = copiers[0] if len(copiers) == 1 else copiers

@@ -283,3 +283,19 @@ def test_saved_copier_is_reused(tmp_path: Path, images: tuple[Path, Path], full_
     # the same copier and target give the same difference LoRA as the job that trained the copier
     got, want = load_file(out["lora"]), load_file(full_run["outputs"]["lora"])
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_copy_machine_sdxl_runs_on_tiny_sdxl(tmp_path: Path, images: tuple[Path, Path]) -> None:
+    """The SDXL path (two text encoders, pooled embeds, size conditioning, SGM names) end to end, a few steps."""
+    from trainer.kohya import read_kohya
+
+    pairs = [{"name": "front", "original": str(images[0]), "target": str(images[1])}]
+    spec = resolve_job({"base_model": "tiny-sdxl", "output_name": "cm", "steps": 3, "data": {"resolution": 64},
+                        "optimizer": {"lr": 1e-3},
+                        "difference": {"pairs": pairs, "prompt": "a face", "copier_min_improvement": 0.0,
+                                       "pass2": {"steps": 2}}}, "copy-machine-sdxl")
+    out = train_difference(spec, tmp_path / "job", device="cpu")  # type: ignore[arg-type]
+    lora = read_kohya(out["lora"])
+    assert lora.metadata["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert all(n.startswith("lora_unet_") and "_layers_" not in n for n in lora.modules)  # no conv: dim 4 only
+    assert {m.rank for m in lora.modules.values()} == {4}
