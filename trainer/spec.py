@@ -173,6 +173,16 @@ class DifferenceSpec(_Strict):
     copier_min_improvement: float = Field(0.5, ge=0.0, lt=1.0)
     merge_rank: int | None = Field(None, ge=1, le=1024)  # several pairs: also write their SVD merge at this rank
     merge_ratio: float = Field(1.0, ge=-10, le=10)
+    # Pairs of different sizes: fit the target to the original's size with a centre crop instead of refusing.
+    resize_pairs: bool = False
+
+    @field_validator("pairs")
+    @classmethod
+    def _unique_names(cls, pairs: list[DifferencePair]) -> list[DifferencePair]:
+        names = [p.name for p in pairs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"pair names must be unique (got {', '.join(names)}); name them e.g. front, left, right")
+        return pairs
 
 
 class TrainSpec(_Strict):
