@@ -1,0 +1,91 @@
+"""The strength x seed check grid after every successful /train, posted by itself.
+
+A scheduler listener: when a ``train`` job reaches ``succeeded`` it queues a follow-up ``preview``
+job for the same owner with the trained LoRA and ``GridSpec`` defaults (strengths -1..2 x seeds
+1111/2222/3333), prompted with what the LoRA was trained on. The follow-up reports into the train
+job's thread: it is submitted with that thread as its channel, its ``thread_id`` is set, and the
+train job's META event (upload limit, destination kind) is copied, so the progress hub posts the
+grid there with the bot token like any other result. /merge jobs render their grid themselves.
+
+Idempotent: a marker event on the train job means a second ``succeeded`` (or a replayed event)
+queues nothing more.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bot.interactions import META_EVENT
+from trainer.spec import GridSpec, LoraRef, PreviewSpec
+
+if TYPE_CHECKING:
+    from bot.app import LoraforgeBot
+
+log = logging.getLogger("loraforge.autogrid")
+
+AUTOGRID_EVENT = "discord.autogrid"  # on the train job: {"preview_job_id": id}
+
+
+def train_prompt(spec: dict[str, Any]) -> str:
+    """The user's sample prompt, else the instance prompt (trigger word + class), else the trigger
+    word, else the output name: what the LoRA should respond to."""
+    for p in (spec.get("sample") or {}).get("prompts") or []:
+        if isinstance(p, dict) and str(p.get("prompt", "")).strip():
+            return str(p["prompt"]).strip()
+    for c in spec.get("concepts") or []:
+        if isinstance(c, dict) and str(c.get("instance_prompt", "")).strip():
+            return str(c["instance_prompt"]).strip()
+    trig = (spec.get("data") or {}).get("trigger_word")
+    return str(trig or spec.get("output_name") or "").strip()
+
+
+class AutoGrid:
+    """Registered by ``cogs/preview.py`` with ``bot.scheduler.add_listener(autogrid.on_event)``."""
+
+    def __init__(self, bot: LoraforgeBot, grid_overrides: dict[str, Any] | None = None) -> None:
+        self.bot = bot
+        # GridSpec fields applied over the defaults (tests use fewer steps; a server could too).
+        self.grid_overrides: dict[str, Any] = dict(grid_overrides or {})
+        self.enabled = True
+
+    async def on_event(self, job: Any, ev: dict[str, Any]) -> None:
+        if not self.enabled or ev.get("type") != "state" or ev.get("state") != "succeeded":
+            return
+        if getattr(job, "kind", None) != "train":
+            return
+        try:
+            await self.submit_for(job)
+        except Exception:  # noqa: BLE001 - a missing grid must never disturb the job's own delivery
+            log.exception("could not queue the check grid of job %s", getattr(job, "id", "?"))
+
+    async def submit_for(self, job: Any) -> Any | None:
+        """Queue the grid job for a succeeded train job; returns it (None when there is nothing to do)."""
+        repo = self.bot.repo
+        if await repo.list_events(job.id, types=[AUTOGRID_EVENT], limit=1):
+            return None  # already queued once
+        arts = await repo.list_artifacts(job.id, "lora")
+        if not arts:
+            return None
+        path = Path(arts[-1].path)
+        if not path.is_absolute():
+            path = self.bot.files.resolve(arts[-1].path)
+        spec = job.spec
+        grid = GridSpec(**{"prompt": train_prompt(spec), **self.grid_overrides})
+        preview = PreviewSpec(base_model=str(spec.get("base_model") or "tiny-sd15"),
+                              loras=[LoraRef(path=str(path), strength=1.0)],
+                              grid=grid, output_name=f"{spec.get('output_name') or 'lora'}-check")
+        dest = job.thread_id or job.channel_id
+        # The marker goes first: if the submit below fails, no retry loop can queue grids twice.
+        await repo.add_event(job.id, AUTOGRID_EVENT, {"state": "submitting"})
+        # Part of the job the user already ran: queue it past the per-user queue limit (is_admin only
+        # lifts quotas here; the priority stays 0).
+        new = await self.bot.scheduler.submit(job.owner_id, "preview", preview, job.guild_id, dest, is_admin=True)
+        await repo.set_job_message(new.id, thread_id=job.thread_id)
+        meta = await repo.list_events(job.id, types=[META_EVENT])
+        if meta:
+            await repo.add_event(new.id, META_EVENT, {**meta[-1].payload, "follows_job": job.id})
+        await repo.add_event(job.id, AUTOGRID_EVENT, {"preview_job_id": new.id})
+        log.info("job %s: check grid queued as job %s", job.id, new.id)
+        return new
