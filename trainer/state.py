@@ -161,6 +161,12 @@ def has_state(job_dir: Path) -> bool:
     return bool(_step_dirs(state_root(job_dir)))
 
 
+def latest_step(job_dir: Path) -> int:
+    """The step of the newest state folder, from its name alone (0 when there is none): cheap, for `started`."""
+    dirs = _step_dirs(state_root(job_dir))
+    return int(dirs[-1].name.split("-")[1]) if dirs else 0
+
+
 def save_state(job_dir: Path, state: TrainState, keep: int = KEEP) -> Path:
     root = state_root(job_dir)
     root.mkdir(parents=True, exist_ok=True)

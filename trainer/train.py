@@ -199,6 +199,19 @@ def smooth(values: Sequence[float], window: int = SMOOTH_WINDOW) -> list[float]:
     return out
 
 
+def smooth_centered(values: Sequence[float], window: int = SMOOTH_WINDOW) -> list[float]:
+    """A centred moving average: unlike a trailing one it does not lag behind a falling curve."""
+    half = window // 2
+    prefix = [0.0]
+    for v in values:
+        prefix.append(prefix[-1] + v)
+    out = []
+    for i in range(len(values)):
+        lo, hi = max(0, i - half), min(len(values), i + half + 1)
+        out.append((prefix[hi] - prefix[lo]) / (hi - lo))
+    return out
+
+
 def draw_loss_plot(history: Sequence[Sequence[float]], path: Path, title: str = "training loss") -> Path:
     """A loss curve with axes, ticks and labels, drawn with Pillow (raw loss grey, moving average blue)."""
     from PIL import Image, ImageDraw, ImageFont
@@ -226,7 +239,8 @@ def draw_loss_plot(history: Sequence[Sequence[float]], path: Path, title: str = 
             fy = y0 + (y1 - y0) * i / 4
             _, yy = px(x0, fy)
             d.line([(L - 4, yy), (W - R, yy)], fill=(225, 225, 225))
-            d.text((5, yy - 6), f"{fy:.4g}", fill="black", font=font)
+            label = f"{fy:.3g}"
+            d.text((L - 8 - d.textlength(label, font=font), yy - 6), label, fill="black", font=font)
             fx = x0 + (x1 - x0) * i / 4
             xx, _ = px(fx, y0)
             d.line([(xx, H - B), (xx, H - B + 4)], fill="black")
@@ -234,7 +248,7 @@ def draw_loss_plot(history: Sequence[Sequence[float]], path: Path, title: str = 
         raw = [px(x, y) for x, y in pts]
         if len(raw) > 1:
             d.line(raw, fill=(170, 170, 170), width=1)
-            d.line([px(x, y) for x, y in zip(xs, smooth(ys), strict=True)], fill=(30, 90, 200), width=2)
+            d.line([px(x, y) for x, y in zip(xs, smooth_centered(ys), strict=True)], fill=(30, 90, 200), width=2)
         else:
             d.ellipse([raw[0][0] - 3, raw[0][1] - 3, raw[0][0] + 3, raw[0][1] + 3], fill=(30, 90, 200))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -403,13 +417,11 @@ class Trainer:
     def cache(self) -> None:
         spec = self.spec
         if spec.data.cache_latents:
-            self.emit(event("phase", name="caching latents", current=0, total=len(self.items)))
-            self.data.cache_latents(self.base.vae)
+            self.data.cache_latents(self.base.vae, self._phase_progress("caching latents"))
             if self.device.type == "cuda" and not spec.sample.prompts:
                 self.base.vae.to("cpu")  # not needed again; give its memory to training
         else:
-            self.emit(event("phase", name="checking images", current=0, total=len(self.items)))
-            self.data.check_images()
+            self.data.check_images(self._phase_progress("checking images"))
         if spec.data.cache_text_encoder_outputs:
             if self.train_te:
                 self.log("cache_text_encoder_outputs is ignored while the text encoder trains", "warning")
@@ -420,6 +432,18 @@ class Trainer:
                 self.emit(event("phase", name="caching text encoder outputs"))
                 with self._autocast():
                     self.data.cache_text(self.base, self.device)
+
+    def _phase_progress(self, name: str) -> Callable[[int, int], None]:
+        """A counter for a phase: the first, then at most ~2 a second, and the last."""
+        last = [-1.0]
+
+        def report(current: int, total: int) -> None:
+            now = time.monotonic()
+            if current in (0, 1, total) or now - last[0] >= PROGRESS_EVERY_S:
+                last[0] = now
+                self.emit(event("phase", name=name, current=current, total=total))
+
+        return report
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -585,8 +609,14 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         spec = self.spec
         t_start = time.monotonic()
+        # `started` goes out before the (possibly minutes-long) model load; the resume step is read from the
+        # state folder's name and confirmed when the state is loaded.
+        announced = st.latest_step(self.job_dir)
+        self.emit(event("started", kind="train", total_steps=spec.steps, resumed_from=announced))
+        self.emit(event("phase", name="loading model"))
         self.setup()
-        self.emit(event("started", kind="train", total_steps=spec.steps, resumed_from=self.resumed_from))
+        if self.resumed_from != announced:
+            self.log(f"resuming from step {self.resumed_from} (the newest state could not be read)", "warning")
         self.cache()
         self.emit(event("phase", name="training", current=self.step, total=spec.steps))
         t0, s0, last_emit = time.monotonic(), self.step, 0.0

@@ -46,22 +46,22 @@ def _fixed_noise_losses(spec, lora: str) -> tuple[float, float]:
 # --- it learns ----------------------------------------------------------------------------------------
 
 LEARN_CASES = [
-    pytest.param("tiny-sd15", 0, False, 0.30, id="sd15-lora"),
-    pytest.param("tiny-sd15", 4, False, 0.30, id="sd15-locon"),
-    pytest.param("tiny-sd15", 0, True, 0.30, id="sd15-lora-te"),
-    pytest.param("tiny-sdxl", 4, False, 0.30, id="sdxl-locon"),
-    pytest.param("tiny-sdxl", 4, True, 0.30, id="sdxl-locon-te"),
-    # tiny-sdxl has no attention at its full-resolution level, so attention-only LoRA plateaus near 11%.
-    pytest.param("tiny-sdxl", 0, False, 0.05, id="sdxl-lora"),
-    # v-prediction: it must train with falling loss (the threshold the brief asks of SD2)
-    pytest.param("tiny-sd2", 0, False, 0.15, id="sd2-vpred"),
+    # (model, conv_dim, train_te, steps, min_drop)
+    pytest.param("tiny-sd15", 0, False, 60, 0.30, id="sd15-lora"),  # the demo recipe: ~43%
+    pytest.param("tiny-sd15", 4, True, 40, 0.30, id="sd15-locon-te"),  # ~56%
+    pytest.param("tiny-sdxl", 4, False, 40, 0.30, id="sdxl-locon"),  # ~58%
+    # tiny-sdxl has no attention at its full-resolution level, so attention-only LoRA plateaus near 11%
+    # however long it trains (measured 60-100 steps, lr 5e-3..1e-2); this case checks both SDXL text encoders
+    # train and the loss still falls.
+    pytest.param("tiny-sdxl", 0, True, 40, 0.05, id="sdxl-lora-te"),
+    pytest.param("tiny-sd2", 0, False, 40, 0.20, id="sd2-vpred"),  # v-prediction: ~33%
 ]
 
 
-@pytest.mark.parametrize(("model", "conv_dim", "train_te", "min_drop"), LEARN_CASES)
+@pytest.mark.parametrize(("model", "conv_dim", "train_te", "steps", "min_drop"), LEARN_CASES)
 def test_training_lowers_denoising_loss(tmp_path: Path, module_dataset: Path, make_spec, model: str,
-                                        conv_dim: int, train_te: bool, min_drop: float) -> None:
-    spec = make_spec(module_dataset, base_model=model,
+                                        conv_dim: int, train_te: bool, steps: int, min_drop: float) -> None:
+    spec = make_spec(module_dataset, base_model=model, steps=steps,
                      network={"conv_dim": conv_dim, "conv_alpha": 4, "train_text_encoder": train_te})
     events: list[dict[str, Any]] = []
     out = train(spec, tmp_path / "job", on_event=events.append)
@@ -72,6 +72,12 @@ def test_training_lowers_denoising_loss(tmp_path: Path, module_dataset: Path, ma
     last = [e for e in events if e["type"] == "progress"][-1]
     assert last["step"] == last["total"] == spec.steps and math.isfinite(last["loss"])
     assert {"loss", "loss_raw", "lr", "steps_per_s", "eta_s"} <= set(last)
+    keys = load_file(out["lora"]).keys()
+    prefixes = {k.split("_text_model")[0] for k in keys if k.startswith("lora_te")}
+    if train_te:
+        assert prefixes == ({"lora_te1", "lora_te2"} if model == "tiny-sdxl" else {"lora_te"})
+    else:
+        assert not prefixes
     if model == "tiny-sd2":
         assert events[-1]["summary"]["prediction_type"] == "v_prediction"
 
@@ -337,3 +343,28 @@ def test_cpu_precision_and_checkpointing_paths(tmp_path: Path, dataset: Path, ma
     train(make_spec(dataset, steps=1, mixed_precision="fp16", loss_type="l1"), tmp_path / "b",
           on_event=events.append)
     assert any(e["type"] == "log" and "fp16" in e["message"] for e in events)
+
+
+def test_sample_hook_every_n_steps_and_at_end(tmp_path: Path, dataset: Path, make_spec) -> None:
+    spec = make_spec(dataset, steps=4, sample={"prompts": [{"prompt": "scs girl"}], "every_n_steps": 2})
+    calls: list[int] = []
+
+    def hook(step: int, network: Any) -> list[Path]:
+        calls.append(step)
+        assert network.trainable_parameters()  # the live network, at its current weights
+        p = tmp_path / f"s{step}.png"
+        p.write_bytes(b"png")
+        return [p]
+
+    events: list[dict[str, Any]] = []
+    out = train(spec, tmp_path / "job", on_event=events.append, sample_hook=hook)
+    assert calls == [2, 4]
+    assert [(e["step"], e["prompt"]) for e in events if e["type"] == "sample"] == [(2, "scs girl"), (4, "scs girl")]
+    assert out["samples"] == [str(tmp_path / "s2.png"), str(tmp_path / "s4.png")]
+
+
+def test_default_samples_render_with_the_sample_module(tmp_path: Path, dataset: Path, make_spec) -> None:
+    spec = make_spec(dataset, steps=1, sample={"prompts": [{"prompt": "scs girl", "steps": 2, "width": 64,
+                                                            "height": 64}]})
+    out = train(spec, tmp_path / "job")
+    assert len(out["samples"]) == 1 and Image.open(out["samples"][0]).size == (64, 64)
