@@ -93,3 +93,29 @@ def dataset_factory() -> Callable[..., Path]:
 @pytest.fixture
 def recipe() -> dict[str, Any]:
     return deep_update(RECIPE, {})
+
+
+class StopAfter:
+    """An event sink + stop check pair: stop() turns True before training step n+1.
+
+    It counts only the checks made once training has begun (the engine also checks while caching).
+    """
+
+    def __init__(self, n: int):
+        self.n = n
+        self.events: list[dict[str, Any]] = []
+        self._checks = 0
+
+    def sink(self, ev: dict[str, Any]) -> None:
+        self.events.append(ev)
+
+    def stop(self) -> bool:
+        if not any(e["type"] == "phase" and e["name"] == "training" for e in self.events):
+            return False
+        self._checks += 1
+        return self._checks > self.n
+
+
+@pytest.fixture
+def stop_after() -> Callable[[int], StopAfter]:
+    return StopAfter

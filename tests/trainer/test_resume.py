@@ -29,27 +29,19 @@ VARIANTS = {
 }
 
 
-def _stop_after(n: int):
-    calls = {"n": 0}
-
-    def stop() -> bool:
-        calls["n"] += 1  # asked once before every step
-        return calls["n"] > n
-
-    return stop
-
-
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_resume_gives_the_uninterrupted_weights(tmp_path: Path, dataset_factory, make_spec, variant: str) -> None:
+def test_resume_gives_the_uninterrupted_weights(tmp_path: Path, dataset_factory, make_spec, stop_after,
+                                                variant: str) -> None:
     folder = dataset_factory(tmp_path / "imgs", n=3, captions=("red dress", None, "blue hat, smiling"))
     spec = make_spec(folder, steps=6, state_every_n_steps=2, **VARIANTS[variant])
 
     full = load_file(train(spec, tmp_path / "full")["lora"])
 
     job = tmp_path / "job"
-    events: list[dict[str, Any]] = []
+    s = stop_after(4)
+    events: list[dict[str, Any]] = s.events
     with pytest.raises(JobCancelled):
-        train(spec, job, on_event=events.append, should_stop=_stop_after(4))
+        train(spec, job, on_event=s.sink, should_stop=s.stop)
     assert events[-1]["type"] == "cancelled" and events[-1]["step"] == 4
     assert [p.name for p in sorted((job / "state").iterdir())] == ["step-00000002", "step-00000004"]
 
@@ -65,10 +57,11 @@ def test_resume_gives_the_uninterrupted_weights(tmp_path: Path, dataset_factory,
     assert hist["steps"] == [1, 2, 3, 4, 5, 6]
 
 
-def test_state_refused_for_other_settings(tmp_path: Path, dataset: Path, make_spec) -> None:
+def test_state_refused_for_other_settings(tmp_path: Path, dataset: Path, make_spec, stop_after) -> None:
     spec = make_spec(dataset, steps=4, state_every_n_steps=2)
     with pytest.raises(JobCancelled):
-        train(spec, tmp_path / "job", should_stop=_stop_after(2))
+        s = stop_after(2)
+        train(spec, tmp_path / "job", on_event=s.sink, should_stop=s.stop)
     other = make_spec(dataset, steps=4, state_every_n_steps=2, optimizer={"lr": 1e-4})
     with pytest.raises(JobFailed) as e:
         train(other, tmp_path / "job")
@@ -81,7 +74,8 @@ def test_state_refused_for_other_settings(tmp_path: Path, dataset: Path, make_sp
     (dataset / "img_0.txt").write_text("a different caption")
     spec2 = make_spec(dataset, steps=6, state_every_n_steps=2)
     with pytest.raises(JobCancelled):
-        train(spec2, tmp_path / "job2", should_stop=_stop_after(2))
+        s = stop_after(2)
+        train(spec2, tmp_path / "job2", on_event=s.sink, should_stop=s.stop)
     (dataset / "img_1.txt").write_text("changed after the state was saved")
     with pytest.raises(JobFailed, match="dataset changed"):
         train(spec2, tmp_path / "job2")

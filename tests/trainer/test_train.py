@@ -229,17 +229,12 @@ def test_noise_offset_shifts_channels() -> None:
 
 # --- how jobs end -------------------------------------------------------------------------------------------
 
-def test_cancel_leaves_a_usable_lora(tmp_path: Path, dataset: Path, make_spec) -> None:
+def test_cancel_leaves_a_usable_lora(tmp_path: Path, dataset: Path, make_spec, stop_after) -> None:
     spec = make_spec(dataset, steps=10, output_name="scs")
-    calls = {"n": 0}
-
-    def stop() -> bool:
-        calls["n"] += 1
-        return calls["n"] > 3  # checked before each step: stop after 3 steps
-
-    events: list[dict[str, Any]] = []
+    s = stop_after(3)
+    events = s.events
     with pytest.raises(JobCancelled):
-        train(spec, tmp_path / "job", on_event=events.append, should_stop=stop)
+        train(spec, tmp_path / "job", on_event=s.sink, should_stop=s.stop)
     cancelled = events[-1]
     assert cancelled["type"] == "cancelled" and cancelled["step"] == 3
     path = Path(cancelled["outputs"]["lora"])
@@ -250,6 +245,12 @@ def test_cancel_leaves_a_usable_lora(tmp_path: Path, dataset: Path, make_spec) -
     lf = read_kohya(path)
     assert lf.modules and all(k.startswith("lora_unet_") for k in load_file(path))
     assert (tmp_path / "job" / "state").is_dir()
+
+    events.clear()  # a stop before any step (here: while caching latents) saves nothing and says so
+    with pytest.raises(JobCancelled):
+        train(spec, tmp_path / "job0", on_event=events.append, should_stop=lambda: True)
+    assert events[-1] == {"type": "cancelled", "outputs": {}, "step": 0}
+    assert not list((tmp_path / "job0").rglob("*.safetensors"))
 
 
 def test_nan_loss_aborts_without_files(tmp_path: Path, dataset: Path, make_spec,
