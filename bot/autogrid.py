@@ -7,8 +7,9 @@ job's thread: it is submitted with that thread as its channel, its ``thread_id``
 train job's META event (upload limit, destination kind) is copied, so the progress hub posts the
 grid there with the bot token like any other result. /merge jobs render their grid themselves.
 
-Idempotent: a marker event on the train job means a second ``succeeded`` (or a replayed event)
-queues nothing more.
+Once per job: a marker event on the train job means a second ``succeeded`` (or a replayed event)
+queues nothing more, and a train job that already produced a ``grid`` artifact (an engine that
+renders it at the end of training) gets no second one.
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ class AutoGrid:
         repo = self.bot.repo
         if await repo.list_events(job.id, types=[AUTOGRID_EVENT], limit=1):
             return None  # already queued once
+        if await repo.list_artifacts(job.id, "grid"):
+            return None  # the train job rendered its grid itself: one grid per job is enough
         arts = await repo.list_artifacts(job.id, "lora")
         if not arts:
             return None

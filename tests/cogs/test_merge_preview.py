@@ -9,6 +9,7 @@ refusal tests use the torch-free stub worker: bad files are refused before anyth
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import re
@@ -274,3 +275,18 @@ async def test_checkpoint_merge_is_for_admins(fake_discord: Any, bot: Any, lora_
     text = await refusal(fake, bot, {"lora1": attach(fake, lora_files, "front.safetensors")}, user="carol")
     assert "role" in text  # carol may not start jobs at all
     assert await bot.repo.count_jobs() == 0
+
+
+async def test_no_second_grid_when_the_train_job_made_one(fake_discord: Any, bot: Any):
+    """The stub worker's train jobs deliver a grid themselves: the automatic one is not queued again."""
+    from cogkit import add_images
+
+    fake = fake_discord
+    rec = await run_command(fake, bot, "dataset", {"name": "cats", **add_images(fake, 2)}, user="bob",
+                            subcommand="create")
+    assert "added" in answer(rec)
+    rec = await run_command(fake, bot, "train", {"dataset": "cats", "steps": 3, "output_name": "fast"}, user="bob")
+    job = await finished(bot, job_id_of(answer(rec)), 30)
+    assert await bot.get_cog("Preview").autogrid.submit_for(job) is None
+    await asyncio.sleep(0.2)  # the listener runs on its own queue: give it a moment to (not) act
+    assert await bot.repo.count_jobs() == 1
