@@ -50,8 +50,8 @@ def _random_lora(base: Any, rank: int, seed: int, name: str, base_name: str) -> 
 
 @pytest.fixture(scope="module")
 def lora_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
-    """name -> file bytes: two SD1.5 LoRAs (ranks 4 and 3), an SDXL one, one with a layer of the wrong
-    size, a checkpoint, a pickle renamed .safetensors and a truncated file."""
+    """name -> file bytes: two SD1.5 LoRAs (ranks 4 and 3), one with a NaN, an SDXL one, one with a layer
+    of the wrong size, a checkpoint, a pickle renamed .safetensors and a truncated file."""
     import torch
 
     from trainer.checkpoint import materialize_tiny_single_file
@@ -71,6 +71,11 @@ def lora_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     sd[k] = torch.zeros(4, sd[k].shape[1] + 8).half()  # made for another model: wider input
     save_kohya(d / "odd.safetensors", sd, md)
     out["odd.safetensors"] = (d / "odd.safetensors").read_bytes()
+    sd, md = _random_lora(sd15, 4, 5, "nan", "tiny-sd15")
+    k = next(k for k in sd if k.endswith("lora_up.weight"))
+    sd[k][0, 0] = float("nan")  # a diverged training run: only the worker (with torch) can see this
+    save_kohya(d / "nan.safetensors", sd, md)
+    out["nan.safetensors"] = (d / "nan.safetensors").read_bytes()
     sd, md = _random_lora(load_base("tiny-sdxl"), 4, 4, "xl", "tiny-sdxl")
     save_kohya(d / "xl.safetensors", sd, md)
     out["xl.safetensors"] = (d / "xl.safetensors").read_bytes()
@@ -176,6 +181,15 @@ async def test_merge_and_preview_end_to_end(fake_discord: Any, bot_factory: Any,
         post = final_post(fake, job)
         [png] = [n for n in post.file_names if n.endswith(".png")]
         assert Image.open(io.BytesIO(post.file(png))).size == (64, 64)
+
+        # a NaN passes the header check; the worker's full check fails the job with a clear message
+        rec = await run_command(fake, b, "preview", {"prompt": "a", "lora": attach(fake, lora_files, "nan.safetensors"),
+                                                     "steps": GRID_STEPS}, user="bob", timeout=30)
+        job = await b.scheduler.wait_for_job(job_id_of(answer(rec)), 120)
+        await b.progress.wait_idle(job.id, 60)
+        assert job.state == "failed" and "NaN" in job.error
+        failed = fake.channel_messages(job.thread_id)[-1].content
+        assert f"job **#{job.id}** failed" in failed and "nan.safetensors" in failed and "NaN" in failed
 
         # an admin merges into a checkpoint: delivered as a link, never attached
         rec = await run_command(fake, b, "merge", {"mine1": value, "ratios": "1", "base_model": "tiny-sd15",
