@@ -449,13 +449,20 @@ class Trainer:
                     self.data.cache_text(self.base, self.device)
 
     def _phase_progress(self, name: str) -> Callable[[int, int], None]:
-        """A counter for a phase: the first, then at most ~2 a second, and the last."""
+        """A counter for a phase: the first, then at most ~2 a second, and the last.
+
+        Caching a big dataset takes minutes, so a stop is honoured here too, but asked at most once a second:
+        a phase that takes less than a second adds no should_stop() calls (callers count on one per step).
+        """
         last = [-1.0]
+        checked = [time.monotonic()]
 
         def report(current: int, total: int) -> None:
-            if self.should_stop():  # caching a big dataset takes a while: a stop is honoured here too
-                self.cancel()
             now = time.monotonic()
+            if now - checked[0] >= 1.0:
+                checked[0] = now
+                if self.should_stop():
+                    self.cancel()
             if current in (0, 1, total) or now - last[0] >= PROGRESS_EVERY_S:
                 last[0] = now
                 self.emit(event("phase", name=name, current=current, total=total))

@@ -246,7 +246,7 @@ def test_cancel_leaves_a_usable_lora(tmp_path: Path, dataset: Path, make_spec, s
     assert lf.modules and all(k.startswith("lora_unet_") for k in load_file(path))
     assert (tmp_path / "job" / "state").is_dir()
 
-    events.clear()  # a stop before any step (here: while caching latents) saves nothing and says so
+    events.clear()  # a stop before the first step saves nothing and says so
     with pytest.raises(JobCancelled):
         train(spec, tmp_path / "job0", on_event=events.append, should_stop=lambda: True)
     assert events[-1] == {"type": "cancelled", "outputs": {}, "step": 0}
