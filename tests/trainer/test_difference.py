@@ -20,7 +20,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from trainer.difference import check_pairs, stage_images, train_difference  # noqa: E402
 from trainer.events import JobCancelled, JobFailed  # noqa: E402
-from trainer.spec import TrainSpec, deep_merge, parse_job, resolve_job  # noqa: E402
+from trainer.spec import SpecError, TrainSpec, deep_merge, parse_job, resolve_job  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -236,9 +236,10 @@ def test_mismatched_pair_resized_with_the_same_crop(tmp_path: Path, images: tupl
     orig_dir, target_dir = stage_images(plan, tmp_path / "front", spec.difference.prompt)  # type: ignore[union-attr]
     assert load_image(next(target_dir.glob("*.png"))).size == load_image(next(orig_dir.glob("*.png"))).size
     assert (target_dir / "target.txt").read_text() == ""  # the difference prompt (empty by default)
-    with pytest.raises(JobFailed, match="named 'front'"):
-        check_pairs(_spec(*images, difference={"pairs": [{"name": "front", "original": str(images[0]),
-                                                           "target": str(images[1])}] * 2}))
+    # Duplicate pair names are refused when the spec is validated, before any image is read.
+    with pytest.raises(SpecError, match="pair names must be unique"):
+        _spec(*images, difference={"pairs": [{"name": "front", "original": str(images[0]),
+                                              "target": str(images[1])}] * 2})
 
 
 def test_copy_machine_presets(tmp_path: Path, images: tuple[Path, Path]) -> None:
