@@ -518,6 +518,7 @@ class Trainer:
             if self.scaler:
                 self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.params, spec.optimizer.max_grad_norm)
+        self.last_lr = current_lrs(self.optimizer)[0]  # the rate this step used (the schedule moves on below)
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -655,7 +656,7 @@ class Trainer:
                 sps = (self.step - s0) / max(now - t0, 1e-9)
                 window = [v for _, v in self.loss_history[-SMOOTH_WINDOW:]]
                 self.emit(event("progress", step=self.step, total=spec.steps, loss=sum(window) / len(window),
-                                loss_raw=loss, lr=current_lrs(self.optimizer)[0], steps_per_s=sps,
+                                loss_raw=loss, lr=self.last_lr, steps_per_s=sps,
                                 eta_s=(spec.steps - self.step) / sps if sps > 0 else None))
             if spec.save_every_n_steps and self.step % spec.save_every_n_steps == 0 and self.step < spec.steps:
                 self.intermediate.append(str(self.save_lora(f"{spec.output_name}-step{self.step:08d}")))
