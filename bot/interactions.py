@@ -356,7 +356,29 @@ def spec_summary(spec_json: str | dict[str, Any]) -> str:
         parts.append(f"trigger `{data['trigger_word']}`")
     if s.get("preset"):
         parts.append(f"preset `{s['preset']}`")
+    if s.get("mode") == "difference":
+        parts += _difference_summary(s.get("difference") or {}, net)
     return " · ".join(parts)
+
+
+def _difference_summary(diff: dict[str, Any], net: dict[str, Any]) -> list[str]:
+    """Copy-machine jobs: the pairs and what pass 2 changes (the fields above are pass 1's, the copier's)."""
+    names = [str(p.get("name")) for p in diff.get("pairs") or [] if isinstance(p, dict)]
+    parts = [f"difference pairs `{', '.join(names)}`"]
+    p2 = diff.get("pass2") or {}
+    p2net = {**net, **(p2.get("network") or {})}
+    alpha = p2net.get("alpha") if p2net.get("alpha") is not None else p2net.get("dim")
+    pass2 = f"dim/alpha `{p2net.get('dim')}/{alpha}`"
+    if p2.get("steps"):
+        pass2 += f" steps `{p2['steps']}`"
+    if (p2.get("optimizer") or {}).get("lr"):
+        pass2 += f" lr `{p2['optimizer']['lr']}`"
+    parts.append(f"pass 2 {pass2}")
+    if diff.get("prompt"):
+        parts.append(f"prompt `{clip(str(diff['prompt']), 60)}`")
+    if diff.get("merge_rank"):
+        parts.append(f"merge rank `{diff['merge_rank']}`")
+    return parts
 
 
 def clip(text: str, n: int = 1900) -> str:

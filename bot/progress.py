@@ -40,7 +40,11 @@ FAILURE_ADVICE = {
     "nan": "The loss became NaN: lower the learning rate, or use fp32/bf16 instead of fp16.",
     "bad_input": "Check the dataset and settings named above, fix them and run `/retrain` or `/train` again.",
     "not_converged": "Try more steps or a higher learning rate.",
+    "copier_not_converged": ("The copier check image above shows what the copier made of the original. Change what "
+                             "the message suggests and run `/train` again."),
 }
+COPIER_CHECK = "copier check"  # the phase of the engine's copier-check image event (trainer/difference.py)
+PASS_LABELS = {1: "pass 1 of 2 (copier)", 2: "pass 2 of 2 (difference)"}
 DEFAULT_ADVICE = "Run `/retrain` to try again; if it fails the same way, tell an admin the job id."
 
 
@@ -55,6 +59,84 @@ def _num(v: Any, fmt: str) -> str | None:
         return format(float(v), fmt)
     except (TypeError, ValueError):
         return None
+
+
+def pass_label(st: dict[str, Any]) -> tuple[str, str]:
+    """(what the pass is, sub-phase) of a difference job from the last phase name, which reads
+    "pair front: pass 1 of 2 (copier)[: caching latents]" (or "pair front: checking the copier")."""
+    pair, phase = st.get("pair"), str(st.get("phase") or "")
+    prefix = f"pair {pair}: "
+    if pair is not None and phase.startswith(prefix):
+        label, _, sub = phase[len(prefix):].partition(": ")
+        return label, sub
+    return PASS_LABELS.get(st.get("pass"), ""), ""  # type: ignore[arg-type]
+
+
+def _render_difference(state: str, st: dict[str, Any], lines: list[str]) -> None:
+    """Copy-machine jobs: which pair and pass, the step in the pass, the bar over the whole job."""
+    active = state in ("running", "cancelling")
+    step, total = st.get("step"), st.get("total")
+    overall, overall_total = st.get("overall_step"), st.get("overall_total") or st.get("total_steps")
+    label, sub = pass_label(st)
+    if active and st.get("pair") is not None:
+        names = st.get("pair_names") or []
+        idx, n = st.get("pair_index"), st.get("pairs") or len(names) or None
+        if idx is None and st["pair"] in names:
+            idx = names.index(st["pair"]) + 1
+        head = f"Pair **{st['pair']}**" + (f" ({idx}/{n})" if idx and n else "")
+        if label:
+            head += f" \u00b7 {label}"
+        if step is not None and total and st.get("progress_pass") == st.get("pass") \
+                and st.get("progress_pair") == st.get("pair"):
+            head += f" \u00b7 step {step}/{total}"
+        lines.append(head)
+    if state == "succeeded" and overall_total:
+        overall = overall_total
+    if state != "queued" and overall_total:
+        done = float(overall or 0)
+        pct = 100.0 * done / float(overall_total)
+        lines.append(f"`{progress_bar(done, float(overall_total))}` {pct:.0f}% \u00b7 overall step "
+                     f"{int(done)}/{overall_total}")
+        parts = []
+        if active and (x := _num(st.get("loss"), ".4f")) is not None:
+            parts.append(f"loss {x}")
+        if active and (x := _num(st.get("lr"), ".2e")) is not None:
+            parts.append(f"lr {x}")
+        if active and (x := _num(st.get("steps_per_s"), ".2f")) is not None:
+            parts.append(f"{x} steps/s")
+        if parts:
+            lines.append(" \u00b7 ".join(parts))
+    if active and st.get("phase"):
+        if st.get("pair") is None:
+            lines.append(f"Phase: {st['phase']}")  # merging, loading: not about one pair
+        elif sub:
+            ph = f"Phase: {sub}"
+            if st.get("phase_total"):
+                ph += f" ({st.get('phase_current', 0)}/{st['phase_total']})"
+            lines.append(ph)
+    for name, chk in (st.get("checks") or {}).items():
+        if active:
+            lines.append(f"Copier check, pair {name}: loss on the original {chk}")
+
+
+def check_text(ev: dict[str, Any]) -> str:
+    """ "0.1234 without the copier -> 0.0456 with it (63% lower)" from a copier-check event."""
+    without, with_ = _num(ev.get("loss_without"), ".4f"), _num(ev.get("loss_with"), ".4f")
+    if without is None or with_ is None:
+        return "measured"
+    text = f"{without} without the copier -> {with_} with it"
+    try:
+        text += f" ({float(ev['improvement']):.0%} lower)"
+    except (KeyError, TypeError, ValueError):
+        pass
+    return text
+
+
+def copier_check_caption(ev: dict[str, Any]) -> str:
+    pair = ev.get("pair", "?")
+    return (f"Copier check, pair **{pair}** (original \u00b7 base alone \u00b7 with the copier). Denoising loss "
+            f"on the original: {check_text(ev)}. The copier must reproduce the original before pass 2 learns "
+            "the difference on top of it.")
 
 
 def render(job: Any, st: dict[str, Any]) -> str:
@@ -74,7 +156,9 @@ def render(job: Any, st: dict[str, Any]) -> str:
         else:
             lines.append("Waiting for a free worker.")
     step, total = st.get("step"), st.get("total") or st.get("total_steps")
-    if state != "queued" and step is not None and total:
+    if st.get("difference"):
+        _render_difference(state, st, lines)
+    elif state != "queued" and step is not None and total:
         pct = 100.0 * float(step) / float(total)
         lines.append(f"`{progress_bar(float(step), float(total))}` {pct:.0f}% \u00b7 step {step}/{total}")
         parts = []
@@ -90,7 +174,7 @@ def render(job: Any, st: dict[str, Any]) -> str:
             lines.append(" \u00b7 ".join(parts))
     elif state == "running" and st.get("total_steps"):
         lines.append(f"`{progress_bar(0, 1)}` 0% \u00b7 step 0/{st['total_steps']}")
-    if st.get("phase") and state in ("running", "cancelling"):
+    if st.get("phase") and state in ("running", "cancelling") and not st.get("difference"):
         ph = f"Phase: {st['phase']}"
         if st.get("phase_total"):
             ph += f" ({st.get('phase_current', 0)}/{st['phase_total']})"
@@ -132,15 +216,31 @@ class JobReporter:
             st["total"] = event.get("total_steps") or st.get("total")
             st["resumed_from"] = event.get("resumed_from") or 0
             st.pop("resumed", None)
+            if event.get("mode") == "difference":
+                st["difference"] = True
+                st["pair_names"] = [str(n) for n in event.get("pairs") or []]
+                st["overall_total"] = event.get("total_steps")
+                st["overall_step"] = event.get("resumed_from") or 0
         elif t == "phase":
             st["phase"] = event.get("name")
             st["phase_current"], st["phase_total"] = event.get("current"), event.get("total")
+            if st.get("difference"):
+                # pair/pass come with every phase of a pass; a phase without them (merging) is job-wide
+                st["pair"], st["pass"] = event.get("pair"), event.get("pass")
+                if "pair_index" in event:
+                    st["pair_index"], st["pairs"] = event.get("pair_index"), event.get("pairs")
         elif t == "progress":
-            for k in ("step", "total", "loss", "lr", "steps_per_s", "eta_s"):
+            for k in ("step", "total", "loss", "lr", "steps_per_s", "eta_s", "overall_step", "overall_total"):
                 if k in event:
                     st[k] = event[k]
+            if "pair" in event:
+                st["progress_pair"], st["progress_pass"] = event.get("pair"), event.get("pass")
         elif t == "sample":
             self.samples.append(event)
+        elif t == "file" and event.get("kind") == "image" and event.get("phase") == COPIER_CHECK:
+            # posted between the passes, not kept for the final post
+            self.samples.append({**event, "type": COPIER_CHECK})
+            st.setdefault("checks", {})[str(event.get("pair", "?"))] = check_text(event)
         elif t == "file":
             self.outputs.setdefault(str(event.get("kind")), []).append(event.get("path"))
         elif t in ("finished", "cancelled", "failed"):
@@ -149,6 +249,8 @@ class JobReporter:
             self.final = event
             if isinstance(event.get("outputs"), dict):
                 for k, v in event["outputs"].items():
+                    if isinstance(v, dict):  # difference jobs: {"loras": {pair: path}}
+                        v = list(v.values())
                     self.outputs.setdefault(str(k), []).extend(v if isinstance(v, list) else [v])
             if t == "failed":
                 st["error"] = event.get("error")
@@ -248,8 +350,13 @@ class JobReporter:
         dest = self._destination(job)
         if path is None or dest is None:
             return
-        caption = f"Sample at step {ev.get('step', '?')}"
-        if ev.get("prompt"):
+        if ev.get("type") == COPIER_CHECK:
+            caption = copier_check_caption(ev)
+        else:
+            caption = f"Sample at step {ev.get('step', '?')}"
+            if ev.get("pair") is not None:
+                caption += f" (pair {ev['pair']}, pass {ev.get('pass', '?')})"
+        if ev.get("prompt") and ev.get("type") != COPIER_CHECK:
             caption += f": *{clip(str(ev['prompt']), 300)}*"
         try:
             await dest.send(caption, file=discord.File(path, filename=path.name))
@@ -287,7 +394,11 @@ class JobReporter:
         self, job: Any, dest: discord.PartialMessageable, mention: str, allowed: discord.AllowedMentions
     ) -> None:
         hub, bot = self.hub, self.hub.bot
-        files = await hub.result_files(job.id, self.outputs)
+        difference = job.spec.get("mode") == "difference"
+        if difference:
+            files, roles = await hub.difference_files(job.id, self.outputs)
+        else:
+            files, roles = await hub.result_files(job.id, self.outputs), {}
         meta = await hub.job_meta(job.id)
         guild = bot.get_guild(job.guild_id) if job.guild_id else None
         limit = upload_limit(meta.get("attachment_size_limit"), guild)
@@ -298,6 +409,8 @@ class JobReporter:
             extra = ", ".join(f"{k} `{v}`" for k, v in list(summary.items())[:8] if not isinstance(v, dict | list))
             if extra:
                 lines.append(f"Summary: {extra}")
+        if difference:
+            lines += difference_lines(roles, summary)
         if not files:
             lines.append("The engine reported no output files; ask an admin to look at the job folder.")
 
@@ -307,6 +420,22 @@ class JobReporter:
         names = {p: n for p, n in files}
         await send_files(dest, clip("\n".join(lines)), [p for p, _ in files], limit=limit, make_link=make_link,
                          names=names, allowed_mentions=allowed)
+
+
+def difference_lines(roles: dict[Path, tuple[str, str]], summary: Any) -> list[str]:
+    """What each file of a copy-machine job is, and how well each copier did."""
+    lines = []
+    what = {"difference": "difference LoRA, pair {pair}: use it without the copier",
+            "merged": "all pairs merged (SVD)", "copier": "copier, pair {pair}: reproduces the original"}
+    for p, (role, pair) in roles.items():
+        if role in what:
+            lines.append(f"- `{p.name}`: {what[role].format(pair=pair)}")
+    pairs = summary.get("pairs") if isinstance(summary, dict) else None
+    for name, info in (pairs or {}).items():
+        chk = info.get("copier_check") if isinstance(info, dict) else None
+        if isinstance(chk, dict):
+            lines.append(f"Copier check, pair {name}: {check_text(chk)}")
+    return lines
 
 
 class ProgressHub:
@@ -435,6 +564,39 @@ class ProgressHub:
                     seen.add(p)
                     out.append((p, p.name))
         return out
+
+    async def difference_files(
+        self, job_id: int, outputs: dict[str, Any]
+    ) -> tuple[list[tuple[Path, str]], dict[Path, tuple[str, str]]]:
+        """A copy-machine job's files: every pass-2 LoRA, the merged one, the saved copiers, then the
+        pass-2 loss curves (the copier-check images were posted between the passes). Roles come from the
+        engine's ``file`` events (artifact meta: role, pair), which survive a restart of the bot."""
+        roles: dict[Path, tuple[str, str]] = {}
+        for art in await self.bot.repo.list_artifacts(job_id, "lora"):
+            p = self.resolve_path(job_id, art.path)
+            meta = art.meta
+            if p is not None and meta.get("role") in ("difference", "merged", "copier"):
+                roles.setdefault(p, (str(meta["role"]), str(meta.get("pair") or "")))
+        # The finished event's outputs, in case a file event was lost: lora = pass-2 LoRA(s).
+        for key, role in (("lora", "difference"), ("merged", "merged"), ("copier", "copier")):
+            for raw in outputs.get(key, []):
+                p = self.resolve_path(job_id, raw)
+                if p is not None and p not in roles:
+                    roles[p] = (role, "")
+        order = {"difference": 0, "merged": 1, "copier": 2}
+        loras = sorted(roles, key=lambda p: order[roles[p][0]])  # stable: pairs keep the engine's order
+        plots = list(dict.fromkeys(p for raw in outputs.get("plot", [])
+                                   if (p := self.resolve_path(job_id, raw)) is not None))
+        plots = [p for p in plots if "pass2" in p.parts] or plots
+        files = loras + plots[: max(0, 10 - len(loras))]
+        names: dict[Path, str] = {}
+        for p in files:  # pass folders all name their curve alike: prefix the pair
+            parts = p.parts
+            name = p.name
+            if "pass2" in parts and parts.index("pass2") > 0:
+                name = f"{parts[parts.index('pass2') - 1]}-{p.name}"
+            names[p] = name
+        return [(p, names[p]) for p in files[:10]], roles
 
     async def link_for(self, job_id: int, path: Path) -> str | None:
         server = self.bot.file_server
