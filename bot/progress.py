@@ -86,7 +86,7 @@ def _render_difference(state: str, st: dict[str, Any], lines: list[str]) -> None
         head = f"Pair **{st['pair']}**" + (f" ({idx}/{n})" if idx and n else "")
         if label:
             head += f" \u00b7 {label}"
-        if step is not None and total and st.get("progress_pass") == st.get("pass") \
+        if step is not None and total and label.startswith("pass") and st.get("progress_pass") == st.get("pass") \
                 and st.get("progress_pair") == st.get("pair"):
             head += f" \u00b7 step {step}/{total}"
         lines.append(head)
@@ -226,6 +226,9 @@ class JobReporter:
             st["phase_current"], st["phase_total"] = event.get("current"), event.get("total")
             if st.get("difference"):
                 # pair/pass come with every phase of a pass; a phase without them (merging) is job-wide
+                if (event.get("pair"), event.get("pass")) != (st.get("progress_pair"), st.get("progress_pass")):
+                    for k in ("loss", "lr", "steps_per_s"):  # the last pass's numbers are not this one's
+                        st.pop(k, None)
                 st["pair"], st["pass"] = event.get("pair"), event.get("pass")
                 if "pair_index" in event:
                     st["pair_index"], st["pairs"] = event.get("pair_index"), event.get("pairs")
@@ -323,6 +326,11 @@ class JobReporter:
         if job.state == "queued":
             pos, eta = await bot.queue_info(job.id)
             self.state["position"], self.state["queue_eta_s"] = pos, eta
+        if "difference" not in self.state and job.spec.get("mode") == "difference":
+            # after a restart, before the engine's "started": still render as a pair/pass job
+            self.state["difference"] = True
+            self.state["pair_names"] = [str(p.get("name")) for p in (job.spec.get("difference") or {}).get(
+                "pairs") or [] if isinstance(p, dict)]
         if job.progress and "step" not in self.state:
             # After a restart the last persisted progress seeds the message.
             for k, v in job.progress.items():

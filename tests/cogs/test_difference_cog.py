@@ -119,6 +119,33 @@ def test_progress_text_names_pair_and_pass() -> None:
     assert "Pair **left** (2/3) \u00b7 pass 2 of 2 (difference)\n" in text and "Phase: caching latents" in text
 
 
+async def test_grids_of_a_difference_job() -> None:
+    """The merged LoRA when there is one, else each pair's pass-2 LoRA (at most 3); never a copier."""
+    from bot.autogrid import AutoGrid, train_prompt
+
+    arts: list[Any] = []
+
+    class Repo:
+        async def list_artifacts(self, job_id: int, kind: str | None = None) -> list[Any]:
+            return arts
+
+    def art(name: str, role: str, pair: str = "") -> Any:
+        return SimpleNamespace(path=f"jobs/1/outputs/{name}.safetensors", meta={"role": role, "pair": pair})
+
+    ag = AutoGrid(SimpleNamespace(repo=Repo(), files=SimpleNamespace(resolve=lambda s: Path("/data") / s)))
+    job = SimpleNamespace(id=1, spec={"mode": "difference", "output_name": "cm", "difference": {"prompt": ""}})
+    arts += [art("cm-front-copier", "copier", "front"), art("cm-front", "difference", "front"),
+             art("cm-left", "difference", "left"), art("cm-right", "difference", "right"),
+             art("cm-back view", "difference", "back view")]
+    assert [(p.name, n) for p, n in await ag.grid_targets(job)] == [
+        ("cm-front.safetensors", "cm-front-check"), ("cm-left.safetensors", "cm-left-check"),
+        ("cm-right.safetensors", "cm-right-check")]
+    arts.append(art("cm-merged", "merged"))
+    assert [(p.name, n) for p, n in await ag.grid_targets(job)] == [("cm-merged.safetensors", "cm-merged-check")]
+    assert train_prompt(job.spec) == ""  # trained without words: the grid too
+    assert train_prompt({**job.spec, "output_name": "x", "difference": {"prompt": "zqx"}}) == "zqx"
+
+
 # ---------------------------------------------------------------------------------- refusals (stub worker)
 
 
@@ -251,6 +278,20 @@ async def test_difference_end_to_end_real_engine(fake_discord: Any, bot_factory:
         grids = [m for m in fake.channel_messages(job.thread_id) if f"job **#{grid_job.id}** finished" in m.content]
         assert grids and any(n.endswith(".png") for n in grids[-1].file_names)
         assert len(fake.threads) == 1
+
+        # a copier that did not learn the original: the job stops after pass 1 and says what to change
+        rec = await run_command(fake, b, "train", {
+            "original": fake.add_attachment("front.png", drawing()),
+            "target": fake.add_attachment("front-edit.png", drawing(edited=True)), "steps": 2, "resolution": 64,
+            "output_name": "weak", "job_file": fake.add_attachment("job.toml", JOB_TOML.replace(
+                b"copier_min_improvement = 0.2", b"copier_min_improvement = 0.95"))}, user="bob", timeout=30)
+        weak = await b.scheduler.wait_for_job(job_id_of(answer(rec)), 180)
+        assert weak.state == "failed" and "did not learn the original" in (weak.error or "")
+        await b.progress.wait_idle(weak.id, 60)
+        posts = fake.channel_messages(weak.thread_id)
+        assert any(m.content.startswith("Copier check, pair **front**") for m in posts)
+        assert "failed" in posts[-1].content and "copier check image above" in posts[-1].content
+        assert not any(n.endswith(".safetensors") for m in posts for n in m.file_names)
 
     from trainer.kohya import read_kohya_bytes  # the test may use torch; the bot never does
 
