@@ -64,6 +64,14 @@ def make_buckets(resolution: int, step: int = 64, min_side: int = 256, max_side:
     return sorted(found, key=lambda b: (b[0] / b[1], b[0] * b[1]))
 
 
+def clamp_sides(resolution: int, min_side: int, max_side: int) -> tuple[int, int]:
+    """(min_side, max_side) widened so the square bucket at `resolution` always fits.
+
+    A preset made for 1024 px (min side 512) used at 64 px would otherwise train everything at 512.
+    """
+    return min(min_side, resolution), max(max_side, resolution)
+
+
 def _log_ratio(w: int, h: int) -> float:
     return math.log(w / h)
 

@@ -1,23 +1,28 @@
 """The training data pipeline: scan concept folders, build captions, load and crop images, order them
 deterministically, and cache what does not change (VAE latents, optionally text-encoder outputs).
 
-Kept in small pieces on purpose, so aspect buckets, tag shuffling and prior preservation can be added
-beside them:
-- `scan_dataset(spec)` -> `list[ImageItem]` (one entry per image file; repeats are applied by `DataOrder`)
-- `build_caption(...)` -> the caption one image trains with
-- `load_image(path)` / `resize_center_crop(img, res)` / `to_tensor(img)` -> pixels in [-1, 1]
-- `DataOrder` -> which items form micro-batch m, a pure function of (seed, m): resume needs only the step
-- `TrainData` -> `Sample`s and `Batch`es, with the latent and text caches
+- `scan_dataset(spec)` -> `list[ImageItem]` (one entry per image file; repeats are applied by `DataOrder`);
+  `resolve_class_counts` / `class_items` add a concept's class images (prior preservation, see train.py)
+- `build_caption(concept, file_caption, trigger)` -> the caption one image trains with before shuffling
+  (`trainer.captions`: caption modes, [filewords], trigger first)
+- `load_image(path)` / `crop_to_bucket(img, bucket)` / `resize_center_crop(img, res)` / `to_tensor(img)`
+  -> pixels in [-1, 1], plus the original size and crop offset SDXL is conditioned on
+- `DataOrder` -> which items form micro-batch m, a pure function of (seed, m): resume needs only the step.
+  With aspect-ratio buckets every micro-batch comes from one bucket (`trainer.buckets`).
+- `TrainData` -> `Sample`s and `Batch`es (captions processed per draw, prior-preservation weights), with the
+  latent and text caches
 - `encode_text(base, captions, device)` -> the UNet's conditioning for SD1/SD2/SDXL
 
-Randomness here never touches a global RNG stream: every random choice (epoch order, flips) comes from a
-generator seeded with (seed, epoch[, position]), so a resumed run sees exactly the data an uninterrupted
-run would have seen.
+Randomness here never touches a global RNG stream: every random choice (epoch order, bucket batches, flips,
+tag shuffles, caption dropout) comes from a generator seeded with (seed, epoch[, position]), so a resumed
+run sees exactly the data an uninterrupted run would have seen.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +32,18 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from trainer import captions
+from trainer.buckets import (
+    Bucket,
+    BucketBatchSampler,
+    apply_plan,
+    assign_bucket,
+    center_crop_plan,
+    clamp_sides,
+    fit_to_bucket,
+    make_buckets,
+    sdxl_size_conditioning,
+)
 from trainer.events import JobFailed
 
 if TYPE_CHECKING:
@@ -79,26 +96,14 @@ def read_caption_file(image_path: Path) -> str | None:
 
 def put_trigger_first(caption: str, trigger: str | None) -> str:
     """The trigger word leads every caption (kohya's keep_tokens and tag shuffling rely on it being first)."""
-    trigger = (trigger or "").strip()
-    if not trigger:
-        return caption
-    tags = [t.strip() for t in caption.split(",") if t.strip()]
-    if tags and (tags[0] == trigger or tags[0].startswith(trigger + " ")):
-        return caption
-    tags = [t for t in tags if t != trigger]
-    return ", ".join([trigger, *tags])
+    return captions.process_caption(caption, trigger_word=trigger, rng=random.Random(0))
 
 
 def build_caption(concept: Concept, file_caption: str | None, trigger: str | None) -> str:
-    instance = concept.instance_prompt.strip()
-    file_caption = (file_caption or "").strip()
-    if concept.caption_mode == "instance_only":
-        parts = [instance]
-    elif concept.caption_mode == "caption_only":
-        parts = [file_caption or instance]  # an image without a .txt still trains with the instance prompt
-    else:
-        parts = [instance, file_caption]
-    return put_trigger_first(", ".join(p for p in parts if p), trigger)
+    """The caption an instance image trains with when nothing is shuffled or dropped: the concept's caption
+    mode and [filewords] (`captions.build_caption`), then the trigger word first."""
+    built = captions.build_caption(concept.instance_prompt, file_caption, concept.caption_mode)
+    return put_trigger_first(built, trigger)
 
 
 def scan_concept(concept: Concept, index: int, trigger: str | None) -> list[ImageItem]:
@@ -128,12 +133,34 @@ def scan_dataset(spec: TrainSpec) -> list[ImageItem]:
     return items
 
 
+def resolve_class_counts(spec: TrainSpec, items: Sequence[ImageItem]) -> list[Concept]:
+    """The concepts with every class_count decided: a concept's own count when set; else, when it has a
+    class_prompt, `data.class_images_per_image` x its number of images (the DreamBooth extension's
+    "class images per instance image"); else 0 (no prior preservation)."""
+    per_image = spec.data.class_images_per_image
+    out = []
+    for i, c in enumerate(spec.concepts):
+        n = c.class_count
+        if n is None:
+            n_images = sum(1 for it in items if it.concept_index == i and not it.is_class)
+            n = per_image * n_images if (c.class_prompt or "").strip() else 0
+        out.append(c.model_copy(update={"class_count": n}))
+    return out
+
+
+def class_items(concept: Concept, index: int, paths: Sequence[Path], prior_loss_weight: float) -> list[ImageItem]:
+    """Class (regularization) images train with the class prompt (their own .txt when there is none)."""
+    prompt = " ".join((concept.class_prompt or "").split())
+    return [ImageItem(path=Path(p), caption=prompt or (read_caption_file(Path(p)) or ""), concept_index=index,
+                      repeats=1, loss_weight=prior_loss_weight, is_class=True) for p in paths]
+
+
 def dataset_fingerprint(items: Sequence[ImageItem]) -> str:
     """Changes when images, their sizes or their captions change: a saved state is only valid for the same data."""
     h = hashlib.sha256()
     for it in items:
         size = it.path.stat().st_size if it.path.exists() else -1
-        h.update(f"{it.path}\0{size}\0{it.caption}\0{it.repeats}\0{it.loss_weight}\n".encode())
+        h.update(f"{it.path}\0{size}\0{it.caption}\0{it.repeats}\0{it.loss_weight}\0{it.is_class}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -165,16 +192,34 @@ class Cropped:
     target_size: tuple[int, int]  # (h, w) trained at
 
 
+def image_size(path: Path) -> tuple[int, int]:
+    """(w, h) as `load_image` will return it (EXIF orientation applied), from the header alone."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if im.getexif().get(0x0112) in (5, 6, 7, 8):  # orientations that swap width and height
+                w, h = h, w
+            return w, h
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise JobFailed(
+            f"{path} could not be read as an image ({type(e).__name__}: {e}); remove or replace that file",
+            reason="bad_input",
+        ) from None
+
+
+def crop_to_bucket(img: Image.Image, bucket: Bucket) -> Cropped:
+    """Resize to cover `bucket` (w, h), centre crop; the geometry SDXL is conditioned on comes along."""
+    plan = fit_to_bucket(img.size, bucket)
+    h, w, top, left, th, tw = sdxl_size_conditioning(img.size, plan, bucket)
+    return Cropped(apply_plan(img, plan, bucket), (h, w), (top, left), (th, tw))
+
+
 def resize_center_crop(img: Image.Image, resolution: int) -> Cropped:
     """Shorter side to `resolution`, then a centred square crop (kohya's non-bucketed path)."""
-    w, h = img.size
-    scale = resolution / min(w, h)
-    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-    if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC)
-    top, left = (nh - resolution) // 2, (nw - resolution) // 2
-    img = img.crop((left, top, left + resolution, top + resolution))
-    return Cropped(img, (h, w), (top, left), (resolution, resolution))
+    plan = center_crop_plan(img.size, resolution)
+    bucket = (resolution, resolution)
+    h, w, top, left, th, tw = sdxl_size_conditioning(img.size, plan, bucket)
+    return Cropped(apply_plan(img, plan, bucket), (h, w), (top, left), (th, tw))
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
@@ -185,24 +230,55 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
 
 # --- order -------------------------------------------------------------------------------------
 
+Slot = int | tuple[int, int]  # an item index, or (pool, position in pool) for a class-image slot
+
+
 class DataOrder:
     """Which items micro-batch m holds, from (seed, m) alone.
 
     The data is an endless stream of epochs; an epoch lists each item `repeats` times, shuffled by a
     generator seeded with (seed, epoch). Micro-batch m takes stream positions [m*bs, (m+1)*bs), so a batch
     can straddle two epochs (no image is dropped, none is seen twice within an epoch).
+
+    `pools` (prior preservation): `(slots, item indices)` per concept with class images. The concept gets
+    `slots` class samples per epoch (as many as its instance samples, kohya's balance), filled with its class
+    images in turn: slot s of epoch e holds class image `(e * slots + s) % len(items)`, so every class image
+    is used evenly, over several epochs when there are more class images than slots (kohya would only ever
+    use the first ones).
+
+    `bucket_of` (aspect-ratio buckets): the bucket of each item. Every micro-batch then comes from one
+    bucket (`BucketBatchSampler` over the epoch's slots); a bucket's leftovers form a smaller batch, so a
+    batch never straddles two epochs. Without pools every epoch has the same number of batches; with
+    pools the count is computed per epoch (a pure function of the epoch, cached).
     """
 
-    def __init__(self, repeats: Sequence[int], batch_size: int, seed: int, shuffle: bool = True):
-        self.slots = [i for i, r in enumerate(repeats) for _ in range(r)]
+    def __init__(self, repeats: Sequence[int], batch_size: int, seed: int, shuffle: bool = True,
+                 pools: Sequence[tuple[int, Sequence[int]]] = (), bucket_of: Sequence[Bucket] | None = None):
+        self.slots: list[Slot] = [i for i, r in enumerate(repeats) for _ in range(r)]
+        self.pools = [list(items) for _, items in pools]
+        self._pool_len = [n for n, _ in pools]
+        self.slots += [(p, s) for p, (n, items) in enumerate(pools) if items for s in range(n)]
+        if not self.slots:
+            raise JobFailed("the dataset is empty: no image has a repeat", reason="bad_input")
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle
+        self.bucket_of = list(bucket_of) if bucket_of is not None else None
         self._perms: dict[int, list[int]] = {}
+        self._bucket_batches: dict[int, list[list[tuple[int, int]]]] = {}
+        self._cum: list[int] = [0]  # bucket mode: micro-batches before epoch e
+        self._n0: int | None = None
 
     @property
     def epoch_len(self) -> int:
         return len(self.slots)
+
+    def resolve(self, slot: Slot, epoch: int) -> int:
+        if isinstance(slot, int):
+            return slot
+        p, s = slot
+        items = self.pools[p]
+        return items[(epoch * self._pool_len[p] + s) % len(items)]
 
     def epoch_order(self, epoch: int) -> list[int]:
         if epoch not in self._perms:
@@ -212,11 +288,51 @@ class DataOrder:
                 perm = torch.randperm(len(self.slots), generator=generator(self.seed, "epoch", epoch)).tolist()
             else:
                 perm = list(range(len(self.slots)))
-            self._perms[epoch] = [self.slots[i] for i in perm]
+            self._perms[epoch] = [self.resolve(self.slots[i], epoch) for i in perm]
         return self._perms[epoch]
 
+    # -- bucket mode --
+
+    def _epoch_keys(self, epoch: int) -> list[Bucket]:
+        assert self.bucket_of is not None
+        return [self.bucket_of[self.resolve(slot, epoch)] for slot in self.slots]
+
+    def _n_batches(self, epoch: int) -> int:
+        counts: dict[Bucket, int] = {}
+        for k in self._epoch_keys(epoch):
+            counts[k] = counts.get(k, 0) + 1
+        return sum(-(-n // self.batch_size) for n in counts.values())
+
+    def bucket_batches(self, epoch: int) -> list[list[tuple[int, int]]]:
+        """The epoch's batches as lists of (slot index, item index), each from one bucket."""
+        if epoch not in self._bucket_batches:
+            if len(self._bucket_batches) > 4:
+                self._bucket_batches.clear()
+            sampler = BucketBatchSampler(self._epoch_keys(epoch), self.batch_size, self.seed)
+            self._bucket_batches[epoch] = [[(j, self.resolve(self.slots[j], epoch)) for j in b]
+                                           for b in sampler.batches(epoch)]
+        return self._bucket_batches[epoch]
+
+    def _locate(self, micro_batch: int) -> tuple[int, int]:
+        if not self.pools:  # every epoch has the same number of batches
+            if self._n0 is None:
+                self._n0 = self._n_batches(0)
+            return divmod(micro_batch, self._n0)
+        while self._cum[-1] <= micro_batch:
+            self._cum.append(self._cum[-1] + self._n_batches(len(self._cum) - 1))
+        epoch = bisect.bisect_right(self._cum, micro_batch) - 1
+        return epoch, micro_batch - self._cum[epoch]
+
+    # -- both modes --
+
     def positions(self, micro_batch: int) -> list[tuple[int, int, int]]:
-        """(epoch, position in epoch, item index) for each sample of a micro-batch."""
+        """(epoch, position in epoch, item index) for each sample of a micro-batch.
+
+        The position is unique within an epoch: flips and caption shuffles are seeded with (epoch, position).
+        """
+        if self.bucket_of is not None:
+            epoch, k = self._locate(micro_batch)
+            return [(epoch, j, i) for j, i in self.bucket_batches(epoch)[k]]
         out = []
         for p in range(micro_batch * self.batch_size, (micro_batch + 1) * self.batch_size):
             epoch, pos = divmod(p, self.epoch_len)
@@ -224,6 +340,8 @@ class DataOrder:
         return out
 
     def epoch_of(self, micro_batch: int) -> int:
+        if self.bucket_of is not None:
+            return self._locate(micro_batch)[0]
         return (micro_batch * self.batch_size) // self.epoch_len
 
 
@@ -240,6 +358,7 @@ class Sample:
     loss_weight: float = 1.0
     pixels: torch.Tensor | None = None  # [3, H, W] in [-1, 1] (when latents are not cached)
     latents: torch.Tensor | None = None  # [C, h, w], already scaled
+    is_class: bool = False
 
 
 @dataclass
@@ -316,24 +435,57 @@ def encode_pixels(vae, pixels: torch.Tensor, gen: torch.Generator | None = None)
 
 @dataclass
 class TrainData:
-    """Items + order + caches. `batch(m)` is a pure function of m once the caches are filled."""
+    """Items + order + caches. `batch(m)` is a pure function of m once the caches are filled.
+
+    Captions: `ImageItem.caption` is the caption with nothing shuffled or dropped (trigger word first); each
+    draw of an instance image then goes through `captions.process_caption` (tag shuffling after the first
+    `keep_tokens` tags, caption dropout) with `caption_rng(seed, epoch, position)`, so a resumed run draws
+    the same captions. Class images always train with their class prompt as it is.
+    Prior preservation: a batch holding class images gets the per-sample weights of `prior.prior_weights`,
+    so the loop's weighted mean equals mean(instance) + prior_loss_weight * mean(class).
+    """
 
     items: list[ImageItem]
     resolution: int
     batch_size: int
     seed: int
     random_flip: bool = False
+    bucketing: bool = False
+    bucket_step: int = 64
+    bucket_min_side: int = 256
+    bucket_max_side: int = 1024
+    trigger_word: str | None = None
+    shuffle_tags: bool = False
+    keep_tokens: int = 0
+    caption_dropout: float = 0.0
+    prior_loss_weight: float = 1.0
     _latents: dict[tuple[int, bool], torch.Tensor] = field(default_factory=dict)
     _text: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
     _geometry: dict[int, Cropped] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.order = DataOrder([it.repeats for it in self.items], self.batch_size, self.seed)
+        self.has_class = any(it.is_class for it in self.items)
+        self.item_buckets: list[Bucket] = [(self.resolution, self.resolution)] * len(self.items)
+        if self.bucketing:
+            lo, hi = clamp_sides(self.resolution, self.bucket_min_side, self.bucket_max_side)
+            self.bucket_list = make_buckets(self.resolution, self.bucket_step, lo, hi)
+            self.item_buckets = [assign_bucket(*image_size(it.path), self.bucket_list) for it in self.items]
+        pools: list[tuple[int, list[int]]] = []
+        for c in sorted({it.concept_index for it in self.items if it.is_class}):
+            n_instance = sum(it.repeats for it in self.items if it.concept_index == c and not it.is_class)
+            members = [i for i, it in enumerate(self.items) if it.concept_index == c and it.is_class]
+            pools.append((n_instance, members))
+        self.order = DataOrder([0 if it.is_class else it.repeats for it in self.items], self.batch_size,
+                               self.seed, pools=pools, bucket_of=self.item_buckets if self.bucketing else None)
 
     @classmethod
     def from_spec(cls, spec: TrainSpec, items: list[ImageItem] | None = None) -> TrainData:
-        return cls(items=items if items is not None else scan_dataset(spec), resolution=spec.data.resolution,
-                   batch_size=spec.batch_size, seed=spec.seed, random_flip=spec.data.random_flip)
+        d = spec.data
+        return cls(items=items if items is not None else scan_dataset(spec), resolution=d.resolution,
+                   batch_size=spec.batch_size, seed=spec.seed, random_flip=d.random_flip, bucketing=d.bucketing,
+                   bucket_step=d.bucket_step, bucket_min_side=d.bucket_min_side, bucket_max_side=d.bucket_max_side,
+                   trigger_word=d.trigger_word, shuffle_tags=d.shuffle_tags, keep_tokens=d.keep_tokens,
+                   caption_dropout=d.caption_dropout, prior_loss_weight=spec.prior_loss_weight)
 
     @property
     def latents_cached(self) -> bool:
@@ -343,13 +495,30 @@ class TrainData:
     def text_cached(self) -> bool:
         return bool(self._text)
 
+    @property
+    def captions_vary(self) -> bool:
+        """True when an image's caption changes from draw to draw (text-encoder outputs cannot be cached)."""
+        return self.shuffle_tags or self.caption_dropout > 0
+
+    def caption_for(self, epoch: int, pos: int, index: int) -> str:
+        it = self.items[index]
+        if it.is_class or not self.captions_vary:
+            return it.caption
+        return captions.process_caption(it.caption, trigger_word=self.trigger_word, shuffle_tags=self.shuffle_tags,
+                                        keep_tokens=self.keep_tokens, caption_dropout=self.caption_dropout,
+                                        rng=captions.caption_rng(self.seed, epoch, pos))
+
     def flip_for(self, epoch: int, pos: int) -> bool:
         if not self.random_flip:
             return False
         return bool(torch.rand((), generator=generator(self.seed, "flip", epoch, pos)).item() < 0.5)
 
+    def bucket(self, index: int) -> Bucket:
+        """(w, h) item `index` trains at: its aspect bucket, or the square of the resolution."""
+        return self.item_buckets[index]
+
     def cropped(self, index: int) -> Cropped:
-        return resize_center_crop(load_image(self.items[index].path), self.resolution)
+        return crop_to_bucket(load_image(self.items[index].path), self.bucket(index))
 
     def check_images(self, on_progress: Callable[[int, int], None] | None = None) -> None:
         """Open every image once up front: a broken file fails the job before any training time is spent."""
@@ -365,7 +534,7 @@ class TrainData:
         return to_tensor(img), c
 
     def cache_latents(self, vae, on_progress: Callable[[int, int], None] | None = None) -> None:
-        """Encode every image once (both orientations when flipping); the VAE is not needed afterwards."""
+        """Encode every image once at its bucket size (both orientations when flipping)."""
         flips = (False, True) if self.random_flip else (False,)
         n = len(self.items) * len(flips)
         done = 0
@@ -381,6 +550,8 @@ class TrainData:
     @torch.no_grad()
     def cache_text(self, base: BaseModel, device: torch.device | str) -> None:
         """Encode each distinct caption once (only valid while captions are fixed and the TE is frozen)."""
+        if self.captions_vary:
+            raise ValueError("text-encoder outputs cannot be cached while captions are shuffled or dropped")
         for cap in sorted({it.caption for it in self.items}):
             h, p = encode_text(base, [cap], device)
             self._text[cap] = (h[0].float().cpu(), None if p is None else p[0].float().cpu())
@@ -388,29 +559,36 @@ class TrainData:
     def sample(self, epoch: int, pos: int, index: int) -> Sample:
         it = self.items[index]
         flipped = self.flip_for(epoch, pos)
+        caption = self.caption_for(epoch, pos, index)
         if (index, flipped) in self._latents:
             g = self._geometry[index]
-            return Sample(index, it.caption, g.original_size, g.crop_top_left, g.target_size, flipped,
-                          it.loss_weight, latents=self._latents[(index, flipped)])
+            return Sample(index, caption, g.original_size, g.crop_top_left, g.target_size, flipped,
+                          it.loss_weight, latents=self._latents[(index, flipped)], is_class=it.is_class)
         px, c = self.pixels(index, flipped)
-        return Sample(index, it.caption, c.original_size, c.crop_top_left, c.target_size, flipped,
-                      it.loss_weight, pixels=px)
+        return Sample(index, caption, c.original_size, c.crop_top_left, c.target_size, flipped,
+                      it.loss_weight, pixels=px, is_class=it.is_class)
 
     def batch(self, micro_batch: int) -> Batch:
         samples = [self.sample(e, p, i) for e, p, i in self.order.positions(micro_batch)]
         return self.collate(samples)
 
+    def loss_weights(self, samples: Sequence[Sample]) -> torch.Tensor:
+        if self.has_class:
+            from trainer.prior import prior_weights
+
+            return prior_weights(torch.tensor([s.is_class for s in samples]), self.prior_loss_weight)
+        return torch.tensor([s.loss_weight for s in samples], dtype=torch.float32)
+
     def collate(self, samples: list[Sample]) -> Batch:
-        captions = [s.caption for s in samples]
-        b = Batch(samples=samples, captions=captions,
-                  loss_weight=torch.tensor([s.loss_weight for s in samples], dtype=torch.float32),
+        captions_ = [s.caption for s in samples]
+        b = Batch(samples=samples, captions=captions_, loss_weight=self.loss_weights(samples),
                   add_time_ids=time_ids(samples))
         if all(s.latents is not None for s in samples):
             b.latents = torch.stack([s.latents for s in samples])  # type: ignore[misc]
         else:
             b.pixels = torch.stack([s.pixels for s in samples])  # type: ignore[misc]
-        if self._text and all(c in self._text for c in captions):
-            b.encoder_hidden_states = torch.stack([self._text[c][0] for c in captions])
-            if self._text[captions[0]][1] is not None:
-                b.pooled = torch.stack([self._text[c][1] for c in captions])  # type: ignore[misc]
+        if self._text and all(c in self._text for c in captions_):
+            b.encoder_hidden_states = torch.stack([self._text[c][0] for c in captions_])
+            if self._text[captions_[0]][1] is not None:
+                b.pooled = torch.stack([self._text[c][1] for c in captions_])  # type: ignore[misc]
         return b

@@ -171,7 +171,7 @@ def ensure_class_images(
     negative_prompt: str = "",
     seed: int = 0,
 ) -> list[Path]:
-    wanted = concept.class_count
+    wanted = concept.class_count or 0  # None (not resolved by the caller): no class images
     if wanted <= 0:
         return []
     prompt = " ".join((concept.class_prompt or "").split())

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from PIL import Image, UnidentifiedImageError
 
-from trainer.buckets import Bucket, assign_bucket, make_buckets
+from trainer.buckets import Bucket, assign_bucket, clamp_sides, make_buckets
 
 if TYPE_CHECKING:
     from trainer.spec import Concept, TrainSpec
@@ -120,6 +120,7 @@ def dataset_report(
     max_names: int = 10,
     verify: bool = True,
 ) -> Report:
+    bucket_min_side, bucket_max_side = clamp_sides(resolution, bucket_min_side, bucket_max_side)
     buckets = make_buckets(resolution, bucket_step, bucket_min_side, bucket_max_side) if bucketing else []
     warnings: list[str] = []
     lines: list[str] = []
@@ -128,7 +129,7 @@ def dataset_report(
     totals: dict[Bucket, int] = {}
 
     for i, concept in enumerate(concepts):
-        st = ConceptStats(index=i, image_dir=concept.image_dir, class_requested=concept.class_count)
+        st = ConceptStats(index=i, image_dir=concept.image_dir, class_requested=concept.class_count or 0)
         stats.append(st)
         folder = Path(concept.image_dir).expanduser()
         label = f"concept {i + 1} ({folder.name or folder})"

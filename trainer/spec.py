@@ -72,7 +72,9 @@ class Concept(_Strict):
     caption_mode: Literal["instance_and_caption", "caption_only", "instance_only"] = "instance_and_caption"
     class_prompt: str | None = None
     class_dir: str | None = None
-    class_count: int = Field(0, ge=0, le=10000)
+    # None: data.class_images_per_image x this concept's image count when a class_prompt is set, else 0.
+    # 0: no prior preservation for this concept.
+    class_count: int | None = Field(None, ge=0, le=10000)
     repeats: int = Field(1, ge=1, le=1000)
 
 
@@ -140,6 +142,9 @@ class DataSpec(_Strict):
     trigger_word: str | None = None  # always kept first in every caption
     cache_latents: bool = True
     cache_text_encoder_outputs: bool = False
+    # The DreamBooth extension's "class images per instance image": the class_count of every concept that has a
+    # class_prompt but no class_count of its own (0: none).
+    class_images_per_image: int = Field(0, ge=0, le=100)
 
     @model_validator(mode="after")
     def _bucket_sides(self) -> DataSpec:

@@ -270,19 +270,6 @@ def _write_json(path: Path, data: Any) -> Path:
 
 # --- the trainer -----------------------------------------------------------------------------------
 
-def unapplied_settings(spec: TrainSpec) -> list[str]:
-    """Spec settings this loop does not apply yet (their modules are wired in separately): said, not hidden."""
-    d = spec.data
-    out = []
-    if d.bucketing:
-        out.append("data.bucketing is not applied yet: images are centre-cropped to squares")
-    if d.shuffle_tags or d.caption_dropout > 0:
-        out.append("data.shuffle_tags / caption_dropout are not applied yet: captions are used as written")
-    if any(c.class_dir or c.class_prompt for c in spec.concepts):
-        out.append("prior preservation (class_dir / class_prompt) is not applied yet: class images are not used")
-    return out
-
-
 def resolve_device(device: str | None) -> torch.device:
     if device:
         return torch.device(device)
@@ -294,8 +281,10 @@ class Trainer:
 
     def __init__(self, spec: TrainSpec, job_dir: Path, on_event: EventSink = null_sink,
                  should_stop: StopCheck = never_stop, models_dir: Path | None = None, device: str | None = None,
-                 sample_hook: SampleHook | None = None, base: Any | None = None):
+                 sample_hook: SampleHook | None = None, base: Any | None = None, class_cache: Path | None = None):
         self.spec = spec
+        # Where generated class images are kept for the next job (keyed by base model and class prompt).
+        self.class_cache = Path(class_cache) if class_cache is not None else None
         self._given_base = base  # a preloaded base (e.g. with a frozen LoRA applied) instead of spec.base_model
         self.job_dir = Path(job_dir)
         self.out_dir = self.job_dir / "outputs"
@@ -320,11 +309,11 @@ class Trainer:
 
     def setup(self) -> None:
         spec = self.spec
-        from trainer.data import scan_dataset
+        from trainer.data import class_items, resolve_class_counts, scan_dataset
         from trainer.models import ModelError, load_base
 
-        self.items = scan_dataset(spec)  # bad folders fail before the model is loaded
-        self.data = TrainData.from_spec(spec, self.items)
+        instance_items = scan_dataset(spec)  # bad folders fail before the model is loaded
+        self.concepts = resolve_class_counts(spec, instance_items)
         try:
             self.base = self._given_base or load_base(spec.base_model, self.models_dir)
         except ModelError as e:
@@ -334,6 +323,13 @@ class Trainer:
         self.noise_scheduler = DDPMScheduler.from_config(self.base.noise_scheduler.config,
                                                           prediction_type=self.prediction_type)
         self._setup_precision()
+        # Class images come from the plain base model: before the network is attached.
+        self.class_images = self.prepare_class_images()
+        self.items = list(instance_items)
+        for i, (concept, paths) in enumerate(zip(self.concepts, self.class_images, strict=True)):
+            self.items += class_items(concept, i, paths or [], spec.prior_loss_weight)
+        self.emit_report()
+        self.data = TrainData.from_spec(spec, self.items)
         self.network = _create_network(self.base, spec)
         for m in [self.base.unet, self.base.vae, *self.base.text_encoders]:
             m.to(self.device)  # BaseModel.to(dtype=None) makes diffusers warn about dtypes
@@ -345,11 +341,83 @@ class Trainer:
         self.lr_scheduler, notes2 = build_scheduler(spec.optimizer, self.optimizer, spec.steps)
         for n in notes + notes2:
             self.log(n, "warning")
-        for n in unapplied_settings(spec):
-            self.log(n, "warning")
         self.spec_fp = st.spec_fingerprint(spec)
         self.data_fp = dataset_fingerprint(self.items)
         self._maybe_resume()
+
+    # -- prior preservation and the dataset report --
+
+    def prepare_class_images(self) -> list[list[Path] | None]:
+        """Class images per concept (None: no prior preservation), generating the missing ones.
+
+        Generated images are kept in `class_cache/class_images/<base model + class prompt>` (or the concept's
+        class_dir) and reused by the next job; only `class_count - present` images are ever generated.
+        """
+        from trainer.prior import default_render, ensure_class_images
+
+        spec = self.spec
+        if not any(c.class_count for c in self.concepts):
+            return [None] * len(self.concepts)
+        cache = self.class_cache
+        if cache is None:
+            from trainer.models import cache_root
+
+            cache = cache_root()
+        on_gpu = self.device.type == "cuda"
+        moved = False
+        render_fn: list[Any] = []
+
+        def render(prompt: str, seed: int, width: int, height: int) -> Any:
+            nonlocal moved
+            if not render_fn:
+                if on_gpu:  # generate on the GPU, then give the memory back until training starts
+                    for m in [self.base.unet, self.base.vae, *self.base.text_encoders]:
+                        m.to(self.device)
+                    moved = True
+                render_fn.append(default_render(self.base))
+            with self._autocast():
+                return render_fn[0](prompt, seed, width, height)
+
+        out: list[list[Path] | None] = []
+        try:
+            for concept in self.concepts:
+                if not concept.class_count:
+                    out.append(None)
+                    continue
+                out.append(ensure_class_images(concept, self.base, spec.base_model, cache, render=render,
+                                               on_event=self.emit, should_stop=self.should_stop,
+                                               resolution=spec.data.resolution, seed=spec.seed))
+        except JobCancelled:
+            self.cancel()
+        finally:
+            if moved:
+                for m in [self.base.unet, self.base.vae, *self.base.text_encoders]:
+                    m.to("cpu")
+        return out
+
+    def emit_report(self) -> None:
+        """What will train (images per concept and bucket, captions, duplicates, undersized images): a
+        `report` event and job_dir/report.txt, before any training time is spent."""
+        from trainer.report import report_for_spec
+
+        spec = self.spec.model_copy(update={"concepts": self.concepts})
+        try:
+            r = report_for_spec(spec, class_images=self.class_images)
+        except Exception as e:  # noqa: BLE001 - the report informs; it never stops a job on its own
+            self.log(f"dataset report failed: {type(e).__name__}: {e}", "warning")
+            return
+        self.report = r
+        self.job_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".report.txt.", dir=self.job_dir)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(r.text + "\n")
+        os.replace(tmp, self.job_dir / "report.txt")
+        self.emit(event("report", text=r.text, warnings=list(r.warnings)))
+        d = self.spec.data
+        if d.bucketing and (d.bucket_min_side > d.resolution or d.bucket_max_side < d.resolution):
+            self.log(f"bucket sides {d.bucket_min_side}-{d.bucket_max_side} do not include the resolution "
+                     f"{d.resolution}: buckets use sides {min(d.bucket_min_side, d.resolution)}-"
+                     f"{max(d.bucket_max_side, d.resolution)}", "warning")
 
     def _setup_precision(self) -> None:
         mp = self.spec.mixed_precision
@@ -440,9 +508,11 @@ class Trainer:
         if spec.data.cache_text_encoder_outputs:
             if self.train_te:
                 self.log("cache_text_encoder_outputs is ignored while the text encoder trains", "warning")
-            elif spec.data.shuffle_tags or spec.data.caption_dropout > 0:
-                self.log("cache_text_encoder_outputs is ignored with shuffle_tags/caption_dropout "
-                         "(captions change every step)", "warning")
+            elif self.data.captions_vary:
+                # kohya refuses this combination; presets turn caching on, so explain and train without it.
+                self.log("cache_text_encoder_outputs is turned off: shuffle_tags / caption_dropout change the "
+                         "captions every step, so their text-encoder outputs cannot be cached (the text encoders "
+                         "run each step instead: a little slower, more memory)", "warning")
             else:
                 self.emit(event("phase", name="caching text encoder outputs"))
                 with self._autocast():
@@ -554,7 +624,10 @@ class Trainer:
             "huber_c": spec.huber_c if spec.loss_type == "huber" else None,
             "gradient_checkpointing": spec.gradient_checkpointing, "max_grad_norm": opt.max_grad_norm,
             "network_dropout": net.dropout or None, "cache_latents": spec.data.cache_latents,
-            "num_train_images": len(self.items), "prediction_type": self.prediction_type,
+            "num_train_images": sum(1 for it in self.items if not it.is_class),
+            "num_reg_images": sum(1 for it in self.items if it.is_class) or None,
+            "prior_loss_weight": spec.prior_loss_weight if any(it.is_class for it in self.items) else None,
+            "enable_bucket": spec.data.bucketing, "prediction_type": self.prediction_type,
             "training_comment": f"trained with loraforge; preset {spec.preset}" if spec.preset else None,
         }
         return build_metadata(
@@ -588,7 +661,7 @@ class Trainer:
         try:
             if hasattr(self.network, "set_multiplier"):
                 self.network.set_multiplier(1.0)
-            with torch.no_grad():
+            with torch.no_grad(), self._autocast():
                 paths = [str(p) for p in hook(self.step, self.network)]
         finally:
             for m in [self.base.unet, *self.base.text_encoders]:
