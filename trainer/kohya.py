@@ -27,6 +27,7 @@ from safetensors.torch import save as st_save
 from safetensors.torch import save_file
 
 from trainer.blocks import ALL_PREFIXES, Arch, Kind, Target, all_module_targets
+from trainer.events import JobFailed
 
 if TYPE_CHECKING:
     from trainer.models import BaseModel
@@ -541,3 +542,16 @@ def check_compatible(lora: KohyaLora, base: BaseModel) -> dict[str, Target]:
 def load_state_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Raw tensors of a (trusted, our own) kohya file, e.g. for resume; use read_kohya for uploads."""
     return st_load(Path(path).read_bytes())
+
+
+def resolve_lora_path(ref: str, models_dir: Path | None = None) -> Path:
+    """A LoRA named in a job spec: a path, or a file name in the models folder (with or without .safetensors)."""
+    p = Path(ref).expanduser()
+    if p.exists():
+        return p
+    if models_dir is not None:
+        for c in (Path(models_dir) / ref, Path(models_dir) / f"{ref}.safetensors"):
+            if c.exists():
+                return c
+    raise JobFailed(f"LoRA file {ref!r} not found; give a path or a file name in the models folder",
+                    reason="bad_input")

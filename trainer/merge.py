@@ -41,6 +41,7 @@ from trainer.kohya import (
     check_compatible,
     delta_weight,
     read_kohya,
+    resolve_lora_path,
     save_kohya,
 )
 from trainer.spec import MergeSpec
@@ -485,7 +486,7 @@ def run_merge_job(spec: MergeSpec, job_dir: Path, on_event: EventSink = null_sin
     on_event(event("phase", name="reading inputs", current=0, total=len(spec.inputs)))
     loras: list[KohyaLora] = []
     for n, inp in enumerate(spec.inputs):
-        path = _resolve_input(inp.path, models_dir)
+        path = resolve_lora_path(inp.path, models_dir)
         try:
             loras.append(read_kohya(path))
         except LoraFileError as e:
@@ -559,14 +560,3 @@ def run_merge_job(spec: MergeSpec, job_dir: Path, on_event: EventSink = null_sin
     summary["seconds"] = round(time.monotonic() - t0, 2)
     on_event(event("finished", outputs=outputs, summary=summary))
     return outputs
-
-
-def _resolve_input(ref: str, models_dir: Path | None) -> Path:
-    p = Path(ref).expanduser()
-    if p.exists():
-        return p
-    if models_dir is not None:
-        for c in (Path(models_dir) / ref, Path(models_dir) / f"{ref}.safetensors"):
-            if c.exists():
-                return c
-    raise JobFailed(f"LoRA file {ref!r} not found", reason="bad_input")

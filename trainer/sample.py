@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +23,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from trainer.events import EventSink, JobCancelled, JobFailed, StopCheck, event, never_stop, null_sink  # noqa: E402
 from trainer.grid import save_png, strength_seed_grid  # noqa: E402
-from trainer.kohya import KohyaLora, LoraFileError, check_compatible, delta_weight, read_kohya  # noqa: E402
+from trainer.kohya import (  # noqa: E402
+    KohyaLora,
+    LoraFileError,
+    check_compatible,
+    delta_weight,
+    read_kohya,
+    resolve_lora_path,
+)
 from trainer.models import BaseModel, load_base  # noqa: E402
 from trainer.spec import GridSpec, PreviewSpec, SamplePrompt  # noqa: E402
 
@@ -332,7 +339,7 @@ def run_preview_job(spec: PreviewSpec, job_dir: Path, on_event: EventSink = null
     out_dir.mkdir(parents=True, exist_ok=True)
     on_event(event("phase", name="loading base model"))
     sampler = get_sampler(spec.base_model, models_dir, device, context)
-    loras = [(_resolve_lora_path(r.path, models_dir), r.strength) for r in spec.loras]
+    loras = [(resolve_lora_path(r.path, models_dir), r.strength) for r in spec.loras]
     grid = spec.grid
     if not loras and len(grid.strengths) > 1:
         # Without a LoRA every column would be the same image: render one column.
@@ -359,20 +366,3 @@ def run_preview_job(spec: PreviewSpec, job_dir: Path, on_event: EventSink = null
     summary = {"seconds": round(time.monotonic() - t0, 2), "cells": len(grid.strengths) * len(grid.seeds)}
     on_event(event("finished", outputs=outputs, summary=summary))
     return outputs
-
-
-def _resolve_lora_path(ref: str, models_dir: Path | None) -> Path:
-    p = Path(ref).expanduser()
-    if p.exists():
-        return p
-    if models_dir is not None:
-        for c in (Path(models_dir) / ref, Path(models_dir) / f"{ref}.safetensors"):
-            if c.exists():
-                return c
-    raise JobFailed(f"LoRA file {ref!r} not found", reason="bad_input")
-
-
-def iter_cells(strengths: Iterable[float], seeds: Iterable[int]) -> list[tuple[int, float]]:
-    """(seed, strength) in the grid's cell order: rows = seeds, columns = strengths."""
-    return [(seed, s) for seed in seeds for s in strengths]
-
