@@ -4,6 +4,13 @@
 resumes from `job_dir/state/` when a state is there, trains `spec.steps` optimizer steps and writes
 `job_dir/outputs/<output_name>.safetensors` (kohya format), `loss.png` and `loss.json`.
 
+Before training (setup): the concepts' class images are made ready for prior preservation (the missing ones
+generated with the plain base model and its class prompt, before the network is attached; phase "generating
+class images"), and the dataset report is emitted (`report` event, job_dir/report.txt). The data pipeline
+(trainer/data.py) then applies aspect-ratio buckets, per-draw caption shuffling/dropout and the
+prior-preservation loss weights; samples (spec.sample) are rendered with the live network every N steps and
+at the end into job_dir/samples/ and reported as `sample` events.
+
 Determinism (exact resume): nothing here draws from a global RNG stream that carries over between steps.
 Step s (micro-batch a) draws its noise, noise offset and timesteps from a generator seeded with
 (seed, s, a); the global torch seed is reset to (seed, s) at the start of each step for anything else
@@ -759,12 +766,14 @@ class Trainer:
 
 def train(spec: TrainSpec, job_dir: Path, on_event: EventSink = null_sink, should_stop: StopCheck = never_stop,
           models_dir: Path | None = None, device: str | None = None, sample_hook: SampleHook | None = None,
-          context: dict[str, Any] | None = None) -> dict[str, Any]:
+          context: dict[str, Any] | None = None, class_cache: Path | None = None) -> dict[str, Any]:
     """Train a LoRA; returns the outputs (kind -> path or paths). Raises JobCancelled / JobFailed.
 
     On a stop request the current LoRA is saved as `<output_name>-step<NNNNNNNN>.safetensors` (never under the
     final name, so a partial result is never mistaken for a finished one) together with the state; calling
     train() again with the same job_dir continues from there. `context` is the worker's cross-job cache
-    (unused by training for now; accepted so the runner can pass it to every job kind).
+    (unused by training for now; accepted so the runner can pass it to every job kind). Generated class images
+    are kept under `class_cache` (default: the engine's cache folder, LORAFORGE_CACHE) for the next job.
     """
-    return Trainer(spec, Path(job_dir), on_event, should_stop, models_dir, device, sample_hook).run()
+    return Trainer(spec, Path(job_dir), on_event, should_stop, models_dir, device, sample_hook,
+                   class_cache=class_cache).run()
