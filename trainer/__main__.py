@@ -42,6 +42,32 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def describe_lora(lora: Any, path: Path) -> str:
+    """A short human summary of a checked kohya LoRA: what it is for, what it trains, at which ranks."""
+    from collections import Counter
+
+    from trainer.kohya import file_model_hash
+
+    mods = lora.modules.values()
+    parts = Counter(name.split("_", 2)[1] if name.startswith("lora_te") else "unet" for name in lora.modules)
+    ranks = Counter((m.kind, m.rank, float(m.alpha)) for m in mods)
+    meta = lora.metadata or {}
+    lines = [
+        f"{path}: kohya-format LoRA for {lora.arch or 'an unknown architecture'}",
+        "modules: " + ", ".join(f"{n} {p}" for p, n in sorted(parts.items())) + f" ({len(lora.modules)} in all)",
+        "rank/alpha: " + ", ".join(f"{k} r{r} a{a:g} x{n}" for (k, r, a), n in sorted(ranks.items())),
+    ]
+    for key in ("ss_output_name", "ss_sd_model_name", "ss_base_model_version", "ss_network_dim",
+                "ss_network_alpha", "ss_network_args", "ss_max_train_steps", "ss_optimizer", "ss_learning_rate"):
+        if key in meta:
+            lines.append(f"{key}: {meta[key]}")
+    stored = meta.get("sshs_model_hash")
+    if stored:
+        ok = stored == file_model_hash(path)
+        lines.append(f"sshs_model_hash: {stored} ({'matches the file' if ok else 'DOES NOT match the file'})")
+    return "\n".join(lines)
+
+
 def _print_event(ev: dict[str, Any]) -> None:
     t = ev.get("type")
     if t == "progress":
@@ -87,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             except LoraFileError as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 2
-            print(lora.describe() if hasattr(lora, "describe") else lora)
+            print(describe_lora(lora, args.file))
             return 0
         spec = load_job_file(args.job, parse_set(args.set))
         if args.cmd == "validate":
