@@ -135,15 +135,22 @@ def scan_dataset(spec: TrainSpec) -> list[ImageItem]:
 
 def resolve_class_counts(spec: TrainSpec, items: Sequence[ImageItem]) -> list[Concept]:
     """The concepts with every class_count decided: a concept's own count when set; else, when it has a
-    class_prompt, `data.class_images_per_image` x its number of images (the DreamBooth extension's
-    "class images per instance image"); else 0 (no prior preservation)."""
+    class_prompt and `data.class_images_per_image` is set, that many per instance image (the DreamBooth
+    extension's "class images per instance image"); else, when it has a class_dir, every image in it (as
+    kohya uses its regularization folders); else 0 (no prior preservation)."""
     per_image = spec.data.class_images_per_image
     out = []
     for i, c in enumerate(spec.concepts):
         n = c.class_count
         if n is None:
             n_images = sum(1 for it in items if it.concept_index == i and not it.is_class)
-            n = per_image * n_images if (c.class_prompt or "").strip() else 0
+            folder = Path(c.class_dir).expanduser() if c.class_dir else None
+            if (c.class_prompt or "").strip() and per_image:
+                n = per_image * n_images
+            elif folder is not None and folder.is_dir():
+                n = len(list_images(folder))
+            else:
+                n = 0
         out.append(c.model_copy(update={"class_count": n}))
     return out
 

@@ -407,6 +407,15 @@ class Trainer:
         `report` event and job_dir/report.txt, before any training time is spent."""
         from trainer.report import report_for_spec
 
+        d = self.spec.data
+        if d.bucketing and (d.bucket_min_side > d.resolution or d.bucket_max_side < d.resolution):
+            self.log(f"bucket sides {d.bucket_min_side}-{d.bucket_max_side} do not include the resolution "
+                     f"{d.resolution}: buckets use sides {min(d.bucket_min_side, d.resolution)}-"
+                     f"{max(d.bucket_max_side, d.resolution)}", "warning")
+        for i, (given, c) in enumerate(zip(self.spec.concepts, self.concepts, strict=True)):
+            if (c.class_prompt or "").strip() and not c.class_count and given.class_count is None:
+                self.log(f"concepts[{i}] has a class_prompt but no class images: no prior preservation (set its "
+                         "class_count, or data.class_images_per_image)")
         spec = self.spec.model_copy(update={"concepts": self.concepts})
         try:
             r = report_for_spec(spec, class_images=self.class_images)
@@ -420,11 +429,6 @@ class Trainer:
             f.write(r.text + "\n")
         os.replace(tmp, self.job_dir / "report.txt")
         self.emit(event("report", text=r.text, warnings=list(r.warnings)))
-        d = self.spec.data
-        if d.bucketing and (d.bucket_min_side > d.resolution or d.bucket_max_side < d.resolution):
-            self.log(f"bucket sides {d.bucket_min_side}-{d.bucket_max_side} do not include the resolution "
-                     f"{d.resolution}: buckets use sides {min(d.bucket_min_side, d.resolution)}-"
-                     f"{max(d.bucket_max_side, d.resolution)}", "warning")
 
     def _setup_precision(self) -> None:
         mp = self.spec.mixed_precision

@@ -141,3 +141,29 @@ def test_uncached_batches_are_pixels(dataset: Path, make_spec) -> None:
     b = data.batch(0)
     assert b.pixels is not None and b.pixels.shape == (2, 3, 64, 64) and b.latents is None
     assert float(b.pixels.min()) >= -1 and float(b.pixels.max()) <= 1
+
+
+def test_filewords_and_caption_dedup_at_scan_time() -> None:
+    c = Concept(image_dir="x", instance_prompt="photo of scs girl, [filewords]")
+    assert build_caption(c, "red dress, smiling", "scs") == "photo of scs girl, red dress, smiling"
+    assert build_caption(c, None, "scs") == "photo of scs girl"
+    c2 = Concept(image_dir="x", instance_prompt="scs girl")
+    assert build_caption(c2, "scs girl, red dress", None) == "scs girl, red dress"  # no doubled instance tag
+
+
+def test_exif_rotated_image_gets_the_tall_bucket(tmp_path: Path, make_spec) -> None:
+    from trainer.data import crop_to_bucket, image_size
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown portrait
+    Image.new("RGB", (190, 100), (1, 2, 3)).save(folder / "phone.jpg", exif=exif)
+    assert image_size(folder / "phone.jpg") == (100, 190) == load_image(folder / "phone.jpg").size
+    spec = make_spec(folder, data={"resolution": 96, "bucketing": True, "bucket_step": 16, "bucket_min_side": 64,
+                                   "bucket_max_side": 160})
+    data = TrainData.from_spec(spec)
+    assert data.bucket(0) == (64, 128)
+    c = crop_to_bucket(load_image(folder / "phone.jpg"), (64, 128))
+    assert c.image.size == (64, 128) and c.original_size == (190, 100) and c.crop_top_left == (0, 1)
+    assert c.target_size == (128, 64)

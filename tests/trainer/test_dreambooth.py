@@ -150,6 +150,12 @@ def test_class_images_per_image_default_and_balance(tmp_path: Path, dataset_fact
         assert sum(t.items[i].is_class for i in epoch) == 3
     used = [i for e in (0, 1) for i in order.epoch_order(e) if t.items[i].is_class]
     assert sorted(used) == sorted(i for i, it in enumerate(t.items) if it.is_class)
+    # no count and no per-image default: a class_dir is used whole (as kohya's regularization folders)
+    spec_dir = make_spec(folder, steps=1, concepts=[{"image_dir": str(folder), "class_prompt": "girl",
+                                                     "class_dir": str(class_dir)}])
+    t2 = Trainer(spec_dir, tmp_path / "job2")
+    t2.setup()
+    assert sum(it.is_class for it in t2.items) == 7
     # the pool rule on its own: 2 instance slots, 3 class images -> class image (e*2 + s) % 3
     o = DataOrder([1, 1, 0, 0, 0], batch_size=1, seed=0, shuffle=False, pools=[(2, [2, 3, 4])])
     assert [o.epoch_order(e) for e in range(3)] == [[0, 1, 2, 3], [0, 1, 4, 2], [0, 1, 3, 4]]
