@@ -245,21 +245,32 @@ async def submit_job(
     spec: Any,
     title: str,
     summary: str = "",
+    meta: dict[str, Any] | None = None,
 ) -> Submitted:
     """Queue a validated spec for the user, open its thread/DM, start its progress message and
     answer the interaction. The caller has checked permissions and validated the spec; quota
-    refusals (QuotaError) propagate to the caller's error handler."""
+    refusals (QuotaError) propagate to the caller's error handler. ``meta`` is merged into the
+    job's META event (e.g. ``{"link_only": True}``: deliver every file by link)."""
     bot: LoraforgeBot = interaction.client  # type: ignore[assignment]
     await ensure_deferred(interaction, ephemeral=True)
     job = await bot.submit(kind=kind, spec=spec, owner_id=interaction.user.id,
                            is_admin=bot.access.is_admin(interaction), guild_id=interaction.guild_id,
                            channel_id=interaction.channel_id)
-    return await announce_job(interaction, job, title=title, summary=summary)
+    return await announce_job(interaction, job, title=title, summary=summary, meta=meta)
 
 
-async def announce_job(interaction: discord.Interaction, job: Any, *, title: str, summary: str = "") -> Submitted:
+async def announce_job(
+    interaction: discord.Interaction,
+    job: Any,
+    *,
+    title: str,
+    summary: str = "",
+    meta: dict[str, Any] | None = None,
+) -> Submitted:
     """For a job just queued (``submit_job``, ``/retrain``): open its thread/DM, hand it to the
-    progress hub and tell the user where to look, with the queue position and ETA."""
+    progress hub and tell the user where to look, with the queue position and ETA. ``meta`` goes
+    into the job's one META event, written before the progress hub is bound to the job, so the
+    final delivery always sees it (however fast the job is)."""
     bot: LoraforgeBot = interaction.client  # type: ignore[assignment]
     job_id = int(job.id)
     hub = bot.progress
@@ -273,6 +284,7 @@ async def announce_job(interaction: discord.Interaction, job: Any, *, title: str
             "attachment_size_limit": int(getattr(interaction, "filesize_limit", 0) or 0),
             "destination": dest_kind,
             "interaction_channel_id": interaction.channel_id,
+            **(meta or {}),
         })
     finally:
         hub.bind(job_id)

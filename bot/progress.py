@@ -409,7 +409,8 @@ class JobReporter:
             files, roles = await hub.result_files(job.id, self.outputs), {}
         meta = await hub.job_meta(job.id)
         guild = bot.get_guild(job.guild_id) if job.guild_id else None
-        limit = upload_limit(meta.get("attachment_size_limit"), guild)
+        # link_only (checkpoints: gigabytes): every file goes out as a signed link, never attached.
+        limit = 0 if meta.get("link_only") else upload_limit(meta.get("attachment_size_limit"), guild)
         summary = self.final.get("summary") or {}
         lines = [f"{mention} job **#{job.id}** finished."]
         lines.append(f"Settings: {spec_summary(job.spec_json)}")

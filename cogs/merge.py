@@ -27,7 +27,6 @@ from discord.ext import commands
 from bot.autogrid import train_prompt
 from bot.errors import InvalidInput, NotFound, PermissionDenied
 from bot.interactions import (
-    META_EVENT,
     bullet_list,
     clip,
     download_attachments,
@@ -284,17 +283,6 @@ def parse_rank(text: str | None, field: str) -> int | str:
     return int(t)
 
 
-async def mark_link_only(bot: LoraforgeBot, job_id: int) -> None:
-    """Checkpoints are gigabytes: deliver them by signed link, never as an attachment. The progress
-    layer reads the job's upload limit from its newest META event, so a 1-byte limit sends every file
-    out as a link (through its public event, without touching bot/progress.py)."""
-    events = await bot.repo.list_events(job_id, types=[META_EVENT])
-    meta = dict(events[-1].payload) if events else {}
-    meta["attachment_size_limit"] = 1
-    meta["link_only"] = True
-    await bot.repo.add_event(job_id, META_EVENT, meta)
-
-
 # ---------------------------------------------------------------------------------- the command
 
 
@@ -403,9 +391,9 @@ class Merge(commands.Cog):
         listing = ", ".join(f"{i.label} x{r:g}" for i, r in zip(inputs, values, strict=True))
         what = "checkpoint" if into_checkpoint else f"rank {spec.rank}"  # type: ignore[union-attr]
         summary = clip(f"Merging {listing} -> `{name}.safetensors` ({what}).\n" + "\n".join(notes), 1200)
-        sub = await submit_job(interaction, kind="merge", spec=spec, title=f"merge: {name}", summary=summary)
-        if into_checkpoint:
-            await mark_link_only(bot, int(sub.job.id))
+        # A checkpoint is gigabytes: delivered by signed link, never attached (read by bot.progress).
+        await submit_job(interaction, kind="merge", spec=spec, title=f"merge: {name}", summary=summary,
+                         meta={"link_only": True} if into_checkpoint else None)
 
 
 async def setup(bot: LoraforgeBot) -> None:

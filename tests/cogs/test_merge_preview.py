@@ -304,3 +304,33 @@ async def test_no_second_grid_when_the_train_job_made_one(fake_discord: Any, bot
     assert await bot.get_cog("Preview").autogrid.submit_for(job) is None
     await asyncio.sleep(0.2)  # the listener runs on its own queue: give it a moment to (not) act
     assert await bot.repo.count_jobs() == 1
+
+
+async def test_checkpoint_merge_is_delivered_by_link_even_when_small(fake_discord: Any, bot: Any,
+                                                                       lora_files: dict[str, bytes]):
+    """The link-only flag travels in the job's one META event (written before the progress hub is bound),
+    so even a stub checkpoint of a few bytes, finished at once, is never attached; a LoRA merge of the
+    same size is."""
+    import aiohttp
+
+    fake = fake_discord
+    rec = await run_command(fake, bot, "merge", {"lora1": attach(fake, lora_files, "front.safetensors"),
+                                                 "base_model": "tiny-sd15", "into_checkpoint": True,
+                                                 "output_name": "baked"}, user="alice")
+    job = await finished(bot, job_id_of(answer(rec)), 30)
+    [meta] = await bot.repo.list_events(job.id, types=["discord.meta"])
+    assert meta.payload["link_only"] is True and meta.payload["destination"] == "thread"
+    post = final_post(fake, job)
+    assert post.file_names == [], post.file_names
+    url = re.search(r"<(http://127\.0\.0\.1:\d+/files/[^>]+)>", post.content).group(1)
+    assert "baked.safetensors" in post.content
+    async with aiohttp.ClientSession() as http, http.get(url) as r:
+        assert r.status == 200
+        assert await r.read() == (bot.files.job_outputs_dir(job.id) / "baked.safetensors").read_bytes()
+
+    rec = await run_command(fake, bot, "merge", {"lora1": attach(fake, lora_files, "front.safetensors"),
+                                                 "output_name": "small"}, user="alice")
+    job = await finished(bot, job_id_of(answer(rec)), 30)
+    [meta] = await bot.repo.list_events(job.id, types=["discord.meta"])
+    assert "link_only" not in meta.payload
+    assert "small.safetensors" in final_post(fake, job).file_names  # fits the limit: attached
