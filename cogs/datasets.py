@@ -8,7 +8,10 @@ datasets are private unless shared, and nobody else needs to see upload reports.
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import re
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import discord
@@ -93,8 +96,30 @@ def _upload_report(upload: Any, refused: list[tuple[str, str]], total: int) -> s
     return clip("\n".join(lines))
 
 
-def _files_param(**kw: Any) -> Any:
-    return kw
+MAX_FILES = 10  # attachment options per command (file1 required, the rest optional)
+
+
+def with_file_options(func: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+    """Give a command ``file1``..``file10`` attachment options (file1 required) in place of its
+    ``files`` parameter, and call it with ``files=[file1, ..., file10]`` (unset ones None).
+
+    Discord options come from the callback's signature, so the wrapper carries a rewritten
+    ``__signature__``: the command's own parameters before ``files``, the ten attachments, then the rest."""
+    sig = inspect.signature(func)
+    params = list(sig.parameters.values())
+    at = [p.name for p in params].index("files")
+    kw = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    attachments = [inspect.Parameter("file1", kw, annotation="discord.Attachment")]
+    attachments += [inspect.Parameter(f"file{i}", kw, default=None, annotation="discord.Attachment | None")
+                    for i in range(2, MAX_FILES + 1)]
+
+    @functools.wraps(func)
+    async def wrapper(self: Any, interaction: discord.Interaction, *args: Any, **kwargs: Any) -> None:
+        files = [kwargs.pop(f"file{i}", None) for i in range(1, MAX_FILES + 1)]
+        await func(self, interaction, *args, files=files, **kwargs)
+
+    wrapper.__signature__ = sig.replace(parameters=params[:at] + attachments + params[at + 1:])  # type: ignore[attr-defined]
+    return wrapper
 
 
 class Datasets(commands.GroupCog, group_name="dataset", group_description="Your training images"):
@@ -106,10 +131,11 @@ class Datasets(commands.GroupCog, group_name="dataset", group_description="Your 
         lim = self.bot.config.limits
         return int(max(lim.max_image_mib, lim.zip_max_mib) * MiB)
 
-    async def _download(self, files: list[discord.Attachment | None]) -> tuple[list[tuple[str, bytes]], list[tuple[str, str]]]:
-        got, refused = await download_attachments(files, max_bytes=self._max_bytes(),
-                                                  max_total=int(self.bot.config.limits.zip_max_total_mib * MiB))
-        return got, refused
+    async def _download(
+        self, files: list[discord.Attachment | None]
+    ) -> tuple[list[tuple[str, bytes]], list[tuple[str, str]]]:
+        return await download_attachments(files, max_bytes=self._max_bytes(),
+                                          max_total=int(self.bot.config.limits.zip_max_total_mib * MiB))
 
     @app_commands.command(name="create", description="Create a dataset from images, .txt captions or .zip archives")
     @app_commands.describe(
@@ -119,20 +145,12 @@ class Datasets(commands.GroupCog, group_name="dataset", group_description="Your 
         class_prompt="What the subject is, e.g. 'woman' or 'dog'",
         shared="Let everyone here train on it (default: private)",
     )
+    @with_file_options
     async def create(
         self,
         interaction: discord.Interaction,
         name: str,
-        file1: discord.Attachment,
-        file2: discord.Attachment | None = None,
-        file3: discord.Attachment | None = None,
-        file4: discord.Attachment | None = None,
-        file5: discord.Attachment | None = None,
-        file6: discord.Attachment | None = None,
-        file7: discord.Attachment | None = None,
-        file8: discord.Attachment | None = None,
-        file9: discord.Attachment | None = None,
-        file10: discord.Attachment | None = None,
+        files: list[discord.Attachment | None],
         trigger_word: str = "",
         class_prompt: str = "",
         shared: bool = False,
@@ -145,9 +163,9 @@ class Datasets(commands.GroupCog, group_name="dataset", group_description="Your 
                 "Use up to 63 letters, digits, spaces, dots, dashes or underscores, starting with a letter or digit.",
             )
         await ensure_deferred(interaction, ephemeral=True)
-        files, refused = await self._download([file1, file2, file3, file4, file5, file6, file7, file8, file9, file10])
+        got, refused = await self._download(files)
         svc = self.bot.service
-        upload = await svc.create_dataset_from_files(interaction.user.id, name, files, trigger_word.strip(),
+        upload = await svc.create_dataset_from_files(interaction.user.id, name, got, trigger_word.strip(),
                                                      class_prompt.strip())
         if shared:
             await self.bot.repo.update_dataset(upload.dataset.id, visibility="shared")
@@ -160,27 +178,21 @@ class Datasets(commands.GroupCog, group_name="dataset", group_description="Your 
 
     @app_commands.command(name="add", description="Add images, captions or .zip archives to one of your datasets")
     @app_commands.autocomplete(dataset=_own_dataset_ac)
+    @app_commands.describe(dataset="One of your datasets",
+                           file1="An image, a .txt caption (same name as its image) or a .zip archive")
+    @with_file_options
     async def add(
         self,
         interaction: discord.Interaction,
         dataset: str,
-        file1: discord.Attachment,
-        file2: discord.Attachment | None = None,
-        file3: discord.Attachment | None = None,
-        file4: discord.Attachment | None = None,
-        file5: discord.Attachment | None = None,
-        file6: discord.Attachment | None = None,
-        file7: discord.Attachment | None = None,
-        file8: discord.Attachment | None = None,
-        file9: discord.Attachment | None = None,
-        file10: discord.Attachment | None = None,
+        files: list[discord.Attachment | None],
     ) -> None:
         self.bot.access.require_trainer(interaction)
         await ensure_deferred(interaction, ephemeral=True)
         ds = await resolve_dataset(self.bot, interaction, dataset)
         self.bot.access.require_dataset_write(interaction, ds)
-        files, refused = await self._download([file1, file2, file3, file4, file5, file6, file7, file8, file9, file10])
-        upload = await self.bot.service.add_files(ds.id, files)
+        got, refused = await self._download(files)
+        upload = await self.bot.service.add_files(ds.id, got)
         total = await self.bot.repo.count_images(ds.id)
         await reply(interaction, _upload_report(upload, refused, total), ephemeral=True)
 
