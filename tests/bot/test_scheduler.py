@@ -1,4 +1,4 @@
-"""Scheduler behaviour against a protocol-speaking fake worker (tests/bot/fake_worker.py).
+"""Scheduler behaviour against the protocol-speaking fake worker (tests/cogs/worker_stub.py).
 
 The real engine is exercised in test_restart.py and test_demo.py; here the worker finishes
 instantly so queue logic (fairness, quotas, cancel, watchdog, crashes, listeners) runs in seconds.
@@ -23,7 +23,7 @@ from bot.service import Service
 from bot.workers import OOM_MESSAGE
 from storage.repo import Job
 
-FAKE = str(Path(__file__).with_name("fake_worker.py"))
+FAKE = str(Path(__file__).resolve().parents[1] / "cogs" / "worker_stub.py")
 
 
 def make_config(tmp: Path, **limits: Any) -> Any:
@@ -235,7 +235,8 @@ async def test_listener_exceptions_are_isolated(svc: Service) -> None:
     final = await sched.wait_for_job(job.id, 30)
     assert final.state == "succeeded"
     await asyncio.sleep(0.2)
-    expected = ["state", "state", "started", "progress", "progress", "progress", "file", "finished", "state"]
+    expected = ["state", "state", "started", "phase", "progress", "progress", "progress", "sample",
+                "file", "file", "file", "finished", "state"]
     assert seen_sync == expected
     assert seen_async == expected
     # persisted too: events, progress, the artifact with size and hash

@@ -1,17 +1,29 @@
-"""A torch-free stand-in for `python -m trainer.worker` for the cog tests (same JSON-lines protocol).
+"""A torch-free stand-in for `python -m trainer.worker`: the same JSON-lines protocol, instant results.
+
+The one protocol-speaking fake worker of the test suite: the scheduler tests (tests/bot) and the cog
+tests (tests/cogs, the ack-latency benchmark) both start it as ``worker_cmd``. It accepts the
+``--device``/``--models-dir`` arguments the scheduler passes.
 
 Behaviour per job from the spec's output_name prefix:
-  "fast"  steps progress events at once, a sample, a lora, grid and plot, finished
+  "fast"  (default) started, `steps` progress events at once, a sample, a lora, grid and plot, finished
   "slow"  like fast, sleeping STUB_STEP_S (default 0.05 s) per step; cancellable between steps
   "big"   like fast but the lora is 64 KiB of random bytes (for the size-limit tests)
   "fail"  started, a few steps, then failed with reason "nan"
-Resume: a job started again finds its state file and reports resumed_from.
+  "stall" started, then nothing (ignores cancel) - for the stall watchdog
+  "crash" started, then the process segfaults (SIGSEGV)
+  "oom"   started, prints a CUDA OOM to stderr, exits 1
+A merge spec with ``into_checkpoint`` writes one "checkpoint" file (no lora, grid or plot), as the engine does.
+Resume: a job started again finds its state file (written every 5 steps) and reports resumed_from.
+Every job id it starts is appended to $FAKE_WORKER_LOG (one line each), so tests can check that
+no job ran twice.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import signal
 import struct
 import sys
 import threading
@@ -62,6 +74,18 @@ def reader() -> None:
         cond.notify_all()
 
 
+def die_early(name: str) -> None:
+    """The failure modes that never reach a step: a hang, a segfault, a CUDA out-of-memory exit."""
+    if name.startswith("stall"):
+        time.sleep(3600)
+    if name.startswith("crash"):
+        os.kill(os.getpid(), signal.SIGSEGV)
+    if name.startswith("oom"):
+        print("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(1)
+
+
 def run(cmd: dict) -> None:
     job_id = int(cmd["job_id"])
     spec = cmd["spec"]
@@ -69,9 +93,13 @@ def run(cmd: dict) -> None:
     name = str(spec.get("output_name", "fast"))
     steps = int(spec.get("steps", 3))
     step_s = float(os.environ.get("STUB_STEP_S", "0.05")) if name.startswith("slow") else 0.0
+    if os.environ.get("FAKE_WORKER_LOG"):
+        with open(os.environ["FAKE_WORKER_LOG"], "a") as f:
+            f.write(f"{job_id}\n")
     state = job_dir / "state" / "step.txt"
     start = int(state.read_text()) if state.exists() else 0
     ev(job_id, type="started", total_steps=steps, kind=spec.get("kind"), resumed_from=start)
+    die_early(name)
     ev(job_id, type="phase", name="training")
     for s in range(start + 1, steps + 1):
         if job_id in cancelled:
@@ -91,6 +119,13 @@ def run(cmd: dict) -> None:
             return
     out = job_dir / "outputs"
     out.mkdir(parents=True, exist_ok=True)
+    if spec.get("kind") == "merge" and spec.get("into_checkpoint"):
+        ckpt = out / f"{name}.safetensors"
+        ckpt.write_bytes(b"stub checkpoint " + str(job_id).encode())
+        ev(job_id, type="file", kind="checkpoint", path=str(ckpt), step=steps)
+        ev(job_id, type="finished", outputs={"checkpoint": str(ckpt)}, summary={})
+        send({"type": "done", "job_id": job_id, "state": "succeeded", "error": None})
+        return
     samples = job_dir / "samples"
     samples.mkdir(parents=True, exist_ok=True)
     sample = samples / f"sample-{steps:06d}-0.png"
@@ -110,8 +145,12 @@ def run(cmd: dict) -> None:
 
 
 def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--models-dir", default=None)
+    args, _ = p.parse_known_args()
     threading.Thread(target=reader, daemon=True).start()
-    send({"type": "ready", "pid": os.getpid(), "device": "cpu"})
+    send({"type": "ready", "pid": os.getpid(), "device": args.device})
     while True:
         with cond:
             while not jobs:
