@@ -146,6 +146,23 @@ class Service:
         rows = await self.repo.add_images(dataset_id, result.accepted)
         return DatasetUpload(ds, rows, list(result.rejected), list(result.duplicates), result)
 
+    async def jobs_using_dataset(self, dataset_id: int) -> list[Job]:
+        """Queued or running jobs that train on a snapshot of the dataset (they would lose their images)."""
+        snaps = [str(p.resolve()) for p in await asyncio.to_thread(self.files.dataset_snapshots, dataset_id)]
+        out = []
+        for job in await self.repo.list_jobs(states=["queued", "running"]):
+            dirs = [str(c.get("image_dir", "")) for c in job.spec.get("concepts") or [] if isinstance(c, dict)]
+            if any(d == s or d.startswith(s + os.sep) for d in dirs for s in snaps):
+                out.append(job)
+        return out
+
+    async def delete_dataset(self, dataset_id: int) -> bool:
+        """The rows (images cascade), then the images and their snapshots on disk. Jobs that already
+        ran keep their results; a later /retrain of one says the dataset folder is gone."""
+        deleted = await self.repo.delete_dataset(dataset_id)
+        await asyncio.to_thread(self.files.remove_dataset_files, dataset_id)
+        return deleted
+
     # ---- training specs -----------------------------------------------------------------------
 
     def _snapshot(self, ds: Dataset, images: list[DatasetImage]) -> Path:
@@ -156,7 +173,7 @@ class Service:
         h = hashlib.sha256()
         for im in images:
             h.update(f"{im.sha256}.{im.ext}\0{im.caption or ''}\n".encode())
-        folder = self.files.root / "snapshots" / f"{ds.id}-{h.hexdigest()[:16]}"
+        folder = self.files.snapshot_dir(ds.id, h.hexdigest()[:16])
         if (folder / ".complete").exists():
             return folder
         tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")

@@ -280,8 +280,12 @@ class Datasets(commands.GroupCog, group_name="dataset", group_description="Your 
             await reply(interaction, f"This deletes **{ds.name}** and its {n} image(s) for good. "
                         "Run the command again with `confirm: True` to do it.", ephemeral=True)
             return
-        await self.bot.repo.delete_dataset(ds.id)
-        await asyncio.to_thread(self.bot.files.remove_dataset_files, ds.id)
+        busy = await self.bot.service.jobs_using_dataset(ds.id)
+        if busy:
+            ids = ", ".join(f"#{j.id}" for j in busy[:10])
+            raise InvalidInput(f"**{ds.name}** is in use by queued or running job(s) {ids}.",
+                               "Wait until they finish, or cancel them with `/cancel`, then delete it.")
+        await self.bot.service.delete_dataset(ds.id)
         await reply(interaction, f"Deleted dataset **{ds.name}**. Jobs already trained on it keep their results.",
                     ephemeral=True)
 

@@ -1,11 +1,12 @@
-"""/jobs, /job show, /cancel, /retrain: looking after queued, running and finished jobs.
+"""/jobs, /job show, /job delete, /cancel, /retrain: looking after queued, running and finished jobs.
 
-Only the owner or an admin sees a job's details, cancels it or retrains it; for anyone else a job
+Only the owner or an admin sees a job's details, cancels, deletes or retrains it; for anyone else a job
 id looks like one that does not exist.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from typing import TYPE_CHECKING, Any
 
@@ -13,7 +14,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.errors import reply
+from bot.errors import InvalidInput, reply
 from bot.interactions import announce_job, cancel_job, clip, ensure_deferred, format_duration, spec_summary
 
 if TYPE_CHECKING:
@@ -122,6 +123,26 @@ class Jobs(commands.Cog):
         text = await cancel_job(interaction, id)
         await reply(interaction, text, ephemeral=True)
 
+    @job.command(name="delete", description="Delete one of your finished jobs and its files")
+    @app_commands.autocomplete(id=_job_ac)
+    @app_commands.describe(id="The job's number", confirm="Set to True: its LoRA, samples and logs cannot be recovered")
+    async def delete(self, interaction: discord.Interaction, id: int, confirm: bool = False) -> None:  # noqa: A002
+        await ensure_deferred(interaction, ephemeral=True)
+        bot = self.bot
+        job = await bot.repo.get_job(id)
+        bot.access.require_job_access(interaction, job)  # others' jobs look like missing ones
+        if not job.is_terminal:
+            raise InvalidInput(f"Job #{job.id} is {job.state}; only finished jobs can be deleted.",
+                               f"Cancel it first with `/cancel {job.id}`.")
+        if not confirm:
+            await reply(interaction, f"This deletes job **#{job.id}** ({job.kind} `{job.spec.get('output_name', '')}`)"
+                        " with its files and download links for good. Run the command again with `confirm: True` "
+                        "to do it.", ephemeral=True)
+            return
+        await bot.repo.delete_job(job.id)
+        await asyncio.to_thread(bot.files.remove_job_files, job.id)
+        await reply(interaction, f"Deleted job #{job.id} and its files.", ephemeral=True)
+
     @app_commands.command(name="retrain", description="Run one of your jobs again with exactly the same settings")
     @app_commands.autocomplete(id=_job_ac)
     async def retrain(self, interaction: discord.Interaction, id: int) -> None:  # noqa: A002
@@ -130,9 +151,14 @@ class Jobs(commands.Cog):
         await ensure_deferred(interaction, ephemeral=True)
         old = await bot.repo.get_job(id)
         bot.access.require_job_access(interaction, old)
+        checkpoint = old.kind == "merge" and bool(old.spec.get("into_checkpoint"))
+        if checkpoint:
+            # The same rules as /merge into_checkpoint: admins only, delivered by link (gigabytes).
+            bot.access.require_admin(interaction)
         job = await bot.scheduler.retrain(id, interaction.user.id, bot.access.is_admin(interaction),
                                           guild_id=interaction.guild_id, channel_id=interaction.channel_id)
-        await announce_job(interaction, job, title=f"{job.spec.get('output_name', job.kind)} (retrain of #{id})")
+        await announce_job(interaction, job, title=f"{job.spec.get('output_name', job.kind)} (retrain of #{id})",
+                           meta={"link_only": True} if checkpoint else None)
 
 
 async def setup(bot: LoraforgeBot) -> None:

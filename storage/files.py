@@ -2,6 +2,7 @@
 
 Layout (see docs/design.md):
     data_dir/datasets/<dataset id>/<sha256>.<ext>     content-addressed images
+    data_dir/snapshots/<dataset id>-<digest>/         frozen copies that train jobs read (hardlinks)
     data_dir/jobs/<job id>/{spec.toml, state/, samples/, outputs/, events.jsonl}
 
 Every write goes to a temporary name in the same directory, is flushed and fsynced, then
@@ -158,8 +159,24 @@ class FileStore:
     def remove_image(self, dataset_id: int, sha256: str, ext: str) -> None:
         self.image_path(dataset_id, sha256, ext).unlink(missing_ok=True)
 
+    @property
+    def snapshots_dir(self) -> Path:
+        return self.root / "snapshots"
+
+    def snapshot_dir(self, dataset_id: int, digest: str) -> Path:
+        """A frozen copy of a dataset (images hardlinked, captions as .txt) that train jobs read."""
+        if not re.fullmatch(r"[0-9a-f]{8,64}", digest):
+            raise ValueError(f"not a hex digest: {digest!r}")
+        return self.snapshots_dir / f"{int(dataset_id)}-{digest}"
+
+    def dataset_snapshots(self, dataset_id: int) -> list[Path]:
+        return sorted(self.snapshots_dir.glob(f"{int(dataset_id)}-*"))
+
     def remove_dataset_files(self, dataset_id: int) -> None:
+        """The images and every snapshot of them (hardlinks: the bytes are gone only when both are)."""
         shutil.rmtree(self.dataset_dir(dataset_id), ignore_errors=True)
+        for snap in self.dataset_snapshots(dataset_id):
+            shutil.rmtree(snap, ignore_errors=True)
 
     # ---- jobs ------------------------------------------------------------------------------
 

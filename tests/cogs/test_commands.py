@@ -235,3 +235,56 @@ async def test_dms_allowed_or_not_by_config(fake_discord, bot_factory, dm_allowe
             assert "No jobs yet" in text
         else:
             assert "direct messages" in text
+
+
+async def test_dataset_delete_removes_its_snapshots_and_waits_for_its_jobs(fake_discord, bot, monkeypatch):
+    """Train jobs read a hardlinked snapshot of the dataset: deleting the dataset must remove it too (or the
+    images stay on disk), and is refused while a queued or running job still needs it."""
+    fake = fake_discord
+    monkeypatch.setenv("STUB_STEP_S", "0.05")
+    await make_dataset(fake, bot, name="gone")
+    await make_dataset(fake, bot, name="kept")
+    ds = await bot.repo.find_dataset_by_name(int(fake.users["bob"]["id"]), "gone")
+    await run_command(fake, bot, "train", {"dataset": "gone", "steps": 2000, "output_name": "slow-d"}, user="bob")
+    await run_command(fake, bot, "train", {"dataset": "kept", "steps": 2, "output_name": "fast-k"}, user="bob")
+    [snap] = bot.files.dataset_snapshots(ds.id)
+    assert snap.is_dir() and any(p.suffix == ".png" for p in snap.iterdir())
+    rec = await run_command(fake, bot, "dataset", {"dataset": "gone", "confirm": True}, user="bob",
+                            subcommand="delete")
+    assert "in use" in answer(rec) and "#1" in answer(rec) and "/cancel" in answer(rec), answer(rec)
+    assert snap.is_dir() and await bot.repo.get_dataset(ds.id) is not None
+    await run_command(fake, bot, "cancel", {"id": 1}, user="bob")
+    assert (await bot.scheduler.wait_for_job(1, 30)).state == "cancelled"
+    rec = await run_command(fake, bot, "dataset", {"dataset": "gone", "confirm": True}, user="bob",
+                            subcommand="delete")
+    assert "Deleted" in answer(rec), answer(rec)
+    assert not snap.exists() and not bot.files.dataset_dir(ds.id).exists()
+    kept = await bot.repo.find_dataset_by_name(int(fake.users["bob"]["id"]), "kept")
+    assert bot.files.dataset_snapshots(kept.id) and bot.files.dataset_dir(kept.id).is_dir()  # only that one
+    await bot.scheduler.wait_for_job(2, 30)
+    await bot.progress.wait_idle(2, 30)
+
+
+async def test_job_delete_removes_rows_files_and_links(fake_discord, bot, monkeypatch):
+    import aiohttp
+
+    fake = fake_discord
+    await make_dataset(fake, bot)
+    await run_command(fake, bot, "train", {"dataset": "cats", "steps": 3, "output_name": "fast-del"}, user="bob")
+    await bot.scheduler.wait_for_job(1, 20)
+    await bot.progress.wait_idle(1, 20)
+    [art] = await bot.repo.list_artifacts(1, "lora")
+    url = bot.file_server.url_for(1, art.id)
+    monkeypatch.setenv("STUB_STEP_S", "0.05")
+    await run_command(fake, bot, "train", {"dataset": "cats", "steps": 2000, "output_name": "slow-run"}, user="bob")
+    rec = await run_command(fake, bot, "job", {"id": 2, "confirm": True}, user="bob", subcommand="delete")
+    assert "only finished jobs" in answer(rec) and "/cancel 2" in answer(rec)
+    rec = await run_command(fake, bot, "job", {"id": 1}, user="bob", subcommand="delete")
+    assert "confirm" in answer(rec) and await bot.repo.get_job(1) is not None
+    rec = await run_command(fake, bot, "job", {"id": 1, "confirm": True}, user="bob", subcommand="delete")
+    assert "Deleted job #1" in answer(rec)
+    assert await bot.repo.get_job(1) is None and not bot.files.job_dir(1).exists()
+    async with aiohttp.ClientSession() as http, http.get(url) as r:
+        assert r.status == 404  # the signed link no longer finds a file
+    await run_command(fake, bot, "cancel", {"id": 2}, user="bob")
+    await bot.scheduler.wait_for_job(2, 30)

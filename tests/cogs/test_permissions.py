@@ -25,8 +25,9 @@ async def test_others_jobs_are_invisible_and_untouchable(fake_discord, bot, monk
     # carol (no role) and a second trainer both get the same "no such job" answer
     dave = fake.add_user("dave", roles=[fake.role_ids["trainer"]])
     for who in ("carol", dave):
-        for cmd, sub in (("cancel", None), ("retrain", None), ("job", "show")):
-            rec = await run_command(fake, bot, cmd, {"id": 1}, user=who, subcommand=sub)
+        for cmd, sub, extra in (("cancel", None, {}), ("retrain", None, {}), ("job", "show", {}),
+                                ("job", "delete", {"confirm": True})):
+            rec = await run_command(fake, bot, cmd, {"id": 1, **extra}, user=who, subcommand=sub)
             text = answer(rec)
             assert "No job of yours" in text or "trainer role" in text, (cmd, text)
         rec = await run_command(fake, bot, "jobs", None, user=who)
@@ -42,6 +43,11 @@ async def test_others_jobs_are_invisible_and_untouchable(fake_discord, bot, monk
     rec = await run_command(fake, bot, "cancel", {"id": 1}, user="alice")
     assert "ancel" in answer(rec)
     assert (await bot.scheduler.wait_for_job(1, 20)).state == "cancelled"
+    # finished now: still nobody else's to delete; the admin may
+    rec = await run_command(fake, bot, "job", {"id": 1, "confirm": True}, user=dave, subcommand="delete")
+    assert "No job of yours" in answer(rec) and await bot.repo.get_job(1) is not None
+    rec = await run_command(fake, bot, "job", {"id": 1, "confirm": True}, user="alice", subcommand="delete")
+    assert "Deleted job #1" in answer(rec) and await bot.repo.get_job(1) is None
 
 
 async def test_private_datasets_stay_private(fake_discord, bot):
@@ -70,7 +76,9 @@ async def test_private_datasets_stay_private(fake_discord, bot):
     assert "Queued job" in answer(rec)
     job = (await bot.repo.list_jobs())[0]
     assert job.owner_id == int(dave["id"])
-    # the admin may delete anyone's dataset
+    # the admin may delete anyone's dataset (once no job needs it any more)
+    await bot.scheduler.wait_for_job(job.id, 20)
+    await bot.progress.wait_idle(job.id, 20)
     rec = await run_command(fake, bot, "dataset", {"dataset": f"#{ds.id}", "confirm": True}, user="alice",
                             subcommand="delete")
     assert "Deleted" in answer(rec)
@@ -105,3 +113,15 @@ async def test_job_thread_is_private_with_the_owner_added(fake_discord, bot):
     assert fake.calls("PUT", f"/channels/{thread['id']}/thread-members/{bob}")
     await bot.scheduler.wait_for_job(1, 20)
     await bot.progress.wait_idle(1, 20)
+
+
+async def test_train_refuses_a_base_model_path_that_is_not_listed(fake_discord, bot):
+    fake = fake_discord
+    await run_command(fake, bot, "dataset", {"name": "p", **add_images(fake, 1)}, user="bob", subcommand="create")
+    rec = await run_command(fake, bot, "train", {"dataset": "p", "base_model": "/etc/hostname"}, user="bob")
+    assert "`base_model`" in answer(rec) and "not a base model of this server" in answer(rec), answer(rec)
+    job_file = fake.add_attachment("job.toml", b'base_model = "/root/.ssh/id_rsa"\nsteps = 2\n')
+    rec = await run_command(fake, bot, "train", {"dataset": "p", "job_file": job_file}, user="bob")
+    assert "not a base model of this server" in answer(rec), answer(rec)
+    assert rec.followups[-1].ephemeral
+    assert await bot.repo.list_jobs() == []

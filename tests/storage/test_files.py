@@ -107,3 +107,17 @@ async def test_deleting_dataset_and_job_removes_files(tmp_path: Path, repo: Repo
     fs.remove_job_files(job.id)
     assert not fs.job_dir(job.id).exists()
     fs.remove_job_files(job.id)  # idempotent
+
+
+def test_dataset_snapshots_go_with_the_dataset(tmp_path: Path) -> None:
+    fs = FileStore(tmp_path)
+    one = fs.snapshot_dir(1, "ab" * 8)
+    eleven = fs.snapshot_dir(11, "cd" * 8)
+    for d in (one, eleven):
+        d.mkdir(parents=True)
+        (d / "x.png").write_bytes(b"img")
+    assert fs.dataset_snapshots(1) == [one]  # not 11's
+    fs.remove_dataset_files(1)
+    assert not one.exists() and (eleven / "x.png").exists()
+    with pytest.raises(ValueError):
+        fs.snapshot_dir(1, "../../etc")
