@@ -142,6 +142,35 @@ class Config(_Section):
         return os.environ.get(self.discord.link_secret_env) or None
 
 
+# Built-in tiny models (trainer.models.TINY_MODELS; not imported: that module loads torch).
+BUILTIN_MODELS = ("tiny-sd15", "tiny-sd2", "tiny-sdxl")
+MODEL_EXTS = (".safetensors",)  # never .ckpt/.pt: nothing is unpickled
+
+
+def list_base_models(models_dir: str | os.PathLike[str]) -> list[tuple[str, str]]:
+    """(name to pass as base_model, description): single-file .safetensors checkpoints and diffusers
+    folders in the models folder (A1111 layout, also its Stable-diffusion/ subfolder), then the tiny ones."""
+    out: list[tuple[str, str]] = []
+    root = Path(models_dir)
+    for folder in (root, root / "Stable-diffusion"):
+        if not folder.is_dir():
+            continue
+        for p in sorted(folder.iterdir(), key=lambda x: x.name.lower()):
+            rel = p.relative_to(root).as_posix()
+            if p.is_file() and p.suffix.lower() in MODEL_EXTS:
+                out.append((rel, f"checkpoint, {p.stat().st_size / (1024 ** 3):.1f} GiB"))
+            elif p.is_dir() and (p / "model_index.json").is_file():
+                out.append((rel, "diffusers folder"))
+    out += [(m, "built-in tiny model (tests and demos)") for m in BUILTIN_MODELS]
+    return out
+
+
+def is_listed_base_model(name: str, models_dir: str | os.PathLike[str]) -> bool:
+    """Whether ``name`` is one of ``list_base_models`` (a checkpoint also without its .safetensors)."""
+    names = {n for n, _ in list_base_models(models_dir)}
+    return name in names or f"{name}.safetensors" in names
+
+
 def detect_gpu_count() -> int:
     """Count NVIDIA GPUs without importing torch (the bot process never loads CUDA)."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import discord
 
+from bot.config import BUILTIN_MODELS, list_base_models
 from bot.errors import InvalidInput, NotFound, PermissionDenied, UserError, reply
 
 if TYPE_CHECKING:
@@ -302,31 +303,6 @@ async def announce_job(
         lines.append(summary)
     await reply(interaction, clip("\n".join(lines)), ephemeral=True)
     return Submitted(job, dest_id, position, eta)
-
-
-# Built-in tiny models (trainer.models.TINY_MODELS; not imported: that module loads torch).
-BUILTIN_MODELS = ("tiny-sd15", "tiny-sd2", "tiny-sdxl")
-MODEL_EXTS = (".safetensors",)  # never .ckpt/.pt: nothing is unpickled
-
-
-def list_base_models(models_dir: Any) -> list[tuple[str, str]]:
-    """(name to pass as base_model, description): single-file .safetensors checkpoints and diffusers
-    folders in the models folder (A1111 layout, also its Stable-diffusion/ subfolder), then the tiny ones."""
-    from pathlib import Path
-
-    out: list[tuple[str, str]] = []
-    root = Path(models_dir)
-    for folder in (root, root / "Stable-diffusion"):
-        if not folder.is_dir():
-            continue
-        for p in sorted(folder.iterdir(), key=lambda x: x.name.lower()):
-            rel = p.relative_to(root).as_posix()
-            if p.is_file() and p.suffix.lower() in MODEL_EXTS:
-                out.append((rel, f"checkpoint, {p.stat().st_size / (1024 ** 3):.1f} GiB"))
-            elif p.is_dir() and (p / "model_index.json").is_file():
-                out.append((rel, "diffusers folder"))
-    out += [(m, "built-in tiny model (tests and demos)") for m in BUILTIN_MODELS]
-    return out
 
 
 def parse_toml_attachment(name: str, data: bytes) -> dict[str, Any]:

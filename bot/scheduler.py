@@ -29,7 +29,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from bot.config import Config
+from bot.config import Config, is_listed_base_model, list_base_models
 from bot.workers import OOM_MESSAGE, WorkerHandle, WorkerStartError, looks_like_oom
 from storage import queries
 from storage.files import FileStore, write_bytes_atomic
@@ -301,6 +301,12 @@ class Scheduler:
             model, spec_json = spec, to_json(spec)
         if getattr(model, "kind", None) != kind:
             raise SpecError([("kind", f"the spec is a {getattr(model, 'kind', '?')!r} job, not {kind!r}")])
+        base = getattr(model, "base_model", None)
+        if base and not is_admin and not is_listed_base_model(str(base), self.config.models_dir):
+            # A user's option or job file must not make a worker open an arbitrary path on this machine.
+            names = [n for n, _ in list_base_models(self.config.models_dir)]
+            raise SpecError([("base_model", f"{str(base)[:80]!r} is not a base model of this server; choose one of "
+                                            f"{', '.join(names[:20])} (see /models)")])
         if kind == "train" and not is_admin:
             lim = self.config.limits
             if model.steps > lim.max_steps:  # type: ignore[attr-defined]

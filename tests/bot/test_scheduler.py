@@ -266,3 +266,22 @@ async def test_retrain_copies_spec_exactly_and_eta(svc: Service) -> None:
     t0 = time.monotonic()
     assert await sched.queue_position(q.id) == 1
     assert time.monotonic() - t0 < 1
+
+
+async def test_users_may_only_name_the_servers_base_models(svc: Service, tmp_path: Path) -> None:
+    """A /train option or job file naming a path must not make a worker open any file on the machine."""
+    from trainer.spec import SpecError
+
+    sched = svc.scheduler
+    models = tmp_path / "models"
+    (models / "Stable-diffusion").mkdir(parents=True)
+    (models / "Stable-diffusion" / "anime.safetensors").write_bytes(b"x")
+    for bad in ("/etc/passwd", "../data/loraforge.db", "Stable-diffusion/missing.safetensors"):
+        with pytest.raises(SpecError, match="base_model.*not a base model of this server.*tiny-sd15"):
+            await sched.submit(1, "train", train(base_model=bad))
+    for ok in ("tiny-sdxl", "Stable-diffusion/anime.safetensors", "Stable-diffusion/anime"):
+        assert (await sched.submit(1, "train", train(base_model=ok))).spec["base_model"] == ok
+    admin = await sched.submit(9, "train", train(base_model="/srv/models/private"), is_admin=True)
+    assert admin.spec["base_model"] == "/srv/models/private"  # admins may point anywhere the worker reads
+    with pytest.raises(SpecError, match="base_model"):
+        await sched.retrain(admin.id, by_user=9)  # the same rule for a non-admin replay
