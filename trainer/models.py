@@ -168,9 +168,11 @@ def resolve_model_ref(ref: str, models_dir: Path | None = None) -> Path:
     """Turn what a user typed (a built-in name, a name in the models folder, or a path) into a path."""
     if ref in TINY_MODELS:
         return tiny_model_dir(ref)
-    candidates = [Path(ref).expanduser()]
+    # The models folder first: a name there must not be shadowed by a same-named file in the working folder.
+    candidates: list[Path] = []
     if models_dir is not None:
         candidates += [models_dir / ref, *(models_dir / f"{ref}{ext}" for ext in (".safetensors", ".ckpt", ".pt"))]
+    candidates.append(Path(ref).expanduser())
     for c in candidates:
         if c.exists():
             return c
@@ -190,11 +192,32 @@ def load_base(ref: str | Path, models_dir: Path | None = None, dtype: torch.dtyp
     return load_single_file(path, dtype=dtype)
 
 
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+
+
+def _refuse_pickled_weights(folder: Path, arch: Arch) -> None:
+    """A diffusers folder whose weights exist only as pickles is refused before anything is read."""
+    parts = ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if arch == "sdxl" else [])
+    for part in parts:
+        d = folder / part
+        if any(d.glob("*.safetensors")):
+            continue
+        pickles = sorted(p.name for p in d.glob("*") if p.suffix in PICKLE_SUFFIXES)
+        what = f"only pickle weights ({', '.join(pickles)})" if pickles else "no .safetensors weights"
+        raise ModelError(
+            f"{d} has {what}. loraforge never loads pickle files because they can run code; convert the folder "
+            "once in a trusted environment (diffusers: pipe.save_pretrained(dir, safe_serialization=True)) "
+            "and use the converted folder"
+        )
+
+
 def load_diffusers_folder(folder: Path, dtype: torch.dtype = torch.float32, name: str | None = None) -> BaseModel:
     if not (folder / "model_index.json").exists() or not (folder / "unet").is_dir():
         raise ModelError(f"{folder} is not a diffusers model folder (no model_index.json / unet/)")
     arch = arch_of_config_dir(folder)
-    kw = {"local_files_only": True, "torch_dtype": dtype}
+    _refuse_pickled_weights(folder, arch)
+    # use_safetensors: never fall back to pytorch_model.bin / diffusion_pytorch_model.bin (pickles).
+    kw = {"local_files_only": True, "torch_dtype": dtype, "use_safetensors": True}
     unet = UNet2DConditionModel.from_pretrained(folder / "unet", **kw)
     vae = AutoencoderKL.from_pretrained(folder / "vae", **kw)
     tes: list = [CLIPTextModel.from_pretrained(folder / "text_encoder", **kw)]

@@ -192,13 +192,16 @@ def save_state(job_dir: Path, state: TrainState, keep: int = KEEP) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
     try:
         save_file(tensors, str(tmp / "tensors.safetensors"), metadata={"format": "pt", "loraforge_state": "1"})
+        _fsync_path(tmp / "tensors.safetensors")  # on disk before the folder gets its real name
         with open(tmp / "state.json", "w", encoding="utf-8") as f:
             json.dump(meta, f)
             f.flush()
             os.fsync(f.fileno())
+        _fsync_path(tmp)
         if final.exists():  # the same step saved again (a cancel right after a periodic save)
             shutil.rmtree(final)
         os.replace(tmp, final)
+        _fsync_path(root)  # the rename itself survives a power loss
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for old in _step_dirs(root)[:-keep]:
@@ -206,6 +209,20 @@ def save_state(job_dir: Path, state: TrainState, keep: int = KEEP) -> Path:
     for stale in root.glob(".tmp-*"):  # left by a crash mid-write
         shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def _fsync_path(path: Path) -> None:
+    """fsync a file or a directory (directories need O_RDONLY; some filesystems refuse, which is fine)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _read(folder: Path) -> TrainState:

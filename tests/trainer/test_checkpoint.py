@@ -317,3 +317,19 @@ def test_clip_tokenizer_fallback_keeps_real_ids(monkeypatch: pytest.MonkeyPatch)
     assert tok.bos_token_id == 49406 and tok.eos_token_id == 49407 and tok.pad_token_id == 0
     assert tok("a").input_ids == [49406, tok.convert_tokens_to_ids("a</w>"), 49407]
     assert tok.convert_tokens_to_ids("a</w>") == 256 + 64  # CLIP's real id for "a</w>"
+
+
+def test_diffusers_folder_with_pickle_weights_is_refused_unread(tmp_path: Path) -> None:
+    """A diffusers folder holding only .bin (pickle) weights is refused without torch.load ever running."""
+    import shutil
+
+    from trainer.models import ModelError, load_diffusers_folder, tiny_model_dir
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_model_dir("tiny-sd15"), folder)
+    unet = folder / "unet"
+    for f in unet.glob("*.safetensors"):
+        f.unlink()
+    (unet / "diffusion_pytorch_model.bin").write_bytes(b"not even read")
+    with pytest.raises(ModelError, match=r"pickle.*diffusion_pytorch_model\.bin|diffusion_pytorch_model\.bin.*pickle"):
+        load_diffusers_folder(folder)
