@@ -45,9 +45,9 @@ from bot.lorafile import (
     inspect_file,
     tag_prompt,
 )
+from bot.specs import GridSpec, resolve_job
 from cogs.train import base_model_choices
 from storage.files import write_bytes_atomic
-from trainer.spec import GridSpec, resolve_job
 
 if TYPE_CHECKING:
     from bot.app import LoraforgeBot

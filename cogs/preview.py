@@ -20,6 +20,7 @@ from discord.ext import commands
 from bot.autogrid import AutoGrid
 from bot.errors import InvalidInput
 from bot.interactions import clip, ensure_deferred, submit_job
+from bot.specs import SAMPLERS, resolve_job
 from cogs.merge import (
     LoraInput,
     check_inputs,
@@ -33,7 +34,6 @@ from cogs.merge import (
     save_uploads,
 )
 from cogs.train import base_model_choices
-from trainer.spec import SAMPLERS, resolve_job
 
 if TYPE_CHECKING:
     from bot.app import LoraforgeBot

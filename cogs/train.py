@@ -39,10 +39,7 @@ from bot.interactions import (
     submit_job,
 )
 from bot.lorafile import base_model_arch
-from cogs.datasets import dataset_choices, resolve_dataset
-from storage.files import write_bytes_atomic, write_file_atomic
-from storage.intake import IntakeError, IntakeLimits, check_image
-from trainer.spec import (
+from bot.specs import (
     OPTIMIZERS,
     SCHEDULERS,
     SpecError,
@@ -52,6 +49,9 @@ from trainer.spec import (
     preset_values,
     resolve_job,
 )
+from cogs.datasets import dataset_choices, resolve_dataset
+from storage.files import write_bytes_atomic, write_file_atomic
+from storage.intake import IntakeError, IntakeLimits, check_image
 
 if TYPE_CHECKING:
     from bot.app import LoraforgeBot

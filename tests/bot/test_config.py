@@ -78,3 +78,17 @@ def test_run_without_token_says_which_variable(tmp_path: Path) -> None:
                          text=True, cwd=ROOT, timeout=120, env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 2
     assert "LF_TEST_TOKEN_UNSET" in out.stderr
+
+
+def test_cogs_reach_the_engine_only_through_bot() -> None:
+    """House plan: cogs -> bot -> storage, and only bot imports trainer (its torch-free spec)."""
+    import ast
+
+    cogs_dir = Path(__file__).resolve().parents[2] / "cogs"
+    offenders = []
+    for f in sorted(cogs_dir.glob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{f.name}: {m}" for m in mods if m.split(".")[0] in ("trainer", "torch", "diffusers")]
+    assert offenders == []
