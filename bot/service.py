@@ -220,7 +220,8 @@ class Service:
         instance = " ".join(p for p in (ds.trigger_word.strip(), ds.class_prompt.strip()) if p)
         base: dict[str, Any] = {
             "kind": "train",
-            "concepts": [{"image_dir": str(folder.resolve()), "instance_prompt": instance}],
+            "concepts": [{"image_dir": str(folder.resolve()), "instance_prompt": instance,
+                          "class_prompt": ds.class_prompt.strip() or None}],
         }
         if ds.trigger_word.strip():
             base["data"] = {"trigger_word": ds.trigger_word.strip()}

@@ -460,6 +460,7 @@ class Train(commands.Cog):
                      (class_prompt if class_prompt is not None else ds.class_prompt).strip()]
             for c in spec.concepts:
                 c.instance_prompt = " ".join(w for w in words if w)
+                c.class_prompt = words[1] or None  # the regularization prompt for prior preservation
         await submit_job(interaction, kind="train", spec=spec, title=f"{spec.output_name} on {ds.name}",
                          summary=f"Settings: {spec_summary(spec.model_dump(mode='json'))}")
 
