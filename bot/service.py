@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,7 +162,40 @@ class Service:
         ran keep their results; a later /retrain of one says the dataset folder is gone."""
         deleted = await self.repo.delete_dataset(dataset_id)
         await asyncio.to_thread(self.files.remove_dataset_files, dataset_id)
+        await self.sweep_inputs()
         return deleted
+
+    async def delete_job(self, job_id: int) -> bool:
+        """A finished job's rows and files, then the uploaded inputs no remaining job refers to."""
+        deleted = await self.repo.delete_job(job_id)
+        await asyncio.to_thread(self.files.remove_job_files, job_id)
+        await self.sweep_inputs()
+        return deleted
+
+    async def sweep_inputs(self, min_age_s: float = 3600.0) -> list[Path]:
+        """Remove uploaded LoRAs and pair images (data_dir/inputs/, shared by content hash) that no job's spec
+        names any more. Files younger than `min_age_s` stay: a command may have stored them and not yet queued."""
+        texts = [json.dumps(job.spec) for job in await self.repo.list_jobs()]
+        root = self.files.root / "inputs"
+
+        def sweep() -> list[Path]:
+            removed: list[Path] = []
+            if not root.is_dir():
+                return removed
+            now = time.time()
+            for f in sorted(root.rglob("*")):
+                if not f.is_file() or now - f.stat().st_mtime < min_age_s:
+                    continue
+                names = {str(f), str(f.resolve()), str(f.relative_to(self.files.root))}
+                if not any(n in t for t in texts for n in names):
+                    f.unlink(missing_ok=True)
+                    removed.append(f)
+            for d in sorted((p for p in root.rglob("*") if p.is_dir()), reverse=True):
+                if not any(d.iterdir()):
+                    d.rmdir()
+            return removed
+
+        return await asyncio.to_thread(sweep)
 
     # ---- training specs -----------------------------------------------------------------------
 

@@ -6,7 +6,6 @@ id looks like one that does not exist.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 from typing import TYPE_CHECKING, Any
 
@@ -139,8 +138,7 @@ class Jobs(commands.Cog):
                         " with its files and download links for good. Run the command again with `confirm: True` "
                         "to do it.", ephemeral=True)
             return
-        await bot.repo.delete_job(job.id)
-        await asyncio.to_thread(bot.files.remove_job_files, job.id)
+        await bot.service.delete_job(job.id)
         await reply(interaction, f"Deleted job #{job.id} and its files.", ephemeral=True)
 
     @app_commands.command(name="retrain", description="Run one of your jobs again with exactly the same settings")
