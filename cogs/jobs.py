@@ -36,14 +36,20 @@ def _progress_bit(job: Any) -> str:
 
 async def _job_ac(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[int]]:
     bot: LoraforgeBot = interaction.client  # type: ignore[assignment]
+    admin = bot.access.is_admin(interaction)
     try:
-        jobs = await bot.repo.list_jobs(owner_id=interaction.user.id, newest_first=True, limit=25)
-    except Exception:  # noqa: BLE001
+        # Filter a wider window than the 25 choices Discord shows, so typing finds older jobs too;
+        # admins look up everyone's jobs (cancel, show and retrain accept them).
+        jobs = await bot.repo.list_jobs(owner_id=None if admin else interaction.user.id, newest_first=True,
+                                        limit=500)
+    except Exception:  # noqa: BLE001 - autocomplete must answer, even with nothing
         return []
     out = []
+    needle = current.strip().lstrip("#").lower()
     for j in jobs:
-        label = f"#{j.id} {j.kind} {j.state} {j.spec.get('output_name', '')}"
-        if current and current not in label:
+        owner = f" (user {j.owner_id})" if admin and j.owner_id != interaction.user.id else ""
+        label = f"#{j.id} {j.kind} {j.state} {j.spec.get('output_name', '')}{owner}"
+        if needle and needle not in label.lower():
             continue
         out.append(app_commands.Choice(name=label[:100], value=j.id))
     return out[:25]

@@ -34,6 +34,12 @@ async def test_others_jobs_are_invisible_and_untouchable(fake_discord, bot, monk
         assert "#1" not in answer(rec)
     rec = await run_command(fake, bot, "jobs", {"all": True}, user=dave)
     assert "#1" not in answer(rec) and "Only admins" in answer(rec)
+    # job-id autocomplete: others never see bob's job; an admin finds it by typing its name
+    for who, expected in ((dave, []), ("alice", ["#1"])):
+        payload = fake.autocomplete("cancel", {"id": "slow"}, focused="id", user=who)
+        ac = fake.feed(bot, payload)
+        await fake.wait_for_response(payload)
+        assert [c["name"].split()[0] for c in ac.autocomplete_choices] == expected, who
     assert not (await bot.repo.get_job(1)).cancel_requested
     # an admin sees everything and may cancel
     rec = await run_command(fake, bot, "jobs", {"all": True}, user="alice")
