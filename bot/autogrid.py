@@ -116,11 +116,11 @@ class AutoGrid:
         for preview in previews:
             # Part of the job the user already ran: queue it past the per-user queue limit (is_admin only
             # lifts quotas here; the priority stays 0).
+            # The train job's delivery facts (upload limit, destination) travel with the grid job from the
+            # start: recorded before it can be dispatched, so even an instant grid job reads them.
+            events = [(META_EVENT, {**meta[-1].payload, "follows_job": job.id})] if meta else []
             new = await self.bot.scheduler.submit(job.owner_id, "preview", preview, job.guild_id, dest,
-                                                  is_admin=True)
-            await repo.set_job_message(new.id, thread_id=job.thread_id)
-            if meta:
-                await repo.add_event(new.id, META_EVENT, {**meta[-1].payload, "follows_job": job.id})
+                                                  is_admin=True, events=events, thread_id=job.thread_id)
             await repo.add_event(job.id, AUTOGRID_EVENT, {"preview_job_id": new.id})
             log.info("job %s: check grid queued as job %s", job.id, new.id)
             first = first or new

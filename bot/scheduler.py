@@ -330,9 +330,13 @@ class Scheduler:
         channel_id: int | None = None,
         priority: int = 0,
         is_admin: bool = False,
+        events: list[tuple[str, dict[str, Any]]] | None = None,
+        thread_id: int | None = None,
     ) -> Job:
         """Queue a job. Raises QuotaError (message for the user) or trainer.spec.SpecError.
-        Only admins may set ``priority`` (others get 0); admins are exempt from quotas."""
+        Only admins may set ``priority`` (others get 0); admins are exempt from quotas.
+        ``events`` (type, payload) and ``thread_id`` are recorded before the job can be dispatched, so
+        whatever reads them at delivery (upload limits, destinations) can never be outrun by a fast job."""
         spec_json = self._validate(kind, spec, is_admin)
         lim = self.config.limits
         # Count-then-insert must not interleave for one user, or 200 concurrent /train calls
@@ -361,9 +365,13 @@ class Scheduler:
             job = await self.repo.create_job(
                 kind, owner_id, spec_json, guild_id, channel_id, priority if is_admin else 0  # type: ignore[arg-type]
             )
+        if thread_id is not None:
+            await self.repo.set_job_message(job.id, thread_id=thread_id)
+        for type_, payload in events or []:
+            await self.repo.add_event(job.id, type_, payload)
         await self._record(job.id, {"type": "state", "state": "queued"})
         self.kick()
-        return job
+        return await self.repo.get_job(job.id) if thread_id is not None else job
 
     async def retrain(self, job_id: int, by_user: int, is_admin: bool = False, **where: Any) -> Job:
         """Queue a new job with exactly the stored spec of ``job_id`` (owner or admin only)."""
