@@ -141,7 +141,10 @@ class DataSpec(_Strict):
     caption_dropout: float = Field(0.0, ge=0.0, le=1.0)
     trigger_word: str | None = None  # always kept first in every caption
     cache_latents: bool = True
-    cache_text_encoder_outputs: bool = False
+    # None (auto): cache them when the text encoders are frozen and captions do not change from step to step
+    # (no shuffle_tags / caption_dropout), which skips the text encoders during training. True asks for it
+    # (with a warning when it cannot apply); False never caches.
+    cache_text_encoder_outputs: bool | None = None
     # The DreamBooth extension's "class images per instance image": the class_count of every concept that has a
     # class_prompt but no class_count of its own (0: none).
     class_images_per_image: int = Field(0, ge=0, le=100)
@@ -205,9 +208,17 @@ class TrainSpec(_Strict):
     steps: int = Field(1000, ge=1, le=200_000)
     batch_size: int = Field(1, ge=1, le=64)
     grad_accum: int = Field(1, ge=1, le=256)
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    # Defaults that fit the cards (an 8 GB GPU for SD1.5 at 512 px, a 10 GB GPU for SDXL at 1024 px; see
+    # ../shared/facts.md section 4) are resolved when the job runs, on the device it runs on; the values that ran
+    # go into the LoRA's ss_mixed_precision / ss_gradient_checkpointing and a `log` event.
+    # "auto": bf16 on a GPU that supports it, else fp16 (with a GradScaler); on CPU "no" (fp32).
+    # Explicit values behave as written ("fp16" on CPU trains in fp32 and says so).
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     save_precision: Literal["fp16", "bf16", "fp32"] = "fp16"
-    gradient_checkpointing: bool = False
+    # None (auto): on for SDXL on a GPU (the UNet's activations at 1024 px do not fit 10 GB without it); off for
+    # SD1.x/SD2.x on a GPU (SD1.5 at 512 px with half-precision weights and cached latents fits 8 GB, and
+    # checkpointing costs ~35% more compute) and off on CPU. True/False force it.
+    gradient_checkpointing: bool | None = None
     seed: int = Field(1111, ge=0, le=2**32 - 1)
     min_snr_gamma: float | None = Field(None, gt=0, le=100)
     noise_offset: float = Field(0.0, ge=0.0, le=1.0)

@@ -17,7 +17,10 @@ Step s (micro-batch a) draws its noise, noise offset and timesteps from a genera
 (network dropout); the data order is a function of (seed, epoch). So a run resumed from a state saved at
 step k ends with exactly the weights of a run that was never interrupted.
 
-Mixed precision: "bf16" autocasts to bfloat16 (CPU and GPU). "fp16" autocasts to float16 with a GradScaler
+Precision, checkpointing, attention: "auto" (the default) resolves on the device the job runs on (bf16 on a GPU
+that supports it, else fp16; fp32 on CPU), gradient checkpointing None resolves to on for SDXL on a GPU only,
+and the UNet uses xformers on a GPU when it is installed, else PyTorch SDPA; the values that ran are logged
+and written into the LoRA's metadata. Mixed precision: "bf16" autocasts to bfloat16 (CPU and GPU). "fp16" autocasts to float16 with a GradScaler
 on a GPU; on CPU, where float16 autocast is slow and GradScaler buys nothing, an fp16 job trains in fp32
 and says so in a log event. On a GPU the frozen base weights are stored in the autocast dtype (half the
 memory); the LoRA weights, their gradients and the optimizer state stay float32.
@@ -283,6 +286,39 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_mixed_precision(requested: str, device: torch.device) -> str:
+    """The precision an "auto" spec trains in on `device`; explicit values are returned unchanged."""
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def resolve_gradient_checkpointing(requested: bool | None, arch: str, device: torch.device) -> bool:
+    """None (auto): on for SDXL on a GPU, off for SD1.x/SD2.x on a GPU and off on CPU."""
+    if requested is not None:
+        return bool(requested)
+    return device.type == "cuda" and arch == "sdxl"
+
+
+def enable_fast_attention(unet: Any, device: torch.device) -> str:
+    """xformers' memory-efficient attention on a GPU when xformers is installed, else PyTorch SDPA
+    (diffusers' default). Returns a short description of what the UNet uses."""
+    sdpa = "PyTorch SDPA" if hasattr(F, "scaled_dot_product_attention") else "PyTorch attention"
+    if device.type != "cuda":
+        return sdpa
+    try:
+        import xformers  # noqa: F401
+    except Exception:  # noqa: BLE001 - not installed, or broken against this torch
+        return sdpa
+    try:
+        unet.enable_xformers_memory_efficient_attention()
+    except Exception as e:  # noqa: BLE001 - a mismatched xformers build: keep SDPA
+        return f"{sdpa} (xformers is installed but could not be enabled: {type(e).__name__}: {e})"
+    return "xformers memory-efficient attention"
+
+
 class Trainer:
     """One training job. `run()` is the loop; the pieces are methods so tests and later features can reach them."""
 
@@ -431,7 +467,8 @@ class Trainer:
         self.emit(event("report", text=r.text, warnings=list(r.warnings)))
 
     def _setup_precision(self) -> None:
-        mp = self.spec.mixed_precision
+        # "auto" is resolved here, on the device the job runs on; explicit values keep their old behaviour.
+        mp = self.mixed_precision = resolve_mixed_precision(self.spec.mixed_precision, self.device)
         self.autocast_dtype: torch.dtype | None = None
         if mp == "bf16":
             if self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -461,11 +498,28 @@ class Trainer:
         for te in self.base.text_encoders:
             te.train(self.train_te)
         self.base.vae.eval()
-        if self.spec.gradient_checkpointing:
+        self.gradient_checkpointing = resolve_gradient_checkpointing(self.spec.gradient_checkpointing,
+                                                                     self.base.arch, self.device)
+        if self.gradient_checkpointing:
             self.base.unet.enable_gradient_checkpointing()
             if self.train_te:
                 for te in self.base.text_encoders:
                     te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.attention = enable_fast_attention(self.base.unet, self.device)
+        self.log(self.resolution_summary())
+
+    def resolution_summary(self) -> str:
+        """One line saying what runs: precision, gradient checkpointing and attention, auto choices marked."""
+        spec = self.spec
+        mp = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}[self.mixed_precision]
+        if self.mixed_precision == "fp16" and self.device.type != "cuda":
+            mp = "fp32 (fp16 needs a GPU)"
+        if spec.mixed_precision == "auto":
+            mp += f" (auto on {self.device.type})"
+        gc = "on" if self.gradient_checkpointing else "off"
+        if spec.gradient_checkpointing is None:
+            gc += f" (auto: {self.base.arch} on {self.device.type})"
+        return f"device {self.device}; precision {mp}; gradient checkpointing {gc}; attention {self.attention}"
 
     # -- resume --
 
@@ -516,7 +570,13 @@ class Trainer:
                 self.base.vae.to("cpu")  # not needed again; give its memory to training
         else:
             self.data.check_images(self._phase_progress("checking images"))
-        if spec.data.cache_text_encoder_outputs:
+        want = spec.data.cache_text_encoder_outputs
+        if want is None:  # auto: whenever it applies, quietly
+            if not self.train_te and not self.data.captions_vary:
+                self.emit(event("phase", name="caching text encoder outputs"))
+                with self._autocast():
+                    self.data.cache_text(self.base, self.device)
+        elif want:
             if self.train_te:
                 self.log("cache_text_encoder_outputs is ignored while the text encoder trains", "warning")
             elif self.data.captions_vary:
@@ -630,10 +690,10 @@ class Trainer:
             "unet_lr": opt.lr, "optimizer": opt.name, "lr_scheduler": opt.scheduler,
             "lr_warmup_steps": opt.warmup_steps, "max_train_steps": spec.steps, "steps": step,
             "train_batch_size": spec.batch_size, "gradient_accumulation_steps": spec.grad_accum,
-            "mixed_precision": spec.mixed_precision, "seed": spec.seed, "min_snr_gamma": spec.min_snr_gamma,
+            "mixed_precision": self.mixed_precision, "seed": spec.seed, "min_snr_gamma": spec.min_snr_gamma,
             "noise_offset": spec.noise_offset or None, "loss_type": spec.loss_type,
             "huber_c": spec.huber_c if spec.loss_type == "huber" else None,
-            "gradient_checkpointing": spec.gradient_checkpointing, "max_grad_norm": opt.max_grad_norm,
+            "gradient_checkpointing": self.gradient_checkpointing, "max_grad_norm": opt.max_grad_norm,
             "network_dropout": net.dropout or None, "cache_latents": spec.data.cache_latents,
             "num_train_images": sum(1 for it in self.items if not it.is_class),
             "num_reg_images": sum(1 for it in self.items if it.is_class) or None,

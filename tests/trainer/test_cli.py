@@ -41,3 +41,64 @@ def test_inspect_refuses_a_pickle(tmp_path: Path) -> None:
     r = _cli("inspect", str(bad))
     assert r.returncode == 2
     assert "pickle" in r.stderr.lower()
+
+
+def test_train_from_options_alone(tmp_path: Path) -> None:
+    """No job file: --images/--prompt/--base/--steps/--dim/--alpha/--lr/--optimizer map onto the spec."""
+    out = tmp_path / "job"
+    r = _cli("train", "--images", "examples/images", "--prompt", "chibi scs girl", "--base", "tiny-sd15",
+             "--steps", "3", "--dim", "4", "--alpha", "2", "--lr", "5e-3", "--optimizer", "lion", "--resolution", "64",
+             "--name", "opts", "--out", str(out), "--device", "cpu")
+    assert r.returncode == 0, r.stderr[-2000:]
+    lora = out / "outputs" / "opts.safetensors"
+    assert lora.is_file() and f"LoRA: {lora}" in r.stdout
+    assert "step 3/3" in r.stdout and "smoothed" in r.stdout and "it/s" in r.stdout and "eta" in r.stdout
+    assert "\r" not in r.stdout  # not a terminal: plain lines, no redrawn bar
+    assert "precision fp32 (auto on cpu)" in r.stdout  # what the auto defaults resolved to
+    spec = (out / "spec.toml").read_text()
+    assert 'name = "Lion"' in spec and "dim = 4" in spec and "alpha = 2.0" in spec and 'instance_prompt = "chibi' in spec
+    from trainer.kohya import read_kohya
+
+    md = read_kohya(lora).metadata
+    assert md["ss_network_dim"] == "4" and md["ss_network_alpha"] == "2" and md["ss_optimizer"] == "Lion"
+    assert md["ss_mixed_precision"] == "no" and md["ss_gradient_checkpointing"] == "False"
+
+
+def test_bad_option_values_exit_2_naming_the_field(tmp_path: Path) -> None:
+    r = _cli("train", "--images", "examples/images", "--dim", "0", "--out", str(tmp_path / "a"))
+    assert r.returncode == 2 and "network.dim (--dim)" in r.stderr and "greater than or equal to 1" in r.stderr
+    r = _cli("train", "--images", "examples/images", "--optimizer", "sgd", "--out", str(tmp_path / "b"))
+    assert r.returncode == 2 and "optimizer.name (--optimizer)" in r.stderr and "AdamW8bit" in r.stderr
+    r = _cli("train", "--images", "examples/images", "--steps", "many")
+    assert r.returncode == 2 and "--steps" in r.stderr
+    r = _cli("train")  # nothing to train on
+    assert r.returncode == 2 and "--images" in r.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_demo_trains_and_prints_its_files(tmp_path: Path) -> None:
+    r = _cli("demo", "--out", str(tmp_path / "demo"), "--steps", "20")
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    loras = [Path(x.split(": ", 1)[1]) for x in lines if x.startswith("LoRA: ")]
+    samples = [Path(x.split(": ", 1)[1]) for x in lines if x.startswith("sample: ")]
+    assert len(loras) == 1 and loras[0].is_file() and loras[0].suffix == ".safetensors"
+    assert len(samples) == 2 and all(p.is_file() and p.suffix == ".png" for p in samples)
+    assert any(x.startswith("denoising loss at fixed noise:") and "lower after 20 steps" in x for x in lines)
+
+
+def test_progress_bar_redraws_on_a_terminal() -> None:
+    import io
+
+    from trainer.__main__ import ProgressPrinter
+
+    buf = io.StringIO()
+    pr = ProgressPrinter(buf, tty=True)
+    for step in (1, 2):
+        pr({"type": "progress", "step": step, "total": 2, "loss": 0.5, "loss_raw": 0.4, "lr": 1e-3,
+            "steps_per_s": 2.0, "eta_s": 0.5 * (2 - step)})
+    pr({"type": "log", "level": "info", "message": "done"})
+    text = buf.getvalue()
+    assert text.count("\r[") == 2 and "[" + "#" * 24 + "] step 2/2" in text
+    assert "loss 0.4000  smoothed 0.5000  lr 1.00e-03  2.00 it/s  eta 0:00" in text
+    assert text.endswith("\n[info] done\n")  # the bar's line is closed before other output

@@ -106,6 +106,31 @@ def test_outputs_metadata_and_plot(tmp_path: Path, dataset: Path, make_spec) -> 
     files = [(e["kind"], Path(e["path"]).name) for e in events if e["type"] == "file"]
     assert ("lora", "scs-step00000002.safetensors") in files and ("lora", "scs.safetensors") in files
     assert ("plot", "loss.png") in files
+    # the defaults are "auto": on CPU they resolve to fp32 without checkpointing, recorded in the file and a log
+    assert spec.mixed_precision == "auto" and spec.gradient_checkpointing is None
+    assert md["ss_mixed_precision"] == "no" and md["ss_gradient_checkpointing"] == "False"
+    logs = [e["message"] for e in events if e["type"] == "log"]
+    assert any("precision fp32 (auto on cpu)" in m and "gradient checkpointing off (auto" in m
+               and "attention PyTorch SDPA" in m for m in logs), logs
+
+
+def test_auto_precision_and_checkpointing_resolve_per_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    from trainer.train import resolve_gradient_checkpointing, resolve_mixed_precision
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_mixed_precision("auto", cpu) == "no"
+    for explicit in ("no", "fp16", "bf16"):
+        assert resolve_mixed_precision(explicit, cpu) == explicit == resolve_mixed_precision(explicit, cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_mixed_precision("auto", cuda) == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # e.g. a 20xx card
+    assert resolve_mixed_precision("auto", cuda) == "fp16"
+    assert resolve_gradient_checkpointing(None, "sdxl", cuda) is True
+    assert resolve_gradient_checkpointing(None, "sd1", cuda) is False
+    assert resolve_gradient_checkpointing(None, "sd2", cuda) is False
+    assert resolve_gradient_checkpointing(None, "sdxl", cpu) is False
+    assert resolve_gradient_checkpointing(True, "sd1", cpu) is True
+    assert resolve_gradient_checkpointing(False, "sdxl", cuda) is False
 
 
 # --- optimizers and schedules --------------------------------------------------------------------------
@@ -340,6 +365,10 @@ def test_cpu_precision_and_checkpointing_paths(tmp_path: Path, dataset: Path, ma
     out = train(spec, tmp_path / "a", on_event=events.append)
     sd = load_file(out["lora"])
     assert any(k.startswith("lora_te_text_model_") for k in sd)
+    from trainer.kohya import read_kohya
+
+    md = read_kohya(Path(out["lora"])).metadata
+    assert md["ss_mixed_precision"] == "bf16" and md["ss_gradient_checkpointing"] == "True"  # explicit values
     events.clear()
     train(make_spec(dataset, steps=1, mixed_precision="fp16", loss_type="l1"), tmp_path / "b",
           on_event=events.append)
