@@ -32,6 +32,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("loraforge.progress")
 
 FRESH_AFTER_S = 50 * 60
+# A final post that fails is tried again after RETRY_BASE_S, doubling up to RETRY_MAX_S, FINAL_TRIES times
+# in all; a job whose result never got out is posted again on the next start within REDELIVER_WINDOW_S.
+RETRY_BASE_S = 5.0
+RETRY_MAX_S = 300.0
+FINAL_TRIES = 8
+REDELIVER_WINDOW_S = 3 * 24 * 3600
 BAR_WIDTH = 20
 TERMINAL = ("succeeded", "failed", "cancelled")
 # What to tell a user for each failure reason code (trainer.events "failed".reason).
@@ -206,6 +212,7 @@ class JobReporter:
         self.wake.set()
         self.ended = asyncio.Event()  # set on the terminal event: cuts the throttle wait short
         self.edits = 0
+        self.failures = 0  # consecutive failed passes of the loop (retried with backoff)
         self.task: asyncio.Task[None] | None = None
 
     def feed(self, event: dict[str, Any]) -> None:
@@ -309,7 +316,19 @@ class JobReporter:
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - progress must never take the bot down; retry later
-                log.exception("progress update for job %s failed", self.job_id)
+                self.failures += 1
+                log.exception("progress update for job %s failed (try %d)", self.job_id, self.failures)
+                if self.terminal is not None and self.failures >= FINAL_TRIES:
+                    # Not marked delivered: the next start of the bot tries again (track_open_jobs).
+                    log.error("giving up posting the result of job %s after %d tries; it is tried again on the "
+                              "next start, and its files stay in the job folder", self.job_id, self.failures)
+                    return
+                # Nothing else would wake us for a job that has ended: retry on a timer.
+                self.dirty = True
+                await asyncio.sleep(min(hub.retry_max_s, hub.retry_base_s * 2 ** (self.failures - 1)))
+                self.wake.set()
+                continue
+            self.failures = 0
             # Throttle: at most one edit per interval, but a job's end is shown at once.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.ended.wait(), hub.interval_s)
@@ -317,6 +336,12 @@ class JobReporter:
     def _destination(self, job: Any) -> discord.PartialMessageable | None:
         cid = job.thread_id or job.channel_id
         return self.hub.bot.get_partial_messageable(int(cid)) if cid else None
+
+    def _final_destinations(self, job: Any) -> list[discord.PartialMessageable]:
+        """The job's thread, then the channel it was started in: a result must reach its owner even when
+        the thread was deleted or the bot lost access to it."""
+        ids = list(dict.fromkeys(int(c) for c in (job.thread_id, job.channel_id) if c))
+        return [self.hub.bot.get_partial_messageable(c) for c in ids]
 
     async def _flush(self, job: Any) -> None:
         bot = self.hub.bot
@@ -378,10 +403,22 @@ class JobReporter:
         job = await bot.repo.get_job(self.job_id)
         if job is None:
             return
-        dest = self._destination(job)
-        if dest is None:
+        dests = self._final_destinations(job)
+        if not dests:
             log.warning("job %s finished but has nowhere to post", job.id)
             return
+        for i, dest in enumerate(dests):
+            try:
+                await self._post_final(job, dest)
+                break
+            except (discord.NotFound, discord.Forbidden) as e:
+                if i == len(dests) - 1:
+                    raise
+                log.warning("could not post the result of job %s in %s (%s %s); trying the channel instead",
+                            job.id, dest.id, e.status, e.code)
+        await bot.repo.add_event(job.id, DELIVERED_EVENT, {"state": job.state})
+
+    async def _post_final(self, job: Any, dest: discord.PartialMessageable) -> None:
         mention = f"<@{job.owner_id}>"
         allowed = discord.AllowedMentions(users=[discord.Object(job.owner_id)], roles=False, everyone=False)
         if job.state == "succeeded":
@@ -396,7 +433,6 @@ class JobReporter:
                 f"{mention} job **#{job.id}** was cancelled. `/retrain {job.id}` starts it again.",
                 allowed_mentions=allowed,
             )
-        await bot.repo.add_event(job.id, DELIVERED_EVENT, {"state": job.state})
 
     async def _deliver_success(
         self, job: Any, dest: discord.PartialMessageable, mention: str, allowed: discord.AllowedMentions
@@ -457,6 +493,8 @@ class ProgressHub:
         self.reporters: dict[int, JobReporter] = {}
         self._bound: dict[int, asyncio.Event] = {}
         self.closed = False
+        self.retry_base_s = RETRY_BASE_S
+        self.retry_max_s = RETRY_MAX_S
 
     # -- the scheduler side
 
@@ -493,13 +531,24 @@ class ProgressHub:
                 rep.wake.set()
 
     async def track_open_jobs(self) -> None:
-        """On start-up: resume the messages of every queued/running job (after a restart)."""
-        for job in await self.bot.repo.list_jobs(states=("queued", "running")):
+        """On start-up: resume the messages of every queued/running job (after a restart), and post the
+        results of jobs that ended while nobody could post them (the bot was stopping, or Discord kept
+        refusing), if they ended within REDELIVER_WINDOW_S."""
+        repo = self.bot.repo
+        for job in await repo.list_jobs(states=("queued", "running")):
             rep = self._reporter(job.id)
             if job.state == "queued" and job.attempts:
                 rep.state["resumed"] = True
             rep.dirty = True
             rep.wake.set()
+        since = time.time() - REDELIVER_WINDOW_S
+        for job in await repo.list_jobs(states=TERMINAL, newest_first=True, limit=500):
+            if not (job.thread_id or job.channel_id) or (job.finished_at or 0) < since:
+                continue
+            if job.id in self.reporters or await self.already_delivered(job.id):
+                continue
+            log.info("job %s ended without its result posted; posting it now", job.id)
+            self.bind(job.id)  # its destination was set up long ago
 
     # -- the submitter side: the destination is set up right after the job is queued
 

@@ -3,6 +3,7 @@ fault paths (413 on upload, expired interaction token, 429, edit cap, unexpected
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 
@@ -181,3 +182,78 @@ def test_token_never_logged(caplog):
         logger.removeHandler(handler)
     assert all(token not in r.getMessage() and token not in (r.exc_text or "") for r in records)
     assert "[redacted]" in records[0].getMessage()
+
+
+def refuse_results(fake, status: int, code: int, *, spare: int | None = None, times: list[int] | None = None):
+    """Make the fake refuse posts that carry a LoRA (the final result) in every channel but ``spare``,
+    ``times[0]`` times (forever when None). Other messages go through."""
+    from fakediscord import error_response
+
+    @fake.route("POST", r"/channels/(?P<cid>\d+)/messages")
+    async def refuse(call, files, cid):
+        carries_lora = any(name.endswith(".safetensors") for name, *_ in files)
+        if carries_lora and int(cid) != spare and (times is None or times[0] > 0):
+            if times is not None:
+                times[0] -= 1
+            return error_response(status, code, "Injected refusal")
+        return fake._create_message(int(cid), call.json or {}, files, via="bot").data
+
+
+def result_posts(fake, channel_id: int, name: str) -> list:
+    return [m for m in fake.channel_messages(channel_id) if f"{name}.safetensors" in m.file_names]
+
+
+async def test_result_goes_to_the_channel_when_the_thread_is_gone(fake_discord, bot):
+    fake = fake_discord
+    refuse_results(fake, 404, 10003, spare=fake.channel_id)  # Unknown Channel: someone deleted the job's thread
+    job_id = await train_and_wait(fake, bot, "orphan")
+    job = await bot.repo.get_job(job_id)
+    assert job.thread_id != job.channel_id == fake.channel_id
+    [post] = result_posts(fake, fake.channel_id, "orphan")
+    assert post.content.startswith(f"<@{fake.users['bob']['id']}> job **#{job_id}** finished")
+    assert "grid.png" in post.file_names and await bot.progress.already_delivered(job_id)
+
+
+async def test_failed_result_post_is_retried_until_it_gets_through(fake_discord, bot):
+    fake = fake_discord
+    bot.progress.retry_base_s = 0.05
+    left = [2]  # Discord refuses the result twice (not a 429 discord.py would retry by itself)
+    refuse_results(fake, 400, 50035, times=left)
+    job_id = await train_and_wait(fake, bot, "stubborn")
+    job = await bot.repo.get_job(job_id)
+    assert left == [0]
+    assert len(result_posts(fake, job.thread_id, "stubborn")) == 1
+    assert result_posts(fake, fake.channel_id, "stubborn") == []  # not a thread problem: no fallback
+    assert await bot.progress.already_delivered(job_id)
+
+
+async def test_result_not_posted_before_a_restart_is_posted_after_it(fake_discord, bot_factory):
+    fake = fake_discord
+    left = [10**6]
+    refuse_results(fake, 400, 50035, times=left)  # every try fails while the first bot runs
+    bot1 = bot_factory()
+    async with fake.running(bot1, gateway=False):
+        await asyncio.wait_for(bot1.service_ready.wait(), 60)
+        bot1.progress.retry_base_s = 60.0  # still waiting to retry when the bot stops
+        rec = await run_command(fake, bot1, "dataset", {"name": "ds-late", **add_images(fake, 2)}, user="bob",
+                                subcommand="create")
+        rec = await run_command(fake, bot1, "train", {"dataset": "ds-late", "steps": 3, "output_name": "late"},
+                                user="bob")
+        job_id = int(re.search(r"job \*\*#(\d+)\*\*", answer(rec)).group(1))
+        job = await bot1.scheduler.wait_for_job(job_id, 30)
+        assert job.state == "succeeded"
+        await fake.wait_for(lambda: any(c.status == 400 for c in fake.calls("POST", f"/channels/{job.thread_id}/")))
+        assert not await bot1.progress.already_delivered(job_id)
+    left[0] = 0  # Discord takes posts again
+
+    bot2 = bot_factory()
+    async with fake.running(bot2, gateway=False):
+        await asyncio.wait_for(bot2.service_ready.wait(), 60)
+        await fake.wait_for(lambda: len(result_posts(fake, job.thread_id, "late")) == 1, 15)
+        await bot2.progress.wait_idle(job_id, 15)
+        assert await bot2.progress.already_delivered(job_id)
+    bot3 = bot_factory()  # once delivered, never again
+    async with fake.running(bot3, gateway=False):
+        await asyncio.wait_for(bot3.service_ready.wait(), 60)
+        await asyncio.sleep(0.5)
+    assert len(result_posts(fake, job.thread_id, "late")) == 1
