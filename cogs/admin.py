@@ -26,24 +26,42 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Bot admini
         super().__init__()
 
     @app_commands.command(name="sync", description="Publish the slash commands to Discord")
-    @app_commands.describe(scope="guild: this server only, at once; global: every server")
-    async def sync(self, interaction: discord.Interaction, scope: Literal["guild", "global"] = "guild") -> None:
+    @app_commands.describe(scope="configured: the config's guild_ids (global when empty); guild: this server "
+                                 "only, at once; global: every server")
+    async def sync(self, interaction: discord.Interaction,
+                   scope: Literal["configured", "guild", "global"] = "configured") -> None:
         bot = self.bot
         bot.access.require_admin(interaction)
         await ensure_deferred(interaction, ephemeral=True)
-        if scope == "guild":
-            if interaction.guild_id is None:
-                await reply(interaction, "Run a guild sync inside a server (or use `scope: global`).", ephemeral=True)
-                return
-            guild = discord.Object(interaction.guild_id)
-            bot.tree.copy_global_to(guild=guild)
-            synced = await bot.tree.sync(guild=guild)
-            where = "this server"
+        configured = list(dict.fromkeys(bot.config.discord.guild_ids))
+        if scope == "guild" or (scope == "configured" and configured):
+            if scope == "guild":
+                if interaction.guild_id is None:
+                    await reply(interaction, "Run a guild sync inside a server (or use `scope: global`).",
+                                ephemeral=True)
+                    return
+                targets = [interaction.guild_id]
+            else:
+                targets = configured
+            done, refused = [], []
+            synced: list[app_commands.AppCommand] = []
+            for gid in targets:
+                guild = discord.Object(gid)
+                bot.tree.copy_global_to(guild=guild)
+                try:
+                    synced = await bot.tree.sync(guild=guild)
+                    done.append(gid)
+                except discord.Forbidden:  # the bot was not invited with the applications.commands scope
+                    refused.append(gid)
+            where = "this server" if scope == "guild" else f"{len(done)} configured server(s)"
+            if refused:
+                where += (" (refused by " + ", ".join(f"`{g}`" for g in refused) + ": invite the bot there "
+                          "with the `applications.commands` scope, or remove the id from `discord.guild_ids`)")
         else:
             synced = await bot.tree.sync()
             where = "every server (may take up to an hour to show)"
-        await reply(interaction, f"Synced {len(synced)} command(s) to {where}: "
-                    + ", ".join(f"`/{c.name}`" for c in synced), ephemeral=True)
+        await reply(interaction, clip(f"Synced {len(synced)} command(s) to {where}: "
+                                      + ", ".join(f"`/{c.name}`" for c in synced)), ephemeral=True)
 
     @app_commands.command(name="status", description="Workers and the queue")
     async def status(self, interaction: discord.Interaction) -> None:

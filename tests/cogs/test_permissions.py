@@ -131,3 +131,26 @@ async def test_train_refuses_a_base_model_path_that_is_not_listed(fake_discord, 
     assert "not a base model of this server" in answer(rec), answer(rec)
     assert rec.followups[-1].ephemeral
     assert await bot.repo.list_jobs() == []
+
+
+async def test_admin_sync_publishes_to_the_configured_guilds(fake_discord, bot_factory):
+    fake = fake_discord
+    other = int(fake.add_guild("second server")["id"])
+    bot = bot_factory(discord={"guild_ids": [fake.guild_id, other]})
+    async with fake.running(bot, gateway=False):
+        rec = await run_command(fake, bot, "admin", {}, user="alice", subcommand="sync")
+        assert "Synced" in answer(rec) and "2 configured server(s)" in answer(rec)
+        for gid in (fake.guild_id, other):
+            assert "train" in {c["name"] for c in fake.commands[gid]}
+        assert None not in fake.commands  # no global commands when guilds are configured
+        rec = await run_command(fake, bot, "admin", {"scope": "global"}, user="alice", subcommand="sync")
+        assert "every server" in answer(rec) and "train" in {c["name"] for c in fake.commands[None]}
+
+
+async def test_admin_sync_without_configured_guilds_is_global(fake_discord, bot):
+    fake = fake_discord
+    rec = await run_command(fake, bot, "admin", {}, user="alice", subcommand="sync")
+    assert "every server" in answer(rec)
+    assert "train" in {c["name"] for c in fake.commands[None]} and fake.guild_id not in fake.commands
+    rec = await run_command(fake, bot, "admin", {}, user="bob", subcommand="sync")
+    assert "Only admins" in answer(rec)
