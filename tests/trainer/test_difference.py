@@ -159,17 +159,31 @@ def test_resume_in_either_pass_gives_the_same_lora(tmp_path: Path, images: tuple
             return where["calls"] > step
         return should_stop
 
+    runs: list[list[dict[str, Any]]] = [[], [], []]
+
+    def recorder(run: int):
+        def sink(e: dict[str, Any]) -> None:
+            runs[run].append(e)
+            on_event(e)
+        return sink
+
+    def steps(run: int, pass_no: int) -> list[int]:
+        return [e["step"] for e in runs[run] if e["type"] == "progress" and e["pass"] == pass_no]
+
     with pytest.raises(JobCancelled):
-        train_difference(spec, job, on_event, stop_at(1, 11), device="cpu")
+        train_difference(spec, job, recorder(0), stop_at(1, 11), device="cpu")
     assert not (job / "outputs" / "cm-front.safetensors").exists()
     where["pass"] = 0
     with pytest.raises(JobCancelled):
-        train_difference(spec, job, on_event, stop_at(2, 6), device="cpu")
+        train_difference(spec, job, recorder(1), stop_at(2, 6), device="cpu")
     assert json.loads((job / "difference" / "progress.json").read_text())["pairs"]["front"]["pass1"]["done"]
-    events: list[dict[str, Any]] = []
-    out = train_difference(spec, job, events.append, device="cpu")
+    # each run goes on after the last step the one before finished (11 in pass 1, then 6 in pass 2)
+    assert steps(0, 1)[0] == 1 and steps(1, 1)[0] == 12 and steps(1, 1)[-1] == STEPS1
+    out = train_difference(spec, job, recorder(2), device="cpu")
+    events = runs[2]
     assert events[0]["type"] == "started" and events[0]["resumed_from"] == STEPS1  # pass 1 was not redone
-    assert not any(e["type"] == "progress" and e["pass"] == 1 for e in events)
+    assert steps(2, 1) == []
+    assert steps(1, 2)[0] == 1 and steps(2, 2)[0] == 7 and steps(2, 2)[-1] == STEPS2
 
     for key in ("lora", "copier"):
         got, want = load_file(out[key]), load_file(full_run["outputs"][key])
