@@ -285,3 +285,33 @@ async def test_users_may_only_name_the_servers_base_models(svc: Service, tmp_pat
     assert admin.spec["base_model"] == "/srv/models/private"  # admins may point anywhere the worker reads
     with pytest.raises(SpecError, match="base_model"):
         await sched.retrain(admin.id, by_user=9)  # the same rule for a non-admin replay
+
+
+@pytest.mark.parametrize("svc", [dict(max_running_per_user=2, workers={"devices": ["cpu", "cpu", "cpu"]})],
+                         indirect=True)
+async def test_running_limit_holds_with_free_workers(svc: Service) -> None:
+    """Three workers, user 1 queues five jobs, user 2 one: user 1 never runs more than two at once,
+    so the third worker goes to user 2 rather than to user 1's third job."""
+    sched = svc.scheduler
+    running: set[int] = set()
+    owners: dict[int, int] = {}
+    peak: dict[int, int] = {1: 0, 2: 0}
+
+    def on(job: Job, ev: dict[str, Any]) -> None:
+        if ev.get("type") != "state":
+            return
+        if ev.get("state") == "running":
+            running.add(job.id)
+        elif ev.get("state") in ("succeeded", "failed", "cancelled", "queued"):
+            running.discard(job.id)
+        for u in peak:
+            peak[u] = max(peak[u], sum(1 for j in running if owners.get(j) == u))
+
+    svc.add_listener(on)
+    a = [await sched.submit(1, "train", train("slow", 8)) for _ in range(5)]
+    b = await sched.submit(2, "train", train("slow", 8))
+    owners.update({j.id: 1 for j in a} | {b.id: 2})
+    await sched.start()
+    for j in [*a, b]:
+        assert (await sched.wait_for_job(j.id, 60)).state == "succeeded"
+    assert peak == {1: 2, 2: 1}, peak
