@@ -88,6 +88,8 @@ def run_job(spec: Any, job_dir: Path | str, on_event: EventSink = null_sink, sho
         fn = _dispatch(spec)
         kwargs: dict[str, Any] = {"models_dir": models_dir, "device": device}
         if context is not None:
+            if getattr(spec, "kind", "train") == "train":
+                release_cached_models(context)
             kwargs["context"] = context
         return fn(spec, job_dir, on_event=sink, should_stop=should_stop, **kwargs)
     except JobCancelled:
@@ -107,6 +109,14 @@ def run_job(spec: Any, job_dir: Path | str, on_event: EventSink = null_sink, sho
             _free_gpu_memory()  # the worker lives on to run the next job
         sink(event("failed", error=msg, reason=reason, traceback=tb))
         raise JobFailed(msg, reason=reason) from e
+
+
+def release_cached_models(context: dict[str, Any]) -> None:
+    """Drop the preview pipeline a worker keeps between jobs: a training run needs the card's memory
+    (an SDXL base kept for previews plus SDXL training does not fit a 10 GB card). The next preview loads it again."""
+    if context.pop("sampler", None) is not None:
+        context.pop("sampler_key", None)
+        _free_gpu_memory()
 
 
 def _free_gpu_memory() -> None:

@@ -338,6 +338,19 @@ def test_runner_records_spec_and_events(tmp_path: Path, dataset: Path, make_spec
     def boom(*a: Any, **k: Any) -> None:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
+    # a training job frees the preview pipeline the worker keeps between jobs; other job kinds keep it
+    import weakref
+
+    class Pipeline:
+        pass
+
+    kept = Pipeline()
+    ref = weakref.ref(kept)
+    context: dict[str, Any] = {"sampler": kept, "sampler_key": ("tiny-sd15", "None", "cpu")}
+    del kept
+    run_job(spec, tmp_path / "job1", context=context)
+    assert "sampler" not in context and "sampler_key" not in context and ref() is None
+
     monkeypatch.setattr(train_mod, "train", boom)
     seen.clear()
     with pytest.raises(JobFailed) as e:
