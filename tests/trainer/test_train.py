@@ -50,9 +50,12 @@ LEARN_CASES = [
     pytest.param("tiny-sd15", 0, False, 60, 0.30, id="sd15-lora"),  # the demo recipe: ~43%
     pytest.param("tiny-sd15", 4, True, 40, 0.30, id="sd15-locon-te"),  # ~56%
     pytest.param("tiny-sdxl", 4, False, 40, 0.30, id="sdxl-locon"),  # ~58%
-    # tiny-sdxl has no attention at its full-resolution level, so attention-only LoRA plateaus near 11%
-    # however long it trains (measured 60-100 steps, lr 5e-3..1e-2); this case checks both SDXL text encoders
-    # train and the loss still falls.
+    pytest.param("tiny-sdxl", 4, True, 40, 0.30, id="sdxl-locon-te"),
+    # SDXL, like tiny-sdxl, has no attention at its full-resolution level, and with RANDOM base weights the
+    # fixed full-resolution resnets cannot pass the noise through, so attention-only LoRA plateaus near 11-12%
+    # however long it trains (measured 60-250 steps, lr 3e-3..1e-2, dim 4-16); a pretrained SDXL base already
+    # denoises, so this is a property of the random test model, not of the engine. This case checks that both
+    # SDXL text encoders train and the loss still falls.
     pytest.param("tiny-sdxl", 0, True, 40, 0.05, id="sdxl-lora-te"),
     pytest.param("tiny-sd2", 0, False, 40, 0.20, id="sd2-vpred"),  # v-prediction: ~33%
 ]
