@@ -12,9 +12,19 @@ from pathlib import Path
 from bot.config import ConfigError, load_config
 
 
+DEFAULT_CONFIG = Path("config.toml")
+
+
 def _run(args: argparse.Namespace) -> int:
+    path = args.config
+    if path is None and DEFAULT_CONFIG.is_file():
+        path = DEFAULT_CONFIG  # the README's `cp config.example.toml config.toml`
+    if path is None:
+        print("note: no --config given and no config.toml in this folder: running on the built-in defaults "
+              "(data in ./data, models in ./models, everyone may train, server administrators are the admins). "
+              "Copy config.example.toml to config.toml to change that.", file=sys.stderr)
     try:
-        config = load_config(args.config)
+        config = load_config(path)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -44,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run the Discord bot")
-    r.add_argument("--config", type=Path, default=None, help="TOML config (see config.example.toml)")
+    r.add_argument("--config", type=Path, default=None, help="TOML config (default: ./config.toml if there, "
+                   "else built-in defaults; see config.example.toml)")
     d = sub.add_parser("demo", help="train a tiny LoRA end to end without Discord")
     d.add_argument("--data-dir", default="demo-data", help="where the demo keeps its database and files")
     d.add_argument("--steps", type=int, default=80, help="training steps (default 80)")

@@ -80,6 +80,19 @@ def test_run_without_token_says_which_variable(tmp_path: Path) -> None:
     assert "LF_TEST_TOKEN_UNSET" in out.stderr
 
 
+def test_run_finds_config_toml_or_says_it_uses_defaults(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-m", "bot", "run"], capture_output=True, text=True, cwd=tmp_path,
+                         timeout=120, env=env)
+    assert out.returncode == 2
+    assert "no config.toml in this folder" in out.stderr and "LORAFORGE_TOKEN" in out.stderr
+    (tmp_path / "config.toml").write_text('[discord]\ntoken_env = "LF_FROM_CONFIG_TOML"\n')
+    out = subprocess.run([sys.executable, "-m", "bot", "run"], capture_output=True, text=True, cwd=tmp_path,
+                         timeout=120, env=env)
+    assert out.returncode == 2
+    assert "LF_FROM_CONFIG_TOML" in out.stderr and "built-in defaults" not in out.stderr
+
+
 def test_cogs_reach_the_engine_only_through_bot() -> None:
     """House plan: cogs -> bot -> storage, and only bot imports trainer (its torch-free spec)."""
     import ast
