@@ -11,7 +11,6 @@ from pathlib import Path
 
 from bot.config import ConfigError, load_config
 
-
 DEFAULT_CONFIG = Path("config.toml")
 
 

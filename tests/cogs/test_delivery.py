@@ -257,3 +257,19 @@ async def test_result_not_posted_before_a_restart_is_posted_after_it(fake_discor
         await asyncio.wait_for(bot3.service_ready.wait(), 60)
         await asyncio.sleep(0.5)
     assert len(result_posts(fake, job.thread_id, "late")) == 1
+
+
+async def test_dm_progress_mode_reports_and_delivers_in_dms(fake_discord, bot_factory):
+    fake = fake_discord
+    bot = bot_factory(discord={"progress_mode": "dm"})
+    async with fake.running(bot, gateway=False):
+        await asyncio.wait_for(bot.service_ready.wait(), 60)
+        job_id = await train_and_wait(fake, bot, "by-dm")
+        job = await bot.repo.get_job(job_id)
+        dms = fake.dm_messages("bob")
+        assert job.thread_id == dms[0].channel_id and not fake.threads
+        progress = fake.message(job.message_id)
+        assert progress in dms and "succeeded" in progress.content
+        [post] = [m for m in dms if "by-dm.safetensors" in m.file_names]
+        assert f"job **#{job_id}** finished" in post.content
+        assert result_posts(fake, fake.channel_id, "by-dm") == []
