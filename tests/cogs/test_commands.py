@@ -135,6 +135,32 @@ async def test_toml_job_file_and_options_override_it(fake_discord, bot):
     assert "network.dimm" in answer(bad) and "unknown setting" in answer(bad)
 
 
+async def test_every_train_option_reaches_the_spec(fake_discord, bot):
+    fake = fake_discord
+    await make_dataset(fake, bot, class_prompt="cat")
+    opts = {"dataset": "cats", "base_model": "tiny-sdxl", "trigger_word": " scs cat ", "steps": 12, "dim": 16,
+            "alpha": 8.0, "conv_dim": 8, "conv_alpha": 4.0, "learning_rate": 5e-5, "optimizer": "Lion",
+            "scheduler": "cosine", "batch_size": 2, "resolution": 512, "seed": 1111, "train_text_encoder": True,
+            "sample_prompt": " chibi scs cat ", "output_name": "fast-all"}
+    rec = await run_command(fake, bot, "train", opts, user="bob")
+    assert "Queued job" in answer(rec), answer(rec)
+    spec = (await bot.repo.list_jobs())[0].spec
+    assert spec["base_model"] == "tiny-sdxl" and spec["steps"] == 12 and spec["seed"] == 1111
+    net = spec["network"]
+    assert (net["dim"], net["alpha"], net["conv_dim"], net["conv_alpha"]) == (16, 8.0, 8, 4.0)
+    assert net["train_text_encoder"] is True
+    opt = spec["optimizer"]
+    assert (opt["name"], opt["lr"], opt["scheduler"]) == ("Lion", 5e-5, "cosine")
+    assert spec["batch_size"] == 2 and spec["data"]["resolution"] == 512
+    assert spec["data"]["trigger_word"] == "scs cat" and spec["output_name"] == "fast-all"
+    assert [p["prompt"] for p in spec["sample"]["prompts"]] == ["chibi scs cat"]
+    assert spec["concepts"][0]["class_prompt"] == "cat"  # from the dataset
+    # a value the official client would stop still gets a clear answer (min/max are checked again)
+    bad = await run_command(fake, bot, "train", {"dataset": "cats", "optimizer": "SGD"}, user="bob")
+    assert "optimizer" in answer(bad) and "Lion" in answer(bad)
+    assert len(await bot.repo.list_jobs()) == 1
+
+
 async def test_train_thread_progress_throttled_and_delivery(fake_discord, bot, monkeypatch):
     fake = fake_discord
     await make_dataset(fake, bot)
