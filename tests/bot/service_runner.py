@@ -34,9 +34,9 @@ def make_config(data_dir: Path) -> Config:
     })
 
 
-def train_overrides(steps: int, state_every: int) -> dict[str, Any]:
+def train_overrides(steps: int, state_every: int, name: str = "restart") -> dict[str, Any]:
     return {
-        "base_model": "tiny-sd15", "output_name": "restart", "steps": steps, "seed": 77,
+        "base_model": "tiny-sd15", "output_name": name, "steps": steps, "seed": 77,
         "state_every_n_steps": state_every, "network": {"dim": 4},
         "optimizer": {"name": "AdamW", "lr": 2e-3, "scheduler": "constant"},
         "data": {"resolution": 64},
@@ -50,7 +50,8 @@ async def amain(args: argparse.Namespace) -> int:
         job_id = None
         if args.submit:
             up = await service.create_dataset_from_files(1, "shapes", demo_images(4), trigger_word="zqx")
-            job = await service.submit_train(1, up.dataset.id, train_overrides(args.steps, args.state_every))
+            job = await service.submit_train(1, up.dataset.id, train_overrides(args.steps, args.state_every,
+                                                                                   args.name))
             job_id = job.id
             print(f"JOB {job_id}", flush=True)
         await service.scheduler.start()
@@ -68,6 +69,7 @@ def main() -> int:
     p.add_argument("--submit", action="store_true")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--state-every", type=int, default=5)
+    p.add_argument("--name", default="restart", help="output name (the stub worker reads its mode from it)")
     return asyncio.run(amain(p.parse_args()))
 
 

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -133,3 +134,63 @@ async def test_sigkill_real_worker_fails_job_and_next_runs(tmp_path: Path) -> No
         assert json.loads((await service.repo.get_job(long.id)).progress_json or "{}")["step"] >= 1  # type: ignore[union-attr]
     finally:
         await service.stop()
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with open(task / "children") as f:
+            out += [int(x) for x in f.read().split()]
+    return out
+
+
+def _job_state(db: Path, job_id: int) -> str | None:
+    import sqlite3
+
+    if not db.exists():
+        return None
+    with contextlib.closing(sqlite3.connect(db, timeout=5)) as con:
+        row = con.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    return row[0] if row else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited already
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux only")
+async def test_worker_dies_with_the_bot(tmp_path: Path) -> None:
+    """kill -9 of the bot alone (not its process group): the kernel kills its worker too, so no orphan
+    keeps writing into a job folder that the restarted bot hands to a new worker."""
+    stub = [sys.executable, str(ROOT / "tests" / "cogs" / "worker_stub.py")]
+    env = {**_env(), "LORAFORGE_TEST_WORKER_CMD": json.dumps(stub), "STUB_STEP_S": "0.05"}
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "service_runner.py"), "--data-dir", str(tmp_path / "data"), "--submit",
+         "--steps", "50", "--name", "stall-orphan"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
+    )
+    try:
+        assert proc.stdout.readline().startswith("JOB ")  # type: ignore[union-attr]
+        # "stall": the stub works on the job and writes nothing, so only the kernel can stop it
+        db = tmp_path / "data" / "loraforge.db"
+        deadline = time.monotonic() + 60
+        while _job_state(db, 1) != "running":
+            assert proc.poll() is None and time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        [worker] = _children(proc.pid)
+        assert _alive(worker)
+        os.kill(proc.pid, signal.SIGKILL)  # the bot only
+        proc.wait(10)
+        deadline = time.monotonic() + 10
+        while _alive(worker) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert not _alive(worker), "the worker outlived the bot"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)

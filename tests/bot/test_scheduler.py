@@ -169,6 +169,24 @@ async def test_cancel_queued_and_running_permissions(svc: Service) -> None:
     assert (await sched.wait_for_job(third.id, 30)).state == "cancelled"
 
 
+@pytest.mark.parametrize("svc", [dict(cancel_grace_s=0.5)], indirect=True)
+async def test_cancel_kills_a_worker_that_does_not_stop(svc: Service) -> None:
+    sched = svc.scheduler
+    await sched.start()
+    stuck = await sched.submit(1, "train", train("stall"))  # never looks at the cancel request
+    after = await sched.submit(2, "train", train())
+    while (await svc.repo.get_job(stuck.id)).state != "running":  # type: ignore[union-attr]
+        await asyncio.sleep(0.05)
+    pid = sched.workers[0].pid
+    t0 = time.monotonic()
+    await sched.cancel(stuck.id, by_user=1)
+    job = await sched.wait_for_job(stuck.id, 30)
+    assert job.state == "cancelled", (job.state, job.error)
+    assert time.monotonic() - t0 >= 0.5  # it had its grace period
+    assert (await sched.wait_for_job(after.id, 30)).state == "succeeded"
+    assert sched.workers[0].pid != pid  # a fresh worker took over
+
+
 @pytest.mark.parametrize("svc", [dict(stall_timeout_s=0.6)], indirect=True)
 async def test_stall_watchdog_fails_job_and_queue_goes_on(svc: Service) -> None:
     sched = svc.scheduler
