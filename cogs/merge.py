@@ -25,6 +25,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.autogrid import train_prompt
+from bot.config import BUILTIN_MODELS
 from bot.errors import InvalidInput, NotFound, PermissionDenied
 from bot.interactions import (
     bullet_list,
@@ -225,7 +226,17 @@ async def choose_base_model(
         except LoraCheckError as e:
             raise InvalidInput(str(e), "Nothing was queued.") from None
     elif arch:
-        note = f"The inputs are {ARCH_NAMES[arch]} LoRAs."
+        # Not known (a file from another trainer, or inputs made on different bases): the check grid uses
+        # this server's own base of that architecture. The built-in tiny models are for tests and demos.
+        candidates = [n for n in listed if n not in BUILTIN_MODELS
+                      and await asyncio.to_thread(base_model_arch, n, bot.config.models_dir) == arch]
+        if candidates:
+            base = candidates[0]
+            which = "only" if len(candidates) == 1 else "first"
+            note = (f"Base model `{base}` for the check grid, this server's {which} {ARCH_NAMES[arch]} base "
+                    "(the LoRAs do not say which base they were trained on); pick another with `base_model`.")
+        else:
+            note = f"The inputs are {ARCH_NAMES[arch]} LoRAs."
     return base, note
 
 

@@ -334,3 +334,35 @@ async def test_checkpoint_merge_is_delivered_by_link_even_when_small(fake_discor
     [meta] = await bot.repo.list_events(job.id, types=["discord.meta"])
     assert "link_only" not in meta.payload
     assert "small.safetensors" in final_post(fake, job).file_names  # fits the limit: attached
+
+
+def _with_metadata(data: bytes, **changes: str) -> bytes:
+    """The same safetensors file with some metadata values changed (the tensors' bytes untouched)."""
+    import json
+    import struct
+
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    header["__metadata__"].update(changes)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    return struct.pack("<Q", len(raw)) + raw + data[8 + n:]
+
+
+async def test_merge_of_foreign_loras_grids_on_the_servers_base(fake_discord: Any, bot: Any,
+                                                                lora_files: dict[str, bytes]):
+    """LoRAs from another trainer name a base this server does not have: the check grid still comes,
+    on the server's own base of their architecture (never on a built-in tiny model)."""
+    fake = fake_discord
+    foreign = _with_metadata(lora_files["front.safetensors"], ss_sd_model_name="anything-v5.safetensors")
+    rec = await run_command(fake, bot, "merge", {"lora1": fake.add_attachment("a.safetensors", foreign),
+                                                 "ratios": "0.6"}, user="bob", timeout=30)
+    assert "Queued job" in answer(rec) and "No check grid" in answer(rec), answer(rec)  # nothing to render on
+    models = bot.config.models_dir
+    models.mkdir(parents=True, exist_ok=True)
+    (models / "my-sd15.safetensors").write_bytes(lora_files["model.safetensors"])
+    rec = await run_command(fake, bot, "merge", {"lora1": fake.add_attachment("a.safetensors", foreign),
+                                                 "ratios": "0.6"}, user="bob", timeout=30)
+    text = answer(rec)
+    assert "`my-sd15.safetensors` for the check grid" in text and "only SD" in text, text
+    job = await bot.repo.get_job(job_id_of(text))
+    assert job.spec["base_model"] == "my-sd15.safetensors" and job.spec["grid"] is not None
