@@ -407,7 +407,7 @@ def _copy_atomic(src: Path, dest: Path) -> Path:
 
 def _role_metadata(role: str, plan: PairPlan, prompt: str, check: CopierCheck | None) -> dict[str, str]:
     info: dict[str, Any] = {"role": role, "pair": plan.pair.name, "original": plan.original.name,
-                            "target": plan.target.name, "prompt": prompt}
+                            "target": plan.target.name, "prompt": prompt, "original_sha256": plan.original_sha}
     if check is not None:
         info["copier_loss"] = {"without": round(check.loss_without, 6), "with": round(check.loss_with, 6)}
     if role == "difference":
@@ -417,6 +417,21 @@ def _role_metadata(role: str, plan: PairPlan, prompt: str, check: CopierCheck | 
         comment = f"loraforge copy-machine copier for pair {plan.pair.name}: reproduces {plan.original.name}"
     return {"loraforge_mode": "difference", "loraforge_difference": json.dumps(info),
             "ss_training_comment": comment, "modelspec.description": comment}
+
+
+def _copier_original(path: Path) -> tuple[str, str] | None:
+    """(sha256, file name) of the original a loraforge copier was trained on, from its metadata; None for a
+    copier from another tool (then only the copier check can tell whether it fits)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            info = json.loads((f.metadata() or {}).get("loraforge_difference") or "{}")
+    except (OSError, ValueError, json.JSONDecodeError):
+        return None
+    if not isinstance(info, dict) or info.get("role") != "copier" or not info.get("original_sha256"):
+        return None
+    return str(info["original_sha256"]), str(info.get("original") or "another image")
 
 
 def _base_for_check(spec: TrainSpec, models_dir: Path | None, device: torch.device) -> Any:
@@ -468,6 +483,12 @@ def train_difference(spec: TrainSpec, job_dir: Path, on_event: EventSink = null_
             raise JobFailed("difference.copier reuses one copier, which fits one original image, but these pairs "
                             "have different originals; run them as separate jobs or drop difference.copier",
                             reason="bad_input")
+        made_from = _copier_original(reused)
+        if made_from and made_from[0] != plans[0].original_sha:
+            raise JobFailed(f"the saved copier {reused.name} was trained on {made_from[1]}, not on this job's "
+                            f"original {plans[0].original.name}; a copier only reproduces its own original. Give "
+                            "the copier made from this original, or leave difference.copier empty to train a new "
+                            "one", reason="bad_input")
 
     staged = {p.key: stage_images(p, root / p.key, diff.prompt) for p in plans}
     specs = {p.key: pass_specs(spec, p, *staged[p.key]) for p in plans}
@@ -584,6 +605,13 @@ def train_difference(spec: TrainSpec, job_dir: Path, on_event: EventSink = null_
                            phase="copier check", loss_without=check.loss_without, loss_with=check.loss_with,
                            improvement=check.improvement))
             if not check.passed:
+                if reused is not None:  # not a training problem: a copier only knows its own original
+                    raise JobFailed(
+                        f"pair {name!r}: the saved copier {reused.name} does not reproduce this pair's original "
+                        f"(denoising loss {check.loss_without:.4f} without it, {check.loss_with:.4f} with it). A "
+                        "copier only works for the original image it was trained on: give the copier made from "
+                        f"{Path(p.original).name}, or leave difference.copier empty to train a new one.",
+                        reason="copier_not_converged")
                 raise JobFailed(not_converged_message(name, check, s1, arch), reason="copier_not_converged")
         outputs["image"].append(check.image)
         on_event(event("log", level="info", pair=name, message=(

@@ -300,6 +300,20 @@ def test_saved_copier_is_reused(tmp_path: Path, images: tuple[Path, Path], full_
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 
+def test_saved_copier_of_another_original_is_refused(tmp_path: Path, images: tuple[Path, Path],
+                                                     full_run: dict[str, Any]) -> None:
+    """The copier records the original it learned (sha256); reusing it with another original is refused."""
+    other = Image.open(images[0]).transpose(Image.Transpose.ROTATE_90).convert("L").convert("RGB")
+    other.save(tmp_path / "other.png")
+    spec = _spec(tmp_path / "other.png", images[1], difference={"copier": full_run["outputs"]["copier"]})
+    with pytest.raises(JobFailed) as ei:
+        train_difference(spec, tmp_path / "job", device="cpu")
+    assert ei.value.reason == "bad_input"
+    msg = str(ei.value)
+    assert "was trained on front.png, not on this job's original other.png" in msg, msg
+    assert not (tmp_path / "job" / "outputs").exists()  # refused before any training
+
+
 def test_copy_machine_sdxl_runs_on_tiny_sdxl(tmp_path: Path, images: tuple[Path, Path]) -> None:
     """The SDXL path (two text encoders, pooled embeds, size conditioning, SGM names) end to end, a few steps."""
     from trainer.kohya import read_kohya
