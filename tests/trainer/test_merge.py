@@ -124,6 +124,12 @@ def test_svd_merge_matches_dense_reference(q):
         torch.testing.assert_close(got_down.flatten(1), down, rtol=1e-4, atol=1e-4)
         want = up @ down
         torch.testing.assert_close(product(merged, name), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    if q == 0.99:  # kohya's clamp is on unless asked otherwise, in the engine and in a merge job's spec
+        from trainer.spec import MergeSpec
+
+        default = svd_merge(INPUTS, rank=5, conv_rank=3, arch="sd1")
+        assert default.keys() == merged.keys() and all(torch.equal(default[k], merged[k]) for k in merged)
+        assert MergeSpec.model_fields["clamp_quantile"].default == 0.99
 
 
 def test_lowrank_path_is_used_and_agrees_with_dense():
