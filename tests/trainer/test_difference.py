@@ -273,7 +273,7 @@ def test_copy_machine_presets(tmp_path: Path, images: tuple[Path, Path]) -> None
     pairs2 = [*pairs, {"name": "left", "original": str(images[0]), "target": str(edited2)}]
     spec = resolve_job({"base_model": "tiny-sd15", "output_name": "cm", "steps": 3, "data": {"resolution": 64},
                         "optimizer": {"lr": 1e-3}, "difference": {"pairs": pairs2, "copier_min_improvement": 0.0, "merge_rank": 2,
-                                       "pass2": {"steps": 2}}}, "copy-machine-sd15")
+                                       "merge_ratio": 0.6, "pass2": {"steps": 2}}}, "copy-machine-sd15")
     assert isinstance(spec, TrainSpec) and spec.network.conv_dim == 8 and spec.pass2_spec().network.dim == 4
     out = train_difference(spec, tmp_path / "job", device="cpu")
     assert set(out["loras"]) == {"front", "left"} and len(out["lora"]) == 2
@@ -283,6 +283,21 @@ def test_copy_machine_presets(tmp_path: Path, images: tuple[Path, Path]) -> None
     assert Path(out["merged"]).name == "cm-merged.safetensors"
     assert {m.rank for m in merged.modules.values()} == {2}
     assert set(merged.modules) == set(read_kohya(out["loras"]["front"]).modules)
+    # the merge is the SVD merge of the pair LoRAs at merge_ratio each
+    from trainer.merge import svd_merge
+
+    def products(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k[: -len(".alpha")]: float(sd[k]) / sd[k.replace(".alpha", ".lora_down.weight")].shape[0]
+                * (sd[k.replace(".alpha", ".lora_up.weight")].float().flatten(1)
+                   @ sd[k.replace(".alpha", ".lora_down.weight")].float().flatten(1)) for k in sd if k.endswith(".alpha")}
+
+    got = products(load_file(out["merged"]))
+    for ratio in (0.6, 1.0):
+        want = products(svd_merge([(out["loras"]["front"], ratio), (out["loras"]["left"], ratio)], rank=2,
+                                  conv_rank=2))
+        # over all modules (a near-zero module's relative error means nothing): ~3e-4 at 0.6, 0.4 at 1.0
+        err = sum(float((got[k] - want[k]).norm()) for k in want) / sum(float(want[k].norm()) for k in want)
+        assert (err < 1e-2) == (ratio == 0.6), (ratio, err)
 
 
 def test_saved_copier_is_reused(tmp_path: Path, images: tuple[Path, Path], full_run: dict[str, Any]) -> None:
