@@ -333,6 +333,28 @@ def test_report_event_and_file_name_problems(tmp_path: Path, dataset: Path, make
     assert kinds.index("report") < kinds.index("progress")
 
 
+def test_two_concepts_keep_their_own_prompts_and_repeats(tmp_path: Path, make_spec, draw) -> None:
+    """A character and an outfit in one job: each folder trains with its own prompt, `repeats` times an epoch."""
+    girl, hat = tmp_path / "girl", tmp_path / "hat"
+    for i in range(2):
+        draw(girl / f"g{i}.png", (64, 64), seed=20 + i)
+    draw(hat / "h0.png", (64, 64), seed=30)
+    (hat / "h0.txt").write_text("red brim")
+    spec = make_spec(girl, steps=8, concepts=[
+        {"image_dir": str(girl), "instance_prompt": "scs girl", "repeats": 2},
+        {"image_dir": str(hat), "instance_prompt": "zqx hat", "repeats": 3, "caption_mode": "instance_and_caption"}])
+    data = TrainData.from_spec(spec)
+    assert {(it.path.name, it.concept_index, it.caption, it.repeats) for it in data.items} == {
+        ("g0.png", 0, "scs girl", 2), ("g1.png", 0, "scs girl", 2), ("h0.png", 1, "zqx hat, red brim", 3)}
+    drawn = [data.items[i].path.name for i in data.order.epoch_order(0)]
+    assert sorted(drawn) == ["g0.png", "g0.png", "g1.png", "g1.png", "h0.png", "h0.png", "h0.png"]
+    events: list[dict[str, Any]] = []
+    out = train(spec, tmp_path / "job", on_event=events.append)
+    [report] = [e for e in events if e["type"] == "report"]
+    assert "scs girl" in report["text"] and "zqx hat" in report["text"]
+    assert Path(out["lora"]).is_file() and events[-1]["type"] == "finished"
+
+
 # --- presets -----------------------------------------------------------------------------------------
 
 PRESET_CASES = [
