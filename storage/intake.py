@@ -49,6 +49,7 @@ FORMAT_EXT: dict[str, str] = {
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")  # JPEG's opener may hand back MPO
 CAPTION_EXTS = frozenset({".txt", ".caption"})
 ARCHIVE_EXTS = frozenset({".zip"})
+SPLIT_HINT = "Split it into smaller zips and upload them one by one."
 # OS litter inside archives: skipped without a complaint.
 _JUNK_RE = re.compile(r"(^|/)(__MACOSX/|\.DS_Store$|Thumbs\.db$|desktop\.ini$|\._)", re.IGNORECASE)
 _DRIVE_RE = re.compile(r"^[A-Za-z]:")
@@ -271,7 +272,7 @@ def _read_bounded(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> byt
 def _scan_zip(name: str, data: bytes, limits: IntakeLimits, out: _Gather, result: IntakeResult) -> None:
     if len(data) > limits.zip_max_bytes:
         result.rejected.append(
-            (name, f"is {_mib(len(data))}; archives may be at most {_mib(limits.zip_max_bytes)}. Split it")
+            (name, f"is {_mib(len(data))}; archives may be at most {_mib(limits.zip_max_bytes)}. " + SPLIT_HINT)
         )
         return
     counts = _zip_directory_size(data)
@@ -284,7 +285,7 @@ def _scan_zip(name: str, data: bytes, limits: IntakeLimits, out: _Gather, result
         result.rejected.append(
             (
                 name,
-                f"has {declared_entries:,} entries; at most {limits.zip_max_entries:,} are accepted. Split it",
+                f"has {declared_entries:,} entries; at most {limits.zip_max_entries:,} are accepted. " + SPLIT_HINT,
             )
         )
         return
@@ -299,7 +300,7 @@ def _scan_zip(name: str, data: bytes, limits: IntakeLimits, out: _Gather, result
             result.rejected.append(
                 (
                     name,
-                    f"has {len(infos):,} entries; at most {limits.zip_max_entries:,} are accepted. Split it",
+                    f"has {len(infos):,} entries; at most {limits.zip_max_entries:,} are accepted. " + SPLIT_HINT,
                 )
             )
             return
@@ -308,7 +309,7 @@ def _scan_zip(name: str, data: bytes, limits: IntakeLimits, out: _Gather, result
             result.rejected.append(
                 (
                     name,
-                    f"unpacks to {_mib(declared_total)}; the limit is {_mib(limits.zip_max_total_bytes)}. Split it",
+                    f"unpacks to {_mib(declared_total)}; the limit is {_mib(limits.zip_max_total_bytes)}. " + SPLIT_HINT,
                 )
             )
             return

@@ -58,6 +58,24 @@ async def test_dataset_create_defers_then_reports_per_file(fake_discord, bot):
     assert ds.trigger_word == "zxq" and ds.visibility == "private"
 
 
+async def test_upload_limits_come_from_the_config(fake_discord, bot_factory):
+    fake = fake_discord
+    bot = bot_factory(limits={"max_image_side": 100, "zip_max_entries": 2})
+    async with fake.running(bot, gateway=False):
+        zbuf = io.BytesIO()
+        with zipfile.ZipFile(zbuf, "w") as z:
+            for i in range(3):
+                z.writestr(f"z{i}.png", png_bytes((20 * i, 0, 0)))
+        rec = await run_command(fake, bot, "dataset", {
+            "name": "limits", "file1": fake.add_attachment("small.png", png_bytes((0, 200, 0), size=96)),
+            "file2": fake.add_attachment("large.png", png_bytes((0, 0, 200), size=128)),
+            "file3": fake.add_attachment("three.zip", zbuf.getvalue())}, user="bob", subcommand="create")
+        text = answer(rec)
+        assert "added 1 image(s)" in text, text
+        assert "large.png" in text and "100" in text  # over this server's 100 px side limit, and says so
+        assert "three.zip" in text and "2" in text  # more entries than this server allows
+
+
 async def test_dataset_show_sends_contact_sheet_as_multipart(fake_discord, bot):
     fake = fake_discord
     await make_dataset(fake, bot, n=4)
