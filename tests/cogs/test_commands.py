@@ -91,8 +91,15 @@ async def test_dataset_show_sends_contact_sheet_as_multipart(fake_discord, bot):
 async def test_dataset_list_caption_delete(fake_discord, bot):
     fake = fake_discord
     await make_dataset(fake, bot, name="dogs")
+    rec = await run_command(fake, bot, "dataset", {"dataset": "dogs", "file1": fake.add_attachment(
+        "new.png", png_bytes((90, 40, 160))), "file2": fake.add_attachment("new.txt", b"a purple dog")},
+        user="bob", subcommand="add")
+    assert "added 1 image(s); it now has 4" in answer(rec), answer(rec)
+    rec = await run_command(fake, bot, "dataset", {"dataset": "dogs", "file1": fake.add_attachment(
+        "x.png", png_bytes((1, 2, 3)))}, user="alice", subcommand="add")
+    assert "No dataset of yours" in answer(rec)  # names are per owner: nobody adds to bob's private set
     rec = await run_command(fake, bot, "dataset", None, user="bob", subcommand="list")
-    assert "dogs" in answer(rec) and "3 image(s)" in answer(rec)
+    assert "dogs" in answer(rec) and "4 image(s)" in answer(rec)
     rec = await run_command(fake, bot, "dataset", {"dataset": "dogs", "number": 2, "caption": "a green dog"},
                             user="bob", subcommand="caption")
     assert "caption set" in answer(rec)
