@@ -222,6 +222,22 @@ def smooth_centered(values: Sequence[float], window: int = SMOOTH_WINDOW) -> lis
     return out
 
 
+def nice_ticks(lo: float, hi: float, target: int = 5, integers: bool = False) -> list[float]:
+    """About `target` round tick values (1, 2, 2.5 or 5 times a power of ten) inside [lo, hi]."""
+    span = hi - lo
+    if not (math.isfinite(span) and span > 0):
+        return [lo]
+    mag = 10 ** math.floor(math.log10(span / max(1, target - 1)))
+    best: list[float] = []
+    for m in (1, 2, 2.5, 5, 10):
+        step = max(1.0, round(m * mag)) if integers else m * mag
+        first, last = math.ceil(lo / step - 1e-9), math.floor(hi / step + 1e-9)
+        ticks = [round(k * step, 12) for k in range(first, last + 1)]
+        if not best or abs(len(ticks) - target) < abs(len(best) - target):
+            best = ticks
+    return best or [lo]
+
+
 def draw_loss_plot(history: Sequence[Sequence[float]], path: Path, title: str = "training loss") -> Path:
     """A loss curve with axes, ticks and labels, drawn with Pillow (raw loss grey, moving average blue)."""
     from PIL import Image, ImageDraw, ImageFont
@@ -245,16 +261,16 @@ def draw_loss_plot(history: Sequence[Sequence[float]], path: Path, title: str = 
         def px(x: float, y: float) -> tuple[float, float]:
             return (L + (x - x0) / (x1 - x0) * (W - L - R), H - B - (y - y0) / (y1 - y0) * (H - T - B))
 
-        for i in range(5):  # ticks and grid
-            fy = y0 + (y1 - y0) * i / 4
+        for fy in nice_ticks(y0, y1):  # round values a reader can use: 0.6, 0.8, 1.0 rather than 0.543, 0.77
             _, yy = px(x0, fy)
             d.line([(L - 4, yy), (W - R, yy)], fill=(225, 225, 225))
-            label = f"{fy:.3g}"
+            label = f"{fy:.6g}"
             d.text((L - 8 - d.textlength(label, font=font), yy - 6), label, fill="black", font=font)
-            fx = x0 + (x1 - x0) * i / 4
+        for fx in nice_ticks(x0, x1, integers=True):
             xx, _ = px(fx, y0)
             d.line([(xx, H - B), (xx, H - B + 4)], fill="black")
-            d.text((xx - 10, H - B + 8), f"{fx:.0f}", fill="black", font=font)
+            label = f"{fx:.0f}"
+            d.text((xx - d.textlength(label, font=font) / 2, H - B + 8), label, fill="black", font=font)
         raw = [px(x, y) for x, y in pts]
         if len(raw) > 1:
             d.line(raw, fill=(170, 170, 170), width=1)

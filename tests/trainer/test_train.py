@@ -414,3 +414,13 @@ def test_default_samples_render_with_the_sample_module(tmp_path: Path, dataset: 
                                                             "height": 64}]})
     out = train(spec, tmp_path / "job")
     assert len(out["samples"]) == 1 and Image.open(out["samples"][0]).size == (64, 64)
+
+
+def test_loss_plot_ticks_are_round_numbers() -> None:
+    from trainer.train import nice_ticks
+
+    assert nice_ticks(0.543, 1.45) == [0.6, 0.8, 1.0, 1.2, 1.4]
+    assert nice_ticks(1, 80, integers=True) == [20, 40, 60, 80]
+    assert nice_ticks(1, 4, integers=True) == [1, 2, 3, 4]  # never a fractional step
+    assert nice_ticks(0.0123, 0.0131) == [0.0124, 0.0126, 0.0128, 0.013]
+    assert nice_ticks(2.0, 2.0) == [2.0]
