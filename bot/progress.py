@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -323,9 +324,15 @@ class JobReporter:
                     log.error("giving up posting the result of job %s after %d tries; it is tried again on the "
                               "next start, and its files stay in the job folder", self.job_id, self.failures)
                     return
-                # Nothing else would wake us for a job that has ended: retry on a timer.
+                # Nothing else would wake us for a job that has ended: retry on a timer (a running job's
+                # end cuts the wait short).
                 self.dirty = True
-                await asyncio.sleep(min(hub.retry_max_s, hub.retry_base_s * 2 ** (self.failures - 1)))
+                delay = min(hub.retry_max_s, hub.retry_base_s * 2 ** (self.failures - 1))
+                if self.terminal is None:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.ended.wait(), delay)
+                else:
+                    await asyncio.sleep(delay)
                 self.wake.set()
                 continue
             self.failures = 0
@@ -337,11 +344,25 @@ class JobReporter:
         cid = job.thread_id or job.channel_id
         return self.hub.bot.get_partial_messageable(int(cid)) if cid else None
 
-    def _final_destinations(self, job: Any) -> list[discord.PartialMessageable]:
-        """The job's thread, then the channel it was started in: a result must reach its owner even when
-        the thread was deleted or the bot lost access to it."""
-        ids = list(dict.fromkeys(int(c) for c in (job.thread_id, job.channel_id) if c))
-        return [self.hub.bot.get_partial_messageable(c) for c in ids]
+    async def _final_destinations(self, job: Any) -> AsyncIterator[tuple[Any, bool, bool]]:
+        """Where the result may go, in order, as (destination, private, last): the job's thread (or DM),
+        the owner's DMs, then the channel the command ran in. A result must reach its owner even when the
+        thread was deleted or the bot lost access to it, but the files stay private: the channel only gets
+        a notice. The DM channel is only opened when the thread failed."""
+        bot = self.hub.bot
+        thread = int(job.thread_id or 0)
+        channel = int(job.channel_id or 0) if int(job.channel_id or 0) != thread else 0
+        if thread:
+            yield bot.get_partial_messageable(thread), True, False
+        try:
+            dm = await bot.create_dm(discord.Object(id=int(job.owner_id)))
+        except discord.HTTPException as e:
+            log.info("no DM channel with the owner of job %s (%s)", job.id, e.status)
+        else:
+            if dm.id != thread:
+                yield dm, True, not channel
+        if channel:
+            yield bot.get_partial_messageable(channel), False, True
 
     async def _flush(self, job: Any) -> None:
         bot = self.hub.bot
@@ -403,22 +424,35 @@ class JobReporter:
         job = await bot.repo.get_job(self.job_id)
         if job is None:
             return
-        dests = self._final_destinations(job)
-        if not dests:
+        if not (job.thread_id or job.channel_id):
             log.warning("job %s finished but has nowhere to post", job.id)
             return
-        for i, dest in enumerate(dests):
+        posted = False
+        async for dest, private, last in self._final_destinations(job):
             try:
-                await self._post_final(job, dest)
+                if private or job.state != "succeeded":
+                    await self._post_final(job, dest)
+                else:
+                    await self._post_notice(job, dest)
+                posted = True
                 break
             except (discord.NotFound, discord.Forbidden) as e:
-                if i == len(dests) - 1:
+                if last:
                     raise
-                log.warning("could not post the result of job %s in %s (%s %s); trying the channel instead",
+                log.warning("could not post the result of job %s in %s (%s %s); trying the next place",
                             job.id, dest.id, e.status, e.code)
+        if not posted:
+            raise RuntimeError(f"nowhere could take the result of job {job.id}")  # retried by the loop
         await bot.repo.add_event(job.id, DELIVERED_EVENT, {"state": job.state})
 
-    async def _post_final(self, job: Any, dest: discord.PartialMessageable) -> None:
+    async def _post_notice(self, job: Any, dest: Any) -> None:
+        """A finished job's files are private: where others can read, only say where to get them."""
+        allowed = discord.AllowedMentions(users=[discord.Object(job.owner_id)], roles=False, everyone=False)
+        await dest.send(f"<@{job.owner_id}> job **#{job.id}** finished, but its thread is gone and your DMs are "
+                        f"closed to this bot. Run `/job show {job.id}` for a private download link.",
+                        allowed_mentions=allowed)
+
+    async def _post_final(self, job: Any, dest: Any) -> None:
         mention = f"<@{job.owner_id}>"
         allowed = discord.AllowedMentions(users=[discord.Object(job.owner_id)], roles=False, everyone=False)
         if job.state == "succeeded":

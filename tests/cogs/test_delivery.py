@@ -184,53 +184,80 @@ def test_token_never_logged(caplog):
     assert "[redacted]" in records[0].getMessage()
 
 
-def refuse_results(fake, status: int, code: int, *, spare: int | None = None, times: list[int] | None = None):
-    """Make the fake refuse posts that carry a LoRA (the final result) in every channel but ``spare``,
-    ``times[0]`` times (forever when None). Other messages go through."""
+def refuse_posts(fake, status: int, code: int, *, where=None, results_only: bool = True,
+                 times: list[int] | None = None):
+    """Make the fake refuse message posts in the channels ``where(channel_id)`` picks (all by default):
+    only those carrying a LoRA (the final result) unless ``results_only`` is False, ``times[0]`` times
+    (forever when None). Other messages go through. Several calls add rules; the first that matches wins."""
     from fakediscord import error_response
 
-    @fake.route("POST", r"/channels/(?P<cid>\d+)/messages")
-    async def refuse(call, files, cid):
-        carries_lora = any(name.endswith(".safetensors") for name, *_ in files)
-        if carries_lora and int(cid) != spare and (times is None or times[0] > 0):
-            if times is not None:
-                times[0] -= 1
-            return error_response(status, code, "Injected refusal")
-        return fake._create_message(int(cid), call.json or {}, files, via="bot").data
+    rules = getattr(fake, "_refusal_rules", None)
+    if rules is None:
+        rules = fake._refusal_rules = []
+
+        @fake.route("POST", r"/channels/(?P<cid>\d+)/messages")
+        async def refuse(call, files, cid):
+            carries_lora = any(name.endswith(".safetensors") for name, *_ in files)
+            for st, cd, pick, only, left in rules:
+                if (carries_lora or not only) and (pick is None or pick(int(cid))) and (left is None or left[0] > 0):
+                    if left is not None:
+                        left[0] -= 1
+                    return error_response(st, cd, "Injected refusal")
+            return fake._create_message(int(cid), call.json or {}, files, via="bot").data
+
+    rules.append((status, code, where, results_only, times))
 
 
 def result_posts(fake, channel_id: int, name: str) -> list:
     return [m for m in fake.channel_messages(channel_id) if f"{name}.safetensors" in m.file_names]
 
 
-async def test_result_goes_to_the_channel_when_the_thread_is_gone(fake_discord, bot):
+def is_thread(fake):
+    return lambda cid: cid in fake.threads
+
+
+async def test_result_goes_to_the_owners_dms_when_the_thread_is_gone(fake_discord, bot):
     fake = fake_discord
-    refuse_results(fake, 404, 10003, spare=fake.channel_id)  # Unknown Channel: someone deleted the job's thread
+    refuse_posts(fake, 404, 10003, where=is_thread(fake))  # Unknown Channel: someone deleted the job's thread
     job_id = await train_and_wait(fake, bot, "orphan")
     job = await bot.repo.get_job(job_id)
-    assert job.thread_id != job.channel_id == fake.channel_id
-    [post] = result_posts(fake, fake.channel_id, "orphan")
+    [post] = [m for m in fake.dm_messages("bob") if "orphan.safetensors" in m.file_names]
     assert post.content.startswith(f"<@{fake.users['bob']['id']}> job **#{job_id}** finished")
     assert "grid.png" in post.file_names and await bot.progress.already_delivered(job_id)
+    assert result_posts(fake, job.channel_id, "orphan") == []  # never in the shared channel
+
+
+async def test_with_thread_gone_and_dms_closed_the_channel_gets_a_notice_not_the_files(fake_discord, bot):
+    fake = fake_discord
+    refuse_posts(fake, 404, 10003, where=is_thread(fake))
+    dms = lambda cid: any(int(ch["id"]) == cid for ch in fake.dm_channels.values())  # noqa: E731
+    refuse_posts(fake, 403, 50007, where=dms, results_only=False)  # Cannot send messages to this user
+    job_id = await train_and_wait(fake, bot, "hidden")
+    job = await bot.repo.get_job(job_id)
+    [notice] = [m for m in fake.channel_messages(job.channel_id) if f"job **#{job_id}** finished" in m.content]
+    assert notice.content.startswith(f"<@{fake.users['bob']['id']}>") and f"/job show {job_id}" in notice.content
+    assert notice.file_names == [] and "/files/" not in notice.content  # no file, no link where others read
+    assert await bot.progress.already_delivered(job_id)
 
 
 async def test_failed_result_post_is_retried_until_it_gets_through(fake_discord, bot):
     fake = fake_discord
     bot.progress.retry_base_s = 0.05
     left = [2]  # Discord refuses the result twice (not a 429 discord.py would retry by itself)
-    refuse_results(fake, 400, 50035, times=left)
+    refuse_posts(fake, 400, 50035, times=left)
     job_id = await train_and_wait(fake, bot, "stubborn")
     job = await bot.repo.get_job(job_id)
     assert left == [0]
     assert len(result_posts(fake, job.thread_id, "stubborn")) == 1
     assert result_posts(fake, fake.channel_id, "stubborn") == []  # not a thread problem: no fallback
+    assert [m for m in fake.dm_messages("bob") if "stubborn.safetensors" in m.file_names] == []
     assert await bot.progress.already_delivered(job_id)
 
 
 async def test_result_not_posted_before_a_restart_is_posted_after_it(fake_discord, bot_factory):
     fake = fake_discord
     left = [10**6]
-    refuse_results(fake, 400, 50035, times=left)  # every try fails while the first bot runs
+    refuse_posts(fake, 400, 50035, times=left)  # every try fails while the first bot runs
     bot1 = bot_factory()
     async with fake.running(bot1, gateway=False):
         await asyncio.wait_for(bot1.service_ready.wait(), 60)
