@@ -376,9 +376,16 @@ def test_cpu_precision_and_checkpointing_paths(tmp_path: Path, dataset: Path, ma
     events: list[dict[str, Any]] = []
     spec = make_spec(dataset, steps=2, mixed_precision="bf16", gradient_checkpointing=True, grad_accum=2,
                      network={"train_text_encoder": True, "text_encoder_lr": 5e-3}, loss_type="huber",
-                     min_snr_gamma=5.0, noise_offset=0.05,
+                     min_snr_gamma=5.0, noise_offset=0.05, sample={"prompts": [{"prompt": "x"}], "every_n_steps": 2},
                      data={"resolution": 64, "cache_latents": False, "random_flip": True})
-    out = train(spec, tmp_path / "a", on_event=events.append)
+    dtypes: set[torch.dtype] = set()
+
+    def hook(step: int, network: Any) -> list[Path]:
+        dtypes.update(p.dtype for p in network.trainable_parameters())
+        return []
+
+    out = train(spec, tmp_path / "a", on_event=events.append, sample_hook=hook)
+    assert dtypes == {torch.float32}  # bf16 autocast computes in bf16; the LoRA weights themselves stay fp32
     sd = load_file(out["lora"])
     assert any(k.startswith("lora_te_text_model_") for k in sd)
     from trainer.kohya import read_kohya
