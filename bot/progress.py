@@ -308,9 +308,15 @@ class JobReporter:
                     self.ended.set()
                 while self.samples:
                     await self._post_sample(job, self.samples.pop(0))
-                if self.dirty or self.terminal is not None:
+                if self.terminal is not None:
+                    try:  # the last edit of the progress message must not hold the result back
+                        await self._flush(await bot.repo.get_job(self.job_id) or job)
+                    except discord.HTTPException as e:
+                        log.info("could not show the end of job %s in its progress message (%s %s)",
+                                 self.job_id, e.status, e.code)
+                elif self.dirty:
                     self.dirty = False
-                    await self._flush(job if self.terminal is None else (await bot.repo.get_job(self.job_id) or job))
+                    await self._flush(job)
                 if self.terminal is not None:
                     await self._finish()
                     return

@@ -218,7 +218,9 @@ def is_thread(fake):
 
 async def test_result_goes_to_the_owners_dms_when_the_thread_is_gone(fake_discord, bot):
     fake = fake_discord
-    refuse_posts(fake, 404, 10003, where=is_thread(fake))  # Unknown Channel: someone deleted the job's thread
+    bot.progress.retry_base_s = 0.05
+    # Unknown Channel: someone deleted the job's thread, so nothing can be posted there, progress included
+    refuse_posts(fake, 404, 10003, where=is_thread(fake), results_only=False)
     job_id = await train_and_wait(fake, bot, "orphan")
     job = await bot.repo.get_job(job_id)
     [post] = [m for m in fake.dm_messages("bob") if "orphan.safetensors" in m.file_names]
@@ -229,7 +231,8 @@ async def test_result_goes_to_the_owners_dms_when_the_thread_is_gone(fake_discor
 
 async def test_with_thread_gone_and_dms_closed_the_channel_gets_a_notice_not_the_files(fake_discord, bot):
     fake = fake_discord
-    refuse_posts(fake, 404, 10003, where=is_thread(fake))
+    bot.progress.retry_base_s = 0.05
+    refuse_posts(fake, 404, 10003, where=is_thread(fake), results_only=False)
     dms = lambda cid: any(int(ch["id"]) == cid for ch in fake.dm_channels.values())  # noqa: E731
     refuse_posts(fake, 403, 50007, where=dms, results_only=False)  # Cannot send messages to this user
     job_id = await train_and_wait(fake, bot, "hidden")
