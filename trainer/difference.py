@@ -422,13 +422,12 @@ def _role_metadata(role: str, plan: PairPlan, prompt: str, check: CopierCheck | 
 def _copier_original(path: Path) -> tuple[str, str] | None:
     """(sha256, file name) of the original a loraforge copier was trained on, from its metadata; None for a
     copier from another tool (then only the copier check can tell whether it fits)."""
-    from safetensors import safe_open
+    from trainer.kohya import LoraFileError, read_metadata
 
     try:
-        with safe_open(str(path), framework="pt") as f:
-            info = json.loads((f.metadata() or {}).get("loraforge_difference") or "{}")
-    except (OSError, ValueError, json.JSONDecodeError):
-        return None
+        info = json.loads(read_metadata(path).get("loraforge_difference") or "{}")
+    except (OSError, LoraFileError, json.JSONDecodeError):
+        return None  # a broken file is reported where the copier is applied
     if not isinstance(info, dict) or info.get("role") != "copier" or not info.get("original_sha256"):
         return None
     return str(info["original_sha256"]), str(info.get("original") or "another image")

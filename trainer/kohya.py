@@ -321,6 +321,11 @@ def _read_header(path: Path) -> tuple[dict[str, Any], dict[str, str], int]:
     return header, meta, size
 
 
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """A LoRA file's metadata from its checked header alone (no tensor is read). Raises LoraFileError."""
+    return _read_header(Path(path))[1]
+
+
 def _diagnose_foreign(keys: list[str], where: str) -> str | None:
     """A friendly name for common files that are not kohya LoRAs."""
     joined = " ".join(keys[:2000])
