@@ -33,33 +33,28 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Bot admini
         bot = self.bot
         bot.access.require_admin(interaction)
         await ensure_deferred(interaction, ephemeral=True)
-        configured = list(dict.fromkeys(bot.config.discord.guild_ids))
-        if scope == "guild" or (scope == "configured" and configured):
-            if scope == "guild":
-                if interaction.guild_id is None:
-                    await reply(interaction, "Run a guild sync inside a server (or use `scope: global`).",
-                                ephemeral=True)
-                    return
-                targets = [interaction.guild_id]
-            else:
-                targets = configured
-            done, refused = [], []
-            synced: list[app_commands.AppCommand] = []
+        if scope == "guild" and interaction.guild_id is None:
+            await reply(interaction, "Run a guild sync inside a server (or use `scope: global`).", ephemeral=True)
+            return
+        targets = ([interaction.guild_id] if scope == "guild" else
+                   list(dict.fromkeys(bot.config.discord.guild_ids)) if scope == "configured" else [])
+        synced: list[app_commands.AppCommand] = []
+        if not targets:  # global, or no guilds configured
+            synced = await bot.tree.sync()
+            where = "every server (may take up to an hour to show)"
+        else:
+            refused = []
             for gid in targets:
                 guild = discord.Object(gid)
                 bot.tree.copy_global_to(guild=guild)
                 try:
                     synced = await bot.tree.sync(guild=guild)
-                    done.append(gid)
                 except discord.Forbidden:  # the bot was not invited with the applications.commands scope
                     refused.append(gid)
-            where = "this server" if scope == "guild" else f"{len(done)} configured server(s)"
+            where = "this server" if scope == "guild" else f"{len(targets) - len(refused)} configured server(s)"
             if refused:
                 where += (" (refused by " + ", ".join(f"`{g}`" for g in refused) + ": invite the bot there "
                           "with the `applications.commands` scope, or remove the id from `discord.guild_ids`)")
-        else:
-            synced = await bot.tree.sync()
-            where = "every server (may take up to an hour to show)"
         await reply(interaction, clip(f"Synced {len(synced)} command(s) to {where}: "
                                       + ", ".join(f"`/{c.name}`" for c in synced)), ephemeral=True)
 
