@@ -4,7 +4,7 @@
     OMP_NUM_THREADS=2 python bench/bench_merge.py --modules 100    # an evenly spaced subset, for a quick run
     OMP_NUM_THREADS=2 python bench/bench_merge.py --only lowrank   # ours alone on all 986 modules
 
-Module shapes come from trainer/configs/sdxl via trainer.blocks (models built on the meta device: no weights).
+Module shapes come from trainer/configs/sdxl via trainer.network.targets (models built on the meta device: no weights).
 Each method runs in its own subprocess, so its peak RSS (ru_maxrss) is its own; both build the same random
 fp16 factors from the same seed first, and the table shows the peak above that common baseline too.
 The dense reference is the straightforward algorithm: W = sum c_i up_i @ down_i in float32, full SVD of W
@@ -39,8 +39,8 @@ def sdxl_linear_shapes() -> list[tuple[str, int, int]]:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from trainer.blocks import lora_targets
-    from trainer.models import CONFIGS_DIR
+    from trainer.models.base import CONFIGS_DIR
+    from trainer.network.targets import lora_targets
 
     d = CONFIGS_DIR / "sdxl"
     with torch.device("meta"):
@@ -103,7 +103,7 @@ def dense_reference(terms, k: int, q: float = 0.99):
 def worker(method: str, n_modules: int | None) -> dict:
     import torch
 
-    from trainer.merge import merge_module
+    from trainer.jobs.merge import merge_module
 
     shapes = subsample(sdxl_linear_shapes(), n_modules)
     loras = build_inputs(shapes)

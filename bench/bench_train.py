@@ -5,7 +5,7 @@
     HF_HUB_OFFLINE=1 python bench/bench_train.py --full sdxl --device cuda                # 1024 px, gc off/on
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 python bench/bench_train.py --full sd15 --resolution 256 --steps 2  # CPU smoke
 
-Every variant runs in its own subprocess through trainer.train.Trainer (setup, caching, then timed train_step()
+Every variant runs in its own subprocess through trainer.train.loop.Trainer (setup, caching, then timed train_step()
 calls after warm-up steps), so what is measured is the engine itself: the spec's auto precision, gradient
 checkpointing as asked, SDPA (or xformers when installed on a GPU), cached latents and text-encoder outputs.
 Peers run in the same invocation and are reported as ratios to the first variant of their model.
@@ -68,7 +68,7 @@ def build_full_base(name: str, device: str) -> Any:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from trainer.models import CONFIGS_DIR, BaseModel, arch_of_config_dir, build_local_tokenizer
+    from trainer.models.base import CONFIGS_DIR, BaseModel, arch_of_config_dir, build_local_tokenizer
 
     folder = CONFIGS_DIR / name
     arch = arch_of_config_dir(folder)
@@ -92,9 +92,9 @@ def build_full_base(name: str, device: str) -> Any:
 def measure(cfg: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from trainer.demo import make_images
+    from trainer.jobs.demo import make_images
     from trainer.spec import TrainSpec, deep_merge
-    from trainer.train import Trainer
+    from trainer.train.loop import Trainer
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     device = cfg["device"]

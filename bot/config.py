@@ -98,7 +98,7 @@ class WorkersConfig(_Section):
     restart_backoff_s: float = Field(2.0, ge=0, le=600)
     ready_timeout_s: float = Field(300.0, gt=0)
     # The command that starts one worker; --device and --models-dir are appended. Empty: the real
-    # engine (python -m trainer.worker). Tests point it at a protocol-speaking stand-in.
+    # engine (python -m trainer.jobs.worker). Tests point it at a protocol-speaking stand-in.
     worker_cmd: list[str] = Field(default_factory=list)
 
     @field_validator("devices")
@@ -133,7 +133,7 @@ class Config(_Section):
         return [f"cuda:{i}" for i in range(n)] if n else ["cpu"]
 
     def worker_command(self) -> list[str]:
-        return list(self.workers.worker_cmd) or [sys.executable, "-m", "trainer.worker"]
+        return list(self.workers.worker_cmd) or [sys.executable, "-m", "trainer.jobs.worker"]
 
     def token(self) -> str | None:
         return os.environ.get(self.discord.token_env) or None
@@ -142,7 +142,7 @@ class Config(_Section):
         return os.environ.get(self.discord.link_secret_env) or None
 
 
-# Built-in tiny models (trainer.models.TINY_MODELS; not imported: that module loads torch).
+# Built-in tiny models (trainer.models.base.TINY_MODELS; not imported: that module loads torch).
 BUILTIN_MODELS = ("tiny-sd15", "tiny-sd2", "tiny-sdxl")
 MODEL_EXTS = (".safetensors",)  # never .ckpt/.pt: nothing is unpickled
 

@@ -4,7 +4,7 @@ A safetensors file is 8 bytes of little-endian header length, a JSON header (ten
 shape, byte offsets; plus ``__metadata__``) and the raw tensor bytes. Reading the header alone tells
 a pickle renamed ``.safetensors``, a truncated upload, a checkpoint or VAE sent as a LoRA, a
 non-kohya layout, mismatched down/up shapes and the architecture (SD1/SD2/SDXL), without loading a
-single tensor. The bot never imports torch, so this mirrors the header rules of ``trainer.kohya``;
+single tensor. The bot never imports torch, so this mirrors the header rules of ``trainer.format.kohya``;
 the worker still runs the full check (finite values, shapes against the base model) with torch.
 """
 
@@ -26,7 +26,7 @@ SUFFIX_DOWN = ".lora_down.weight"
 SUFFIX_UP = ".lora_up.weight"
 SUFFIX_ALPHA = ".alpha"
 ARCH_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
-# Built-in tiny models (trainer.models.TINY_MODELS) and their architectures.
+# Built-in tiny models (trainer.models.base.TINY_MODELS) and their architectures.
 BUILTIN_ARCH = {"tiny-sd15": "sd1", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl"}
 _SGM_UNET = ("lora_unet_input_blocks_", "lora_unet_output_blocks_", "lora_unet_middle_block_")
 
@@ -167,7 +167,7 @@ def _kind(module: str, down: list[int], up: list[int], name: str) -> str:
 
 def detect_arch(modules: Mapping[str, tuple[str, list[int], list[int]]], metadata: Mapping[str, str]) -> str | None:
     """SD1/SD2/SDXL from module names and widths, then the metadata; None when it cannot be told
-    (trainer.kohya.detect_arch, by the same rules)."""
+    (trainer.format.kohya.detect_arch, by the same rules)."""
     names = list(modules)
     sgm = any(n.startswith(_SGM_UNET) for n in names)
     if sgm or any(n.startswith(("lora_te1_", "lora_te2_")) for n in names):

@@ -50,7 +50,7 @@ FAILURE_ADVICE = {
     "copier_not_converged": ("The copier check image above shows what the copier made of the original. Change what "
                              "the message suggests and run `/train` again."),
 }
-COPIER_CHECK = "copier check"  # the phase of the engine's copier-check image event (trainer/difference.py)
+COPIER_CHECK = "copier check"  # the phase of the engine's copier-check image event (trainer/train/difference.py)
 PASS_LABELS = {1: "pass 1 of 2 (copier)", 2: "pass 2 of 2 (difference)"}
 DEFAULT_ADVICE = "Run `/retrain` to try again; if it fails the same way, tell an admin the job id."
 

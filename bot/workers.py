@@ -1,4 +1,4 @@
-"""One long-lived worker process per device, spoken to over JSON lines (see trainer/worker.py).
+"""One long-lived worker process per device, spoken to over JSON lines (see trainer/jobs/worker.py).
 
 The bot never imports torch: all engine work happens in these child processes, so a crash, an
 out-of-memory error or a hung CUDA call there cannot take the bot down. A ``WorkerHandle`` starts
@@ -126,7 +126,7 @@ class WorkerHandle:
         env = dict(os.environ if self.env is None else self.env)
         env.setdefault("HF_HUB_OFFLINE", "1")
         env["PYTHONUNBUFFERED"] = "1"
-        # `-m trainer.worker` / `-m bot.workers` must import from this checkout whatever the CWD.
+        # `-m trainer.jobs.worker` / `-m bot.workers` must import from this checkout whatever the CWD.
         pp = env.get("PYTHONPATH", "")
         if str(REPO_ROOT) not in pp.split(os.pathsep):
             env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), pp) if p)

@@ -4,7 +4,7 @@ Order matters: permission check, defer (within Discord's 3 s), download the job 
 everything into a spec (invalid -> an ephemeral list of field errors, nothing queued), then queue,
 open the job's thread and answer with the queue position and ETA.
 
-``mode:difference`` (copy-machine training, trainer/difference.py) takes its image pairs from one of:
+``mode:difference`` (copy-machine training, trainer/train/difference.py) takes its image pairs from one of:
 - the ``original`` and ``target`` attachments: one pair, named after the original's file name;
 - a dataset of pairs, grouped by file name: ``<name>.png`` (or ``<name>-original.png``) is the original
   and ``<name>-target.png`` (also ``-edited``, ``-edit``, ``-after``; ``_`` works like ``-``) the

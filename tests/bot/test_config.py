@@ -55,7 +55,7 @@ def test_intake_limits_and_devices(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert detect_gpu_count() == 0
     assert Config().worker_devices() == ["cpu"]
-    assert Config().worker_command()[1:] == ["-m", "trainer.worker"]
+    assert Config().worker_command()[1:] == ["-m", "trainer.jobs.worker"]
 
 
 def test_bot_modules_never_import_torch() -> None:

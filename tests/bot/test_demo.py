@@ -9,14 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[2]
 
-pytestmark = pytest.mark.skipif(
-    not (ROOT / "trainer" / "runner.py").exists() and not os.environ.get("LORAFORGE_TEST_WORKER_CMD"),
-    reason="the training engine (trainer/runner.py) has not landed yet",
-)
 
 
 def test_demo_trains_a_kohya_lora(tmp_path: Path) -> None:

@@ -211,9 +211,9 @@ def test_bot_side_stays_torch_free():
 
 @pytest.mark.parametrize("case", ["pickle", "truncated", "checkpoint", "mismatched", "foreign"])
 def test_engine_refuses_the_same_files(case: str):
-    """Parity: what the bot refuses up front, the worker (trainer.kohya) refuses too."""
+    """Parity: what the bot refuses up front, the worker (trainer.format.kohya) refuses too."""
     pytest.importorskip("torch")
-    from trainer.kohya import LoraFileError, read_kohya_bytes
+    from trainer.format.kohya import LoraFileError, read_kohya_bytes
 
     good = st_bytes(lora(4))
     t = lora(4)

@@ -27,10 +27,6 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 from service_runner import make_config, train_overrides  # noqa: E402
 
-pytestmark = pytest.mark.skipif(
-    not (ROOT / "trainer" / "runner.py").exists() and not os.environ.get("LORAFORGE_TEST_WORKER_CMD"),
-    reason="the training engine (trainer/runner.py) has not landed yet",
-)
 STEPS, STATE_EVERY = 24, 4
 
 

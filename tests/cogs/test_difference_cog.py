@@ -293,7 +293,7 @@ async def test_difference_end_to_end_real_engine(fake_discord: Any, bot_factory:
         assert "failed" in posts[-1].content and "copier check image above" in posts[-1].content
         assert not any(n.endswith(".safetensors") for m in posts for n in m.file_names)
 
-    from trainer.kohya import read_kohya_bytes  # the test may use torch; the bot never does
+    from trainer.format.kohya import read_kohya_bytes  # the test may use torch; the bot never does
 
     lora = read_kohya_bytes(blob)
     assert lora.arch == "sd1"

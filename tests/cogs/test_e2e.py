@@ -64,7 +64,7 @@ async def test_dataset_train_deliver_real_engine(fake_discord, bot_factory):
         lora_name = next(n for n in final.file_names if n.endswith(".safetensors"))
         blob = final.file(lora_name)
 
-    from trainer.kohya import read_kohya_bytes  # the test may use torch; the bot never does
+    from trainer.format.kohya import read_kohya_bytes  # the test may use torch; the bot never does
 
     lora = read_kohya_bytes(blob)
     assert lora.arch == "sd1"

@@ -34,8 +34,8 @@ GRID_STEPS = 2  # the tiny models draw noise anyway; few steps keep the tests fa
 def _random_lora(base: Any, rank: int, seed: int, name: str, base_name: str) -> tuple[dict, dict]:
     import torch
 
-    from trainer.blocks import lora_targets
-    from trainer.kohya import build_metadata
+    from trainer.format.kohya import build_metadata
+    from trainer.network.targets import lora_targets
 
     g = torch.Generator().manual_seed(seed)
     sd = {}
@@ -54,9 +54,9 @@ def lora_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     of the wrong size, a checkpoint, a pickle renamed .safetensors and a truncated file."""
     import torch
 
-    from trainer.checkpoint import materialize_tiny_single_file
-    from trainer.kohya import save_kohya
-    from trainer.models import load_base
+    from trainer.format.kohya import save_kohya
+    from trainer.models.base import load_base
+    from trainer.models.single_file import materialize_tiny_single_file
 
     torch.set_num_threads(1)
     d = tmp_path_factory.mktemp("loras")
@@ -93,7 +93,7 @@ def attach(fake: Any, files: dict[str, bytes], name: str, as_name: str | None = 
 
 def expected_grid_size(strengths: list[float], seeds: list[int], prompt: str, cell: int = 64) -> tuple[int, int]:
     """The size of a grid of these axes, laid out by the engine's own grid code with blank cells."""
-    from trainer.grid import strength_seed_grid
+    from trainer.infer.grid import strength_seed_grid
 
     blank = Image.new("RGB", (cell, cell))
     img, boxes = strength_seed_grid([[blank] * len(strengths) for _ in seeds], strengths, seeds, prompt)
@@ -125,7 +125,7 @@ def final_post(fake: Any, job: Any) -> Any:
 
 @pytest.mark.slow
 async def test_merge_and_preview_end_to_end(fake_discord: Any, bot_factory: Any, lora_files: dict[str, bytes]):
-    from trainer.kohya import read_kohya_bytes
+    from trainer.format.kohya import read_kohya_bytes
 
     fake = fake_discord
     b = bot_factory(real_worker=True)

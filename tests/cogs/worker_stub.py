@@ -1,4 +1,4 @@
-"""A torch-free stand-in for `python -m trainer.worker`: the same JSON-lines protocol, instant results.
+"""A torch-free stand-in for `python -m trainer.jobs.worker`: the same JSON-lines protocol, instant results.
 
 The one protocol-speaking fake worker of the test suite: the scheduler tests (tests/bot) and the cog
 tests (tests/cogs, the ack-latency benchmark) both start it as ``worker_cmd``. It accepts the

@@ -7,7 +7,7 @@ import math
 import pytest
 from PIL import Image
 
-from trainer.buckets import (
+from trainer.data.buckets import (
     BucketBatchSampler,
     apply_plan,
     assign_bucket,

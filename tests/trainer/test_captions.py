@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from trainer.captions import build_caption, caption_rng, process_caption, split_tags
+from trainer.data.captions import build_caption, caption_rng, process_caption, split_tags
 
 
 @pytest.mark.parametrize(

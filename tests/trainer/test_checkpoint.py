@@ -19,14 +19,14 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 torch.set_num_threads(1)
 
-from trainer import checkpoint as ck  # noqa: E402
-from trainer.models import CONFIGS_DIR, TINY_MODELS, BaseModel, load_base  # noqa: E402
-from trainer.sgm_keys import (  # noqa: E402
+from trainer.format.names import (  # noqa: E402
     UNET_PREFIX,
     checkpoint_key_map,
     diffusers_to_original_unet_key,
     to_original_state_dict,
 )
+from trainer.models import single_file as ck  # noqa: E402
+from trainer.models.base import CONFIGS_DIR, TINY_MODELS, BaseModel, load_base  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -323,7 +323,7 @@ def test_diffusers_folder_with_pickle_weights_is_refused_unread(tmp_path: Path) 
     """A diffusers folder holding only .bin (pickle) weights is refused without torch.load ever running."""
     import shutil
 
-    from trainer.models import ModelError, load_diffusers_folder, tiny_model_dir
+    from trainer.models.base import ModelError, load_diffusers_folder, tiny_model_dir
 
     folder = tmp_path / "pickled"
     shutil.copytree(tiny_model_dir("tiny-sd15"), folder)

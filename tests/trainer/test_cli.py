@@ -57,7 +57,7 @@ def test_train_from_options_alone(tmp_path: Path) -> None:
     assert "precision fp32 (auto on cpu)" in r.stdout  # what the auto defaults resolved to
     spec = (out / "spec.toml").read_text()
     assert 'name = "Lion"' in spec and "dim = 4" in spec and "alpha = 2.0" in spec and 'instance_prompt = "chibi' in spec
-    from trainer.kohya import read_kohya
+    from trainer.format.kohya import read_kohya
 
     md = read_kohya(lora).metadata
     assert md["ss_network_dim"] == "4" and md["ss_network_alpha"] == "2" and md["ss_optimizer"] == "Lion"
@@ -90,7 +90,7 @@ def test_demo_trains_and_prints_its_files(tmp_path: Path) -> None:
 def test_progress_bar_redraws_on_a_terminal() -> None:
     import io
 
-    from trainer.__main__ import ProgressPrinter
+    from trainer.jobs.cli import ProgressPrinter
 
     buf = io.StringIO()
     pr = ProgressPrinter(buf, tty=True)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer.data import (
+from trainer.data.dataset import (
     DataOrder,
     TrainData,
     build_caption,
@@ -102,7 +102,7 @@ def test_order_is_a_function_of_seed_and_position() -> None:
 
 
 def test_latent_cache_flip_and_sdxl_conditioning(tmp_path: Path, dataset_factory, make_spec) -> None:
-    from trainer.models import load_base
+    from trainer.models.base import load_base
 
     folder = dataset_factory(tmp_path / "imgs", n=1, size=(100, 200))
     spec = make_spec(folder, base_model="tiny-sdxl", data={"resolution": 64, "random_flip": True})
@@ -128,7 +128,7 @@ def test_latent_cache_flip_and_sdxl_conditioning(tmp_path: Path, dataset_factory
 
 
 def test_sd1_text_is_last_hidden_state() -> None:
-    from trainer.models import load_base
+    from trainer.models.base import load_base
 
     base = load_base("tiny-sd15")
     hidden, pooled = encode_text(base, ["a", "b"], "cpu")
@@ -152,7 +152,7 @@ def test_filewords_and_caption_dedup_at_scan_time() -> None:
 
 
 def test_exif_rotated_image_gets_the_tall_bucket(tmp_path: Path, make_spec) -> None:
-    from trainer.data import crop_to_bucket, image_size
+    from trainer.data.dataset import crop_to_bucket, image_size
 
     folder = tmp_path / "imgs"
     folder.mkdir()

@@ -18,9 +18,9 @@ import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from trainer.difference import check_pairs, stage_images, train_difference  # noqa: E402
 from trainer.events import JobCancelled, JobFailed  # noqa: E402
 from trainer.spec import SpecError, TrainSpec, deep_merge, parse_job, resolve_job  # noqa: E402
+from trainer.train.difference import check_pairs, stage_images, train_difference  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -75,8 +75,8 @@ def full_run(tmp_path_factory: pytest.TempPathFactory, images: tuple[Path, Path]
 
 
 def _loss(base: Any, image_dir: Path) -> float:
-    from trainer.data import TrainData, scan_dataset
-    from trainer.train import eval_denoise_loss
+    from trainer.data.dataset import TrainData, scan_dataset
+    from trainer.train.loop import eval_denoise_loss
 
     s = parse_job({"concepts": [{"image_dir": str(image_dir), "caption_mode": "caption_only"}],
                    "data": {"resolution": 64}})
@@ -84,9 +84,9 @@ def _loss(base: Any, image_dir: Path) -> float:
 
 
 def test_copier_then_difference(full_run: dict[str, Any]) -> None:
-    from trainer.kohya import read_kohya
-    from trainer.models import load_base
-    from trainer.network import LoraNetwork, apply_kohya_file
+    from trainer.format.kohya import read_kohya
+    from trainer.models.base import load_base
+    from trainer.network.lora import LoraNetwork, apply_kohya_file
 
     job, out, events = full_run["job"], full_run["outputs"], full_run["events"]
     final = Path(out["lora"])
@@ -242,7 +242,7 @@ def test_bad_pairs_are_refused(tmp_path: Path, images: tuple[Path, Path], bad_im
 
 def test_mismatched_pair_resized_with_the_same_crop(tmp_path: Path, images: tuple[Path, Path],
                                                    bad_images: dict[str, Path]) -> None:
-    from trainer.data import load_image
+    from trainer.data.dataset import load_image
 
     spec = _spec(images[0], bad_images["small"])
     [plan] = check_pairs(spec, resize_pairs=True)
@@ -277,14 +277,14 @@ def test_copy_machine_presets(tmp_path: Path, images: tuple[Path, Path]) -> None
     assert isinstance(spec, TrainSpec) and spec.network.conv_dim == 8 and spec.pass2_spec().network.dim == 4
     out = train_difference(spec, tmp_path / "job", device="cpu")
     assert set(out["loras"]) == {"front", "left"} and len(out["lora"]) == 2
-    from trainer.kohya import read_kohya
+    from trainer.format.kohya import read_kohya
 
     merged = read_kohya(out["merged"])
     assert Path(out["merged"]).name == "cm-merged.safetensors"
     assert {m.rank for m in merged.modules.values()} == {2}
     assert set(merged.modules) == set(read_kohya(out["loras"]["front"]).modules)
     # the merge is the SVD merge of the pair LoRAs at merge_ratio each
-    from trainer.merge import svd_merge
+    from trainer.jobs.merge import svd_merge
 
     def products(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k[: -len(".alpha")]: float(sd[k]) / sd[k.replace(".alpha", ".lora_down.weight")].shape[0]
@@ -331,7 +331,7 @@ def test_saved_copier_of_another_original_is_refused(tmp_path: Path, images: tup
 
 def test_copy_machine_sdxl_runs_on_tiny_sdxl(tmp_path: Path, images: tuple[Path, Path]) -> None:
     """The SDXL path (two text encoders, pooled embeds, size conditioning, SGM names) end to end, a few steps."""
-    from trainer.kohya import read_kohya
+    from trainer.format.kohya import read_kohya
 
     pairs = [{"name": "front", "original": str(images[0]), "target": str(images[1])}]
     spec = resolve_job({"base_model": "tiny-sdxl", "output_name": "cm", "steps": 3, "data": {"resolution": 64},

@@ -13,13 +13,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from trainer import prior
-from trainer import train as train_mod
-from trainer.buckets import fit_to_bucket, sdxl_size_conditioning
-from trainer.data import DataOrder, TrainData, scan_dataset
+from trainer.data.buckets import fit_to_bucket, sdxl_size_conditioning
+from trainer.data.dataset import DataOrder, TrainData, scan_dataset
 from trainer.events import JobCancelled
 from trainer.spec import resolve_job
-from trainer.train import Trainer, train
+from trainer.train import loop as train_mod
+from trainer.train import prior
+from trainer.train.loop import Trainer, train
 
 
 def _phases(events: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
@@ -367,7 +367,7 @@ PRESET_CASES = [
 @pytest.mark.parametrize(("preset", "model"), PRESET_CASES)
 def test_preset_trains_the_tiny_model(tmp_path: Path, dataset: Path, preset: str, model: str,
                                       monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    from trainer.__main__ import main
+    from trainer.jobs.cli import main
 
     real = prior.default_render
     monkeypatch.setattr(prior, "default_render", lambda base, **kw: real(base, **{**kw, "steps": 2}))

@@ -19,8 +19,7 @@ torch.set_num_threads(1)
 from diffusers import UNet2DConditionModel  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
 
-from trainer.blocks import block_of_kohya_name, block_slots, lora_targets, parse_blocks  # noqa: E402
-from trainer.kohya import (  # noqa: E402
+from trainer.format.kohya import (  # noqa: E402
     LoraFileError,
     build_metadata,
     check_compatible,
@@ -28,7 +27,8 @@ from trainer.kohya import (  # noqa: E402
     read_kohya,
     save_kohya,
 )
-from trainer.models import CONFIGS_DIR, load_base  # noqa: E402
+from trainer.models.base import CONFIGS_DIR, load_base  # noqa: E402
+from trainer.network.targets import block_of_kohya_name, block_slots, lora_targets, parse_blocks  # noqa: E402
 
 SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 
@@ -163,7 +163,7 @@ def test_block_selection(full_sd15, full_sdxl):
 
 @pytest.fixture(scope="module")
 def sd15_file(tmp_path_factory):
-    from trainer.network import LoraNetwork
+    from trainer.network.lora import LoraNetwork
 
     base = load_base("tiny-sd15")
     net = LoraNetwork.create(base, 8, 4, conv_dim=4, conv_alpha=2, train_text_encoder=True, seed=1)

@@ -15,11 +15,10 @@ torch.set_num_threads(1)
 
 from safetensors import safe_open  # noqa: E402
 
-import trainer.merge as merge_mod  # noqa: E402
-from trainer.blocks import lora_targets  # noqa: E402
+import trainer.jobs.merge as merge_mod  # noqa: E402
 from trainer.events import JobFailed  # noqa: E402
-from trainer.kohya import build_metadata, delta_weight, read_kohya, save_kohya  # noqa: E402
-from trainer.merge import (  # noqa: E402
+from trainer.format.kohya import build_metadata, delta_weight, read_kohya, save_kohya  # noqa: E402
+from trainer.jobs.merge import (  # noqa: E402
     MergeError,
     merge_into_checkpoint,
     quantile,
@@ -27,6 +26,7 @@ from trainer.merge import (  # noqa: E402
     svd_merge,
     svd_merge_to_file,
 )
+from trainer.network.targets import lora_targets  # noqa: E402
 from trainer.spec import parse_job  # noqa: E402
 
 # SD1-style names: two attention linears in different blocks, a 1x1 conv, a 3x3 conv, a text-encoder layer.
@@ -252,15 +252,15 @@ def tiny_lora_for(base, rank=4, alpha=2.0, seed=0, scale=0.3) -> dict:
 
 @pytest.fixture(scope="module")
 def sd15_file():
-    from trainer.checkpoint import materialize_tiny_single_file
+    from trainer.models.single_file import materialize_tiny_single_file
 
     return materialize_tiny_single_file("tiny-sd15")
 
 
 def test_checkpoint_merge_renders_like_runtime_lora(sd15_file, tmp_path):
-    from trainer.models import load_base
-    from trainer.network import apply_kohya_file
-    from trainer.sample import build_pipeline, render_image
+    from trainer.infer.sample import build_pipeline, render_image
+    from trainer.models.base import load_base
+    from trainer.network.lora import apply_kohya_file
 
     base = load_base(sd15_file)
     lora = tiny_lora_for(base, scale=0.2)
@@ -286,8 +286,8 @@ def test_checkpoint_merge_renders_like_runtime_lora(sd15_file, tmp_path):
 
 
 def test_sdxl_checkpoint_merge_hits_te2_in_proj_slices(tmp_path):
-    from trainer.checkpoint import materialize_tiny_single_file
-    from trainer.models import load_base
+    from trainer.models.base import load_base
+    from trainer.models.single_file import materialize_tiny_single_file
 
     src = materialize_tiny_single_file("tiny-sdxl")
     base = load_base(src)
@@ -307,7 +307,7 @@ def test_sdxl_checkpoint_merge_hits_te2_in_proj_slices(tmp_path):
 # --- the job ------------------------------------------------------------------------------------
 
 def test_merge_job_writes_lora_and_grid(tmp_path):
-    from trainer.models import load_base
+    from trainer.models.base import load_base
 
     base = load_base("tiny-sd15")
     paths = []
@@ -340,7 +340,7 @@ def test_merge_job_writes_lora_and_grid(tmp_path):
 
 
 def test_checkpoint_merge_job(sd15_file, tmp_path):
-    from trainer.models import load_base
+    from trainer.models.base import load_base
 
     lora = tmp_path / "l.safetensors"
     save_kohya(lora, tiny_lora_for(load_base(sd15_file)), {})

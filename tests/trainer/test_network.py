@@ -12,9 +12,9 @@ from safetensors.torch import load_file  # noqa: E402
 
 torch.set_num_threads(1)
 
-from trainer.kohya import build_metadata, read_kohya  # noqa: E402
-from trainer.models import BaseModel, load_base  # noqa: E402
-from trainer.network import (  # noqa: E402
+from trainer.format.kohya import build_metadata, read_kohya  # noqa: E402
+from trainer.models.base import BaseModel, load_base  # noqa: E402
+from trainer.network.lora import (  # noqa: E402
     LoraNetwork,
     NetworkStateError,
     apply_kohya_file,

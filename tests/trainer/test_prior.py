@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from trainer.events import JobCancelled, JobFailed
-from trainer.prior import (
+from trainer.spec import Concept
+from trainer.train.prior import (
     MANIFEST,
     class_cache_dir,
     combine_losses,
@@ -21,7 +22,6 @@ from trainer.prior import (
     list_class_images,
     prior_weights,
 )
-from trainer.spec import Concept
 
 
 class RecordingRender:
@@ -121,7 +121,7 @@ def test_explicit_dir_without_prompt(tmp_path: Path) -> None:
 
 def test_default_render_with_tiny_sd15(tmp_path: Path) -> None:
     torch.set_num_threads(1)
-    from trainer.models import load_base
+    from trainer.models.base import load_base
 
     base = load_base("tiny-sd15")
     concept = Concept(image_dir=str(tmp_path), class_prompt="girl", class_count=3)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from trainer.report import dataset_report, report_for_spec
+from trainer.data.report import dataset_report, report_for_spec
 from trainer.spec import Concept, parse_job
 
 

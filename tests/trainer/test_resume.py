@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainer import state as st
 from trainer.events import JobCancelled, JobFailed
-from trainer.train import train
+from trainer.train import state as st
+from trainer.train.loop import train
 
 VARIANTS = {
     # cached latents, text-encoder training with its own lr, gradient accumulation, cosine with warmup

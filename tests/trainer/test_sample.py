@@ -14,18 +14,18 @@ torch.set_num_threads(1)
 
 from PIL import Image  # noqa: E402
 
-from trainer.blocks import lora_targets  # noqa: E402
 from trainer.events import JobFailed  # noqa: E402
-from trainer.grid import BACKGROUND, fit_cell, strength_seed_grid  # noqa: E402
-from trainer.kohya import save_kohya  # noqa: E402
-from trainer.models import load_base  # noqa: E402
-from trainer.sample import (  # noqa: E402
+from trainer.format.kohya import save_kohya  # noqa: E402
+from trainer.infer.grid import BACKGROUND, fit_cell, strength_seed_grid  # noqa: E402
+from trainer.infer.sample import (  # noqa: E402
     SAMPLER_NAMES,
     Sampler,
     make_scheduler,
     render_with_network,
     run_preview_job,
 )
+from trainer.models.base import load_base  # noqa: E402
+from trainer.network.targets import lora_targets  # noqa: E402
 from trainer.spec import GridSpec, SamplePrompt, parse_job  # noqa: E402
 
 STEPS = 3
@@ -187,7 +187,7 @@ def test_preview_job_single_image_and_grid(tmp_path, lora_files):
 
 
 def test_render_with_network_during_training(tmp_path):
-    from trainer.network import LoraNetwork
+    from trainer.network.lora import LoraNetwork
 
     base = load_base("tiny-sd15")
     net = LoraNetwork.create(base, dim=4, alpha=4.0, seed=0)

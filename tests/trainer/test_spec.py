@@ -31,7 +31,7 @@ def test_defaults_and_case_insensitive_names() -> None:
 
 def test_card_fitting_defaults_are_auto_and_explicit_values_stay() -> None:
     spec = parse_job({})
-    # resolved at run time on the job's device (trainer.train.resolve_*): bf16/fp16 and SDXL checkpointing on a GPU
+    # resolved at run time on the job's device (trainer.train.loop.resolve_*): bf16/fp16 and SDXL checkpointing on a GPU
     assert spec.mixed_precision == "auto" and spec.gradient_checkpointing is None
     assert spec.data.cache_text_encoder_outputs is None and spec.data.cache_latents
     explicit = parse_job({"mixed_precision": "fp16", "gradient_checkpointing": False,
@@ -40,7 +40,7 @@ def test_card_fitting_defaults_are_auto_and_explicit_values_stay() -> None:
     assert explicit.data.cache_text_encoder_outputs is False
     # auto survives the TOML/JSON round trip that /retrain and resume rely on (None is left out of TOML)
     assert resolve_job(tomllib.loads(to_toml(spec))) == spec and from_json(to_json(spec)) == spec
-    from trainer.state import spec_fingerprint
+    from trainer.train.state import spec_fingerprint
 
     assert spec_fingerprint(spec) == spec_fingerprint(parse_job({}))
     assert spec_fingerprint(spec) != spec_fingerprint(explicit)

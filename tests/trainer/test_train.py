@@ -15,13 +15,12 @@ from diffusers.optimization import get_scheduler
 from PIL import Image
 from safetensors.torch import load_file
 
-from trainer import train as train_mod
-from trainer.data import TrainData
+from trainer.data.dataset import TrainData
 from trainer.events import JobCancelled, JobFailed
-from trainer.optim import build_optimizer, build_scheduler, resolve_scheduler_name
-from trainer.runner import run_job
+from trainer.jobs.runner import run_job
 from trainer.spec import OptimizerSpec
-from trainer.train import (
+from trainer.train import loop as train_mod
+from trainer.train.loop import (
     eval_denoise_loss,
     make_noise,
     min_snr_weight,
@@ -29,12 +28,13 @@ from trainer.train import (
     train,
     weighted_loss,
 )
+from trainer.train.optim import build_optimizer, build_scheduler, resolve_scheduler_name
 
 
 def _fixed_noise_losses(spec, lora: str) -> tuple[float, float]:
     """Denoising loss on the training images at fixed noise/timesteps: base alone, then base + the LoRA file."""
-    from trainer.models import load_base
-    from trainer.network import apply_kohya_file
+    from trainer.models.base import load_base
+    from trainer.network.lora import apply_kohya_file
 
     base = load_base(spec.base_model)
     data = TrainData.from_spec(spec)
@@ -94,7 +94,7 @@ def test_outputs_metadata_and_plot(tmp_path: Path, dataset: Path, make_spec) -> 
     sd = load_file(lora)
     assert all(k.startswith("lora_unet_") for k in sd) and any(k.endswith(".alpha") for k in sd)
     assert sd[next(k for k in sd if k.endswith("lora_up.weight"))].dtype == torch.float16
-    from trainer.kohya import read_kohya
+    from trainer.format.kohya import read_kohya
 
     lf = read_kohya(lora)
     md = lf.metadata
@@ -118,7 +118,7 @@ def test_outputs_metadata_and_plot(tmp_path: Path, dataset: Path, make_spec) -> 
 
 
 def test_auto_precision_and_checkpointing_resolve_per_device(monkeypatch: pytest.MonkeyPatch) -> None:
-    from trainer.train import resolve_gradient_checkpointing, resolve_mixed_precision
+    from trainer.train.loop import resolve_gradient_checkpointing, resolve_mixed_precision
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_mixed_precision("auto", cpu) == "no"
@@ -268,7 +268,7 @@ def test_cancel_leaves_a_usable_lora(tmp_path: Path, dataset: Path, make_spec, s
     path = Path(cancelled["outputs"]["lora"])
     assert path.name == "scs-step00000003.safetensors"
     assert not (tmp_path / "job" / "outputs" / "scs.safetensors").exists()  # the final name means finished
-    from trainer.kohya import read_kohya
+    from trainer.format.kohya import read_kohya
 
     lf = read_kohya(path)
     assert lf.modules and all(k.startswith("lora_unet_") for k in load_file(path))
@@ -388,7 +388,7 @@ def test_cpu_precision_and_checkpointing_paths(tmp_path: Path, dataset: Path, ma
     assert dtypes == {torch.float32}  # bf16 autocast computes in bf16; the LoRA weights themselves stay fp32
     sd = load_file(out["lora"])
     assert any(k.startswith("lora_te_text_model_") for k in sd)
-    from trainer.kohya import read_kohya
+    from trainer.format.kohya import read_kohya
 
     md = read_kohya(Path(out["lora"])).metadata
     assert md["ss_mixed_precision"] == "bf16" and md["ss_gradient_checkpointing"] == "True"  # explicit values
@@ -424,7 +424,7 @@ def test_default_samples_render_with_the_sample_module(tmp_path: Path, dataset: 
 
 
 def test_loss_plot_ticks_are_round_numbers() -> None:
-    from trainer.train import nice_ticks
+    from trainer.train.loop import nice_ticks
 
     assert nice_ticks(0.543, 1.45) == [0.6, 0.8, 1.0, 1.2, 1.4]
     assert nice_ticks(1, 80, integers=True) == [20, 40, 60, 80]

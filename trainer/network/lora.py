@@ -1,7 +1,7 @@
 """LoRA / LoCon networks on the base model, built with peft.
 
 peft layers are injected with `peft.inject_adapter_in_model` using the exact module paths from
-`trainer.blocks`, so each peft layer maps one-to-one to a kohya module name (peft's lora_A/lora_B shapes are
+`trainer.network.targets`, so each peft layer maps one-to-one to a kohya module name (peft's lora_A/lora_B shapes are
 kohya's lora_down/lora_up shapes, and peft's scaling lora_alpha / r is kohya's alpha / r).
 Several networks can live on one model (e.g. a frozen LoRA applied from a file plus the one being trained);
 each is a separate peft adapter and can be enabled, scaled and removed on its own.
@@ -21,8 +21,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from trainer.blocks import Target, lora_targets, parse_blocks
-from trainer.kohya import (
+from trainer.format.kohya import (
     SUFFIX_ALPHA,
     SUFFIX_DOWN,
     SUFFIX_UP,
@@ -34,7 +33,8 @@ from trainer.kohya import (
     read_kohya,
     save_kohya,
 )
-from trainer.models import BaseModel
+from trainer.models.base import BaseModel
+from trainer.network.targets import Target, lora_targets, parse_blocks
 
 ADAPTER = "loraforge"
 _REGISTRY_ATTR = "_loraforge_adapters"  # on each model root: adapter name -> {"enabled", "trainable"}

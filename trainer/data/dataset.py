@@ -4,11 +4,11 @@ deterministically, and cache what does not change (VAE latents, optionally text-
 - `scan_dataset(spec)` -> `list[ImageItem]` (one entry per image file; repeats are applied by `DataOrder`);
   `resolve_class_counts` / `class_items` add a concept's class images (prior preservation, see train.py)
 - `build_caption(concept, file_caption, trigger)` -> the caption one image trains with before shuffling
-  (`trainer.captions`: caption modes, [filewords], trigger first)
+  (`trainer.data.captions`: caption modes, [filewords], trigger first)
 - `load_image(path)` / `crop_to_bucket(img, bucket)` / `resize_center_crop(img, res)` / `to_tensor(img)`
   -> pixels in [-1, 1], plus the original size and crop offset SDXL is conditioned on
 - `DataOrder` -> which items form micro-batch m, a pure function of (seed, m): resume needs only the step.
-  With aspect-ratio buckets every micro-batch comes from one bucket (`trainer.buckets`).
+  With aspect-ratio buckets every micro-batch comes from one bucket (`trainer.data.buckets`).
 - `TrainData` -> `Sample`s and `Batch`es (captions processed per draw, prior-preservation weights), with the
   latent and text caches
 - `encode_text(base, captions, device)` -> the UNet's conditioning for SD1/SD2/SDXL
@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from trainer import captions
-from trainer.buckets import (
+from trainer.data import captions
+from trainer.data.buckets import (
     Bucket,
     BucketBatchSampler,
     apply_plan,
@@ -47,7 +47,7 @@ from trainer.buckets import (
 from trainer.events import JobFailed
 
 if TYPE_CHECKING:
-    from trainer.models import BaseModel
+    from trainer.models.base import BaseModel
     from trainer.spec import Concept, TrainSpec
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
@@ -581,7 +581,7 @@ class TrainData:
 
     def loss_weights(self, samples: Sequence[Sample]) -> torch.Tensor:
         if self.has_class:
-            from trainer.prior import prior_weights
+            from trainer.train.prior import prior_weights
 
             return prior_weights(torch.tensor([s.is_class for s in samples]), self.prior_loss_weight)
         return torch.tensor([s.loss_weight for s in samples], dtype=torch.float32)

@@ -3,7 +3,7 @@
 It draws a few pictures of a chibi figure with Pillow, trains a LoRA on them with the recipe the tests use to
 check that training learns (AdamW lr 1e-2, constant, dim 4 / alpha 4, 64 px), renders the sample prompts with
 the trained network, and measures the denoising loss on the training images at FIXED noise and timesteps before
-and after (trainer.train.eval_denoise_loss): a drop there means the LoRA learned the images, whatever the
+and after (trainer.train.loop.eval_denoise_loss): a drop there means the LoRA learned the images, whatever the
 random-weight model's pictures look like.
 """
 
@@ -82,12 +82,12 @@ def run_demo(out: Path, steps: int = DEMO_STEPS, device: str | None = "cpu",
              on_event: Callable[[dict[str, Any]], None] | None = None,
              say: Callable[[str], None] = print) -> dict[str, Any]:
     """Train the demo LoRA under `out`; returns {"lora", "samples", "plot", "loss_before", "loss_after", ...}."""
-    from trainer.data import TrainData
+    from trainer.data.dataset import TrainData
     from trainer.events import null_sink
-    from trainer.models import load_base
-    from trainer.network import apply_kohya_file
-    from trainer.runner import run_job
-    from trainer.train import eval_denoise_loss
+    from trainer.jobs.runner import run_job
+    from trainer.models.base import load_base
+    from trainer.network.lora import apply_kohya_file
+    from trainer.train.loop import eval_denoise_loss
 
     t0 = time.monotonic()
     out = Path(out)

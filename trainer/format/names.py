@@ -3,7 +3,7 @@
 diffusers only ships original -> diffusers (``diffusers.loaders.single_file_utils``); this module is the inverse
 of exactly those converters, and the round-trip tests in tests/trainer/test_checkpoint.py hold it to that.
 
-Public API (used by trainer.checkpoint for saving and by the LoRA -> checkpoint merge):
+Public API (used by trainer.models.single_file for saving and by the LoRA -> checkpoint merge):
 
 - ``OrigKey(key, rows=None, kind="copy")``: where one diffusers tensor lives in the original file.
   ``rows=(start, stop)``: the tensor is that row slice of ``key`` (OpenCLIP ``attn.in_proj_weight``/``in_proj_bias``
@@ -19,7 +19,7 @@ Public API (used by trainer.checkpoint for saving and by the LoRA -> checkpoint 
 - ``unet_key_map(unet)``, ``vae_key_map(vae)``, ``text_encoder_key_map(te, prefix, openclip)``: every
   ``state_dict()`` name of the module -> ``OrigKey`` (full key, prefix included).
 - ``checkpoint_key_map(model)``: ``{"unet.<name>" | "vae.<name>" | "text_encoder.<name>" | "text_encoder_2.<name>": OrigKey}``
-  for a ``trainer.models.BaseModel``.
+  for a ``trainer.models.base.BaseModel``.
 - ``to_original_state_dict(model, dtype=None)``: the whole model as an original-layout state dict.
 
 Text encoders: transformers 5 flattened ``CLIPTextModel`` (state-dict names have no ``text_model.`` prefix);
@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 if TYPE_CHECKING:
-    from trainer.models import BaseModel
+    from trainer.models.base import BaseModel
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."

@@ -52,7 +52,7 @@ from trainer.events import EventSink, JobCancelled, JobFailed, StopCheck, event,
 if TYPE_CHECKING:
     from PIL import Image
 
-    from trainer.models import BaseModel
+    from trainer.models.base import BaseModel
     from trainer.spec import Concept
 
 Render = Callable[[str, int, int, int], "Image.Image"]  # (prompt, seed, width, height) -> RGB image

@@ -1,6 +1,6 @@
 """Base models: built-in tiny models and diffusers folders, loaded the same way, with no network.
 
-Single-file (A1111) checkpoints are handled in `trainer.checkpoint`; every path ends in `load_base`.
+Single-file (A1111) checkpoints are handled in `trainer.models.single_file`; every path ends in `load_base`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # noqa
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
 
 Arch = Literal["sd1", "sd2", "sdxl"]
-CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 TINY_MODELS = ("tiny-sd15", "tiny-sd2", "tiny-sdxl")
 # Full-size architectures whose configs we ship (used for single-file loading and key-set checks).
 FULL_CONFIGS = {"sd1": "sd15", "sd2": "sd2", "sdxl": "sdxl"}
@@ -187,7 +187,7 @@ def load_base(ref: str | Path, models_dir: Path | None = None, dtype: torch.dtyp
     path = resolve_model_ref(str(ref), models_dir)
     if path.is_dir():
         return load_diffusers_folder(path, dtype=dtype)
-    from trainer.checkpoint import load_single_file  # single files need the key-layout code
+    from trainer.models.single_file import load_single_file  # single files need the key-layout code
 
     return load_single_file(path, dtype=dtype)
 

@@ -31,9 +31,8 @@ from typing import Any, Literal
 
 import torch
 
-from trainer.blocks import block_of_kohya_name, block_slots
 from trainer.events import EventSink, JobCancelled, JobFailed, StopCheck, event, never_stop, null_sink
-from trainer.kohya import (
+from trainer.format.kohya import (
     ARCH_NAMES,
     BASE_MODEL_VERSION,
     KohyaLora,
@@ -44,6 +43,7 @@ from trainer.kohya import (
     resolve_lora_path,
     save_kohya,
 )
+from trainer.network.targets import block_of_kohya_name, block_slots
 from trainer.spec import MergeSpec
 
 Rank = int | Literal["auto"]
@@ -344,13 +344,13 @@ def merge_into_checkpoint(base: Any, loras: Sequence[tuple[Any, float]], out_pat
     a diffusers folder / built-in model name, or a loaded BaseModel (merged on the diffusers modules, then
     written in the original layout). fp16 when `half`. The file appears atomically.
     """
-    from trainer import checkpoint as ckpt
+    from trainer.models import single_file as ckpt
 
     out_path = Path(out_path)
     src = None if _is_base_model(base) else _resolve_base_path(base, models_dir)
     if src is not None and src.is_file():
         return _merge_into_single_file(src, loras, out_path, half)
-    from trainer.models import load_base
+    from trainer.models.base import load_base
 
     model = base if src is None else load_base(src)
     for lora_src, strength in loras:
@@ -374,7 +374,7 @@ def _is_base_model(obj: Any) -> bool:
 
 
 def _resolve_base_path(ref: Any, models_dir: Path | None) -> Path:
-    from trainer.models import resolve_model_ref
+    from trainer.models.base import resolve_model_ref
 
     return resolve_model_ref(str(ref), models_dir)
 
@@ -393,12 +393,12 @@ def checkpoint_skeleton(src: str | os.PathLike[str]) -> Any:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from trainer.checkpoint import detect_arch, read_safetensors_header, select_config
-    from trainer.models import BaseModel
+    from trainer.models.base import BaseModel
+    from trainer.models.single_file import detect_arch, read_safetensors_header, select_config
 
     src = Path(src)
     if src.is_dir():  # a diffusers folder: its own configs
-        from trainer.models import arch_of_config_dir
+        from trainer.models.base import arch_of_config_dir
 
         folder, arch = src, arch_of_config_dir(src)
     else:
@@ -427,7 +427,7 @@ def _merge_into_single_file(src: Path, loras: Sequence[tuple[Any, float]], out_p
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from trainer.sgm_keys import checkpoint_key_map
+    from trainer.format.names import checkpoint_key_map
 
     skeleton = checkpoint_skeleton(src)
     kmap = checkpoint_key_map(skeleton)
@@ -497,7 +497,7 @@ def run_merge_job(spec: MergeSpec, job_dir: Path, on_event: EventSink = null_sin
     try:
         arch = check_same_arch(loras)
         if spec.base_model:
-            from trainer.models import resolve_model_ref
+            from trainer.models.base import resolve_model_ref
 
             base_path = resolve_model_ref(spec.base_model, models_dir)
             skeleton = checkpoint_skeleton(base_path)  # shapes only: no weights read for the checks
@@ -546,7 +546,7 @@ def run_merge_job(spec: MergeSpec, job_dir: Path, on_event: EventSink = null_sin
         r, cr = resolve_ranks(loras, spec.rank, spec.conv_rank)
         summary.update(rank=r, conv_rank=cr)
         if spec.grid is not None and spec.base_model:
-            from trainer.sample import get_sampler, render_strength_grid_file
+            from trainer.infer.sample import get_sampler, render_strength_grid_file
 
             on_event(event("phase", name="loading base model"))
             sampler = get_sampler(spec.base_model, models_dir, device, context)

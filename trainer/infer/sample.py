@@ -22,8 +22,7 @@ from torch import nn
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from trainer.events import EventSink, JobCancelled, JobFailed, StopCheck, event, never_stop, null_sink  # noqa: E402
-from trainer.grid import save_png, strength_seed_grid  # noqa: E402
-from trainer.kohya import (  # noqa: E402
+from trainer.format.kohya import (  # noqa: E402
     KohyaLora,
     LoraFileError,
     check_compatible,
@@ -31,11 +30,12 @@ from trainer.kohya import (  # noqa: E402
     read_kohya,
     resolve_lora_path,
 )
-from trainer.models import BaseModel, load_base  # noqa: E402
+from trainer.infer.grid import save_png, strength_seed_grid  # noqa: E402
+from trainer.models.base import BaseModel, load_base  # noqa: E402
 from trainer.spec import GridSpec, PreviewSpec, SamplePrompt  # noqa: E402
 
 if TYPE_CHECKING:
-    from trainer.blocks import Target
+    from trainer.network.targets import Target
 
 SAMPLER_NAMES = ("euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim")
 
@@ -53,8 +53,8 @@ def as_kohya(src: LoraSource) -> KohyaLora:
         return read_kohya(src)
     if isinstance(src, Mapping):
         return read_kohya(src)
-    if hasattr(src, "network_state"):  # trainer.network.LoraNetwork: snapshot its weights in float32
-        from trainer.kohya import export_state
+    if hasattr(src, "network_state"):  # trainer.network.lora.LoraNetwork: snapshot its weights in float32
+        from trainer.format.kohya import export_state
 
         return read_kohya(export_state(src, torch.float32))
     raise TypeError(f"cannot use {type(src).__name__} as a LoRA (give a path, a state dict or a KohyaLora)")

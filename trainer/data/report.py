@@ -4,7 +4,7 @@ API:
 
 - `dataset_report(concepts, resolution, *, bucketing=False, bucket_step=64, bucket_min_side=256,
   bucket_max_side=1024, class_images=None, batch_size=1, max_names=10, verify=True) -> Report`
-  `class_images[i]` is what `trainer.prior.ensure_class_images` returned for concept i (None: the
+  `class_images[i]` is what `trainer.train.prior.ensure_class_images` returned for concept i (None: the
   concept's class_dir is listed, if it has one). `verify` decodes every image fully (catches truncated
   files; the header alone does not).
 - `report_for_spec(spec, class_images=None) -> Report`: the same with the settings of a TrainSpec.
@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from PIL import Image, UnidentifiedImageError
 
-from trainer.buckets import Bucket, assign_bucket, clamp_sides, make_buckets
+from trainer.data.buckets import Bucket, assign_bucket, clamp_sides, make_buckets
 
 if TYPE_CHECKING:
     from trainer.spec import Concept, TrainSpec

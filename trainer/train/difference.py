@@ -8,7 +8,7 @@ sd-webui-traintrain's Difference mode, per pair (original, target):
   1.0 and frozen; only that network is saved, so the file holds the difference alone.
 Several pairs (front / left / right) give one LoRA each and, with `merge_rank`, their SVD merge.
 
-Each pass is an ordinary `trainer.train` run on a derived single-image spec in its own folder
+Each pass is an ordinary `trainer.train.loop` run on a derived single-image spec in its own folder
 (`job_dir/difference/<pair>/pass1|pass2`), so the loop's exact resume applies inside a pass, and
 `job_dir/difference/progress.json` records finished passes so a restarted job skips them.
 """
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from PIL import Image, ImageOps
 
-from trainer.data import TrainData, encode_pixels, encode_text, generator, load_image, scan_dataset
+from trainer.data.dataset import TrainData, encode_pixels, encode_text, generator, load_image, scan_dataset
 from trainer.events import EventSink, JobCancelled, JobFailed, StopCheck, event, never_stop, null_sink
 from trainer.spec import DifferencePair, TrainSpec
 
@@ -225,8 +225,8 @@ def _write_progress(path: Path, data: dict[str, Any]) -> None:
 # --- the copier on a base -----------------------------------------------------------------------------
 
 def _apply_copier(base: Any, copier: Path) -> Any:
-    from trainer.kohya import LoraFileError
-    from trainer.network import apply_kohya_file
+    from trainer.format.kohya import LoraFileError
+    from trainer.network.lora import apply_kohya_file
 
     # apply_kohya_file's peft injection may draw from the global RNG: keep the training stream untouched
     with torch.random.fork_rng(devices=[]):
@@ -245,7 +245,7 @@ def _pass_trainer_class() -> type:
     order of peft adapters on a layer does not change the sum). The copier is a separate, non-trainable peft
     adapter: it is not in the optimizer and not in network_state(), so neither states nor files contain it.
     """
-    from trainer.train import Trainer
+    from trainer.train.loop import Trainer
 
     class PassTrainer(Trainer):
         def __init__(self, *args: Any, copier: Path | None = None, extra_metadata: dict[str, str] | None = None,
@@ -294,7 +294,7 @@ def reconstruct(base: Any, data: TrainData, prediction_type: str, device: torch.
     """What the model (with whatever LoRAs are on it) makes of the noised first image: a short DDIM img2img."""
     from diffusers import DDIMScheduler
 
-    from trainer.train import unet_forward
+    from trainer.train.loop import unet_forward
 
     sched = DDIMScheduler.from_config(base.noise_scheduler.config, prediction_type=prediction_type)
     sched.set_timesteps(steps)
@@ -317,8 +317,8 @@ def copier_check(base: Any, data: TrainData, copier: Path, prediction_type: str,
 
     `base` must carry no other LoRA; the copier is applied here and removed before returning.
     """
-    from trainer.grid import make_grid, save_png
-    from trainer.train import eval_denoise_loss
+    from trainer.infer.grid import make_grid, save_png
+    from trainer.train.loop import eval_denoise_loss
 
     modes = {id(m): m.training for m in (base.unet, *base.text_encoders)}
     for m in (base.unet, *base.text_encoders):
@@ -422,7 +422,7 @@ def _role_metadata(role: str, plan: PairPlan, prompt: str, check: CopierCheck | 
 def _copier_original(path: Path) -> tuple[str, str] | None:
     """(sha256, file name) of the original a loraforge copier was trained on, from its metadata; None for a
     copier from another tool (then only the copier check can tell whether it fits)."""
-    from trainer.kohya import LoraFileError, read_metadata
+    from trainer.format.kohya import LoraFileError, read_metadata
 
     try:
         info = json.loads(read_metadata(path).get("loraforge_difference") or "{}")
@@ -434,7 +434,7 @@ def _copier_original(path: Path) -> tuple[str, str] | None:
 
 
 def _base_for_check(spec: TrainSpec, models_dir: Path | None, device: torch.device) -> Any:
-    from trainer.models import ModelError, load_base
+    from trainer.models.base import ModelError, load_base
 
     dtype = torch.float32
     if device.type == "cuda":
@@ -458,8 +458,8 @@ def train_difference(spec: TrainSpec, job_dir: Path, on_event: EventSink = null_
     Calling it again with the same job_dir resumes: finished passes are skipped, an unfinished pass continues
     from its last state.
     """
-    from trainer.state import spec_fingerprint
-    from trainer.train import resolve_device
+    from trainer.train.loop import resolve_device
+    from trainer.train.state import spec_fingerprint
 
     del context  # accepted like train(); nothing to share across jobs yet
     job_dir = Path(job_dir)
@@ -675,7 +675,7 @@ def train_difference(spec: TrainSpec, job_dir: Path, on_event: EventSink = null_
 
 
 def _merge(spec: TrainSpec, loras: list[str], out_dir: Path, on_event: EventSink, should_stop: StopCheck) -> Path:
-    from trainer.merge import MergeError, svd_merge_to_file
+    from trainer.jobs.merge import MergeError, svd_merge_to_file
 
     assert spec.difference is not None
     diff = spec.difference

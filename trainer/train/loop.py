@@ -7,7 +7,7 @@ resumes from `job_dir/state/` when a state is there, trains `spec.steps` optimiz
 Before training (setup): the concepts' class images are made ready for prior preservation (the missing ones
 generated with the plain base model and its class prompt, before the network is attached; phase "generating
 class images"), and the dataset report is emitted (`report` event, job_dir/report.txt). The data pipeline
-(trainer/data.py) then applies aspect-ratio buckets, per-draw caption shuffling/dropout and the
+(trainer/data/dataset.py) then applies aspect-ratio buckets, per-draw caption shuffling/dropout and the
 prior-preservation loss weights; samples (spec.sample) are rendered with the live network every N steps and
 at the end into job_dir/samples/ and reported as `sample` events.
 
@@ -41,8 +41,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
-from trainer import state as st
-from trainer.data import (
+from trainer.data.dataset import (
     Batch,
     TrainData,
     dataset_fingerprint,
@@ -52,8 +51,9 @@ from trainer.data import (
     generator,
 )
 from trainer.events import EventSink, JobCancelled, JobFailed, StopCheck, event, never_stop, null_sink
-from trainer.optim import build_optimizer, build_scheduler, current_lrs
 from trainer.spec import TrainSpec
+from trainer.train import state as st
+from trainer.train.optim import build_optimizer, build_scheduler, current_lrs
 
 SampleHook = Callable[[int, Any], Sequence[str | os.PathLike[str]]]
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -173,7 +173,7 @@ def eval_denoise_loss(base: Any, data: TrainData, prediction_type: str | None = 
 # --- the network, through its public API -----------------------------------------------------------
 
 def _create_network(base: Any, spec: TrainSpec) -> Any:
-    from trainer.network import LoraNetwork
+    from trainer.network.lora import LoraNetwork
 
     net = spec.network
     # seed= makes the init a function of the spec alone (the network forks the global RNG for it)
@@ -191,7 +191,7 @@ def save_lora(network: Any, path: Path, metadata: dict[str, str], dtype: torch.d
     if hasattr(network, "save"):
         network.save(path, metadata, dtype)
     else:  # adapter: write through the kohya module directly
-        from trainer.kohya import export_state, save_kohya
+        from trainer.format.kohya import export_state, save_kohya
 
         save_kohya(path, export_state(network, dtype), metadata)
     return path
@@ -368,8 +368,8 @@ class Trainer:
 
     def setup(self) -> None:
         spec = self.spec
-        from trainer.data import class_items, resolve_class_counts, scan_dataset
-        from trainer.models import ModelError, load_base
+        from trainer.data.dataset import class_items, resolve_class_counts, scan_dataset
+        from trainer.models.base import ModelError, load_base
 
         instance_items = scan_dataset(spec)  # bad folders fail before the model is loaded
         self.concepts = resolve_class_counts(spec, instance_items)
@@ -412,14 +412,14 @@ class Trainer:
         Generated images are kept in `class_cache/class_images/<base model + class prompt>` (or the concept's
         class_dir) and reused by the next job; only `class_count - present` images are ever generated.
         """
-        from trainer.prior import default_render, ensure_class_images
+        from trainer.train.prior import default_render, ensure_class_images
 
         spec = self.spec
         if not any(c.class_count for c in self.concepts):
             return [None] * len(self.concepts)
         cache = self.class_cache
         if cache is None:
-            from trainer.models import cache_root
+            from trainer.models.base import cache_root
 
             cache = cache_root()
         on_gpu = self.device.type == "cuda"
@@ -457,7 +457,7 @@ class Trainer:
     def emit_report(self) -> None:
         """What will train (images per concept and bucket, captions, duplicates, undersized images): a
         `report` event and job_dir/report.txt, before any training time is spent."""
-        from trainer.report import report_for_spec
+        from trainer.data.report import report_for_spec
 
         d = self.spec.data
         if d.bucketing and (d.bucket_min_side > d.resolution or d.bucket_max_side < d.resolution):
@@ -698,7 +698,7 @@ class Trainer:
     # -- outputs --
 
     def metadata(self, step: int) -> dict[str, str]:
-        from trainer.kohya import build_metadata
+        from trainer.format.kohya import build_metadata
 
         spec, net, opt = self.spec, self.spec.network, self.spec.optimizer
         training = {
@@ -762,7 +762,7 @@ class Trainer:
         if not self.spec.sample.prompts:
             return None
         try:
-            from trainer.sample import render_with_network
+            from trainer.infer.sample import render_with_network
         except ImportError:
             return None
         out = self.job_dir / "samples"

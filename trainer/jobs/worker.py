@@ -1,4 +1,4 @@
-"""The worker process the scheduler talks to: `python -m trainer.worker --device cpu`.
+"""The worker process the scheduler talks to: `python -m trainer.jobs.worker --device cpu`.
 
 Protocol: JSON lines. The scheduler writes commands on stdin, the worker writes messages on stdout.
   in:  {"cmd": "run", "job_id": 7, "spec": {...resolved job spec...}, "job_dir": "/data/jobs/7"}
@@ -85,7 +85,7 @@ class Worker:
 
     def serve(self) -> None:
         from trainer.events import JobCancelled, JobFailed
-        from trainer.runner import run_job
+        from trainer.jobs.runner import run_job
         from trainer.spec import parse_job
 
         self.channel.send({"type": "ready", "pid": os.getpid(), "device": self.device or "auto"})
@@ -123,7 +123,7 @@ class Worker:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m trainer.worker")
+    p = argparse.ArgumentParser(prog="python -m trainer.jobs.worker")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--models-dir", type=Path, default=None)
     args = p.parse_args(argv)

@@ -26,12 +26,12 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from safetensors.torch import save_file
 
-from trainer.blocks import ALL_PREFIXES, Arch, Kind, Target, all_module_targets
 from trainer.events import JobFailed
+from trainer.network.targets import ALL_PREFIXES, Arch, Kind, Target, all_module_targets
 
 if TYPE_CHECKING:
-    from trainer.models import BaseModel
-    from trainer.network import LoraNetwork
+    from trainer.models.base import BaseModel
+    from trainer.network.lora import LoraNetwork
 
 SUFFIX_DOWN = ".lora_down.weight"
 SUFFIX_UP = ".lora_up.weight"

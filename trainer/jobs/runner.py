@@ -59,18 +59,18 @@ def _dispatch(spec: Any) -> Any:
     kind = getattr(spec, "kind", "train")
     if kind == "train":
         if getattr(spec, "mode", "standard") == "difference":
-            from trainer.difference import train_difference
+            from trainer.train.difference import train_difference
 
             return train_difference
-        from trainer.train import train
+        from trainer.train.loop import train
 
         return train
     if kind == "merge":
-        from trainer.merge import run_merge_job
+        from trainer.jobs.merge import run_merge_job
 
         return run_merge_job
     if kind == "preview":
-        from trainer.sample import run_preview_job
+        from trainer.infer.sample import run_preview_job
 
         return run_preview_job
     raise JobFailed(f"unknown job kind {kind!r}; expected train, merge or preview", reason="bad_input")

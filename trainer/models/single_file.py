@@ -1,7 +1,7 @@
 """Single-file checkpoints as AUTOMATIC1111 keeps them (original LDM/SGM layout, .safetensors only).
 
 Public API:
-- ``load_single_file(path, dtype=torch.float32, prediction_type=None) -> BaseModel``: what ``trainer.models.load_base``
+- ``load_single_file(path, dtype=torch.float32, prediction_type=None) -> BaseModel``: what ``trainer.models.base.load_base``
   calls for files. Safetensors only: ``.ckpt/.pt/.pth/.bin`` and any pickle/zip (torch.save) content are refused
   unread, since unpickling can run code. The architecture comes from the keys, the config folder from the tensor
   shapes (full-size ``trainer/configs/{sd15,sd2,sdxl}`` first, then the tiny ones); diffusers' own single-file
@@ -18,7 +18,7 @@ Public API:
 - ``materialize_tiny_single_file(name) -> Path``: a tiny model as one .safetensors (cached next to its folder).
 - ``build_clip_tokenizer(pad_token="<|endoftext|>", bpe_path=None)``: the real 49,408-token CLIP tokenizer from
   open_clip's ``bpe_simple_vocab_16e6.txt.gz`` when present, else a byte-level one with the same special-token ids.
-- Key mapping for merges lives in ``trainer.sgm_keys`` (``checkpoint_key_map``, ``diffusers_to_original_unet_key``...).
+- Key mapping for merges lives in ``trainer.format.names`` (``checkpoint_key_map``, ``diffusers_to_original_unet_key``...).
 """
 
 from __future__ import annotations
@@ -45,7 +45,13 @@ from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
 
-from trainer.models import (  # noqa: E402
+from trainer.format.names import (  # noqa: E402
+    TEXT_ENCODER_PREFIXES,
+    UNET_PREFIX,
+    to_original_state_dict,
+    unet_key_map,
+)
+from trainer.models.base import (  # noqa: E402
     CONFIGS_DIR,
     FULL_CONFIGS,
     Arch,
@@ -56,12 +62,6 @@ from trainer.models import (  # noqa: E402
     cache_root,
     load_diffusers_folder,
     tiny_model_dir,
-)
-from trainer.sgm_keys import (  # noqa: E402
-    TEXT_ENCODER_PREFIXES,
-    UNET_PREFIX,
-    to_original_state_dict,
-    unet_key_map,
 )
 
 log = logging.getLogger(__name__)
