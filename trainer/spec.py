@@ -36,6 +36,11 @@ class SpecError(ValueError):
         super().__init__("; ".join(f"{f}: {m}" if f else m for f, m in problems))
 
 
+# Every name from a user that becomes part of a path: letters, digits, "_", "-", ".", spaces; no leading dot or
+# separator, so it can never leave its folder or hide itself.
+FileName = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\- ]*$")]
+
+
 class _Strict(BaseModel):
     # extra="forbid": a typo in a TOML file is an error, not a silently ignored setting.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -199,7 +204,7 @@ class TrainSpec(_Strict):
     difference: DifferenceSpec | None = None
     base_model: str = "tiny-sd15"
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = "auto"
-    output_name: str = Field("lora", min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\- ]*$")
+    output_name: FileName = "lora"
     concepts: list[Concept] = Field(default_factory=list)
     network: NetworkSpec = Field(default_factory=NetworkSpec)
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
@@ -290,7 +295,7 @@ class MergeSpec(_Strict):
     base_model: str | None = None  # checked for compatibility; required for a checkpoint merge or a grid
     into_checkpoint: bool = False
     half: bool = False
-    output_name: str = Field("merged", min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\- ]*$")
+    output_name: FileName = "merged"
     grid: GridSpec | None = None
     seed: int = 0
 
@@ -312,7 +317,7 @@ class PreviewSpec(_Strict):
     base_model: str = "tiny-sd15"
     loras: list[LoraRef] = Field(default_factory=list, max_length=8)
     grid: GridSpec = Field(default_factory=GridSpec)
-    output_name: str = "preview"
+    output_name: FileName = "preview"
 
 
 JobSpec = Annotated[TrainSpec | MergeSpec | PreviewSpec, Field(discriminator="kind")]
@@ -359,9 +364,11 @@ def list_presets() -> dict[str, str]:
 
 
 def preset_values(name: str) -> dict[str, Any]:
-    path = PRESETS_DIR / f"{name}.toml"
-    if not path.exists():
-        raise SpecError([("preset", f"unknown preset {name!r}; choose one of {', '.join(list_presets())}")])
+    # A closed list: the name is looked up among the shipped files, never joined into a path.
+    known = {p.stem: p for p in PRESETS_DIR.glob("*.toml")}
+    if name not in known:
+        raise SpecError([("preset", f"unknown preset {name!r}; choose one of {', '.join(sorted(known))}")])
+    path = known[name]
     values = tomllib.loads(path.read_text())
     values.pop("description", None)
     return values

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tomllib
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import trainer.spec as spec_mod
 from trainer.spec import (
     SpecError,
     from_json,
@@ -134,3 +136,20 @@ def test_difference_mode_pass2_defaults_to_pass1() -> None:
         parse_job({"mode": "difference"})
     with pytest.raises(SpecError, match="target"):
         parse_job({"mode": "difference", "difference": {"pairs": [{"original": "a"}]}})
+
+
+def test_preset_is_a_closed_list_never_a_path(tmp_path) -> None:
+    # A preset outside the presets folder must not be read, whatever the relative path (issue 17).
+    evil = tmp_path / "evil.toml"
+    evil.write_text('[network]\ndim = 999\n')
+    rel = os.path.relpath(evil.with_suffix(""), spec_mod.PRESETS_DIR)
+    with pytest.raises(SpecError, match="unknown preset") as e:
+        spec_mod.resolve_job({"base_model": "tiny-sd15"}, preset=rel)
+    assert "sd15-8gb" in str(e.value)
+
+
+@pytest.mark.parametrize("kind", ["train", "merge", "preview"])
+@pytest.mark.parametrize("name", ["../../etc/x", "/abs", ".hidden", "a/b", "x" * 101, ""])
+def test_output_names_never_become_paths(kind: str, name: str) -> None:
+    with pytest.raises(SpecError, match="output_name"):
+        spec_mod.parse_job({"kind": kind, "output_name": name})
