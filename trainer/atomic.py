@@ -50,10 +50,13 @@ def temp_path(path: Path, folder: bool = False) -> Path:
     return Path(tmp)
 
 
-def commit(tmp: Path, path: Path, folder: bool = False) -> Path:
+def commit(tmp: Path, path: Path, folder: bool = False, replace: bool = True) -> Path:
     """Make the finished temporary ``tmp`` the real ``path``: fsync it, give it the umask's mode, rename, fsync
-    the parent. A folder that already stands at ``path`` is replaced whole."""
+    the parent. A folder that already stands at ``path`` is replaced whole, or with ``replace=False`` kept (a
+    cache another process filled with the same content first; readers may be using it)."""
     if folder:
+        if path.exists() and not replace:
+            return path
         for p in tmp.rglob("*"):
             fsync_path(p)
         os.chmod(tmp, _umask_mode(folder=True))
@@ -62,7 +65,12 @@ def commit(tmp: Path, path: Path, folder: bool = False) -> Path:
     else:
         os.chmod(tmp, _umask_mode())
     fsync_path(tmp)
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        if folder and not replace and path.exists():  # the other builder won the race
+            return path
+        raise
     fsync_path(path.parent)
     return path
 
@@ -103,12 +111,13 @@ def open_atomic(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
 
 
 @contextlib.contextmanager
-def folder_atomic(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """A temporary folder to fill; on a clean exit it replaces ``path`` whole, otherwise it is removed."""
+def folder_atomic(path: str | os.PathLike[str], replace: bool = True) -> Iterator[Path]:
+    """A temporary folder to fill; on a clean exit it replaces ``path`` whole (or, with ``replace=False``, is
+    dropped when ``path`` already exists), otherwise it is removed."""
     path = Path(path)
     tmp = temp_path(path, folder=True)
     try:
         yield tmp
-        commit(tmp, path, folder=True)
+        commit(tmp, path, folder=True, replace=replace)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

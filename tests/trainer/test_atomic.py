@@ -50,3 +50,13 @@ def test_folder_replaced_whole_or_not_at_all(tmp_path: Path) -> None:
     with atomic.folder_atomic(tmp_path / "s") as d:
         (d / "c").write_text("3")
     assert [p.name for p in (tmp_path / "s").iterdir()] == ["c"]
+
+
+def test_folder_cache_keeps_what_another_builder_put_there_first(tmp_path: Path) -> None:
+    target = tmp_path / "cache" / "model"
+    with atomic.folder_atomic(target, replace=False) as tmp:
+        (tmp / "a.json").write_text("first")
+    with atomic.folder_atomic(target, replace=False) as tmp:
+        (tmp / "a.json").write_text("second")  # a concurrent builder finishing later
+    assert (target / "a.json").read_text() == "first"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["model"]  # its temporary folder is gone
