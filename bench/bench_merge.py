@@ -39,7 +39,7 @@ def sdxl_linear_shapes() -> list[tuple[str, int, int]]:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from trainer.models.base import CONFIGS_DIR
+    from trainer.format.checkpoint import CONFIGS_DIR
     from trainer.network.targets import lora_targets
 
     d = CONFIGS_DIR / "sdxl"

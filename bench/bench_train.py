@@ -68,7 +68,9 @@ def build_full_base(name: str, device: str) -> Any:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from trainer.models.base import CONFIGS_DIR, BaseModel, arch_of_config_dir, build_local_tokenizer
+    from trainer.format.checkpoint import CONFIGS_DIR
+    from trainer.models.base import BaseModel, arch_of_config_dir
+    from trainer.models.tokenizers import build_local_tokenizer
 
     folder = CONFIGS_DIR / name
     arch = arch_of_config_dir(folder)

@@ -17,9 +17,9 @@ from bot.lorafile import (
     check_shapes_match,
     inspect_bytes,
     inspect_file,
-    keys_arch,
     tag_prompt,
 )
+from trainer.format.checkpoint import checkpoint_arch as keys_arch
 
 SIZES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I64": 8}
 SD1_Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"

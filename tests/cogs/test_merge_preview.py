@@ -34,7 +34,7 @@ GRID_STEPS = 2  # the tiny models draw noise anyway; few steps keep the tests fa
 def _random_lora(base: Any, rank: int, seed: int, name: str, base_name: str) -> tuple[dict, dict]:
     import torch
 
-    from trainer.format.kohya import build_metadata
+    from trainer.format.metadata import build_metadata
     from trainer.network.targets import lora_targets
 
     g = torch.Generator().manual_seed(seed)
@@ -55,7 +55,7 @@ def lora_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     import torch
 
     from trainer.format.kohya import save_kohya
-    from trainer.models.base import load_base
+    from trainer.models.load import load_base
     from trainer.models.single_file import materialize_tiny_single_file
 
     torch.set_num_threads(1)

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 torch.set_num_threads(1)
 
+from trainer.format.checkpoint import CONFIGS_DIR  # noqa: E402
 from trainer.format.names import (  # noqa: E402
     UNET_PREFIX,
     checkpoint_key_map,
@@ -26,7 +27,10 @@ from trainer.format.names import (  # noqa: E402
     to_original_state_dict,
 )
 from trainer.models import single_file as ck  # noqa: E402
-from trainer.models.base import CONFIGS_DIR, TINY_MODELS, BaseModel, load_base  # noqa: E402
+from trainer.models import tokenizers as tk  # noqa: E402
+from trainer.models.base import BaseModel  # noqa: E402
+from trainer.models.builtin import TINY_MODELS  # noqa: E402
+from trainer.models.load import load_base  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -303,7 +307,7 @@ def test_clip_tokenizer_from_bpe_file(tmp_path: Path) -> None:
     bpe = tmp_path / "bpe_simple_vocab_16e6.txt.gz"
     with gzip.open(bpe, "wt", encoding="utf-8") as f:
         f.write("#version: 0.2\nh e\nhe l\nhel l\nhell o</w>\n")
-    tok = ck.build_clip_tokenizer(bpe_path=bpe)
+    tok = tk.build_clip_tokenizer(bpe_path=bpe)
     assert len(tok) == 512 + 4 + 2
     hello = tok.convert_tokens_to_ids("hello</w>")
     assert hello == 512 + 3
@@ -311,8 +315,8 @@ def test_clip_tokenizer_from_bpe_file(tmp_path: Path) -> None:
 
 
 def test_clip_tokenizer_fallback_keeps_real_ids(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ck, "find_clip_bpe", lambda: None)
-    tok = ck.build_clip_tokenizer(pad_token="!")
+    monkeypatch.setattr(tk, "find_clip_bpe", lambda: None)
+    tok = tk.build_clip_tokenizer(pad_token="!")
     assert len(tok) == 49408
     assert tok.bos_token_id == 49406 and tok.eos_token_id == 49407 and tok.pad_token_id == 0
     assert tok("a").input_ids == [49406, tok.convert_tokens_to_ids("a</w>"), 49407]
@@ -323,7 +327,8 @@ def test_diffusers_folder_with_pickle_weights_is_refused_unread(tmp_path: Path) 
     """A diffusers folder holding only .bin (pickle) weights is refused without torch.load ever running."""
     import shutil
 
-    from trainer.models.base import ModelError, load_diffusers_folder, tiny_model_dir
+    from trainer.models.base import ModelError, load_diffusers_folder
+    from trainer.models.builtin import tiny_model_dir
 
     folder = tmp_path / "pickled"
     shutil.copytree(tiny_model_dir("tiny-sd15"), folder)

@@ -102,7 +102,7 @@ def test_order_is_a_function_of_seed_and_position() -> None:
 
 
 def test_latent_cache_flip_and_sdxl_conditioning(tmp_path: Path, dataset_factory, make_spec) -> None:
-    from trainer.models.base import load_base
+    from trainer.models.load import load_base
 
     folder = dataset_factory(tmp_path / "imgs", n=1, size=(100, 200))
     spec = make_spec(folder, base_model="tiny-sdxl", data={"resolution": 64, "random_flip": True})
@@ -128,7 +128,7 @@ def test_latent_cache_flip_and_sdxl_conditioning(tmp_path: Path, dataset_factory
 
 
 def test_sd1_text_is_last_hidden_state() -> None:
-    from trainer.models.base import load_base
+    from trainer.models.load import load_base
 
     base = load_base("tiny-sd15")
     hidden, pooled = encode_text(base, ["a", "b"], "cpu")

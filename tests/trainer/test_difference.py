@@ -85,7 +85,7 @@ def _loss(base: Any, image_dir: Path) -> float:
 
 def test_copier_then_difference(full_run: dict[str, Any]) -> None:
     from trainer.format.kohya import read_kohya
-    from trainer.models.base import load_base
+    from trainer.models.load import load_base
     from trainer.network.lora import LoraNetwork, apply_kohya_file
 
     job, out, events = full_run["job"], full_run["outputs"], full_run["events"]

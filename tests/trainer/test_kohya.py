@@ -19,16 +19,17 @@ torch.set_num_threads(1)
 from diffusers import UNet2DConditionModel  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
 
-from trainer.format.kohya import (  # noqa: E402
-    LoraFileError,
-    build_metadata,
+from trainer.format.checkpoint import CONFIGS_DIR  # noqa: E402
+from trainer.format.kohya import LoraFileError, delta_weight, read_kohya, save_kohya  # noqa: E402
+from trainer.format.metadata import build_metadata  # noqa: E402
+from trainer.models.load import load_base  # noqa: E402
+from trainer.network.targets import (  # noqa: E402
+    block_of_kohya_name,
+    block_slots,
     check_compatible,
-    delta_weight,
-    read_kohya,
-    save_kohya,
+    lora_targets,
+    parse_blocks,
 )
-from trainer.models.base import CONFIGS_DIR, load_base  # noqa: E402
-from trainer.network.targets import block_of_kohya_name, block_slots, lora_targets, parse_blocks  # noqa: E402
 
 SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 

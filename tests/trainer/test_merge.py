@@ -17,7 +17,8 @@ from safetensors import safe_open  # noqa: E402
 
 import trainer.jobs.merge as merge_mod  # noqa: E402
 from trainer.events import JobFailed  # noqa: E402
-from trainer.format.kohya import build_metadata, delta_weight, read_kohya, save_kohya  # noqa: E402
+from trainer.format.kohya import delta_weight, read_kohya, save_kohya  # noqa: E402
+from trainer.format.metadata import build_metadata  # noqa: E402
 from trainer.jobs.merge import (  # noqa: E402
     MergeError,
     merge_into_checkpoint,
@@ -259,7 +260,7 @@ def sd15_file():
 
 def test_checkpoint_merge_renders_like_runtime_lora(sd15_file, tmp_path):
     from trainer.infer.sample import build_pipeline, render_image
-    from trainer.models.base import load_base
+    from trainer.models.load import load_base
     from trainer.network.lora import apply_kohya_file
 
     base = load_base(sd15_file)
@@ -286,7 +287,7 @@ def test_checkpoint_merge_renders_like_runtime_lora(sd15_file, tmp_path):
 
 
 def test_sdxl_checkpoint_merge_hits_te2_in_proj_slices(tmp_path):
-    from trainer.models.base import load_base
+    from trainer.models.load import load_base
     from trainer.models.single_file import materialize_tiny_single_file
 
     src = materialize_tiny_single_file("tiny-sdxl")
@@ -307,7 +308,7 @@ def test_sdxl_checkpoint_merge_hits_te2_in_proj_slices(tmp_path):
 # --- the job ------------------------------------------------------------------------------------
 
 def test_merge_job_writes_lora_and_grid(tmp_path):
-    from trainer.models.base import load_base
+    from trainer.models.load import load_base
 
     base = load_base("tiny-sd15")
     paths = []
@@ -340,7 +341,7 @@ def test_merge_job_writes_lora_and_grid(tmp_path):
 
 
 def test_checkpoint_merge_job(sd15_file, tmp_path):
-    from trainer.models.base import load_base
+    from trainer.models.load import load_base
 
     lora = tmp_path / "l.safetensors"
     save_kohya(lora, tiny_lora_for(load_base(sd15_file)), {})

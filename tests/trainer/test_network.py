@@ -12,8 +12,10 @@ from safetensors.torch import load_file  # noqa: E402
 
 torch.set_num_threads(1)
 
-from trainer.format.kohya import build_metadata, read_kohya  # noqa: E402
-from trainer.models.base import BaseModel, load_base  # noqa: E402
+from trainer.format.kohya import read_kohya  # noqa: E402
+from trainer.format.metadata import build_metadata  # noqa: E402
+from trainer.models.base import BaseModel  # noqa: E402
+from trainer.models.load import load_base  # noqa: E402
 from trainer.network.lora import (  # noqa: E402
     LoraNetwork,
     NetworkStateError,

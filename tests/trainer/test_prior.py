@@ -121,7 +121,7 @@ def test_explicit_dir_without_prompt(tmp_path: Path) -> None:
 
 def test_default_render_with_tiny_sd15(tmp_path: Path) -> None:
     torch.set_num_threads(1)
-    from trainer.models.base import load_base
+    from trainer.models.load import load_base
 
     base = load_base("tiny-sd15")
     concept = Concept(image_dir=str(tmp_path), class_prompt="girl", class_count=3)

@@ -24,7 +24,7 @@ from trainer.infer.sample import (  # noqa: E402
     render_with_network,
     run_preview_job,
 )
-from trainer.models.base import load_base  # noqa: E402
+from trainer.models.load import load_base  # noqa: E402
 from trainer.network.targets import lora_targets  # noqa: E402
 from trainer.spec import GridSpec, SamplePrompt, parse_job  # noqa: E402
 

@@ -33,7 +33,7 @@ from trainer.train.optim import build_optimizer, build_scheduler, resolve_schedu
 
 def _fixed_noise_losses(spec, lora: str) -> tuple[float, float]:
     """Denoising loss on the training images at fixed noise/timesteps: base alone, then base + the LoRA file."""
-    from trainer.models.base import load_base
+    from trainer.models.load import load_base
     from trainer.network.lora import apply_kohya_file
 
     base = load_base(spec.base_model)

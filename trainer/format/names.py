@@ -14,8 +14,10 @@ Public API (used by trainer.models.single_file for saving and by the LoRA -> che
 - ``diffusers_to_original_unet_key(name, layers_per_block=2, up_block_has_attention=None, prefix=UNET_PREFIX)``:
   a diffusers UNet parameter name OR module path (``down_blocks.1.attentions.0.proj_in``) -> original name.
   With ``prefix=""`` it gives the SGM module path kohya uses for SDXL LoRA names
-  (``input_blocks.4.1.proj_in`` -> ``lora_unet_input_blocks_4_1_proj_in``).
+  (``input_blocks.4.1.proj_in`` -> ``lora_unet_input_blocks_4_1_proj_in``); ``trainer.network.targets`` names
+  and places every LoRA module with it, so checkpoints and LoRA files share this one table.
   ``up_block_has_attention`` (one bool per up block) is needed only for upsampler names.
+- ``unet_layout(unet)``: (layers_per_block, up_block_has_attention) of a diffusers UNet, from its config.
 - ``unet_key_map(unet)``, ``vae_key_map(vae)``, ``text_encoder_key_map(te, prefix, openclip)``: every
   ``state_dict()`` name of the module -> ``OrigKey`` (full key, prefix included).
 - ``checkpoint_key_map(model)``: ``{"unet.<name>" | "vae.<name>" | "text_encoder.<name>" | "text_encoder_2.<name>": OrigKey}``
@@ -35,17 +37,10 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from trainer.format.checkpoint import TEXT_ENCODER_PREFIXES, UNET_PREFIX, VAE_PREFIX
+
 if TYPE_CHECKING:
     from trainer.models.base import BaseModel
-
-UNET_PREFIX = "model.diffusion_model."
-VAE_PREFIX = "first_stage_model."
-# (prefix, OpenCLIP layout?) per text encoder, in BaseModel.text_encoders order.
-TEXT_ENCODER_PREFIXES: dict[str, list[tuple[str, bool]]] = {
-    "sd1": [("cond_stage_model.transformer.text_model.", False)],
-    "sd2": [("cond_stage_model.model.", True)],
-    "sdxl": [("conditioner.embedders.0.transformer.text_model.", False), ("conditioner.embedders.1.model.", True)],
-}
 
 Kind = Literal["copy", "T", "conv1x1"]
 
@@ -138,12 +133,18 @@ def diffusers_to_original_unet_key(
     raise KeyError(f"no original-layout name for UNet parameter {name!r}")
 
 
-def unet_key_map(unet: torch.nn.Module, prefix: str = UNET_PREFIX) -> dict[str, OrigKey]:
+def unet_layout(unet: torch.nn.Module) -> tuple[int, list[bool]]:
+    """(layers_per_block, up_block_has_attention) from the UNet's config; a per-block list of layer counts has
+    no original-layout equivalent (ValueError)."""
     cfg = unet.config  # type: ignore[attr-defined]
     lpb = cfg.layers_per_block
     if not isinstance(lpb, int):
         raise ValueError("per-block layers_per_block has no original-layout equivalent")
-    has_attn = ["CrossAttn" in t for t in cfg.up_block_types]
+    return lpb, ["CrossAttn" in t for t in cfg.up_block_types]
+
+
+def unet_key_map(unet: torch.nn.Module, prefix: str = UNET_PREFIX) -> dict[str, OrigKey]:
+    lpb, has_attn = unet_layout(unet)
     return {
         name: OrigKey(diffusers_to_original_unet_key(name, lpb, has_attn, prefix))
         for name in unet.state_dict()

@@ -22,16 +22,11 @@ from torch import nn
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from trainer.events import EventSink, JobCancelled, JobFailed, StopCheck, event, never_stop, null_sink  # noqa: E402
-from trainer.format.kohya import (  # noqa: E402
-    KohyaLora,
-    LoraFileError,
-    check_compatible,
-    delta_weight,
-    read_kohya,
-    resolve_lora_path,
-)
+from trainer.format.kohya import KohyaLora, LoraFileError, delta_weight, read_kohya, resolve_lora_path
 from trainer.infer.grid import save_png, strength_seed_grid  # noqa: E402
-from trainer.models.base import BaseModel, load_base  # noqa: E402
+from trainer.models.base import BaseModel  # noqa: E402
+from trainer.models.load import load_base  # noqa: E402
+from trainer.network.targets import check_compatible
 from trainer.spec import GridSpec, PreviewSpec, SamplePrompt  # noqa: E402
 
 if TYPE_CHECKING:

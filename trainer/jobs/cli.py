@@ -53,7 +53,7 @@ def describe_lora(lora: Any, path: Path) -> str:
     """A short human summary of a checked kohya LoRA: what it is for, what it trains, at which ranks."""
     from collections import Counter
 
-    from trainer.format.kohya import file_model_hash
+    from trainer.format.metadata import file_model_hash
 
     mods = lora.modules.values()
     parts = Counter(name.split("_", 2)[1] if name.startswith("lora_te") else "unet" for name in lora.modules)

@@ -85,7 +85,7 @@ def run_demo(out: Path, steps: int = DEMO_STEPS, device: str | None = "cpu",
     from trainer.data.dataset import TrainData
     from trainer.events import null_sink
     from trainer.jobs.runner import run_job
-    from trainer.models.base import load_base
+    from trainer.models.load import load_base
     from trainer.network.lora import apply_kohya_file
     from trainer.train.loop import eval_denoise_loss
 

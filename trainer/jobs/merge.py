@@ -32,18 +32,17 @@ from typing import Any, Literal
 import torch
 
 from trainer.events import EventSink, JobCancelled, JobFailed, StopCheck, event, never_stop, null_sink
+from trainer.format.header import ARCH_NAMES
 from trainer.format.kohya import (
-    ARCH_NAMES,
-    BASE_MODEL_VERSION,
     KohyaLora,
     LoraFileError,
-    check_compatible,
     delta_weight,
     read_kohya,
     resolve_lora_path,
     save_kohya,
 )
-from trainer.network.targets import block_of_kohya_name, block_slots
+from trainer.format.metadata import BASE_MODEL_VERSION
+from trainer.network.targets import block_of_kohya_name, block_slots, check_compatible
 from trainer.spec import MergeSpec
 
 Rank = int | Literal["auto"]
@@ -350,7 +349,7 @@ def merge_into_checkpoint(base: Any, loras: Sequence[tuple[Any, float]], out_pat
     src = None if _is_base_model(base) else _resolve_base_path(base, models_dir)
     if src is not None and src.is_file():
         return _merge_into_single_file(src, loras, out_path, half)
-    from trainer.models.base import load_base
+    from trainer.models.load import load_base
 
     model = base if src is None else load_base(src)
     for lora_src, strength in loras:
@@ -374,7 +373,7 @@ def _is_base_model(obj: Any) -> bool:
 
 
 def _resolve_base_path(ref: Any, models_dir: Path | None) -> Path:
-    from trainer.models.base import resolve_model_ref
+    from trainer.models.load import resolve_model_ref
 
     return resolve_model_ref(str(ref), models_dir)
 
@@ -497,7 +496,7 @@ def run_merge_job(spec: MergeSpec, job_dir: Path, on_event: EventSink = null_sin
     try:
         arch = check_same_arch(loras)
         if spec.base_model:
-            from trainer.models.base import resolve_model_ref
+            from trainer.models.load import resolve_model_ref
 
             base_path = resolve_model_ref(spec.base_model, models_dir)
             skeleton = checkpoint_skeleton(base_path)  # shapes only: no weights read for the checks

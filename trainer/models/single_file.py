@@ -1,7 +1,7 @@
 """Single-file checkpoints as AUTOMATIC1111 keeps them (original LDM/SGM layout, .safetensors only).
 
 Public API:
-- ``load_single_file(path, dtype=torch.float32, prediction_type=None) -> BaseModel``: what ``trainer.models.base.load_base``
+- ``load_single_file(path, dtype=torch.float32, prediction_type=None) -> BaseModel``: what ``trainer.models.load.load_base``
   calls for files. Safetensors only: ``.ckpt/.pt/.pth/.bin`` and any pickle/zip (torch.save) content are refused
   unread, since unpickling can run code. The architecture comes from the keys, the config folder from the tensor
   shapes (full-size ``trainer/configs/{sd15,sd2,sdxl}`` first, then the tiny ones); diffusers' own single-file
@@ -10,69 +10,57 @@ Public API:
   ``modelspec.prediction_type`` metadata or SDXL ``v_pred`` marker key wins over the default, and the
   argument (the job spec's ``prediction_type``) wins over both. ``model.extra["prediction_type_source"]`` says which.
 - ``save_single_file(model, path, half=False, metadata=None, keep_source_keys=True) -> Path``: the inverse, which
-  diffusers does not ship: writes the original layout atomically (temp file + ``os.replace``). Keys of the model's
+  diffusers does not ship: writes the original layout atomically (``trainer.atomic``). Keys of the model's
   own source file that diffusers does not load (SD2's last OpenCLIP block and ``text_projection``, ``logit_scale``,
   ...) are copied through unchanged; EMA weights are dropped.
-- ``read_safetensors_header(path) -> (tensors, metadata)``: validated header (no tensor data read).
-- ``detect_arch(keys) -> Arch``; ``describe_non_checkpoint(keys) -> str``.
+- ``read_safetensors_header(path) -> (tensors, metadata)``: the header checked by ``trainer.format.header`` (the
+  one parser; no tensor data read), with pickle suffixes refused unread.
+- ``detect_arch(keys) -> Arch`` (from ``trainer.format.checkpoint``'s key facts, or a CheckpointError saying what
+  the file is instead); ``select_config(arch, tensors) -> Path``.
 - ``materialize_tiny_single_file(name) -> Path``: a tiny model as one .safetensors (cached next to its folder).
-- ``build_clip_tokenizer(pad_token="<|endoftext|>", bpe_path=None)``: the real 49,408-token CLIP tokenizer from
-  open_clip's ``bpe_simple_vocab_16e6.txt.gz`` when present, else a byte-level one with the same special-token ids.
-- Key mapping for merges lives in ``trainer.format.names`` (``checkpoint_key_map``, ``diffusers_to_original_unet_key``...).
+- Key mapping for merges lives in ``trainer.format.names`` (``checkpoint_key_map``, ``diffusers_to_original_unet_key``...);
+  tokenizers in ``trainer.models.tokenizers``.
 """
 
 from __future__ import annotations
 
 import functools
-import gzip
 import json
-import logging
-import os
 import shutil
-import struct
-import sys
-import tempfile
-import uuid
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers.utils import logging as dlogging
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # noqa: E402
-from diffusers.utils import logging as dlogging  # noqa: E402
-from safetensors import safe_open  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
-
-from trainer.format.names import (  # noqa: E402
-    TEXT_ENCODER_PREFIXES,
-    UNET_PREFIX,
-    to_original_state_dict,
-    unet_key_map,
-)
-from trainer.models.base import (  # noqa: E402
+from trainer.atomic import folder_atomic, write_with
+from trainer.format.checkpoint import (
     CONFIGS_DIR,
     FULL_CONFIGS,
-    Arch,
-    BaseModel,
-    ModelError,
-    _bytes_to_unicode,
-    build_local_tokenizer,
-    cache_root,
-    load_diffusers_folder,
-    tiny_model_dir,
+    TEXT_ENCODER_PREFIXES,
+    TINY_CONFIGS,
+    UNET_PREFIX,
+    VAE_PREFIX,
+    checkpoint_arch,
+    describe_non_checkpoint,
 )
+from trainer.format.header import (
+    ARCH_NAMES,
+    PICKLE_SUFFIXES,
+    Arch,
+    HeaderError,
+    pickle_refusal,
+    read_file_header,
+)
+from trainer.format.names import to_original_state_dict, unet_key_map
+from trainer.models.base import BaseModel, ModelError, cache_root, load_diffusers_folder
+from trainer.models.builtin import tiny_model_dir
+from trainer.models.tokenizers import tokenizers_for
 
-log = logging.getLogger(__name__)
-
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # real SDXL headers are ~200 KB; anything near this is garbage
-_COMPONENT_PREFIXES = (UNET_PREFIX, "first_stage_model.", "cond_stage_model.", "conditioner.")
-TINY_CONFIGS = {"sd1": "tiny-sd15", "sd2": "tiny-sd2", "sdxl": "tiny-sdxl"}
-ARCH_LABEL = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
-_ST_DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "U16", "U32", "U64", "BOOL",
-              "F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2", "C64"}
+_COMPONENT_PREFIXES = (UNET_PREFIX, VAE_PREFIX, "cond_stage_model.", "conditioner.")
 
 
 class CheckpointError(ModelError):
@@ -81,107 +69,28 @@ class CheckpointError(ModelError):
 
 # --- reading safely ----------------------------------------------------------------------------
 
-def _pickle_refusal(path: Path, what: str) -> CheckpointError:
-    return CheckpointError(
-        f"{path.name} is {what}. loraforge never unpickles files: unpickling can run any code hidden in the file. "
-        "Convert it to .safetensors first: load it once in an environment you trust and save it with safetensors "
-        "(safetensors.torch.save_file(state_dict, 'model.safetensors')), or use AUTOMATIC1111's Checkpoint Merger "
-        "with checkpoint format 'safetensors'; then use the .safetensors file."
-    )
-
-
 def read_safetensors_header(path: str | Path) -> tuple[dict[str, dict], dict[str, str]]:
     """The tensor table and metadata of a .safetensors file, after checking it is one (never unpickles)."""
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise _pickle_refusal(path, f"a pickle-based checkpoint ({path.suffix})")
-    invalid = f"{path.name} is not a valid .safetensors file"
+        raise CheckpointError(pickle_refusal(path.name, f"a pickle-based checkpoint ({path.suffix})"))
     try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            head = f.read(8)
-            # Sniff torch.save output before anything else: a zip archive or a raw pickle stream.
-            if head.startswith(b"PK\x03\x04"):
-                raise _pickle_refusal(path, "a torch.save zip archive holding a pickle, not a safetensors file")
-            if len(head) >= 2 and head[0] == 0x80 and 1 <= head[1] <= 5:
-                raise _pickle_refusal(path, "a pickle stream, not a safetensors file")
-            if len(head) < 8:
-                raise CheckpointError(f"{invalid} (only {size} bytes): re-download or re-export it")
-            (n,) = struct.unpack("<Q", head)
-            if n < 2 or n > MAX_HEADER_BYTES or n > size - 8:
-                raise CheckpointError(f"{invalid} (header length {n} does not fit a {size}-byte file): "
-                                      "it is truncated or not a safetensors file")
-            raw = f.read(n)
-    except OSError as e:
-        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from e
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{invalid} (its header is not JSON): it is damaged or another format") from e
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{invalid} (its header is not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise CheckpointError(f"{invalid} (its __metadata__ is not an object)")
-    data_size = size - 8 - n
-    for name, info in header.items():
-        ok = (
-            isinstance(info, dict)
-            and info.get("dtype") in _ST_DTYPES
-            and isinstance(info.get("shape"), list)
-            and isinstance(info.get("data_offsets"), list)
-            and len(info["data_offsets"]) == 2
-            and all(isinstance(o, int) for o in info["data_offsets"])
-        )
-        if not ok:
-            raise CheckpointError(f"{invalid} (bad entry for tensor {name!r})")
-        start, end = info["data_offsets"]
-        if not 0 <= start <= end or end > data_size:
-            raise CheckpointError(f"{invalid}: it is truncated (tensor {name!r} ends at byte {end} of the data, "
-                                  f"which has {data_size}); re-download or re-export it")
-    return header, {str(k): str(v) for k, v in metadata.items()}
+        header, metadata, _ = read_file_header(path)
+    except HeaderError as e:
+        raise CheckpointError(str(e)) from None
+    return header, metadata
 
 
 # --- telling what a file is --------------------------------------------------------------------
 
-def describe_non_checkpoint(keys: list[str]) -> str:
-    """A short guess at what a file that is not an SD checkpoint holds."""
-    ks = set(keys)
-    if any(s in k for k in ks for s in ("lora_down", "lora_up", "lora_A", "lora_B", "hada_w1", "lokr_w1", "oft_")):
-        return "a LoRA/LyCORIS network; use it as a LoRA (for /merge or /preview), not as a base model"
-    if ks and all(k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "first_stage_model."))
-                  for k in ks):
-        return "a VAE alone; base models need the UNet and text encoder(s) too"
-    if ks & {"emb_params", "clip_l", "clip_g", "string_to_param", "string_to_token"}:
-        return "a textual-inversion embedding"
-    if any(k.startswith(("control_model.", "controlnet_")) for k in ks):
-        return "a ControlNet"
-    if any(k.startswith(("joint_blocks.", "double_blocks.", "model.diffusion_model.joint_blocks.",
-                         "model.diffusion_model.double_blocks.")) for k in ks):
-        return "an SD3/Flux-family model, which loraforge does not train"
-    if "conv_in.weight" in ks and any(k.startswith("down_blocks.") for k in ks):
-        return "a diffusers-format UNet weights file; pass the whole diffusers model folder instead"
-    if any(k.startswith("conditioner.embedders.0.model.") for k in ks):
-        return "an SDXL refiner, which is not a base model for LoRA training"
-    sample = ", ".join(sorted(ks)[:3]) or "no tensors"
-    return f"something unknown (first keys: {sample})"
-
-
 def detect_arch(keys: list[str] | set[str]) -> Arch:
     """SD1.x / SD2.x / SDXL from the original-layout key names, or a CheckpointError saying what the file is."""
     ks = set(keys)
-    has_unet = UNET_PREFIX + "input_blocks.0.0.weight" in ks
-    arch: Arch | None = None
-    if UNET_PREFIX + "label_emb.0.0.weight" in ks and any(k.startswith("conditioner.embedders.1.model.") for k in ks):
-        arch = "sdxl"
-    elif any(k.startswith("cond_stage_model.model.") for k in ks):
-        arch = "sd2"
-    elif any(k.startswith("cond_stage_model.transformer.") for k in ks):
-        arch = "sd1"
-    if arch is None or not has_unet:
-        raise CheckpointError(f"this is not a Stable Diffusion checkpoint (it looks like {describe_non_checkpoint(list(ks))})")
-    if not any(k.startswith("first_stage_model.") for k in ks):
-        raise CheckpointError(f"this {ARCH_LABEL[arch]} checkpoint has no VAE (first_stage_model.*); "
+    arch = checkpoint_arch(ks)
+    if arch is None or UNET_PREFIX + "input_blocks.0.0.weight" not in ks:
+        raise CheckpointError(f"this is not a Stable Diffusion checkpoint (it looks like {describe_non_checkpoint(ks)})")
+    if not any(k.startswith(VAE_PREFIX) for k in ks):
+        raise CheckpointError(f"this {ARCH_NAMES[arch]} checkpoint has no VAE (first_stage_model.*); "
                               "bake a VAE into it (e.g. with A1111's checkpoint merger) or use a diffusers folder")
     return arch
 
@@ -228,7 +137,7 @@ def select_config(arch: Arch, tensors: dict[str, dict]) -> Path:
     w = _widths(tensors)
     if w["in_channels"] not in (None, 4):
         kind = {9: "an inpainting", 8: "an instruct-pix2pix"}.get(w["in_channels"] or 0, "a non-standard")
-        raise CheckpointError(f"this is {kind} {ARCH_LABEL[arch]} checkpoint (UNet takes {w['in_channels']} input "
+        raise CheckpointError(f"this is {kind} {ARCH_NAMES[arch]} checkpoint (UNet takes {w['in_channels']} input "
                               "channels); LoRA training needs a standard text-to-image base model")
     tried = []
     for name in (FULL_CONFIGS[arch], TINY_CONFIGS[arch]):
@@ -243,63 +152,10 @@ def select_config(arch: Arch, tensors: dict[str, dict]) -> Path:
             return folder
         tried.append(f"{name}: {len(bad)} mismatched tensors, e.g. {bad[0]}")
     raise CheckpointError(
-        f"this {ARCH_LABEL[arch]} checkpoint (context dim {w['context_dim']}, model channels {w['model_channels']}) "
-        f"does not match the {ARCH_LABEL[arch]} layouts loraforge knows ({'; '.join(tried)}); "
+        f"this {ARCH_NAMES[arch]} checkpoint (context dim {w['context_dim']}, model channels {w['model_channels']}) "
+        f"does not match the {ARCH_NAMES[arch]} layouts loraforge knows ({'; '.join(tried)}); "
         "only the standard base architectures (SD1.5, SD2.x-768, SDXL base) are supported"
     )
-
-
-# --- tokenizers --------------------------------------------------------------------------------
-
-CLIP_VOCAB = 49408
-_N_MERGES = 49152 - 256 - 2  # open_clip's SimpleTokenizer keeps this many merges (48894)
-
-
-def find_clip_bpe() -> Path | None:
-    """open_clip's BPE file, if the open_clip_torch wheel is installed (found without importing open_clip)."""
-    env = os.environ.get("LORAFORGE_CLIP_BPE")
-    if env and Path(env).is_file():
-        return Path(env)
-    for entry in sys.path:
-        p = Path(entry or ".") / "open_clip" / "bpe_simple_vocab_16e6.txt.gz"
-        if p.is_file():
-            return p
-    return None
-
-
-def build_clip_tokenizer(pad_token: str = "<|endoftext|>", bpe_path: Path | None = None) -> CLIPTokenizer:
-    """The CLIP tokenizer full-size models need, built offline.
-
-    With open_clip's BPE file: exactly CLIP's vocabulary (256 byte chars, the same + '</w>', the first 48,894
-    merges joined, then the two special tokens). Without it: byte-level tokens at the same ids (CLIP's first 512 ids
-    are exactly those) padded to 49,408 so special ids match; prompts are then tokenized byte-wise (a warning says so).
-    """
-    chars = _bytes_to_unicode()
-    vocab_list = chars + [c + "</w>" for c in chars]
-    bpe_path = bpe_path or find_clip_bpe()
-    merges: list[tuple[str, str]] = []
-    if bpe_path is not None:
-        lines = gzip.open(bpe_path, "rt", encoding="utf-8").read().split("\n")[1 : _N_MERGES + 1]
-        merges = [tuple(line.split()) for line in lines if line.strip()]  # type: ignore[misc]
-        vocab_list += ["".join(m) for m in merges]
-    else:
-        log.warning("open_clip's bpe_simple_vocab_16e6.txt.gz was not found (pip install --no-deps open_clip_torch): "
-                    "prompts will be tokenized byte-wise, which full-size models understand poorly")
-        vocab_list += [f"<|unused{i}|>" for i in range(CLIP_VOCAB - 2 - len(vocab_list))]
-    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {t: i for i, t in enumerate(vocab_list)}
-    tok = CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token)
-    tok.model_max_length = 77
-    return tok
-
-
-def _tokenizers(arch: Arch, config_name: str) -> list[CLIPTokenizer]:
-    if config_name.startswith("tiny-"):
-        return [build_local_tokenizer() for _ in TEXT_ENCODER_PREFIXES[arch]]
-    # SD2 and SDXL's OpenCLIP encoder pad with "!" (id 0); CLIP-L pads with <|endoftext|>.
-    pads = {"sd1": ["<|endoftext|>"], "sd2": ["!"], "sdxl": ["<|endoftext|>", "!"]}[arch]
-    bpe = find_clip_bpe()
-    return [build_clip_tokenizer(pad, bpe) for pad in pads]
 
 
 # --- loading -----------------------------------------------------------------------------------
@@ -319,7 +175,7 @@ def _effective_config_dir(config_dir: Path, arch: Arch, tensors: dict[str, dict]
         cfg = _json(config_dir / sub / "config.json")
         rows = _te_vocab_rows(tensors, prefix, openclip)
         if rows is None:
-            raise CheckpointError(f"this {ARCH_LABEL[arch]} checkpoint has no text-encoder token embedding "
+            raise CheckpointError(f"this {ARCH_NAMES[arch]} checkpoint has no text-encoder token embedding "
                                   f"({prefix}...); it is incomplete")
         hidden = _shape(tensors, prefix + ("token_embedding.weight" if openclip else "embeddings.token_embedding.weight"))
         if hidden and hidden[1] != cfg["hidden_size"]:
@@ -333,9 +189,7 @@ def _effective_config_dir(config_dir: Path, arch: Arch, tensors: dict[str, dict]
     dest = cache_root() / "single-file-configs" / f"{config_dir.name}-{tag}"
     if (dest / "model_index.json").exists():
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
-    try:
+    with folder_atomic(dest, replace=False) as tmp:  # a concurrent loader's identical copy may win
         shutil.copytree(config_dir, tmp, dirs_exist_ok=True)
         for sub, rows in patch.items():
             cfg = _json(tmp / sub / "config.json")
@@ -344,13 +198,6 @@ def _effective_config_dir(config_dir: Path, arch: Arch, tensors: dict[str, dict]
                 cfg["bos_token_id"], cfg["eos_token_id"] = rows - 2, rows - 1  # specials close the vocabulary
             cfg["pad_token_id"] = min(cfg.get("pad_token_id", 0), rows - 1)
             (tmp / sub / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        try:
-            os.replace(tmp, dest)
-        except OSError:
-            if not (dest / "model_index.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 
@@ -409,7 +256,7 @@ def load_single_file(path: str | Path, dtype: torch.dtype = torch.float32,
     except CheckpointError:
         raise
     except Exception as e:  # diffusers' own errors are long and name internals: say what failed, keep the cause
-        raise CheckpointError(f"could not load {path.name} as an {ARCH_LABEL[arch]} checkpoint: {e}") from e
+        raise CheckpointError(f"could not load {path.name} as an {ARCH_NAMES[arch]} checkpoint: {e}") from e
     finally:
         dlogging.set_verbosity(verbosity)
         del sd
@@ -421,7 +268,7 @@ def load_single_file(path: str | Path, dtype: torch.dtype = torch.float32,
     pt, pt_source = _prediction_type(arch, metadata, tensors, default_pt, prediction_type)
     sched = DDPMScheduler.from_pretrained(folder / "scheduler", local_files_only=True, prediction_type=pt)
     return BaseModel(arch=arch, name=path.stem, unet=unet, vae=vae, text_encoders=tes,
-                     tokenizers=_tokenizers(arch, config_dir.name), noise_scheduler=sched, source=path,
+                     tokenizers=tokenizers_for(arch, config_dir.name), noise_scheduler=sched, source=path,
                      config_dir=folder,
                      extra={"prediction_type_source": pt_source, "metadata": metadata, "config": config_dir.name})
 
@@ -466,14 +313,7 @@ def save_single_file(model: BaseModel, path: str | Path, half: bool = False, met
         if not isinstance(k, str) or not isinstance(v, str):
             raise CheckpointError(f"safetensors metadata must be str -> str; {k!r} has a {type(v).__name__} value")
         md[k] = v
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        save_file(sd, str(tmp), metadata=md)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_with(path, lambda tmp: save_file(sd, str(tmp), metadata=md))
 
 
 def materialize_tiny_single_file(name: str) -> Path:

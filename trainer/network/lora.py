@@ -27,14 +27,13 @@ from trainer.format.kohya import (
     SUFFIX_UP,
     KohyaLora,
     LoraFileError,
-    check_compatible,
     delta_weight,
     export_state,
     read_kohya,
     save_kohya,
 )
 from trainer.models.base import BaseModel
-from trainer.network.targets import Target, lora_targets, parse_blocks
+from trainer.network.targets import Target, check_compatible, lora_targets, parse_blocks
 
 ADAPTER = "loraforge"
 _REGISTRY_ATTR = "_loraforge_adapters"  # on each model root: adapter name -> {"enabled", "trainable"}

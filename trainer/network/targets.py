@@ -1,4 +1,5 @@
-"""Which modules a LoRA trains, what kohya calls them, and which block each one sits in.
+"""Which modules a LoRA trains, what kohya calls them, which block each one sits in, and which base module
+each module of a LoRA file fits (``check_compatible``).
 
 Everything here reads module attributes only (no weights), so it works on meta-device models too.
 Names follow kohya sd-scripts (see facts.md section 1): SD1/SD2 UNet names are diffusers paths,
@@ -8,14 +9,19 @@ SDXL UNet names are the original SGM paths, text-encoder names always carry `tex
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from torch import nn
 
-Arch = Literal["sd1", "sd2", "sdxl"]
-Kind = Literal["linear", "conv1x1", "conv3x3"]
+from trainer.format.header import ARCH_NAMES, Arch, Kind
+from trainer.format.kohya import KohyaLora, LoraFileError
+from trainer.format.names import diffusers_to_original_unet_key, unet_layout
+
+if TYPE_CHECKING:
+    from trainer.models.base import BaseModel
+
 ModelKey = Literal["unet", "te1", "te2"]
 
 # kohya's LoRA: every Linear / 1x1 conv inside the transformer blocks, and these text-encoder layers.
@@ -26,15 +32,6 @@ UNET_CONV_SUFFIXES = ("conv1", "conv2", "conv_shortcut", "time_emb_proj", "downs
 
 PREFIX_UNET = "lora_unet_"
 TE_PREFIXES: dict[str, tuple[str, ...]] = {"sd1": ("lora_te_",), "sd2": ("lora_te_",), "sdxl": ("lora_te1_", "lora_te2_")}
-ALL_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
-
-# SGM names of the parts of a diffusers ResnetBlock2D.
-_RESNET_TO_SGM = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
-                  "conv_shortcut": "skip_connection", "norm1": "in_layers.0", "norm2": "out_layers.0"}
-# Modules outside the block structure, for files from other trainers that touch them.
-_TOP_TO_SGM = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
-               "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
-               "add_embedding.linear_2": "label_emb.0.2", "conv_out": "out.2", "conv_norm_out": "out.0"}
 
 
 @dataclass(frozen=True)
@@ -117,75 +114,15 @@ def parse_blocks(spec: str | Sequence[str] | None, arch: Arch) -> list[str] | No
 
 # --- naming ------------------------------------------------------------------------------------
 
-def _up_block_has_attentions(unet: nn.Module, i: int) -> bool:
+def sgm_path(path: str, layout: tuple[int, Sequence[bool]] | None) -> str | None:
+    """The SGM (original) module path of a diffusers UNet module path, by the one table in
+    ``trainer.format.names``; None when it has none (or the UNet's layout is not SD's)."""
+    if layout is None:
+        return None
     try:
-        block = unet.up_blocks[i]
-    except (AttributeError, IndexError):
-        return False
-    return len(getattr(block, "attentions", None) or []) > 0
-
-
-def sgm_location(path: str, layers_per_block: int = 2, up_has_attn: Iterable[int] | None = None,
-                 ) -> tuple[str, int | None, str] | None:
-    """Map a diffusers UNet path to (SGM path, sgm index, region) where region is 'in'/'mid'/'out'/'top'.
-
-    `up_has_attn` lists the up-block indices that have attentions (decides the upsampler's SGM slot).
-    Returns None when the path has no SGM counterpart we know.
-    """
-    n_in = layers_per_block + 1  # per block: layers + downsampler (input) / layers (output: n_in layers)
-    m = re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", path)
-    if m:
-        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-        idx = n_in * i + j + 1
-        return f"input_blocks.{idx}.{0 if kind == 'resnets' else 1}.{_resnet_rest(rest, kind)}", idx, "in"
-    m = re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv", path)
-    if m:
-        idx = n_in * int(m[1]) + n_in
-        return f"input_blocks.{idx}.0.op", idx, "in"
-    m = re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", path)
-    if m:
-        kind, j, rest = m[1], int(m[2]), m[3]
-        idx = 1 if kind == "attentions" else 2 * j
-        return f"middle_block.{idx}.{_resnet_rest(rest, kind)}", None, "mid"
-    m = re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", path)
-    if m:
-        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-        idx = n_in * i + j
-        return f"output_blocks.{idx}.{0 if kind == 'resnets' else 1}.{_resnet_rest(rest, kind)}", idx, "out"
-    m = re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv", path)
-    if m:
-        i = int(m[1])
-        idx = n_in * i + layers_per_block
-        has_attn = up_has_attn is None or i in set(up_has_attn)
-        return f"output_blocks.{idx}.{2 if has_attn else 1}.conv", idx, "out"
-    if path in _TOP_TO_SGM:
-        return _TOP_TO_SGM[path], None, "top"
-    return None
-
-
-def _resnet_rest(rest: str, kind: str) -> str:
-    if kind != "resnets":
-        return rest
-    return _RESNET_TO_SGM.get(rest, rest)
-
-
-def _block_from_location(loc: tuple[str, int | None, str] | None, path: str, arch: Arch) -> str:
-    if loc is None:
-        return "BASE"
-    sgm, idx, region = loc
-    if region == "in":
-        return f"IN{idx:02d}"
-    if region == "out":
-        return f"OUT{idx:02d}"
-    if region == "mid":
-        return "MID"
-    # Outside the blocks: conv_in is input_blocks.0 (IN00), conv_out ends the last output block;
-    # the time/label embeddings belong to no block and are counted with BASE.
-    if sgm.startswith("input_blocks.0"):
-        return "IN00"
-    if sgm.startswith("out."):
-        return block_slots(arch)[-1]
-    return "BASE"
+        return diffusers_to_original_unet_key(path, layout[0], layout[1], prefix="")
+    except (KeyError, ValueError, IndexError):
+        return None
 
 
 def te_kohya_path(path: str) -> str:
@@ -234,18 +171,22 @@ def _te_selected(path: str) -> bool:
     return ".layers." in path and any(path.endswith("." + s) for s in TE_SUFFIXES)
 
 
-def _unet_target(path: str, mod: nn.Module, arch: Arch, lpb: int, up_attn: list[int]) -> Target | None:
+def _unet_target(path: str, mod: nn.Module, arch: Arch, layout: tuple[int, list[bool]] | None) -> Target | None:
     k = _kind_of(mod)
     if k is None:
         return None
     kind, fin, fout = k
-    loc = sgm_location(path, lpb, up_attn)
+    sgm = sgm_path(path, layout)
     diffusers_name = PREFIX_UNET + path.replace(".", "_")
-    if arch == "sdxl" and loc is not None:
-        name, aliases = PREFIX_UNET + loc[0].replace(".", "_"), (diffusers_name,)
+    sgm_name = PREFIX_UNET + sgm.replace(".", "_") if sgm is not None else None
+    if arch == "sdxl" and sgm_name is not None:
+        name, aliases = sgm_name, (diffusers_name,)
     else:
         name, aliases = diffusers_name, ()
-    return Target("unet", path, kind, fin, fout, name, _block_from_location(loc, path, arch), aliases)
+    # Outside the blocks: conv_in is input_blocks.0 (IN00), conv_out ends the last output block;
+    # the time/label embeddings belong to no block and are counted with BASE.
+    block = block_of_kohya_name(sgm_name, arch, layout[0]) if sgm_name is not None and layout else "BASE"
+    return Target("unet", path, kind, fin, fout, name, block, aliases)
 
 
 def _te_target(path: str, mod: nn.Module, arch: Arch, te_index: int) -> Target | None:
@@ -282,10 +223,10 @@ def lora_targets(unet: nn.Module | None, text_encoders: Sequence[nn.Module], arc
                     if t is not None:
                         out.append(t)
     if train_unet and unet is not None:
-        lpb, up_attn = _unet_layout(unet)
+        layout = _unet_layout(unet)
         for path, mod in _iter_layers(unet):
             if _unet_selected(path, conv):
-                t = _unet_target(path, mod, arch, lpb, up_attn)
+                t = _unet_target(path, mod, arch, layout)
                 if t is not None:
                     out.append(t)
     if chosen is not None:
@@ -294,12 +235,11 @@ def lora_targets(unet: nn.Module | None, text_encoders: Sequence[nn.Module], arc
     return out
 
 
-def _unet_layout(unet: nn.Module) -> tuple[int, list[int]]:
-    lpb = unet.config.layers_per_block
-    if not isinstance(lpb, int):  # a per-block list: kohya's SGM layout needs one number
-        lpb = int(lpb[0])
-    n_up = len(getattr(unet, "up_blocks", []))
-    return lpb, [i for i in range(n_up) if _up_block_has_attentions(unet, i)]
+def _unet_layout(unet: nn.Module) -> tuple[int, list[bool]] | None:
+    try:
+        return unet_layout(unet)
+    except (AttributeError, ValueError):  # not a diffusers UNet with one layers_per_block: diffusers names only
+        return None
 
 
 def all_module_targets(unet: nn.Module | None, text_encoders: Sequence[nn.Module], arch: Arch) -> dict[str, Target]:
@@ -311,9 +251,9 @@ def all_module_targets(unet: nn.Module | None, text_encoders: Sequence[nn.Module
             if t is not None:
                 _register(out, t)
     if unet is not None:
-        lpb, up_attn = _unet_layout(unet)
+        layout = _unet_layout(unet)
         for path, mod in _iter_layers(unet):
-            t = _unet_target(path, mod, arch, lpb, up_attn)
+            t = _unet_target(path, mod, arch, layout)
             if t is not None:
                 _register(out, t)
     return out
@@ -323,6 +263,46 @@ def _register(out: dict[str, Target], t: Target) -> None:
     out[t.kohya_name] = t
     for a in t.aliases:
         out.setdefault(a, t)  # a real kohya name always wins over an alias
+
+
+# --- fitting a LoRA file to a base -------------------------------------------------------------
+
+def check_compatible(lora: KohyaLora, base: BaseModel) -> dict[str, Target]:
+    """Map every module of the LoRA to a module of the base (shape-checked), or raise LoraFileError."""
+    base_name = f"{ARCH_NAMES.get(base.arch, base.arch)} base model {base.name!r}"
+    if lora.arch is not None and lora.arch != base.arch and {lora.arch, base.arch} != {"sd1", "sd2"}:
+        raise LoraFileError(f"{lora.source} is an {ARCH_NAMES[lora.arch]} LoRA but the base is {base_name}; "
+                            f"pick an {ARCH_NAMES[lora.arch]} base model or a LoRA made for {ARCH_NAMES[base.arch]}")
+    table = all_module_targets(base.unet, base.text_encoders, base.arch)
+    unknown = [n for n in lora.modules if n not in table]
+    if unknown:
+        guess = f" (it looks like an {ARCH_NAMES[lora.arch]} LoRA)" if lora.arch else ""
+        raise LoraFileError(
+            f"{lora.source}: {len(unknown)} of {len(lora.modules)} modules have no matching layer in the "
+            f"{base_name}{guess}, e.g. {', '.join(unknown[:3])}; the LoRA was made for a different architecture — "
+            "use a base model of the kind it was trained on")
+    out: dict[str, Target] = {}
+    used: dict[str, str] = {}
+    for n, m in lora.modules.items():
+        t = table[n]
+        d_in = m.down.shape[1]
+        d_out = m.up.shape[0]
+        ok_kind = m.kind == t.kind or {m.kind, t.kind} == {"linear", "conv1x1"}
+        if not ok_kind or d_in != t.in_features or d_out != t.out_features:
+            hint = ""
+            if lora.arch in ("sd1", "sd2") and base.arch in ("sd1", "sd2") and lora.arch != base.arch:
+                hint = (f" — this is an {ARCH_NAMES[lora.arch]} LoRA and the base is {ARCH_NAMES[base.arch]}; "
+                        "pick a matching base model")
+            raise LoraFileError(
+                f"{lora.source}: {n} is a {m.kind} LoRA {d_in}->{d_out} but the base layer {t.model}.{t.path} is "
+                f"{t.kind} {t.in_features}->{t.out_features}{hint or '; the LoRA was made for a different model'}")
+        key = f"{t.model}:{t.path}"
+        if key in used:
+            raise LoraFileError(f"{lora.source}: {n} and {used[key]} both target {t.model}.{t.path} "
+                                "(the file mixes two naming schemes); re-export it")
+        used[key] = n
+        out[n] = t
+    return out
 
 
 # --- block of a kohya name (any file) ------------------------------------------------------------

@@ -434,7 +434,8 @@ def _copier_original(path: Path) -> tuple[str, str] | None:
 
 
 def _base_for_check(spec: TrainSpec, models_dir: Path | None, device: torch.device) -> Any:
-    from trainer.models.base import ModelError, load_base
+    from trainer.models.base import ModelError
+    from trainer.models.load import load_base
 
     dtype = torch.float32
     if device.type == "cuda":

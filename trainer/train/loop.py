@@ -369,7 +369,8 @@ class Trainer:
     def setup(self) -> None:
         spec = self.spec
         from trainer.data.dataset import class_items, resolve_class_counts, scan_dataset
-        from trainer.models.base import ModelError, load_base
+        from trainer.models.base import ModelError
+        from trainer.models.load import load_base
 
         instance_items = scan_dataset(spec)  # bad folders fail before the model is loaded
         self.concepts = resolve_class_counts(spec, instance_items)
@@ -698,7 +699,7 @@ class Trainer:
     # -- outputs --
 
     def metadata(self, step: int) -> dict[str, str]:
-        from trainer.format.kohya import build_metadata
+        from trainer.format.metadata import build_metadata
 
         spec, net, opt = self.spec, self.spec.network, self.spec.optimizer
         training = {
