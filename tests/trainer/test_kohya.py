@@ -22,8 +22,10 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from trainer.format.checkpoint import CONFIGS_DIR  # noqa: E402
 from trainer.format.kohya import LoraFileError, delta_weight, read_kohya, save_kohya  # noqa: E402
 from trainer.format.metadata import build_metadata  # noqa: E402
+from trainer.format.names import UNET_PREFIX, unet_key_map  # noqa: E402
 from trainer.models.load import load_base  # noqa: E402
 from trainer.network.targets import (  # noqa: E402
+    all_module_targets,
     block_of_kohya_name,
     block_slots,
     check_compatible,
@@ -137,6 +139,36 @@ def test_block_names_agree_everywhere(full_sd15, full_sdxl):
     assert block_of_kohya_name("lora_unet_output_blocks_2_2_conv", "sdxl") == "OUT02"
     assert block_of_kohya_name("lora_unet_up_blocks_0_upsamplers_0_conv", "sd1") == "OUT02"
     assert block_of_kohya_name("lora_unet_down_blocks_1_downsamplers_0_conv", "sd1") == "IN06"
+
+
+def test_lora_names_and_checkpoint_keys_share_one_sgm_map(full_sd15, full_sdxl):
+    """Every Linear/Conv of the full-size UNets: the LoRA side (targets: SDXL kohya names, block slots) and the
+    checkpoint side (names.unet_key_map: where merges add the delta) place it at the same SGM module, upsamplers
+    included (facts.md s.1: output_blocks.{3i+2}.{2 if the block has attentions else 1}.conv)."""
+    for (unet, _), arch in ((full_sd15, "sd1"), (full_sdxl, "sdxl")):
+        keys = unet_key_map(unet)
+        table = {t.path: t for t in all_module_targets(unet, [], arch).values()}
+        # every Linear / 1x1 / 3x3 conv of the UNet, not just the trained ones
+        assert len(table) == sum(isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) for m in unet.modules())
+        for path, t in table.items():
+            sgm = keys[path + ".weight"].key.removeprefix(UNET_PREFIX).removesuffix(".weight")
+            sgm_name = "lora_unet_" + sgm.replace(".", "_")
+            if arch == "sdxl":
+                assert t.kohya_name == sgm_name, path
+            assert t.block == block_of_kohya_name(sgm_name, arch), path
+        ups = [i for i, b in enumerate(unet.up_blocks) if b.upsamplers]
+        assert len(ups) == {"sd1": 3, "sdxl": 2}[arch]
+        for i in ups:
+            slot = 2 if getattr(unet.up_blocks[i], "attentions", None) else 1
+            want = f"output_blocks.{3 * i + 2}.{slot}.conv"
+            path = f"up_blocks.{i}.upsamplers.0.conv"
+            assert keys[path + ".weight"].key == f"{UNET_PREFIX}{want}.weight"
+            assert table[path].block == f"OUT{3 * i + 2:02d}"
+            if arch == "sdxl":
+                assert table[path].kohya_name == "lora_unet_" + want.replace(".", "_")
+    # SD1.5's first up block has no attentions: its upsampler sits in slot 1, not 2
+    assert unet_key_map(full_sd15[0])["up_blocks.0.upsamplers.0.conv.weight"].key == \
+        UNET_PREFIX + "output_blocks.2.1.conv.weight"
 
 
 def test_block_selection(full_sd15, full_sdxl):
