@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import json
 import os
 import pickle
 import socket
@@ -28,7 +27,7 @@ from trainer.format.names import (  # noqa: E402
 )
 from trainer.models import single_file as ck  # noqa: E402
 from trainer.models import tokenizers as tk  # noqa: E402
-from trainer.models.base import BaseModel  # noqa: E402
+from trainer.models.base import BaseModel, meta_model  # noqa: E402
 from trainer.models.builtin import TINY_MODELS  # noqa: E402
 from trainer.models.load import load_base  # noqa: E402
 
@@ -178,22 +177,7 @@ def test_unet_names_match_kohya_sdxl_examples() -> None:
 # --- full-size layouts, checked on meta tensors (no memory, no weights) ---------------------------
 
 def _meta_model(config: str) -> BaseModel:
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    folder = CONFIGS_DIR / config
-    arch = json.loads((folder / "loraforge.json").read_text())["arch"]
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(json.loads((folder / "unet" / "config.json").read_text()))
-        vae = AutoencoderKL.from_config(json.loads((folder / "vae" / "config.json").read_text()))
-        tes = []
-        for sub in ("text_encoder", "text_encoder_2"):
-            if (folder / sub).is_dir():
-                cfg = json.loads((folder / sub / "config.json").read_text())
-                cls = CLIPTextModelWithProjection if "Projection" in cfg["architectures"][0] else CLIPTextModel
-                tes.append(cls(CLIPTextConfig(**cfg)))
-    return BaseModel(arch=arch, name=config, unet=unet, vae=vae, text_encoders=tes, tokenizers=[],
-                     noise_scheduler=DDPMScheduler(), source=folder, config_dir=folder)
+    return meta_model(CONFIGS_DIR / config)
 
 
 @pytest.mark.parametrize("config,arch,n_unet", [("sd15", "sd1", 686), ("sd2", "sd2", 686), ("sdxl", "sdxl", 1680)])

@@ -16,13 +16,12 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 torch.set_num_threads(1)
 
-from diffusers import UNet2DConditionModel  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
 
 from trainer.format.checkpoint import CONFIGS_DIR  # noqa: E402
 from trainer.format.kohya import LoraFileError, delta_weight, read_kohya, save_kohya  # noqa: E402
 from trainer.format.metadata import build_metadata  # noqa: E402
 from trainer.format.names import UNET_PREFIX, unet_key_map  # noqa: E402
+from trainer.models.base import meta_model  # noqa: E402
 from trainer.models.load import load_base  # noqa: E402
 from trainer.network.targets import (  # noqa: E402
     all_module_targets,
@@ -38,16 +37,8 @@ SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 
 def _meta_models(folder: str):
     """Full-size UNet + text encoders on the meta device: shapes without allocating weights."""
-    d = CONFIGS_DIR / folder
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(json.loads((d / "unet" / "config.json").read_text()))
-        tes = []
-        for te in ("text_encoder", "text_encoder_2"):
-            if (d / te).is_dir():
-                cfg = json.loads((d / te / "config.json").read_text())
-                cls = CLIPTextModelWithProjection if "Projection" in cfg["architectures"][0] else CLIPTextModel
-                tes.append(cls(CLIPTextConfig(**cfg)))
-    return unet, tes
+    m = meta_model(CONFIGS_DIR / folder)
+    return m.unet, m.text_encoders
 
 
 @pytest.fixture(scope="module")

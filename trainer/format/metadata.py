@@ -36,6 +36,31 @@ def _as_str(v: Any) -> str:
     return str(v)
 
 
+def spec_architecture(arch: Arch, v_prediction: bool | None = None) -> str:
+    """Stability's ``modelspec.architecture`` of a base model (a LoRA appends ``/lora``); SD2 defaults to 768-v."""
+    if arch == "sdxl":
+        return "stable-diffusion-xl-v1-base"
+    if arch == "sd2":
+        return "stable-diffusion-v2-768-v" if v_prediction or v_prediction is None else "stable-diffusion-v2-512"
+    return "stable-diffusion-v1"
+
+
+def network_metadata(arch: Arch, dim: int, alpha: float, conv_dim: int = 0, conv_alpha: float = 1.0,
+                     ) -> dict[str, str]:
+    """The ``ss_*`` fields every loader reads to apply a LoRA: base model version, network module, dims, args."""
+    if arch not in BASE_MODEL_VERSION:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(BASE_MODEL_VERSION)}")
+    args = {"conv_dim": _num(conv_dim), "conv_alpha": _num(conv_alpha)} if conv_dim else {}
+    return {
+        "ss_v2": str(arch == "sd2"),
+        "ss_base_model_version": BASE_MODEL_VERSION[arch],
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": _num(dim),
+        "ss_network_alpha": _num(alpha),
+        "ss_network_args": json.dumps(args),
+    }
+
+
 def build_metadata(arch: Arch, dim: int, alpha: float, conv_dim: int = 0, conv_alpha: float = 1.0, *,
                    base_model_name: str, output_name: str, resolution: int | tuple[int, int],
                    training: Mapping[str, Any] | None = None, title: str | None = None,
@@ -48,20 +73,10 @@ def build_metadata(arch: Arch, dim: int, alpha: float, conv_dim: int = 0, conv_a
     e.g. {"learning_rate": 1e-4, "max_train_steps": 1000, "seed": 42}.
     `v_parameterization` (SD2 only) picks the 768-v or 512 modelspec architecture; default 768-v.
     """
-    if arch not in BASE_MODEL_VERSION:
-        raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(BASE_MODEL_VERSION)}")
     w, h = _format_resolution(resolution)
     v_param = bool(v_parameterization) if v_parameterization is not None else arch == "sd2"
-    args: dict[str, str] = {}
-    if conv_dim:
-        args = {"conv_dim": _num(conv_dim), "conv_alpha": _num(conv_alpha)}
     md: dict[str, str] = {
-        "ss_v2": str(arch == "sd2"),
-        "ss_base_model_version": BASE_MODEL_VERSION[arch],
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": _num(dim),
-        "ss_network_alpha": _num(alpha),
-        "ss_network_args": json.dumps(args),
+        **network_metadata(arch, dim, alpha, conv_dim, conv_alpha),
         "ss_output_name": output_name,
         "ss_sd_model_name": base_model_name,
         "ss_resolution": f"({w}, {h})",
@@ -75,17 +90,12 @@ def build_metadata(arch: Arch, dim: int, alpha: float, conv_dim: int = 0, conv_a
             continue
         md[k if k.startswith("ss_") else f"ss_{k}"] = _as_str(v)
 
-    if arch == "sdxl":
-        spec_arch, impl = "stable-diffusion-xl-v1-base", IMPL_STABILITY_AI  # kohya: SDXL LoRAs use SGM names
-    elif arch == "sd2":
-        spec_arch, impl = ("stable-diffusion-v2-768-v" if v_param else "stable-diffusion-v2-512"), IMPL_DIFFUSERS
-    else:
-        spec_arch, impl = "stable-diffusion-v1", IMPL_DIFFUSERS
     when = (date or _dt.datetime.now(_dt.UTC)).replace(microsecond=0)
     md.update({
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"{spec_arch}/lora",
-        "modelspec.implementation": impl,
+        "modelspec.architecture": f"{spec_architecture(arch, v_param)}/lora",
+        # kohya: SDXL LoRAs use SGM names (Stability's implementation), SD1/SD2 LoRAs diffusers names
+        "modelspec.implementation": IMPL_STABILITY_AI if arch == "sdxl" else IMPL_DIFFUSERS,
         "modelspec.title": title or output_name,
         "modelspec.resolution": f"{w}x{h}",
         "modelspec.date": when.isoformat(),

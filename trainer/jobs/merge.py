@@ -41,7 +41,7 @@ from trainer.format.kohya import (
     resolve_lora_path,
     save_kohya,
 )
-from trainer.format.metadata import BASE_MODEL_VERSION
+from trainer.format.metadata import network_metadata, spec_architecture
 from trainer.network.targets import block_of_kohya_name, block_slots, check_compatible
 from trainer.spec import MergeSpec
 
@@ -282,16 +282,10 @@ def merge_metadata(inputs: Sequence[tuple[str, float, Mapping[str, float] | None
                    source_metadata: Sequence[Mapping[str, str]] = ()) -> dict[str, str]:
     """kohya ss_* metadata for a merged LoRA plus `loraforge_merge` (what went in, at which ratios)."""
     md: dict[str, str] = {
-        "ss_v2": str(arch == "sd2"),
-        "ss_base_model_version": BASE_MODEL_VERSION[arch],
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(rank),
-        "ss_network_alpha": str(rank),
-        "ss_network_args": json.dumps({"conv_dim": str(conv_rank), "conv_alpha": str(conv_rank)} if conv_rank else {}),
+        **network_metadata(arch, rank, rank, conv_rank or 0, conv_rank or 0),
         "ss_output_name": output_name,
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": {"sd1": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2-768-v/lora",
-                                   "sdxl": "stable-diffusion-xl-v1-base/lora"}[arch],
+        "modelspec.architecture": f"{spec_architecture(arch)}/lora",
         "modelspec.title": output_name,
     }
     # Keep the resolution the inputs were trained at when they agree (A1111 shows it).
@@ -389,36 +383,15 @@ def _layer_of(model: Any, t: Any) -> torch.nn.Module:
 def checkpoint_skeleton(src: str | os.PathLike[str]) -> Any:
     """A weightless (meta-device) BaseModel with the layout of a single-file checkpoint or a diffusers folder:
     module names and shapes for check_compatible and the original-key map, without reading any tensor data."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from trainer.models.base import BaseModel
+    from trainer.models.base import arch_of_config_dir, meta_model
     from trainer.models.single_file import detect_arch, read_safetensors_header, select_config
 
     src = Path(src)
     if src.is_dir():  # a diffusers folder: its own configs
-        from trainer.models.base import arch_of_config_dir
-
-        folder, arch = src, arch_of_config_dir(src)
-    else:
-        header, _ = read_safetensors_header(src)
-        arch = detect_arch(list(header))
-        folder = select_config(arch, header)
-
-    def cfg(sub: str) -> dict[str, Any]:
-        c = json.loads((folder / sub / "config.json").read_text())
-        if sub.startswith("text_encoder") and not c.get("vocab_size"):
-            c["vocab_size"] = 49408  # tiny configs leave it to the tokenizer; names and layer shapes do not use it
-        return c
-
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(cfg("unet"))
-        vae = AutoencoderKL.from_config(cfg("vae"))
-        tes: list[Any] = [CLIPTextModel(CLIPTextConfig(**cfg("text_encoder")))]
-        if arch == "sdxl":
-            tes.append(CLIPTextModelWithProjection(CLIPTextConfig(**cfg("text_encoder_2"))))
-    return BaseModel(arch=arch, name=src.stem, unet=unet, vae=vae, text_encoders=tes, tokenizers=[],
-                     noise_scheduler=None, source=src, config_dir=folder)  # type: ignore[arg-type]
+        return meta_model(src, arch_of_config_dir(src), src.stem)
+    header, _ = read_safetensors_header(src)
+    arch = detect_arch(list(header))
+    return meta_model(select_config(arch, header), arch, src.stem, src)
 
 
 def _merge_into_single_file(src: Path, loras: Sequence[tuple[Any, float]], out_path: Path, half: bool) -> Path:

@@ -6,13 +6,14 @@ what a user names (any of these) is resolved and loaded by ``trainer.models.load
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from trainer.format.checkpoint import folder_arch
 from trainer.format.header import PICKLE_SUFFIXES, Arch
@@ -97,3 +98,27 @@ def load_diffusers_folder(folder: Path, dtype: torch.dtype = torch.float32, name
         m.eval()
     return BaseModel(arch=arch, name=name or folder.name, unet=unet, vae=vae, text_encoders=tes, tokenizers=toks,
                      noise_scheduler=sched, source=folder, config_dir=folder)
+
+
+def meta_model(folder: Path, arch: Arch | None = None, name: str | None = None,
+               source: Path | None = None) -> BaseModel:
+    """A weightless BaseModel (meta device) with a config folder's layout: module names and shapes for key maps and
+    compatibility checks, without memory or any weight file. No tokenizers."""
+    arch = arch or arch_of_config_dir(folder)
+
+    def cfg(sub: str) -> dict:
+        c = json.loads((folder / sub / "config.json").read_text())
+        if sub.startswith("text_encoder") and not c.get("vocab_size"):
+            c["vocab_size"] = 49408  # tiny configs leave it to the tokenizer; names and layer shapes do not use it
+        return c
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(cfg("unet"))
+        vae = AutoencoderKL.from_config(cfg("vae"))
+        tes: list = [CLIPTextModel(CLIPTextConfig(**cfg("text_encoder")))]
+        if arch == "sdxl":
+            tes.append(CLIPTextModelWithProjection(CLIPTextConfig(**cfg("text_encoder_2"))))
+    has_sched = (folder / "scheduler").is_dir()
+    sched = DDPMScheduler.from_pretrained(folder / "scheduler", local_files_only=True) if has_sched else DDPMScheduler()
+    return BaseModel(arch=arch, name=name or folder.name, unet=unet, vae=vae, text_encoders=tes, tokenizers=[],
+                     noise_scheduler=sched, source=source or folder, config_dir=folder)

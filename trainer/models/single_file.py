@@ -55,6 +55,7 @@ from trainer.format.header import (
     pickle_refusal,
     read_file_header,
 )
+from trainer.format.metadata import spec_architecture
 from trainer.format.names import to_original_state_dict, unet_key_map
 from trainer.models.base import BaseModel, ModelError, cache_root, load_diffusers_folder
 from trainer.models.builtin import tiny_model_dir
@@ -277,8 +278,7 @@ def load_single_file(path: str | Path, dtype: torch.dtype = torch.float32,
 
 def _default_metadata(model: BaseModel) -> dict[str, str]:
     v = model.prediction_type == "v_prediction"
-    arch = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-768-v" if v else "stable-diffusion-v2-512",
-            "sdxl": "stable-diffusion-xl-v1-base"}[model.arch]
+    arch = spec_architecture(model.arch, v)
     impl = ("https://github.com/Stability-AI/generative-models" if model.arch == "sdxl"
             else "https://github.com/Stability-AI/stablediffusion")
     size = int(model.vae.config.sample_size)
