@@ -148,8 +148,8 @@ def base_model_arch(ref: str, models_dir: str | Path) -> str | None:
     """The architecture of a base model name from ``list_base_models``: a built-in tiny model, a
     single-file checkpoint (header key names only) or a diffusers folder (its configs). None when
     it cannot be told; the worker checks again with the real model."""
-    if builtin_arch(ref):
-        return builtin_arch(ref)
+    if arch := builtin_arch(ref):
+        return arch
     root = Path(models_dir)
     p = (root / ref).resolve()
     if not p.is_relative_to(root.resolve()):
