@@ -63,6 +63,7 @@ CRAFTED: dict[str, tuple[bytes, str]] = {
     "non-UTF-8 header": (raw_file({}, raw=b'{"\xff\xfe": 1}'), "damaged"),
     "non-JSON header": (raw_file({}, raw=b"{oops"), "damaged"),
     "JSON list header": (raw_file([1, 2]), "damaged"),
+    "deeply nested header": (raw_file({}, raw=b"[" * 100_000 + b"]" * 100_000), "damaged"),
     "entry not an object": (raw_file({"a": [1, 2, 3]}), "malformed"),
     "entry without shape": (raw_file({"a": {"dtype": "F32", "data_offsets": [0, 0]}}), "malformed"),
     "unknown dtype": (raw_file({"a": entry("Q99", [2], [0, 8])}, b"\0" * 8), "unknown dtype"),
@@ -70,6 +71,7 @@ CRAFTED: dict[str, tuple[bytes, str]] = {
     "bad shape": (raw_file({"a": entry("F32", [-2], [0, 8])}, b"\0" * 8), "bad shape"),
     "shape/bytes mismatch": (raw_file({"a": entry("F32", [3], [0, 8])}, b"\0" * 8), "wrong byte size"),
     "metadata not strings": (raw_file({"__metadata__": {"ss_network_dim": 4}}), "metadata"),
+    "metadata not an object": (raw_file({"__metadata__": 0}), "metadata"),
     "three bytes": (b"abc", "not a safetensors file"),
     "pickle": (b"\x80\x04\x95" + b"\0" * 40, "pickle"),
 }

@@ -95,12 +95,13 @@ def parse_header(head: bytes | memoryview, size: int, name: str) -> tuple[dict[s
         raise HeaderError(f"{invalid}: it is truncated inside its header. Use the complete file.")
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # not UTF-8, not JSON, absurd numbers or nesting
         header = None
     if not isinstance(header, dict):
         raise HeaderError(f"{invalid}: its header is damaged (not a JSON object), so it is another format or "
                           "the upload broke. Re-download or re-save the file.")
-    meta = header.pop("__metadata__", None) or {}
+    meta = header.pop("__metadata__", None)
+    meta = {} if meta is None else meta  # JSON null is "no metadata" to safetensors too
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise HeaderError(f"{where} has malformed metadata (safetensors metadata values must be strings); "
                           "re-save the file.")
