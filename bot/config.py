@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from storage.intake import IntakeLimits
+from trainer.format.checkpoint import TINY_CONFIGS
 
 MiB = 1024 * 1024
 
@@ -142,8 +143,8 @@ class Config(_Section):
         return os.environ.get(self.discord.link_secret_env) or None
 
 
-# Built-in tiny models (trainer.models.base.TINY_MODELS; not imported: that module loads torch).
-BUILTIN_MODELS = ("tiny-sd15", "tiny-sd2", "tiny-sdxl")
+# Built-in tiny models (the same list as trainer.models.builtin.TINY_MODELS, from the torch-free config facts).
+BUILTIN_MODELS = tuple(TINY_CONFIGS.values())
 MODEL_EXTS = (".safetensors",)  # never .ckpt/.pt: nothing is unpickled
 
 
