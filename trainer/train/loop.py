@@ -113,6 +113,8 @@ class Trainer:
         self.mixed_precision, self.scaler = self.precision.mixed_precision, self.precision.scaler
         if self.precision.note:
             self.log(self.precision.note, "warning")
+        # Cast on the CPU, before anything moves: an fp32 SDXL base alone (~13.9 GB) would not fit a 10 GB card.
+        pr.cast_frozen_weights([self.base.unet, *self.base.text_encoders], self.precision, self.device)
         # Class images come from the plain base model: before the network is attached.
         self.class_images = self.prepare_class_images()
         self.items = list(instance_items)
@@ -123,7 +125,6 @@ class Trainer:
         self.network = _create_network(self.base, spec)
         for m in [self.base.unet, self.base.vae, *self.base.text_encoders]:
             m.to(self.device)  # BaseModel.to(dtype=None) makes diffusers warn about dtypes
-        pr.cast_frozen_weights([self.base.unet, *self.base.text_encoders], self.precision, self.device)
         self.train_te = spec.network.train_text_encoder
         self.gradient_checkpointing, self.attention = pr.setup_modes(
             self.base, spec.network.train_unet, self.train_te, spec.gradient_checkpointing, self.device)

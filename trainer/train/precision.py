@@ -74,7 +74,11 @@ def resolve_precision(requested: str, device: torch.device) -> Precision:
 
 
 def cast_frozen_weights(modules: Iterable[torch.nn.Module], precision: Precision, device: torch.device) -> None:
-    """On a GPU the frozen base weights go to the compute dtype: half the memory, same autocast result."""
+    """On a GPU the frozen base weights go to the compute dtype: half the memory, same autocast result.
+
+    Call it while the modules are still on the CPU (the cast then never needs fp32 and half copies on the card).
+    Trainable weights (the LoRA) keep float32; the VAE is not passed in: it decodes in float32 (fp16 overflows).
+    """
     if precision.autocast_dtype is None or device.type != "cuda":
         return
     for m in modules:
