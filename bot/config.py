@@ -101,6 +101,9 @@ class WorkersConfig(_Section):
     # The command that starts one worker; --device and --models-dir are appended. Empty: the real
     # engine (python -m trainer.jobs.worker). Tests point it at a protocol-speaking stand-in.
     worker_cmd: list[str] = Field(default_factory=list)
+    # Extra environment variables (names or shell patterns) passed to workers beyond the built-in
+    # allow-list (bot.worker_env). Names that look like credentials are never passed.
+    env_pass: list[str] = Field(default_factory=list)
 
     @field_validator("devices")
     @classmethod

@@ -132,6 +132,8 @@ class Scheduler:
                 WorkerHandle(
                     i, dev, config.worker_command(), Path(config.models_dir), files.root / "logs",
                     self._on_message, self._on_exit, ready_timeout_s=config.workers.ready_timeout_s,
+                    env_pass=config.workers.env_pass,
+                    env_deny=(config.discord.token_env, config.discord.link_secret_env),
                 )
                 for i, dev in enumerate(config.worker_devices())
             ]
