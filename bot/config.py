@@ -78,6 +78,8 @@ class LimitsConfig(_Section):
     zip_max_total_mib: float = Field(500.0, gt=0)
     zip_max_ratio: float = Field(100.0, ge=1)
     max_caption_bytes: int = Field(64 * 1024, ge=16)
+    # attachments downloaded at the same time over all commands (a flood waits its turn)
+    max_parallel_downloads: int = Field(4, ge=1, le=64)
 
     def intake_limits(self) -> IntakeLimits:
         return IntakeLimits(

@@ -22,6 +22,7 @@ from bot.scheduler import Listener, QuotaError, Scheduler
 from storage.db import Database, open_db
 from storage.files import FileStore
 from storage.intake import IntakeResult, ingest_uploads
+from storage.names import display_text
 from storage.repo import Dataset, DatasetImage, Job, NotFoundError, Repo
 from trainer.spec import SpecError, TrainSpec, deep_merge, resolve_job
 
@@ -124,7 +125,9 @@ class Service:
         class_prompt: str = "",
     ) -> DatasetUpload:
         """Create a dataset (DuplicateNameError if the owner has one by that name) and add files."""
-        ds = await self.repo.create_dataset(owner_id, name, trigger_word, class_prompt)
+        # Stored and echoed (and put into prompts): no control or bidi characters, bounded.
+        ds = await self.repo.create_dataset(owner_id, display_text(name), display_text(trigger_word),
+                                            display_text(class_prompt, 200))
         return await self.add_files(ds.id, files)
 
     async def add_files(self, dataset_id: int, files: list[tuple[str, bytes]]) -> DatasetUpload:
