@@ -30,6 +30,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from bot.config import Config, is_listed_base_model, list_base_models
+from bot.quotas import EXEMPT_EVENT, WAIT_EVENT, QuotaGate
 from bot.workers import OOM_MESSAGE, WorkerHandle, WorkerStartError, looks_like_oom
 from storage import queries
 from storage.files import FileStore, write_bytes_atomic
@@ -151,6 +152,8 @@ class Scheduler:
         self._started = False
         self._stopping = False
         self.worker_errors: list[str] = []  # start failures, newest last (for the console/admin)
+        self.quotas = QuotaGate(repo, config, clock)
+        self._quota_noted: set[int] = set()  # jobs whose quota wait was announced
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -364,9 +367,13 @@ class Scheduler:
                             f"minutes for the last 24 hours. Time starts freeing up at {when} "
                             f"(in about {_fmt_minutes(frees - now)})."
                         )
+                    if refusal := await self.quotas.too_big(kind, json.loads(spec_json)):
+                        raise QuotaError(refusal)
             job = await self.repo.create_job(
                 kind, owner_id, spec_json, guild_id, channel_id, priority if is_admin else 0  # type: ignore[arg-type]
             )
+        if is_admin:  # no quota at dispatch either (bot/quotas.py)
+            events = [(EXEMPT_EVENT, {}), *(events or [])]
         if thread_id is not None:
             await self.repo.set_job_message(job.id, thread_id=thread_id)
         for type_, payload in events or []:
@@ -444,8 +451,25 @@ class Scheduler:
             if not w.idle or self._stopping:
                 continue
             for job in await self.fair_order(for_dispatch=True):
+                if not await self._quota_admits(job):
+                    continue
                 if await self._start_on(w, job):
                     break
+
+    async def _quota_admits(self, job: Job) -> bool:
+        """The daily quota again, at start (bot/quotas.py): go, wait in the queue (said once), or refuse."""
+        verdict = await self.quotas.verdict(job)
+        if verdict.action == "go":
+            return True
+        if verdict.action == "refuse":
+            with contextlib.suppress(IllegalTransitionError, NotFoundError):
+                await self.repo.update_job_state(job.id, "cancelled", error=verdict.message, expected="queued")
+                await self._record(job.id, {"type": "state", "state": "cancelled", "error": verdict.message})
+            return False
+        if job.id not in self._quota_noted:
+            self._quota_noted.add(job.id)
+            await self._record(job.id, {"type": WAIT_EVENT, "message": verdict.message})
+        return False
 
     async def fair_order(self, *, for_dispatch: bool = False) -> list[Job]:
         """Queued jobs in the order they will start. ``for_dispatch``: only jobs that may start
