@@ -28,7 +28,7 @@ from bot.views import CancelButton
 
 log = logging.getLogger("loraforge.bot")
 
-COGS = ("cogs.datasets", "cogs.train", "cogs.jobs", "cogs.models", "cogs.admin")
+COGS = ("cogs.datasets", "cogs.train", "cogs.jobs", "cogs.models", "cogs.admin", "cogs.me")
 # Cogs written by others later (/merge, /preview): loaded when present.
 OPTIONAL_COGS = ("cogs.merge", "cogs.preview")
 

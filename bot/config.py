@@ -78,6 +78,10 @@ class LimitsConfig(_Section):
     zip_max_total_mib: float = Field(500.0, gt=0)
     zip_max_ratio: float = Field(100.0, ge=1)
     max_caption_bytes: int = Field(64 * 1024, ge=16)
+    # stored bytes per user (dataset images + job results); 0: no quota. Admins too: it guards the disk.
+    max_storage_mib_per_user: float = Field(2048.0, ge=0)
+    # free space under data_dir below which no job starts and uploads are refused (0: no guard)
+    min_free_disk_mib: float = Field(1024.0, ge=0)
     # attachments downloaded at the same time over all commands (a flood waits its turn)
     max_parallel_downloads: int = Field(4, ge=1, le=64)
 

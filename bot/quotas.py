@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from bot.config import Config
 from storage import queries, usage
+from storage.intake import IntakeResult
 from storage.repo import Job, Repo
 
 DAY_S = 24 * 3600.0
@@ -119,3 +120,27 @@ class QuotaGate:
             f"Waiting for GPU quota: you have used {_span(used + pending)} of your {_span(quota)} of GPU time "
             f"for the last 24 hours{need}. It starts by itself when enough frees up (from about {when}, "
             f"in {_span(max(0.0, frees - now))})."))
+
+
+def _mib(n: float) -> str:
+    return f"{n / (1024 * 1024):.0f} MiB" if n >= 1024 * 1024 else f"{n / 1024:.0f} KiB"
+
+
+def fit_storage(result: IntakeResult, used_bytes: int, quota_bytes: int, disk_notice: str | None) -> None:
+    """Move the accepted images of an upload that do not fit into the refused ones: all of them while the
+    disk is low (bot/diskguard.py), else those that would take the owner over their storage quota
+    (``limits.max_storage_mib_per_user``; 0: none). In upload order: the first ones that fit are kept."""
+    keep = []
+    total = used_bytes
+    for im in result.accepted:
+        if disk_notice:
+            result.rejected.append((im.name, "was not stored: the server's disk is nearly full; try again later "
+                                             "(the admins have been told)"))
+        elif quota_bytes > 0 and total + im.bytes > quota_bytes:
+            result.rejected.append((im.name, f"would take you over your storage quota: you use {_mib(total)} of "
+                                             f"{_mib(quota_bytes)}; delete a dataset or old jobs (`/job delete`) "
+                                             "to make room (see `/me`)"))
+        else:
+            keep.append(im)
+            total += im.bytes
+    result.accepted = keep

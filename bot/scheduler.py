@@ -30,9 +30,10 @@ from typing import Any
 from pydantic import BaseModel
 
 from bot.config import Config, is_listed_base_model, list_base_models
+from bot.diskguard import DiskGuard
 from bot.quotas import EXEMPT_EVENT, WAIT_EVENT, QuotaGate
 from bot.workers import OOM_MESSAGE, WorkerHandle, WorkerStartError, looks_like_oom
-from storage import queries
+from storage import queries, retention
 from storage.files import FileStore, write_bytes_atomic
 from storage.repo import ARTIFACT_KINDS, IllegalTransitionError, Job, NotFoundError, Repo
 from trainer.spec import SpecError, from_json, parse_job, to_json, to_toml
@@ -153,6 +154,7 @@ class Scheduler:
         self._stopping = False
         self.worker_errors: list[str] = []  # start failures, newest last (for the console/admin)
         self.quotas = QuotaGate(repo, config, clock)
+        self.disk = DiskGuard(files.root, config.limits.min_free_disk_mib)
         self._quota_noted: set[int] = set()  # jobs whose quota wait was announced
 
     # ---- lifecycle ----------------------------------------------------------------------------
@@ -161,6 +163,7 @@ class Scheduler:
         """Recover from a previous run, start the workers, and begin dispatching. Returns the ids
         of jobs that were running when the last process died (now queued again, to resume)."""
         self._stopping = False
+        await retention.compact_finished_jobs(self.repo.db)
         requeued = await self.repo.requeue_running_jobs()
         for job_id in requeued:
             await self._record(job_id, {"type": "state", "state": "queued", "reason": "restart recovery"})
@@ -447,6 +450,8 @@ class Scheduler:
                 await asyncio.sleep(1.0)
 
     async def _dispatch_once(self) -> None:
+        if self.disk.check() is not None:
+            return  # nothing new starts on a nearly full disk (bot/diskguard.py); the 5 s tick re-checks
         for w in self.workers:
             if not w.idle or self._stopping:
                 continue
@@ -634,6 +639,7 @@ class Scheduler:
         if error:
             ev["error"] = error
         await self._record(job_id, ev)
+        await retention.compact_job_events(self.repo.db, job_id)  # ended: its last progress row is enough
 
     async def _on_exit(self, w: WorkerHandle, reason: str) -> None:
         for run in [r for r in self._runs.values() if r.worker is w]:
