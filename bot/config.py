@@ -82,6 +82,9 @@ class LimitsConfig(_Section):
     max_storage_mib_per_user: float = Field(2048.0, ge=0)
     # free space under data_dir below which no job starts and uploads are refused (0: no guard)
     min_free_disk_mib: float = Field(1024.0, ge=0)
+    # per-user cooldown of /preview, /merge and /dataset create: cooldown_uses per cooldown_s (0: none)
+    cooldown_s: float = Field(30.0, ge=0, le=24 * 3600)
+    cooldown_uses: int = Field(2, ge=1, le=1000)
     # attachments downloaded at the same time over all commands (a flood waits its turn)
     max_parallel_downloads: int = Field(4, ge=1, le=64)
 

@@ -26,6 +26,7 @@ from discord.ext import commands
 
 from bot.autogrid import train_prompt
 from bot.config import BUILTIN_MODELS
+from bot.cooldowns import expensive_cooldown
 from bot.errors import InvalidInput, NotFound, PermissionDenied
 from bot.interactions import (
     bullet_list,
@@ -318,6 +319,7 @@ class Merge(commands.Cog):
     )
     @app_commands.autocomplete(mine1=own_lora_choices, mine2=own_lora_choices, mine3=own_lora_choices,
                                base_model=base_model_choices)
+    @expensive_cooldown
     async def merge(
         self,
         interaction: discord.Interaction,

@@ -82,3 +82,63 @@ async def test_low_disk_pauses_dispatch_refuses_uploads_and_tells_admins(fake_di
     assert (await sched.wait_for_job(job.id, 30)).state == "succeeded"
     rec = await run_command(fake, bot, "admin", user="alice", subcommand="status")
     assert "Low disk" not in answer(rec)
+
+
+async def test_expensive_commands_have_a_per_user_cooldown(fake_discord, bot_factory):
+    fake = fake_discord
+    bot = bot_factory(limits={"cooldown_s": 60, "cooldown_uses": 1})
+    async with fake.running(bot, gateway=False):
+        first = await run_command(fake, bot, "dataset", {"name": "one", "file1": fake.add_attachment(
+            "a.png", png_bytes((9, 9, 9)))}, user="bob", subcommand="create")
+        assert "added 1 image(s)" in answer(first)
+        again = await run_command(fake, bot, "dataset", {"name": "two", "file1": fake.add_attachment(
+            "b.png", png_bytes((9, 9, 90)))}, user="bob", subcommand="create")
+        text = answer(again)
+        assert "Slow down: try again in" in text and " s." in text, text
+        assert (again.followups[-1] if again.followups else again.original).ephemeral
+        assert await bot.repo.find_dataset_by_name(int(fake.users["bob"]["id"]), "two") is None
+        # per user: carol and the admin alice are not held up by bob's cooldown
+        other = await run_command(fake, bot, "dataset", {"name": "three", "file1": fake.add_attachment(
+            "c.png", png_bytes((9, 90, 9)))}, user="alice", subcommand="create")
+        assert "added 1 image(s)" in answer(other)
+        for cmd, opts in (("preview", {"prompt": "a cat"}), ("merge", {})):
+            await run_command(fake, bot, cmd, opts, user="carol")  # refused for its options, but counted
+            rec = await run_command(fake, bot, cmd, opts, user="carol")
+            assert "Slow down: try again in" in answer(rec), (cmd, answer(rec))
+        for _ in range(3):  # admins have no cooldown
+            rec = await run_command(fake, bot, "preview", {"prompt": "a cat"}, user="alice")
+            assert "Slow down" not in answer(rec)
+
+
+async def test_attachment_downloads_are_bounded_over_all_commands(fake_discord, bot_factory, monkeypatch):
+    import asyncio
+
+    fake = fake_discord
+    bot = bot_factory(limits={"max_parallel_downloads": 2})
+    now = {"n": 0, "max": 0}
+    original = fake._respond
+
+    async def slow_cdn(request, call, files):
+        if not call.path.startswith("/cdn/"):
+            return await original(request, call, files)
+        now["n"] += 1
+        now["max"] = max(now["max"], now["n"])
+        try:
+            await asyncio.sleep(0.05)
+            return await original(request, call, files)
+        finally:
+            now["n"] -= 1
+
+    monkeypatch.setattr(fake, "_respond", slow_cdn)
+    async with fake.running(bot, gateway=False):
+        fake.add_user("dave", roles=[fake.role_ids["trainer"]])
+        users = ["alice", "bob", "dave"]
+        recs = []
+        for k, user in enumerate(users):
+            opts = {f"file{i + 1}": fake.add_attachment(f"{user}{i}.png", png_bytes((40 * i, 60 * k, 7)))
+                    for i in range(4)}
+            recs.append(fake.feed(bot, fake.slash_command("dataset", {"name": f"d{user}", **opts}, user=user,
+                                                          subcommand="create")))
+        await fake.wait_for(lambda: all(r.followups for r in recs), 20)
+        assert all("added 4 image(s)" in answer(r) for r in recs), [answer(r) for r in recs]
+        assert now["max"] == 2  # 12 downloads at once, never more than 2 in flight
