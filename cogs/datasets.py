@@ -18,6 +18,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.cooldowns import expensive_cooldown
 from bot.errors import InvalidInput, NotFound, reply
 from bot.interactions import bullet_list, clip, download_attachments, ensure_deferred
 
@@ -146,6 +147,7 @@ class Datasets(commands.GroupCog, group_name="dataset", group_description="Your 
         shared="Let everyone here train on it (default: private)",
     )
     @with_file_options
+    @expensive_cooldown
     async def create(
         self,
         interaction: discord.Interaction,
