@@ -101,6 +101,9 @@ class WorkersConfig(_Section):
     # The command that starts one worker; --device and --models-dir are appended. Empty: the real
     # engine (python -m trainer.jobs.worker). Tests point it at a protocol-speaking stand-in.
     worker_cmd: list[str] = Field(default_factory=list)
+    # The memory of the smallest GPU a job may run on, in GiB ("10 GB" cards hold 10 GiB). /train refuses a job
+    # whose memory plan does not fit it. 0: what the CUDA workers report; on a CPU-only host, no check.
+    gpu_memory_gib: float = Field(0.0, ge=0, le=4096)
 
     @field_validator("devices")
     @classmethod
