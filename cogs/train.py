@@ -39,6 +39,7 @@ from bot.interactions import (
     submit_job,
 )
 from bot.lorafile import base_model_arch
+from bot.plan import card_bytes, plan_line
 from bot.specs import (
     OPTIMIZERS,
     SCHEDULERS,
@@ -460,8 +461,9 @@ class Train(commands.Cog):
             for c in spec.concepts:
                 c.instance_prompt = " ".join(w for w in words if w)
                 c.class_prompt = words[1] or None  # the regularization prompt for prior preservation
+        plan = _memory_plan_line(bot, spec)
         await submit_job(interaction, kind="train", spec=spec, title=f"{spec.output_name} on {ds.name}",
-                         summary=f"Settings: {spec_summary(spec.model_dump(mode='json'))}")
+                         summary=f"Settings: {spec_summary(spec.model_dump(mode='json'))}{plan}")
 
     async def _train_difference(
         self,
@@ -539,11 +541,19 @@ class Train(commands.Cog):
         spec = resolve_job(values, preset)
         if not isinstance(spec, TrainSpec):
             raise InvalidInput("The job file is not a training job.", "Use `/merge` or `/preview` for those.")
+        plan = _memory_plan_line(bot, spec)
         await asyncio.to_thread(store_pair_images, root, pairs)  # only now: refusals above store nothing
         names = ", ".join(p.name for p in pairs)
         await submit_job(interaction, kind="train", spec=spec,
                          title=f"{spec.output_name} (difference{source}: {names})",
-                         summary=f"Settings: {spec_summary(spec.model_dump(mode='json'))}")
+                         summary=f"Settings: {spec_summary(spec.model_dump(mode='json'))}{plan}")
+
+
+def _memory_plan_line(bot: LoraforgeBot, spec: TrainSpec) -> str:
+    """"\n" + the memory plan's summary ("" when the card is unknown); refuses a job that cannot fit the GPU."""
+    card = card_bytes(bot.config.workers.gpu_memory_gib, getattr(bot.scheduler, "workers", []))
+    line = plan_line(spec, card, bot.config.models_dir)
+    return f"\n{line}" if line else ""
 
 
 def _default_output_name(dataset_name: str) -> str:
