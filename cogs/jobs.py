@@ -15,6 +15,7 @@ from discord.ext import commands
 
 from bot.errors import InvalidInput, reply
 from bot.interactions import announce_job, cancel_job, clip, ensure_deferred, format_duration, spec_summary
+from bot.options import JobId
 
 if TYPE_CHECKING:
     from bot.app import LoraforgeBot
@@ -88,7 +89,7 @@ class Jobs(commands.Cog):
 
     @job.command(name="show", description="Details of one of your jobs")
     @app_commands.autocomplete(id=_job_ac)
-    async def show(self, interaction: discord.Interaction, id: int) -> None:  # noqa: A002
+    async def show(self, interaction: discord.Interaction, id: JobId) -> None:  # noqa: A002
         await ensure_deferred(interaction, ephemeral=True)
         bot = self.bot
         job = await bot.repo.get_job(id)
@@ -123,7 +124,7 @@ class Jobs(commands.Cog):
 
     @app_commands.command(name="cancel", description="Cancel one of your queued or running jobs")
     @app_commands.autocomplete(id=_job_ac)
-    async def cancel(self, interaction: discord.Interaction, id: int) -> None:  # noqa: A002
+    async def cancel(self, interaction: discord.Interaction, id: JobId) -> None:  # noqa: A002
         await ensure_deferred(interaction, ephemeral=True)
         text = await cancel_job(interaction, id)
         await reply(interaction, text, ephemeral=True)
@@ -131,7 +132,7 @@ class Jobs(commands.Cog):
     @job.command(name="delete", description="Delete one of your finished jobs and its files")
     @app_commands.autocomplete(id=_job_ac)
     @app_commands.describe(id="The job's number", confirm="Set to True: its LoRA, samples and logs cannot be recovered")
-    async def delete(self, interaction: discord.Interaction, id: int, confirm: bool = False) -> None:  # noqa: A002
+    async def delete(self, interaction: discord.Interaction, id: JobId, confirm: bool = False) -> None:  # noqa: A002
         await ensure_deferred(interaction, ephemeral=True)
         bot = self.bot
         job = await bot.repo.get_job(id)
@@ -149,7 +150,7 @@ class Jobs(commands.Cog):
 
     @app_commands.command(name="retrain", description="Run one of your jobs again with exactly the same settings")
     @app_commands.autocomplete(id=_job_ac)
-    async def retrain(self, interaction: discord.Interaction, id: int) -> None:  # noqa: A002
+    async def retrain(self, interaction: discord.Interaction, id: JobId) -> None:  # noqa: A002
         bot = self.bot
         bot.access.require_trainer(interaction)
         await ensure_deferred(interaction, ephemeral=True)

@@ -46,6 +46,7 @@ from bot.lorafile import (
     inspect_file,
     tag_prompt,
 )
+from bot.options import Ratio, SampleSteps, bounds
 from bot.specs import GridSpec, resolve_job
 from cogs.train import base_model_choices
 from storage.files import write_bytes_atomic
@@ -258,7 +259,7 @@ async def save_uploads(bot: LoraforgeBot, inputs: list[LoraInput]) -> None:
             item.data = None
 
 
-def parse_float_list(text: str | None, field: str, *, lo: float, hi: float, max_n: int) -> list[float]:
+def parse_float_list(text: str | None, field: str, lo: float, hi: float, *, max_n: int) -> list[float]:
     """``"0.6, 0.6,0.6"`` -> [0.6, 0.6, 0.6]; each value checked against [lo, hi]."""
     parts = [p for p in re.split(r"[,\s;]+", (text or "").strip()) if p]
     if not parts:
@@ -273,13 +274,13 @@ def parse_float_list(text: str | None, field: str, *, lo: float, hi: float, max_
             raise InvalidInput(f"`{field}`: `{clip(p, 30)}` is not a number.",
                                "Give numbers separated by commas, e.g. `0.6,0.6`.") from None
         if not (lo <= v <= hi):
-            raise InvalidInput(f"`{field}`: {v:g} is outside {lo:g}..{hi:g}.")
+            raise InvalidInput(f"`{field}` takes numbers from {lo:g} to {hi:g}; {v:g} is not.")
         out.append(v)
     return out
 
 
-def parse_int_list(text: str | None, field: str, *, lo: int, hi: int, max_n: int) -> list[int]:
-    vals = parse_float_list(text, field, lo=lo, hi=hi, max_n=max_n)
+def parse_int_list(text: str | None, field: str, lo: float, hi: float, *, max_n: int) -> list[int]:
+    vals = parse_float_list(text, field, lo, hi, max_n=max_n)
     if any(v != int(v) for v in vals):
         raise InvalidInput(f"`{field}` takes whole numbers, e.g. `1111,2222,3333`.")
     return [int(v) for v in vals]
@@ -335,7 +336,7 @@ class Merge(commands.Cog):
         conv_rank: str | None = None,
         base_model: str | None = None,
         prompt: str | None = None,
-        grid_steps: app_commands.Range[int, 1, 150] | None = None,
+        grid_steps: SampleSteps | None = None,
         output_name: str | None = None,
         into_checkpoint: bool = False,
         half: bool = False,
@@ -356,7 +357,7 @@ class Merge(commands.Cog):
         if len(inputs) > MAX_INPUTS:
             raise InvalidInput(f"{len(inputs)} LoRAs is too many; at most {MAX_INPUTS} can be merged at once.")
         arch = check_inputs(inputs)
-        values = parse_float_list(ratios or "1", "ratios", lo=-10, hi=10, max_n=MAX_INPUTS)
+        values = parse_float_list(ratios or "1", "ratios", *bounds(Ratio), max_n=MAX_INPUTS)
         if len(values) == 1:
             values = values * len(inputs)
         if len(values) != len(inputs):
