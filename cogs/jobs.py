@@ -6,7 +6,6 @@ id looks like one that does not exist.
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import TYPE_CHECKING, Any
 
 import discord
@@ -73,7 +72,13 @@ class Jobs(commands.Cog):
                                         newest_first=True, limit=25)
         note = "(Only admins can see everyone's jobs; these are yours.)\n" if all and not everyone else ""
         if not rows:
-            await reply(interaction, note + "No jobs yet. Start one with `/train`.", ephemeral=True)
+            owner = None if everyone else interaction.user.id
+            if active and await bot.repo.list_jobs(owner_id=owner, newest_first=True, limit=1):
+                text = ("Nothing is queued or running" + (" for anyone." if everyone else " for you.")
+                        + " See finished jobs with `/jobs`, or start one with `/train`.")
+            else:
+                text = "No jobs yet. Start one with `/train`."
+            await reply(interaction, note + text, ephemeral=True)
             return
         lines = []
         for j in rows:
@@ -110,7 +115,7 @@ class Jobs(commands.Cog):
             lines.append(f"Error: {clip(job.error, 500)}")
         lines.append(f"Settings: {spec_summary(job.spec_json)}")
         if job.gpu_seconds:
-            lines.append(f"Device time: {dt.timedelta(seconds=int(job.gpu_seconds))}")
+            lines.append(f"Device time: {format_duration(job.gpu_seconds)}")
         arts = [a for a in await bot.repo.list_artifacts(job.id) if a.kind in ("lora", "checkpoint", "grid", "plot")]
         if arts:
             lines.append("Files: " + ", ".join(f"{a.kind} `{a.path.rsplit('/', 1)[-1]}`" for a in arts[-6:]))

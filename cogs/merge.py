@@ -24,7 +24,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.autogrid import train_prompt
+from bot.autogrid import caption_prompt, train_prompt
 from bot.config import BUILTIN_MODELS
 from bot.errors import InvalidInput, NotFound, PermissionDenied
 from bot.interactions import (
@@ -143,7 +143,9 @@ async def resolve_own_lora(bot: LoraforgeBot, interaction: discord.Interaction, 
         raise InvalidInput(str(e)) from None
     spec = job.spec
     base = spec.get("base_model") if isinstance(spec.get("base_model"), str) else None
-    return LoraInput(info, label, path=path, base_model=base, prompt=_job_prompt(spec) or tag_prompt(info.metadata))
+    # What the job trained on (never the file name its metadata carries: the LoRA never saw it).
+    prompt = _job_prompt(spec) or await asyncio.to_thread(caption_prompt, spec)
+    return LoraInput(info, label, path=path, base_model=base, prompt=prompt)
 
 
 async def fetch_attached_loras(attachments: list[discord.Attachment | None]) -> list[LoraInput]:
