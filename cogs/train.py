@@ -39,6 +39,7 @@ from bot.interactions import (
     submit_job,
 )
 from bot.lorafile import base_model_arch
+from bot.options import Seed
 from bot.plan import card_bytes, plan_line
 from bot.specs import (
     OPTIMIZERS,
@@ -417,7 +418,7 @@ class Train(commands.Cog):
         scheduler: str | None = None,
         batch_size: app_commands.Range[int, 1, 64] | None = None,
         resolution: app_commands.Range[int, 64, 4096] | None = None,
-        seed: app_commands.Range[int, 0, 4294967295] | None = None,
+        seed: Seed | None = None,
         train_text_encoder: bool | None = None,
         sample_prompt: str | None = None,
         output_name: str | None = None,

@@ -164,6 +164,11 @@ class NewImage(Protocol):
     caption: str | None
 
 
+def _is_rowid(value: Any) -> bool:
+    """A value SQLite can look up as a rowid (64-bit signed int)."""
+    return isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
+
+
 def _row_to(cls: type, row: sqlite3.Row) -> Any:
     kwargs = {f: row[f] for f in cls.__dataclass_fields__}
     return cls(**kwargs)
@@ -257,6 +262,8 @@ class Repo:
         return _row_to(Dataset, row)
 
     async def get_dataset(self, dataset_id: int) -> Dataset | None:
+        if not _is_rowid(dataset_id):
+            return None  # "#99999999999999999999" typed by hand: no such dataset (SQLite would overflow)
         row = await self.db.fetchone("SELECT * FROM datasets WHERE id = ?", (dataset_id,))
         return _row_to(Dataset, row) if row else None
 
@@ -438,6 +445,8 @@ class Repo:
         return _job(row)
 
     async def get_job(self, job_id: int) -> Job | None:
+        if not _is_rowid(job_id):
+            return None  # an id past SQLite's 64 bits: no such job (SQLite would raise OverflowError)
         row = await self.db.fetchone("SELECT * FROM jobs WHERE id = ?", (job_id,))
         return _job(row) if row else None
 
