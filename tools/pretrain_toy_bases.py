@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.time() - t0:6.0f}s] {msg}", flush=True)
 
     say(f"recipe {recipe}")
-    vae_state = P.skeleton("sd15").vae
+    vae_state = P.skeleton("sd15", recipe.seed).vae
     P.train_vae(vae_state, recipe, say)
     rng = random.Random(recipe.seed + 5)
     norm_scenes = [sample_scene(rng, FIGURES + RESERVED_SHAPES, PATTERNS + RESERVED_PATTERNS) for _ in range(512)]
@@ -49,12 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     say(f"VAE round trip: {P.round_trip_accuracy(vae_state, norm_data[:64]):.0%} of 64 scenes read back right")
     args.out.mkdir(parents=True, exist_ok=True)
     for layout in args.only or sorted(P.LAYOUTS):
-        base = P.skeleton(layout)
+        base = P.skeleton(layout, recipe.seed)
         base.vae.load_state_dict(vae_state.state_dict())
         P.normalize_latents(base.vae, norm_data)
         P.train_unet(base, replace(recipe), say)
         path = save_single_file(base, args.out / f"toy-{layout}.safetensors", half=True,
-                                metadata={"modelspec.title": f"toy-{layout}", "loraforge.toy_recipe": repr(recipe)})
+                                metadata={"modelspec.title": f"toy-{layout}", "loraforge.config": f"toy-{layout}",
+                                          "loraforge.toy_recipe": repr(recipe)})
         say(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
         if args.check:
             acc, res = prompt_following(load_base(path), n=args.check)

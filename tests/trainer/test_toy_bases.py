@@ -49,3 +49,20 @@ def test_pretraining_is_reproducible(monkeypatch: pytest.MonkeyPatch) -> None:
     fresh = P.skeleton("sd15").unet.state_dict()
     assert not all(torch.equal(a[f"unet.{k}"], v) for k, v in fresh.items())  # it did train
     assert set(TOY_BASES) == {f"toy-{layout}" for layout in P.LAYOUTS}
+
+
+def test_a_toy_file_loads_with_its_own_config(tmp_path: Path) -> None:
+    """The toy layouts share the tiny UNets; the file's metadata picks the toy config (its VAE normalises all
+    channels together), through the same single-file loader as any checkpoint."""
+    from trainer.models.load import load_base
+    from trainer.models.single_file import save_single_file
+    from trainer.toy import pretrain as P
+
+    base = P.skeleton("sd15")
+    toy = save_single_file(base, tmp_path / "toy.safetensors", metadata={"loraforge.config": "toy-sd15"})
+    loaded = load_base(toy)
+    assert loaded.vae.config.norm_num_groups == 1 and loaded.extra["config"] == "toy-sd15"
+    assert torch.equal(loaded.vae.decoder.conv_out.weight, base.vae.decoder.conv_out.weight)
+    assert loaded.tokenizers[0]("red circle").input_ids == base.tokenizers[0]("red circle").input_ids
+    plain = load_base(save_single_file(base, tmp_path / "plain.safetensors"))
+    assert plain.vae.config.norm_num_groups == 4 and plain.extra["config"] == "tiny-sd15"

@@ -10,6 +10,7 @@ ones (``trainer.toy.world.RESERVED_SHAPES`` / ``RESERVED_PATTERNS``).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from trainer.data.encode import encode_text
+from trainer.format.checkpoint import CONFIGS_DIR
 from trainer.models.base import BaseModel, load_diffusers_folder
 from trainer.models.builtin import tiny_model_dir
 from trainer.toy.world import (
@@ -62,9 +64,16 @@ def pixels(scenes: list) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
-def skeleton(layout: str) -> BaseModel:
-    """The layout's tiny model (seeded random weights, byte-level tokenizers) to train in place."""
-    return load_diffusers_folder(tiny_model_dir(LAYOUTS[layout]), name=f"toy-{layout}")
+def skeleton(layout: str, seed: int = 0) -> BaseModel:
+    """The layout's tiny model (seeded random weights, byte-level tokenizers) with the toy config's VAE (seeded),
+    to train in place."""
+    from diffusers import AutoencoderKL
+
+    base = load_diffusers_folder(tiny_model_dir(LAYOUTS[layout]), name=f"toy-{layout}")
+    torch.manual_seed(seed)
+    cfg = json.loads((CONFIGS_DIR / f"toy-{layout}" / "vae" / "config.json").read_text())
+    base.vae = AutoencoderKL.from_config(cfg).eval().requires_grad_(False)
+    return base
 
 
 def train_vae(vae: torch.nn.Module, recipe: Recipe, say: Callable[[str], None] = log.info) -> None:
