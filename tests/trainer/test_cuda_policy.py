@@ -95,3 +95,25 @@ def test_a_black_class_image_is_refused_not_saved(tmp_path: Path) -> None:
                                   render=lambda prompt, seed, w, h: Image.new("RGB", (w, h), (0, 0, 0)))
     assert e.value.reason == "nan" and "all black" in str(e.value) and "bf16" in str(e.value)
     assert not list((tmp_path / "cls").glob("*.png"))
+
+
+def test_auto_precision_uses_native_bf16_of_the_jobs_own_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    from trainer.train.precision import resolve_mixed_precision, resolve_precision
+
+    capability = {"cuda:0": (8, 6), "cuda:1": (7, 5)}  # an RTX 3090 and an RTX 2080 Ti in one machine
+    asked: list[str] = []
+
+    def get_device_capability(device: Any = None) -> tuple[int, int]:
+        asked.append(str(device))
+        return capability[str(device)]
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", get_device_capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # counts emulation on Turing
+    assert resolve_mixed_precision("auto", torch.device("cuda:0")) == "bf16"
+    assert resolve_mixed_precision("auto", torch.device("cuda:1")) == "fp16"  # fp16 + GradScaler, not slow bf16
+    assert asked == ["cuda:0", "cuda:1"]
+    fp16 = resolve_precision("auto", torch.device("cuda:1"))
+    assert fp16.autocast_dtype == torch.float16 and fp16.scaler is not None
+    emulated = resolve_precision("bf16", torch.device("cuda:1"))  # asked for explicitly: runs, with a warning
+    assert emulated.autocast_dtype == torch.bfloat16 and "only emulates bf16" in (emulated.note or "")
+    assert resolve_precision("bf16", torch.device("cuda:0")).note is None
