@@ -90,6 +90,7 @@ class Trainer:
         self.last_state_step = -1
         self.scaler: torch.amp.GradScaler | None = None
         self.skipped_steps = 0  # fp16 steps GradScaler skipped (inf/NaN gradients)
+        self.te_offloaded = False  # text encoders moved off the GPU once their outputs were cached
         self.skipped_in_a_row = 0
 
     def log(self, message: str, level: str = "info") -> None:
@@ -195,8 +196,15 @@ class Trainer:
     def cache(self) -> None:
         from trainer.data.cache import cache_inputs
 
-        cache_inputs(self.spec, self.data, self.base, self.device, self.train_te, self._autocast, self.emit,
-                     self._phase_progress)
+        self.te_offloaded = cache_inputs(self.spec, self.data, self.base, self.device, self.train_te,
+                                         self._autocast, self.emit, self._phase_progress)
+
+    def text_encoders_to(self, device: torch.device | str) -> None:
+        """Bring offloaded text encoders back for something that runs them (samples, a copier check) or send
+        them off again."""
+        if self.te_offloaded:
+            for te in self.base.text_encoders:
+                te.to(device)
 
     def _phase_progress(self, name: str) -> Callable[[int, int], None]:
         from trainer.data.cache import phase_counter
@@ -324,12 +332,14 @@ class Trainer:
         if not self.sample_hook and not prompts:
             return
         modes = {id(m): m.training for m in [self.base.unet, *self.base.text_encoders]}
+        self.text_encoders_to(self.device)
         try:
             if hasattr(self.network, "set_multiplier"):
                 self.network.set_multiplier(1.0)
             with torch.no_grad(), self._autocast():
                 paths = [str(p) for p in hook(self.step, self.network)]
         finally:
+            self.text_encoders_to("cpu")
             for m in [self.base.unet, *self.base.text_encoders]:
                 m.train(modes[id(m)])
         for i, p in enumerate(paths):
