@@ -6,6 +6,8 @@ floating-point weights) and then left on the CPU; the setup of a real Trainer ru
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -196,3 +198,42 @@ def test_runner_frees_gpu_memory_after_the_failure_is_dropped(tmp_path: Path, da
     assert freed_with_model_alive == [False]  # freed once, and only after the model could be collected
     assert e.value.__cause__ is None and e.value.__context__ is None  # nothing chains back to the engine's frames
     assert e.value.reason == {"oom": "oom", "nan": "nan", "bug": "error"}[error]
+
+
+def test_step_losses_are_read_at_progress_cadence_not_every_micro_step(tmp_path: Path, dataset: Path, make_spec,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """float(loss) makes the CPU wait for the GPU: the loop reads the losses in one go when it reports."""
+    from trainer.train import loop
+    from trainer.train import losses as losses_mod
+
+    loss_storages: set[int] = set()
+    reads: list[str] = []
+    real_loss = losses_mod.weighted_loss
+
+    def weighted_loss(*a: Any, **k: Any) -> torch.Tensor:
+        out = real_loss(*a, **k)
+        loss_storages.add(out.untyped_storage().data_ptr())
+        return out
+
+    def counting(name: str) -> Any:
+        real = getattr(torch.Tensor, name)
+
+        def read(t: torch.Tensor, *a: Any, **k: Any) -> Any:
+            if t.untyped_storage().data_ptr() in loss_storages:
+                reads.append(name)
+            return real(t, *a, **k)
+
+        return read
+
+    monkeypatch.setattr(losses_mod, "weighted_loss", weighted_loss)
+    for name in ("__float__", "item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    monkeypatch.setattr(loop, "PROGRESS_EVERY_S", 3600.0)  # one progress event: the last step
+    events: list[dict[str, Any]] = []
+    spec = make_spec(dataset, steps=4, grad_accum=2)
+    Trainer(spec, tmp_path / "job", events.append).run()
+    assert len(loss_storages) == 8 and reads == []  # 8 micro-steps, none read on its own
+    history = json.loads((tmp_path / "job" / "outputs" / "loss.json").read_text())
+    assert history["steps"] == [1, 2, 3, 4] and all(math.isfinite(v) and v > 0 for v in history["loss"])
+    progress = [e for e in events if e["type"] == "progress"]
+    assert progress[-1]["step"] == 4 and progress[-1]["loss_raw"] == history["loss"][-1]
