@@ -237,3 +237,28 @@ def test_step_losses_are_read_at_progress_cadence_not_every_micro_step(tmp_path:
     assert history["steps"] == [1, 2, 3, 4] and all(math.isfinite(v) and v > 0 for v in history["loss"])
     progress = [e for e in events if e["type"] == "progress"]
     assert progress[-1]["step"] == 4 and progress[-1]["loss_raw"] == history["loss"][-1]
+
+
+def test_xformers_is_opt_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    import types
+
+    from trainer.spec import TrainSpec
+    from trainer.train.precision import enable_fast_attention
+
+    monkeypatch.setitem(sys.modules, "xformers", types.ModuleType("xformers"))  # "installed"
+
+    class UNet:
+        calls = 0
+
+        def enable_xformers_memory_efficient_attention(self) -> None:
+            UNet.calls += 1
+
+    cuda = torch.device("cuda")
+    assert TrainSpec.model_fields["xformers"].default is False
+    assert enable_fast_attention(UNet(), cuda) == "PyTorch SDPA" and UNet.calls == 0  # the default: SDPA
+    assert enable_fast_attention(UNet(), cuda, use_xformers=True) == "xformers memory-efficient attention"
+    assert UNet.calls == 1
+    assert "needs a GPU" in enable_fast_attention(UNet(), torch.device("cpu"), use_xformers=True)
+    monkeypatch.setitem(sys.modules, "xformers", None)  # not installed: said, and SDPA runs
+    assert "not installed" in enable_fast_attention(UNet(), cuda, use_xformers=True) and UNet.calls == 1
