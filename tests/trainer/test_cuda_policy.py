@@ -262,3 +262,13 @@ def test_xformers_is_opt_in(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "needs a GPU" in enable_fast_attention(UNet(), torch.device("cpu"), use_xformers=True)
     monkeypatch.setitem(sys.modules, "xformers", None)  # not installed: said, and SDPA runs
     assert "not installed" in enable_fast_attention(UNet(), cuda, use_xformers=True) and UNet.calls == 1
+
+
+def test_resume_says_what_it_reproduces_on_each_device() -> None:
+    from trainer.train.state import resume_note
+
+    cpu, cuda = resume_note(torch.device("cpu"), 4), resume_note(torch.device("cuda"), 4)
+    for note in (cpu, cuda):
+        assert note.startswith("resumed from step 4") and "same data order" in note and "RNG states" in note
+    assert "bit-exact" in cpu and "bit-exact" not in cuda
+    assert "not bit-deterministic" in cuda and "not bit for bit" in cuda

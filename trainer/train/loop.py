@@ -17,8 +17,9 @@ step (difference training applies its frozen copier there); `extra_metadata` is 
 Determinism (exact resume): nothing here draws from a global RNG stream that carries over between steps.
 Step s (micro-batch a) draws its noise, noise offset and timesteps from a generator seeded with
 (seed, s, a); the global torch seed is reset to (seed, s) at the start of each step for anything else
-(network dropout); the data order is a function of (seed, epoch). So a run resumed from a state saved at
-step k ends with exactly the weights of a run that was never interrupted.
+(network dropout); the data order is a function of (seed, epoch). So on CPU a run resumed from a state saved
+at step k ends with exactly the weights of a run that was never interrupted; on a GPU the inputs are the same but
+the kernels are not bit-deterministic (README, "What a resume reproduces"; the resume is logged saying which).
 """
 
 from __future__ import annotations
@@ -156,6 +157,7 @@ class Trainer:
             self.intermediate = list(s.extra.get("intermediate", []))
             self.skipped_steps = int(s.extra.get("skipped_steps", 0))
             self.skipped_in_a_row = int(s.extra.get("skipped_in_a_row", 0))
+            self.log(st.resume_note(self.device, s.step))
         if self.prepare_base is not None:
             self.prepare_base(self.base)
 

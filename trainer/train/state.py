@@ -257,6 +257,16 @@ def optimizer_layout(optimizer: torch.optim.Optimizer) -> list[list[list[int]]]:
     return [[list(p.shape) for p in g["params"]] for g in optimizer.param_groups]
 
 
+def resume_note(device: torch.device, step: int) -> str:
+    """What a resume at `step` reproduces on `device`, for the job's log (README: "What a resume reproduces")."""
+    same = (f"resumed from step {step}: the same data order, captions, flips, noise and timesteps as an uninterrupted "
+            "run (every draw is seeded from seed and step), with the optimizer, schedule and RNG states restored")
+    if device.type == "cpu":
+        return same + "; on CPU the final weights are bit-exact"
+    return (same + f"; on {device.type} the kernels are not bit-deterministic, so the final weights match an "
+            "uninterrupted run closely but not bit for bit (as two runs with the same seed do)")
+
+
 def resume_into(job_dir: Path, spec_fp: str, data_fp: str, network: Any, optimizer: torch.optim.Optimizer,
                 lr_scheduler: Any, scaler: torch.amp.GradScaler | None) -> TrainState | None:
     """Load the newest valid state of `job_dir` into the network, optimizer, schedule, GradScaler and the RNGs;
