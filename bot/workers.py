@@ -21,9 +21,11 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
+
+from bot.worker_env import worker_environment
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,8 @@ class WorkerHandle:
         *,
         ready_timeout_s: float = 300.0,
         env: dict[str, str] | None = None,
+        env_pass: Sequence[str] = (),
+        env_deny: Sequence[str] = (),
     ) -> None:
         self.index = index
         self.id = f"worker-{index}"
@@ -94,6 +98,8 @@ class WorkerHandle:
         self.on_exit = on_exit
         self.ready_timeout_s = ready_timeout_s
         self.env = env
+        self.env_pass = tuple(env_pass)  # extra variable names the operator lets through
+        self.env_deny = tuple(env_deny)  # the configured token / link-secret variable names
         self.proc: asyncio.subprocess.Process | None = None
         self.job_id: int | None = None  # the job it is running, if any
         self.ready = False
@@ -124,7 +130,9 @@ class WorkerHandle:
         return argv
 
     def _child_env(self) -> dict[str, str]:
-        env = dict(os.environ if self.env is None else self.env)
+        # An allow-list, not a copy: the bot's token and link secret must never reach engine code.
+        env = worker_environment(os.environ if self.env is None else self.env,
+                                 extra=self.env_pass, deny=self.env_deny)
         env.setdefault("HF_HUB_OFFLINE", "1")
         env["PYTHONUNBUFFERED"] = "1"
         # `-m trainer.jobs.worker` / `-m bot.workers` must import from this checkout whatever the CWD.

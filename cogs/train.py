@@ -39,6 +39,7 @@ from bot.interactions import (
     submit_job,
 )
 from bot.lorafile import base_model_arch
+from bot.options import Seed
 from bot.plan import card_bytes, plan_line
 from bot.specs import (
     OPTIMIZERS,
@@ -53,6 +54,7 @@ from bot.specs import (
 from cogs.datasets import dataset_choices, resolve_dataset
 from storage.files import write_bytes_atomic, write_file_atomic
 from storage.intake import IntakeError, IntakeLimits, check_image
+from storage.names import file_stem
 
 if TYPE_CHECKING:
     from bot.app import LoraforgeBot
@@ -131,7 +133,6 @@ MODE_CHOICES = [
                         value="difference"),
 ]
 MAX_PAIRS = 8  # DifferenceSpec.pairs max_length
-PAIR_NAME_RE = re.compile(r"[^A-Za-z0-9_.\- ]+")
 # File-name suffixes of a dataset of pairs: "<name>-target.png" is the edit of "<name>.png".
 TARGET_SUFFIX = re.compile(r"[-_ ](target|edited|edit|after)$", re.IGNORECASE)
 ORIGINAL_SUFFIX = re.compile(r"[-_ ](original|orig|before)$", re.IGNORECASE)
@@ -173,8 +174,7 @@ class PairInput:
 
 def clean_pair_name(text: str, default: str = "pair") -> str:
     """A DifferencePair.name (letters, digits, _ . - and spaces; starts with a letter or digit)."""
-    cleaned = PAIR_NAME_RE.sub("_", text).strip(" _.-")[:60].strip(" _.-")
-    return cleaned or default
+    return file_stem(text, default, max_len=60)
 
 
 def split_pair_stem(file_name: str) -> tuple[str, str]:
@@ -418,7 +418,7 @@ class Train(commands.Cog):
         scheduler: str | None = None,
         batch_size: app_commands.Range[int, 1, 64] | None = None,
         resolution: app_commands.Range[int, 64, 4096] | None = None,
-        seed: app_commands.Range[int, 0, 4294967295] | None = None,
+        seed: Seed | None = None,
         train_text_encoder: bool | None = None,
         sample_prompt: str | None = None,
         output_name: str | None = None,
@@ -558,8 +558,7 @@ def _memory_plan_line(bot: LoraforgeBot, spec: TrainSpec) -> str:
 
 
 def _default_output_name(dataset_name: str) -> str:
-    cleaned = "".join(c if c.isalnum() or c in "_-." else "_" for c in dataset_name).strip("_.-")
-    return (cleaned or "lora")[:100]
+    return file_stem(dataset_name.replace(" ", "_"), "lora")
 
 
 async def setup(bot: LoraforgeBot) -> None:

@@ -87,15 +87,15 @@ def _fmt_time(seconds: float | None) -> str:
 
 
 class ProgressPrinter:
-    """Prints engine events. Training progress is one bar redrawn in place with \r when the stream is a terminal,
-    and plain `step N/M ...` lines otherwise (logs, pipes, CI)."""
+    """Prints engine events. Training progress is one tqdm bar redrawn in place when the stream is a terminal
+    (other lines are printed above it), and plain `step N/M ...` lines otherwise (logs, pipes, CI)."""
 
     BAR = 24
 
     def __init__(self, stream: Any = None, tty: bool | None = None):
         self._stream = stream
         self.tty = tty
-        self._bar_open = False
+        self._bar: Any = None  # the open tqdm bar
         self._phase: str | None = None
 
     @property
@@ -111,11 +111,28 @@ class ProgressPrinter:
             return False
 
     def _line(self, text: str) -> None:
-        if self._bar_open:
-            self.stream.write("\n")
-            self._bar_open = False
-        self.stream.write(text + "\n")
+        if self._bar is not None:  # print above the bar, which is redrawn below
+            with self._bar.external_write_mode(file=self.stream):
+                self.stream.write(text + "\n")
+        else:
+            self.stream.write(text + "\n")
         self.stream.flush()
+
+    def _progress_bar(self, ev: dict[str, Any], text: str) -> None:
+        from tqdm import tqdm
+
+        total, step = max(int(ev["total"]), 1), min(int(ev["step"]), max(int(ev["total"]), 1))
+        if self._bar is None:  # drawn once on creation, with this event's numbers
+            self._bar = tqdm(total=total, initial=step, desc=text, file=self.stream, ascii="-#",
+                             bar_format=f"[{{bar:{self.BAR}}}] {{desc}}", mininterval=0, dynamic_ncols=False)
+        else:
+            self._bar.total, self._bar.n = total, step
+            self._bar.set_description_str(text, refresh=False)
+            if step < total:
+                self._bar.refresh()
+        if step >= total:  # close() draws the final state once and ends the line
+            self._bar.close()
+            self._bar = None
 
     @staticmethod
     def progress_text(ev: dict[str, Any]) -> str:
@@ -129,14 +146,7 @@ class ProgressPrinter:
         if t == "progress":
             text = self.progress_text(ev)
             if self._is_tty():
-                total = max(int(ev["total"]), 1)
-                done = int(self.BAR * min(int(ev["step"]), total) / total)
-                bar = "#" * done + "-" * (self.BAR - done)
-                self.stream.write(f"\r[{bar}] {text}\x1b[K")
-                self.stream.flush()
-                self._bar_open = True
-                if ev["step"] >= ev["total"]:
-                    self._line("")
+                self._progress_bar(ev, text)
             else:
                 self._line(text)
         elif t == "file":
