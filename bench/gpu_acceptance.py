@@ -216,8 +216,9 @@ def run_case(case: Case, work: Path, dry: bool) -> dict[str, Any]:
             undo()
     row["seconds"] = round(time.monotonic() - t0, 1)
     if not dry:
-        row["measured_gib"] = round(torch.cuda.max_memory_allocated() / GiB, 2)
-        row["plan_error"] = round(plan.allocated / torch.cuda.max_memory_allocated() - 1, 3)
+        measured = torch.cuda.max_memory_allocated()
+        row["measured_gib"] = round(measured / GiB, 2)
+        row["plan_error"] = round(plan.allocated / measured - 1, 3) if measured else None
     if out:
         lora = out.get("lora")
         if not lora or not Path(lora).is_file() or not lora_finite(Path(lora)):
@@ -344,7 +345,10 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             print(f"{r['case']}: {'ok' if r['ok'] else 'FAILED'}", file=sys.stderr, flush=True)
     if not args.dry_run and not args.only:
-        rows.append(check_pinned_workers(work))
+        try:
+            rows.append(check_pinned_workers(work))
+        except Exception as e:  # noqa: BLE001 - a worker that did not start is a failed case, not a lost report
+            rows.append({"case": "two-workers-pinned", "ok": False, "problems": [f"{type(e).__name__}: {e}"]})
     print_table(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {"dry_run": args.dry_run, "cases": [asdict(c) for c in CASES], "results": rows,
