@@ -29,9 +29,8 @@ from bot.views import CancelButton
 
 log = logging.getLogger("loraforge.bot")
 
-COGS = ("cogs.datasets", "cogs.train", "cogs.jobs", "cogs.models", "cogs.admin", "cogs.me")
-# Cogs written by others later (/merge, /preview): loaded when present.
-OPTIONAL_COGS = ("cogs.merge", "cogs.preview")
+COGS = ("cogs.datasets", "cogs.train", "cogs.jobs", "cogs.models", "cogs.admin", "cogs.me", "cogs.merge",
+        "cogs.preview")
 
 
 class LoraforgeTree(app_commands.CommandTree["LoraforgeBot"]):
@@ -122,15 +121,11 @@ class LoraforgeBot(commands.Bot):
         self._remove_listener = self.service.add_listener(self.progress.on_event)
         for name in self.cog_names:
             await self.load_extension(name)
-        for name in OPTIONAL_COGS:
-            with contextlib.suppress(commands.ExtensionNotFound):
-                if name not in self.extensions:
-                    await self.load_extension(name)
         self.add_dynamic_items(CancelButton)
         d = self.config.discord
         secret = self.config.link_secret() or await asyncio.to_thread(load_secret, None, None, self.files.root)
         self.file_server = FileServer(
-            LinkSigner(secret, ttl_s=d.link_ttl_s), self.progress.resolve_artifact,
+            LinkSigner(secret, ttl_s=d.link_ttl_s), self.progress.results.resolve_artifact,
             host=d.http_host, port=d.http_port, public_base_url=d.public_base_url,
         )
         try:
