@@ -383,8 +383,8 @@ class JobReporter:
         if dest is None:
             return
         if job.state == "queued":
-            pos, eta = await bot.queue_info(job.id)
-            self.state["position"], self.state["queue_eta_s"] = pos, eta
+            pos, starts = await bot.queue_info(job.id, until_start=True)  # the message says "starts in"
+            self.state["position"], self.state["queue_eta_s"] = pos, starts
         if "difference" not in self.state and job.spec.get("mode") == "difference":
             # after a restart, before the engine's "started": still render as a pair/pass job
             self.state["difference"] = True

@@ -29,6 +29,7 @@ from pydantic import BaseModel
 from bot import queue_policy
 from bot.config import Config, is_listed_base_model, list_base_models
 from bot.diskguard import DiskGuard
+from bot.humanize import format_duration
 from bot.listeners import Event, Listener, Listeners
 from bot.quotas import EXEMPT_EVENT, WAIT_EVENT, QuotaGate
 from bot.workers import OOM_MESSAGE, WorkerHandle, WorkerStartError, looks_like_oom
@@ -70,11 +71,6 @@ def _file_info(path: Path) -> tuple[int, str | None]:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return path.stat().st_size, h.hexdigest()
-
-
-def _fmt_minutes(seconds: float) -> str:
-    m = max(1, round(seconds / 60))
-    return f"{m} min" if m < 120 else f"{m / 60:.1f} h"
 
 
 class Scheduler:
@@ -302,7 +298,7 @@ class Scheduler:
                         raise QuotaError(
                             f"You have used {used / 60:.0f} of your {lim.daily_gpu_minutes_per_user:.0f} GPU "
                             f"minutes for the last 24 hours. Time starts freeing up at {when} "
-                            f"(in about {_fmt_minutes(frees - now)})."
+                            f"(in about {format_duration(frees - now)})."
                         )
                     if refusal := await self.quotas.too_big(kind, json.loads(spec_json)):
                         raise QuotaError(refusal)
@@ -592,28 +588,39 @@ class Scheduler:
                 return i
         return None
 
-    async def _duration(self, job: Job, speeds: dict[str, queue_policy.Speed]) -> float | None:
-        """Seconds this job still needs (bot/queue_policy.py); speeds are looked up once per kind."""
-        if job.kind not in speeds:
-            speeds[job.kind] = await queries.recent_speed(self.repo.db, job.kind)
-        return queue_policy.remaining_s(job, speeds[job.kind])
+    async def _speed(self, kind: str, speeds: dict[str, queue_policy.Speed | None]) -> queue_policy.Speed | None:
+        if kind not in speeds:
+            live = [float((j.progress or {}).get("steps_per_s") or 0)
+                    for j in await self.repo.list_jobs(states=["running"]) if j.kind == kind]
+            speeds[kind] = queue_policy.measure_speed(await queries.recent_runs(self.repo.db, kind), live)
+        return speeds[kind]
 
-    async def eta(self, job_id: int) -> float | None:
-        """Estimated seconds until the job finishes (None: no measurements yet, or finished)."""
+    async def _remaining(self, job: Job, speeds: dict[str, queue_policy.Speed | None]) -> float | None:
+        return queue_policy.remaining_s(job, await self._speed(job.kind, speeds))
+
+    async def estimate(self, job_id: int) -> tuple[float | None, float | None]:
+        """(seconds until the job starts, until it finishes); None where there is nothing to go on.
+        A running job starts at 0; a finished one has (None, None)."""
         job = await self._job_or_raise(job_id)
         if job.is_terminal:
-            return None
-        speeds: dict[str, queue_policy.Speed] = {}
-        own = await self._duration(job, speeds)
-        if own is None or job.state == "running":
-            return own
+            return None, None
+        speeds: dict[str, queue_policy.Speed | None] = {}
+        own = await self._remaining(job, speeds)
+        if job.state == "running":
+            return 0.0, own
         ahead: list[Job] = []
         for j in await self.fair_order():
             if j.id == job_id:
                 break
             ahead.append(j)
-        ahead += await self.repo.list_jobs(states=["running"])
-        return queue_policy.finish_eta(own, [await self._duration(j, speeds) for j in ahead], len(self.workers))
+        running = await self.repo.list_jobs(states=["running"])
+        return queue_policy.start_and_finish(
+            own, [await self._remaining(j, speeds) for j in ahead],
+            [await self._remaining(j, speeds) for j in running], len(self.workers))
+
+    async def eta(self, job_id: int) -> float | None:
+        """Estimated seconds until the job finishes (None: no measurements yet, or finished)."""
+        return (await self.estimate(job_id))[1]
 
     # ---- introspection ------------------------------------------------------------------------
 
