@@ -16,11 +16,13 @@ import logging
 import sys
 from typing import Any
 
+import aiohttp
 import discord
 import yarl
 from discord import app_commands
 from discord.ext import commands
 
+from bot.ackgate import AckGate, mark_answered
 from bot.config import DISCORD_API, Config
 from bot.delivery import FileServer, LinkSigner, load_secret
 from bot.errors import PermissionDenied, UserError, install_redaction, report
@@ -35,7 +37,7 @@ log = logging.getLogger("loraforge.bot")
 
 REFUSED_TOKEN = ("Discord refused the token: reset it in the Developer Portal (Bot > Reset Token) and set "
                  "LORAFORGE_TOKEN")
-
+HTTP_CONNECTIONS = 32  # concurrent requests to Discord; more wait for a free kept-alive connection
 COGS = ("cogs.datasets", "cogs.train", "cogs.jobs", "cogs.models", "cogs.admin", "cogs.me", "cogs.merge",
         "cogs.preview")
 
@@ -46,6 +48,7 @@ class LoraforgeTree(app_commands.CommandTree["LoraforgeBot"]):
         if interaction.type is not discord.InteractionType.application_command:
             return True
         bot: LoraforgeBot = interaction.client  # type: ignore[assignment]
+        bot.ack_gate.arrived(interaction.id)  # until its first answer, others' work waits (bot.ackgate)
         try:
             bot.access.check_context(interaction)
             # Raw values are checked against the declared options before discord.py converts them:
@@ -58,6 +61,7 @@ class LoraforgeTree(app_commands.CommandTree["LoraforgeBot"]):
 
     async def on_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
         await report(interaction, error)
+        mark_answered(interaction)
 
 
 class LoraforgeBot(commands.Bot):
@@ -89,6 +93,7 @@ class LoraforgeBot(commands.Bot):
         self.start_workers = start_workers
         self.serve = serve  # False: the command tree only (python -m bot sync): no file server, no jobs
         self.service_ready = asyncio.Event()
+        self.ack_gate = AckGate()
         self._remove_listener: Any = None
         self._service_task: asyncio.Task[None] | None = None
 
@@ -127,6 +132,15 @@ class LoraforgeBot(commands.Bot):
         return pos, starts if until_start else done
 
     # -- lifecycle
+
+    async def login(self, token: str) -> None:
+        # A bounded pool of kept-alive connections to Discord. discord.py's default opens a new connection
+        # for every concurrent request: a burst of 500 commands means 500 TCP (TLS) handshakes before the
+        # 500 deferrals, and acknowledgements then take seconds. Reused connections ack them in well
+        # under one (docs/benchmarks-ack.md). Made here, inside the running loop, as aiohttp requires.
+        if self.http.connector is discord.utils.MISSING:
+            self.http.connector = aiohttp.TCPConnector(limit=HTTP_CONNECTIONS)
+        await super().login(token)
 
     async def setup_hook(self) -> None:
         await self.service.open()
@@ -186,6 +200,9 @@ class LoraforgeBot(commands.Bot):
         with contextlib.suppress(Exception):
             await self.service.stop()
         await super().close()
+
+    async def on_app_command_completion(self, interaction: discord.Interaction, command: Any) -> None:
+        mark_answered(interaction)  # a command that ended without answering holds nobody up
 
     async def on_ready(self) -> None:
         log.info("logged in as %s (%s) in %d guild(s)", self.user, getattr(self.user, "id", "?"), len(self.guilds))

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 
 from PIL import Image, ImageDraw, ImageFile, ImageFont, ImageOps, UnidentifiedImageError
 
-from storage.names import display_file_name
+from storage.names import display_file_name, display_text
 
 MiB = 1024 * 1024
 
@@ -201,7 +201,9 @@ def _decode_caption(name: str, data: bytes) -> str | None:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise IntakeError(name, "is not UTF-8 text; save the caption file as UTF-8") from e
-    text = " ".join(text.split())  # captions are one line; collapse newlines and runs of spaces
+    # Captions are one line of training text: newlines and runs of spaces collapse, and control, bidi and
+    # zero-width characters go (they would be trained on, and echoed by /dataset show).
+    text = display_text(text, max_len=len(text) + 1)
     return text or None
 
 
