@@ -23,7 +23,7 @@ from bot.ackgate import AckGate, mark_answered
 from bot.config import Config
 from bot.delivery import FileServer, LinkSigner, load_secret
 from bot.errors import PermissionDenied, UserError, install_redaction, report
-from bot.interactions import Access, maybe_await
+from bot.interactions import Access, maybe_await, set_download_limit
 from bot.options import check_raw_options
 from bot.progress import ProgressHub
 from bot.service import Service
@@ -32,7 +32,7 @@ from bot.views import CancelButton
 log = logging.getLogger("loraforge.bot")
 
 HTTP_CONNECTIONS = 32  # concurrent requests to Discord; more wait for a free kept-alive connection
-COGS = ("cogs.datasets", "cogs.train", "cogs.jobs", "cogs.models", "cogs.admin")
+COGS = ("cogs.datasets", "cogs.train", "cogs.jobs", "cogs.models", "cogs.admin", "cogs.me")
 # Cogs written by others later (/merge, /preview): loaded when present.
 OPTIONAL_COGS = ("cogs.merge", "cogs.preview")
 
@@ -78,6 +78,7 @@ class LoraforgeBot(commands.Bot):
         self.config = config
         self.service = service or Service(config)
         self.access = Access.from_config(config)
+        set_download_limit(config.limits.max_parallel_downloads)
         self.progress = ProgressHub(self, config.discord.progress_interval_s)
         self.file_server: FileServer | None = None
         self.cog_names = cogs

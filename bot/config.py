@@ -78,6 +78,15 @@ class LimitsConfig(_Section):
     zip_max_total_mib: float = Field(500.0, gt=0)
     zip_max_ratio: float = Field(100.0, ge=1)
     max_caption_bytes: int = Field(64 * 1024, ge=16)
+    # stored bytes per user (dataset images + job results); 0: no quota. Admins too: it guards the disk.
+    max_storage_mib_per_user: float = Field(2048.0, ge=0)
+    # free space under data_dir below which no job starts and uploads are refused (0: no guard)
+    min_free_disk_mib: float = Field(1024.0, ge=0)
+    # per-user cooldown of /preview, /merge and /dataset create: cooldown_uses per cooldown_s (0: none)
+    cooldown_s: float = Field(30.0, ge=0, le=24 * 3600)
+    cooldown_uses: int = Field(2, ge=1, le=1000)
+    # attachments downloaded at the same time over all commands (a flood waits its turn)
+    max_parallel_downloads: int = Field(4, ge=1, le=64)
 
     def intake_limits(self) -> IntakeLimits:
         return IntakeLimits(
@@ -101,6 +110,12 @@ class WorkersConfig(_Section):
     # The command that starts one worker; --device and --models-dir are appended. Empty: the real
     # engine (python -m trainer.jobs.worker). Tests point it at a protocol-speaking stand-in.
     worker_cmd: list[str] = Field(default_factory=list)
+    # Extra environment variables (names or shell patterns) passed to workers beyond the built-in
+    # allow-list (bot.worker_env). Names that look like credentials are never passed.
+    env_pass: list[str] = Field(default_factory=list)
+    # The memory of the smallest GPU a job may run on, in GiB ("10 GB" cards hold 10 GiB). /train refuses a job
+    # whose memory plan does not fit it. 0: what the CUDA workers report; on a CPU-only host, no check.
+    gpu_memory_gib: float = Field(0.0, ge=0, le=4096)
 
     @field_validator("devices")
     @classmethod

@@ -16,6 +16,7 @@ import inspect
 import json
 import logging
 import time
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,7 @@ from bot.ackgate import wait_turn
 from bot.config import BUILTIN_MODELS, list_base_models
 from bot.errors import InvalidInput, NotFound, PermissionDenied, UserError, reply
 from bot.humanize import format_duration
+from storage.names import display_file_name
 
 if TYPE_CHECKING:
     from bot.app import LoraforgeBot
@@ -139,6 +141,27 @@ class Access:
 # ---------------------------------------------------------------------------------- attachments
 
 
+# Attachments downloaded at once, over all commands of this process: a flood of uploads queues here
+# instead of holding hundreds of MiB in memory and hammering Discord's CDN (limits.max_parallel_downloads).
+MAX_PARALLEL_DOWNLOADS = 4
+_download_slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = weakref.WeakKeyDictionary()
+
+
+def set_download_limit(n: int) -> None:
+    global MAX_PARALLEL_DOWNLOADS
+    MAX_PARALLEL_DOWNLOADS = max(1, int(n))
+    _download_slots.clear()
+
+
+def download_slots() -> asyncio.Semaphore:
+    """This event loop's download semaphore (one per loop: a Semaphore is bound to the loop it first waits on)."""
+    loop = asyncio.get_running_loop()
+    sem = _download_slots.get(loop)
+    if sem is None:
+        sem = _download_slots[loop] = asyncio.Semaphore(MAX_PARALLEL_DOWNLOADS)
+    return sem
+
+
 async def download_attachments(
     attachments: Iterable[discord.Attachment | None],
     *,
@@ -147,28 +170,30 @@ async def download_attachments(
 ) -> tuple[list[tuple[str, bytes]], list[tuple[str, str]]]:
     """Download slash-command attachments now (Discord deletes ephemeral attachments soon after the
     command). Returns (files, refused) where refused holds (name, reason) for files that are too big
-    (checked from the declared size, before downloading) or could not be fetched."""
-    todo = [a for a in attachments if a is not None]
+    (checked from the declared size, before downloading) or could not be fetched. Names come back
+    cleaned for display (storage.names): a user's file name is stored and echoed only that way."""
+    todo = [(display_file_name(a.filename), a) for a in attachments if a is not None]
     refused: list[tuple[str, str]] = []
-    ok: list[discord.Attachment] = []
+    ok: list[tuple[str, discord.Attachment]] = []
     total = 0
-    for a in todo:
+    for name, a in todo:
         if a.size > max_bytes:
-            refused.append((a.filename, f"is {a.size / MiB:.1f} MiB; files may be at most {max_bytes / MiB:.0f} MiB"))
+            refused.append((name, f"is {a.size / MiB:.1f} MiB; files may be at most {max_bytes / MiB:.0f} MiB"))
         elif max_total is not None and total + a.size > max_total:
-            refused.append((a.filename, f"would bring this upload over {max_total / MiB:.0f} MiB; send it separately"))
+            refused.append((name, f"would bring this upload over {max_total / MiB:.0f} MiB; send it separately"))
         else:
-            ok.append(a)
+            ok.append((name, a))
             total += a.size
 
-    async def get(a: discord.Attachment) -> tuple[str, bytes] | tuple[str, Exception]:
+    async def get(name: str, a: discord.Attachment) -> tuple[str, bytes] | tuple[str, Exception]:
         try:
-            return a.filename, await a.read()
+            async with download_slots():
+                return name, await a.read()
         except (TimeoutError, discord.HTTPException, OSError) as e:
-            return a.filename, e
+            return name, e
 
     files: list[tuple[str, bytes]] = []
-    for name, result in await asyncio.gather(*(get(a) for a in ok)):
+    for name, result in await asyncio.gather(*(get(n, a) for n, a in ok)):
         if isinstance(result, Exception):
             refused.append((name, "could not be downloaded from Discord; attach it again"))
         else:

@@ -164,6 +164,8 @@ def render(job: Any, st: dict[str, Any]) -> str:
             lines.append(f"Position in queue: **{pos}**" + (f" \u00b7 starts in ~{format_duration(eta)}" if eta else ""))
         else:
             lines.append("Waiting for a free worker.")
+        if st.get("quota_wait"):
+            lines.append(str(st["quota_wait"]))
     step, total = st.get("step"), st.get("total") or st.get("total_steps")
     if st.get("difference"):
         _render_difference(state, st, lines)
@@ -249,6 +251,8 @@ class JobReporter:
                     st[k] = event[k]
             if "pair" in event:
                 st["progress_pair"], st["progress_pass"] = event.get("pair"), event.get("pass")
+        elif t == "quota_wait":  # bot/quotas.py: held in the queue by the daily quota, and until when
+            st["quota_wait"] = event.get("message")
         elif t == "sample":
             self.samples.append(event)
         elif t == "file" and event.get("kind") == "image" and event.get("phase") == COPIER_CHECK:

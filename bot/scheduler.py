@@ -30,8 +30,10 @@ from typing import Any
 from pydantic import BaseModel
 
 from bot.config import Config, is_listed_base_model, list_base_models
+from bot.diskguard import DiskGuard
+from bot.quotas import EXEMPT_EVENT, WAIT_EVENT, QuotaGate
 from bot.workers import OOM_MESSAGE, WorkerHandle, WorkerStartError, looks_like_oom
-from storage import queries
+from storage import queries, retention
 from storage.files import FileStore, write_bytes_atomic
 from storage.repo import ARTIFACT_KINDS, IllegalTransitionError, Job, NotFoundError, Repo
 from trainer.spec import SpecError, from_json, parse_job, to_json, to_toml
@@ -132,6 +134,8 @@ class Scheduler:
                 WorkerHandle(
                     i, dev, config.worker_command(), Path(config.models_dir), files.root / "logs",
                     self._on_message, self._on_exit, ready_timeout_s=config.workers.ready_timeout_s,
+                    env_pass=config.workers.env_pass,
+                    env_deny=(config.discord.token_env, config.discord.link_secret_env),
                 )
                 for i, dev in enumerate(config.worker_devices())
             ]
@@ -149,6 +153,9 @@ class Scheduler:
         self._started = False
         self._stopping = False
         self.worker_errors: list[str] = []  # start failures, newest last (for the console/admin)
+        self.quotas = QuotaGate(repo, config, clock)
+        self.disk = DiskGuard(files.root, config.limits.min_free_disk_mib)
+        self._quota_noted: set[int] = set()  # jobs whose quota wait was announced
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -156,6 +163,7 @@ class Scheduler:
         """Recover from a previous run, start the workers, and begin dispatching. Returns the ids
         of jobs that were running when the last process died (now queued again, to resume)."""
         self._stopping = False
+        await retention.compact_finished_jobs(self.repo.db)
         requeued = await self.repo.requeue_running_jobs()
         for job_id in requeued:
             await self._record(job_id, {"type": "state", "state": "queued", "reason": "restart recovery"})
@@ -362,9 +370,13 @@ class Scheduler:
                             f"minutes for the last 24 hours. Time starts freeing up at {when} "
                             f"(in about {_fmt_minutes(frees - now)})."
                         )
+                    if refusal := await self.quotas.too_big(kind, json.loads(spec_json)):
+                        raise QuotaError(refusal)
             job = await self.repo.create_job(
                 kind, owner_id, spec_json, guild_id, channel_id, priority if is_admin else 0  # type: ignore[arg-type]
             )
+        if is_admin:  # no quota at dispatch either (bot/quotas.py)
+            events = [(EXEMPT_EVENT, {}), *(events or [])]
         if thread_id is not None:
             await self.repo.set_job_message(job.id, thread_id=thread_id)
         for type_, payload in events or []:
@@ -438,12 +450,31 @@ class Scheduler:
                 await asyncio.sleep(1.0)
 
     async def _dispatch_once(self) -> None:
+        if self.disk.check() is not None:
+            return  # nothing new starts on a nearly full disk (bot/diskguard.py); the 5 s tick re-checks
         for w in self.workers:
             if not w.idle or self._stopping:
                 continue
             for job in await self.fair_order(for_dispatch=True):
+                if not await self._quota_admits(job):
+                    continue
                 if await self._start_on(w, job):
                     break
+
+    async def _quota_admits(self, job: Job) -> bool:
+        """The daily quota again, at start (bot/quotas.py): go, wait in the queue (said once), or refuse."""
+        verdict = await self.quotas.verdict(job)
+        if verdict.action == "go":
+            return True
+        if verdict.action == "refuse":
+            with contextlib.suppress(IllegalTransitionError, NotFoundError):
+                await self.repo.update_job_state(job.id, "cancelled", error=verdict.message, expected="queued")
+                await self._record(job.id, {"type": "state", "state": "cancelled", "error": verdict.message})
+            return False
+        if job.id not in self._quota_noted:
+            self._quota_noted.add(job.id)
+            await self._record(job.id, {"type": WAIT_EVENT, "message": verdict.message})
+        return False
 
     async def fair_order(self, *, for_dispatch: bool = False) -> list[Job]:
         """Queued jobs in the order they will start. ``for_dispatch``: only jobs that may start
@@ -608,6 +639,7 @@ class Scheduler:
         if error:
             ev["error"] = error
         await self._record(job_id, ev)
+        await retention.compact_job_events(self.repo.db, job_id)  # ended: its last progress row is enough
 
     async def _on_exit(self, w: WorkerHandle, reason: str) -> None:
         for run in [r for r in self._runs.values() if r.worker is w]:

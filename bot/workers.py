@@ -21,9 +21,11 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
+
+from bot.worker_env import worker_environment
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,8 @@ class WorkerHandle:
         *,
         ready_timeout_s: float = 300.0,
         env: dict[str, str] | None = None,
+        env_pass: Sequence[str] = (),
+        env_deny: Sequence[str] = (),
     ) -> None:
         self.index = index
         self.id = f"worker-{index}"
@@ -94,9 +98,12 @@ class WorkerHandle:
         self.on_exit = on_exit
         self.ready_timeout_s = ready_timeout_s
         self.env = env
+        self.env_pass = tuple(env_pass)  # extra variable names the operator lets through
+        self.env_deny = tuple(env_deny)  # the configured token / link-secret variable names
         self.proc: asyncio.subprocess.Process | None = None
         self.job_id: int | None = None  # the job it is running, if any
         self.ready = False
+        self.memory_bytes: int | None = None
         self._closing = False  # shutdown()/kill() on purpose: do not report the exit as a death
         self._reader: asyncio.Task[None] | None = None
         self._ready_fut: asyncio.Future[dict[str, Any]] | None = None
@@ -123,7 +130,9 @@ class WorkerHandle:
         return argv
 
     def _child_env(self) -> dict[str, str]:
-        env = dict(os.environ if self.env is None else self.env)
+        # An allow-list, not a copy: the bot's token and link secret must never reach engine code.
+        env = worker_environment(os.environ if self.env is None else self.env,
+                                 extra=self.env_pass, deny=self.env_deny)
         env.setdefault("HF_HUB_OFFLINE", "1")
         env["PYTHONUNBUFFERED"] = "1"
         # `-m trainer.jobs.worker` / `-m bot.workers` must import from this checkout whatever the CWD.
@@ -162,6 +171,8 @@ class WorkerHandle:
                 f"see {self.log_path}"
             ) from None
         self.ready = True
+        mem = hello.get("memory_bytes") if isinstance(hello, dict) else None
+        self.memory_bytes = int(mem) if isinstance(mem, int) and mem > 0 else None  # the GPU's, for memory plans
         log.info("%s ready on %s (pid %s)", self.id, self.device, self.pid)
         return hello
 

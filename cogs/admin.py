@@ -6,6 +6,7 @@ Guild sync is instant (good while testing); global sync reaches every server but
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Literal
 
 import discord
@@ -71,6 +72,9 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Bot admini
                              + (f" (last exit: {w['last_exit']})" if w.get("last_exit") else ""))
         except Exception:  # noqa: BLE001 - status must show what it can
             lines.append("- (scheduler not started)")
+        with contextlib.suppress(Exception):
+            if notice := bot.scheduler.disk.check():
+                lines.insert(0, f"**{notice}**")
         queued = await bot.repo.list_jobs(states=["queued"])
         running = await bot.repo.list_jobs(states=["running"])
         lines.append(f"**Queue**: {len(running)} running, {len(queued)} waiting")

@@ -26,6 +26,7 @@ from discord.ext import commands
 
 from bot.autogrid import caption_prompt, train_prompt
 from bot.config import BUILTIN_MODELS
+from bot.cooldowns import expensive_cooldown
 from bot.errors import InvalidInput, NotFound, PermissionDenied
 from bot.interactions import (
     bullet_list,
@@ -50,6 +51,7 @@ from bot.options import Ratio, SampleSteps, bounds
 from bot.specs import GridSpec, resolve_job
 from cogs.train import base_model_choices
 from storage.files import write_bytes_atomic
+from storage.names import display_file_name, file_stem
 
 if TYPE_CHECKING:
     from bot.app import LoraforgeBot
@@ -59,7 +61,6 @@ MiB = 1024 * 1024
 MAX_LORA_BYTES = 1024 * MiB
 MAX_INPUTS = 8
 _OWN_RE = re.compile(r"^\s*job:(\d+)(?::(\d+))?")
-_NAME_OK = re.compile(r"[^A-Za-z0-9_.\- ]+")
 
 
 # ---------------------------------------------------------------------------------- shared helpers
@@ -79,8 +80,7 @@ class LoraInput:
 
 def clean_name(text: str, default: str) -> str:
     """A file-name-safe output name (the spec's pattern: letters, digits, ``_.- ``)."""
-    out = _NAME_OK.sub("_", text).strip(" _.-")[:100]
-    return out or default
+    return file_stem(text, default)
 
 
 async def own_lora_choices(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
@@ -157,7 +157,7 @@ async def fetch_attached_loras(attachments: list[discord.Attachment | None]) -> 
     problems: list[str] = []
     for a in att:
         if not a.filename.lower().endswith(".safetensors"):
-            problems.append(f"`{a.filename}` is not a .safetensors file; only kohya LoRAs saved as "
+            problems.append(f"`{display_file_name(a.filename)}` is not a .safetensors file; only kohya LoRAs saved as "
                             ".safetensors are accepted (nothing is ever unpickled).")
     if problems:
         raise InvalidInput("Some files cannot be used:\n" + bullet_list(problems), "Attach kohya .safetensors LoRAs.")
@@ -322,6 +322,7 @@ class Merge(commands.Cog):
     )
     @app_commands.autocomplete(mine1=own_lora_choices, mine2=own_lora_choices, mine3=own_lora_choices,
                                base_model=base_model_choices)
+    @expensive_cooldown
     async def merge(
         self,
         interaction: discord.Interaction,

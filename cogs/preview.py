@@ -18,6 +18,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.autogrid import AutoGrid
+from bot.cooldowns import expensive_cooldown
 from bot.errors import InvalidInput
 from bot.interactions import clip, ensure_deferred, submit_job
 from bot.options import MAX_SEEDS, MAX_STRENGTHS, Guidance, ImageSide, SampleSteps, Seed, Strength, bounds
@@ -75,6 +76,7 @@ class Preview(commands.Cog):
     )
     @app_commands.autocomplete(mine=own_lora_choices, base_model=base_model_choices)
     @app_commands.choices(sampler=SAMPLER_CHOICES)
+    @expensive_cooldown
     async def preview(
         self,
         interaction: discord.Interaction,

@@ -184,6 +184,11 @@ def _job(row: sqlite3.Row) -> Job:
     return Job(**kwargs)
 
 
+def _select_all(table: str, where: Sequence[str]) -> str:
+    """``SELECT *`` from ``table`` with the conditions in ``where`` joined by AND (none: every row)."""
+    return f"SELECT * FROM {table}" + (" WHERE " + " AND ".join(where) if where else "")
+
+
 def _placeholders(values: Sequence[Any]) -> str:
     return ",".join("?" * len(values))
 
@@ -286,9 +291,7 @@ class Repo:
         if owner_id is not None:
             where.append("owner_id = ?")
             params.append(owner_id)
-        sql = "SELECT * FROM datasets"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
+        sql = _select_all("datasets", where)
         rows = await self.db.fetchall(sql + " ORDER BY name COLLATE NOCASE, id", params)
         return [_row_to(Dataset, r) for r in rows]
 
@@ -479,9 +482,7 @@ class Repo:
         if kind is not None:
             where.append("kind = ?")
             params.append(kind)
-        sql = "SELECT * FROM jobs"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
+        sql = _select_all("jobs", where)
         sql += (
             " ORDER BY created_at DESC, id DESC"
             if newest_first

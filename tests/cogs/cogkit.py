@@ -44,9 +44,11 @@ def make_config(tmp: Path, fake: Any, *, real_worker: bool = False, **sections: 
         **sections.pop("discord", {}),
     }
     workers = {"devices": ["cpu"], "restart_backoff_s": 0.05, "ready_timeout_s": 120,
-               "worker_cmd": [] if real_worker else [sys.executable, STUB], **sections.pop("workers", {})}
+               "worker_cmd": [] if real_worker else [sys.executable, STUB],
+               "env_pass": ["STUB_STEP_S", "FAKE_WORKER_LOG"], **sections.pop("workers", {})}
+    # no cooldown unless a test asks for one (tests/cogs/test_security.py): the others run commands back to back
     limits = {"max_queued_per_user": 20, "daily_gpu_minutes_per_user": 0, "stall_timeout_s": 300,
-              "cancel_grace_s": 20, **sections.pop("limits", {})}
+              "cancel_grace_s": 20, "cooldown_s": 0, **sections.pop("limits", {})}
     return config_from_dict({
         "paths": {"data_dir": str(tmp / "data"), "models_dir": str(tmp / "models")},
         "discord": discord_cfg, "workers": workers, "limits": limits,
