@@ -103,7 +103,7 @@ def dense_reference(terms, k: int, q: float = 0.99):
 def worker(method: str, n_modules: int | None) -> dict:
     import torch
 
-    from trainer.jobs.merge import merge_module
+    from trainer.network.svd_merge import merge_module
 
     shapes = subsample(sdxl_linear_shapes(), n_modules)
     loras = build_inputs(shapes)

@@ -20,8 +20,9 @@ from discord.ext import commands
 
 from bot.config import Config
 from bot.delivery import FileServer, LinkSigner, load_secret
-from bot.errors import PermissionDenied, install_redaction, report
+from bot.errors import PermissionDenied, UserError, install_redaction, report
 from bot.interactions import Access, maybe_await, set_download_limit
+from bot.options import check_raw_options
 from bot.progress import ProgressHub
 from bot.service import Service
 from bot.views import CancelButton
@@ -41,7 +42,10 @@ class LoraforgeTree(app_commands.CommandTree["LoraforgeBot"]):
         bot: LoraforgeBot = interaction.client  # type: ignore[assignment]
         try:
             bot.access.check_context(interaction)
-        except PermissionDenied as e:
+            # Raw values are checked against the declared options before discord.py converts them:
+            # other clients send anything (bot.options).
+            check_raw_options(self, interaction)
+        except (PermissionDenied, UserError) as e:
             await report(interaction, e)
             return False
         return True

@@ -113,6 +113,9 @@ class WorkersConfig(_Section):
     # Extra environment variables (names or shell patterns) passed to workers beyond the built-in
     # allow-list (bot.worker_env). Names that look like credentials are never passed.
     env_pass: list[str] = Field(default_factory=list)
+    # The memory of the smallest GPU a job may run on, in GiB ("10 GB" cards hold 10 GiB). /train refuses a job
+    # whose memory plan does not fit it. 0: what the CUDA workers report; on a CPU-only host, no check.
+    gpu_memory_gib: float = Field(0.0, ge=0, le=4096)
 
     @field_validator("devices")
     @classmethod

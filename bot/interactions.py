@@ -15,7 +15,6 @@ import asyncio
 import inspect
 import json
 import logging
-import math
 import time
 import weakref
 from collections.abc import Iterable, Sequence
@@ -26,6 +25,7 @@ import discord
 
 from bot.config import BUILTIN_MODELS, list_base_models
 from bot.errors import InvalidInput, NotFound, PermissionDenied, UserError, reply
+from bot.humanize import format_duration
 from storage.names import display_file_name
 
 if TYPE_CHECKING:
@@ -43,21 +43,6 @@ async def maybe_await(value: Any) -> Any:
     if inspect.isawaitable(value):
         return await value
     return value
-
-
-def format_duration(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds) or seconds < 0:
-        return "unknown"
-    s = int(round(seconds))
-    if s < 60:
-        return f"{s}s"
-    m, s = divmod(s, 60)
-    if m < 60:
-        return f"{m}m{s:02d}s"
-    h, m = divmod(m, 60)
-    if h < 48:
-        return f"{h}h{m:02d}m"
-    return f"{h // 24}d{h % 24}h"
 
 
 # ---------------------------------------------------------------------------------- permissions
@@ -347,6 +332,8 @@ def spec_summary(spec_json: str | dict[str, Any]) -> str:
     """A few lines of the settings that matter, for the result post and /job show."""
     s = json.loads(spec_json) if isinstance(spec_json, str) else spec_json
     kind = s.get("kind", "train")
+    if kind == "preview":
+        return _preview_summary(s)
     if kind != "train":
         keys = {k: v for k, v in s.items() if k in ("base_model", "rank", "output_name")}
         return ", ".join(f"{k} `{v}`" for k, v in keys.items())
@@ -372,6 +359,25 @@ def spec_summary(spec_json: str | dict[str, Any]) -> str:
     if s.get("mode") == "difference":
         parts += _difference_summary(s.get("difference") or {}, net)
     return " · ".join(parts)
+
+
+def _preview_summary(s: dict[str, Any]) -> str:
+    """A preview or check grid: which LoRA(s), on which base, with which prompt and axes."""
+    from pathlib import PurePath
+
+    grid = s.get("grid") or {}
+    loras = [f"`{PurePath(str(r.get('path', ''))).name}`" + (f" x{r['strength']:g}" if isinstance(
+        r.get("strength"), int | float) and r["strength"] != 1 else "") for r in s.get("loras") or [] if isinstance(r, dict)]
+    parts = [("LoRA " + ", ".join(loras)) if loras else "no LoRA", f"base `{s.get('base_model')}`"]
+    prompt = str(grid.get("prompt") or "").strip()
+    parts.append(f"prompt *{clip(prompt, 100)}*" if prompt else "empty prompt")
+    strengths, seeds = grid.get("strengths") or [], grid.get("seeds") or []
+    if len(strengths) * len(seeds) > 1:
+        parts.append("strengths " + ", ".join(f"{x:g}" for x in strengths) + " x seeds "
+                     + ", ".join(str(x) for x in seeds))
+    elif seeds:
+        parts.append(f"seed {seeds[0]}")
+    return " \u00b7 ".join(parts)
 
 
 def _difference_summary(diff: dict[str, Any], net: dict[str, Any]) -> list[str]:

@@ -24,6 +24,7 @@ import discord
 
 from bot.delivery import send_files, upload_limit
 from bot.errors import CODE_EDIT_CAP
+from bot.humanize import sig, summary_text
 from bot.interactions import DELIVERED_EVENT, META_EVENT, clip, format_duration, spec_summary
 from bot.views import job_view
 
@@ -50,6 +51,7 @@ FAILURE_ADVICE = {
     "copier_not_converged": ("The copier check image above shows what the copier made of the original. Change what "
                              "the message suggests and run `/train` again."),
 }
+TRAINING_PHASE = "training"  # the engine's step loop (trainer/train/loop.py): its count is the step line
 COPIER_CHECK = "copier check"  # the phase of the engine's copier-check image event (trainer/train/difference.py)
 PASS_LABELS = {1: "pass 1 of 2 (copier)", 2: "pass 2 of 2 (difference)"}
 DEFAULT_ADVICE = "Run `/retrain` to try again; if it fails the same way, tell an admin the job id."
@@ -109,7 +111,7 @@ def _render_difference(state: str, st: dict[str, Any], lines: list[str]) -> None
             parts.append(f"loss {x}")
         if active and (x := _num(st.get("lr"), ".2e")) is not None:
             parts.append(f"lr {x}")
-        if active and (x := _num(st.get("steps_per_s"), ".2f")) is not None:
+        if active and (x := sig(st.get("steps_per_s"))) is not None:
             parts.append(f"{x} steps/s")
         if parts:
             lines.append(" \u00b7 ".join(parts))
@@ -175,7 +177,7 @@ def render(job: Any, st: dict[str, Any]) -> str:
             parts.append(f"loss {x}")
         if (x := _num(st.get("lr"), ".2e")) is not None:
             parts.append(f"lr {x}")
-        if (x := _num(st.get("steps_per_s"), ".2f")) is not None:
+        if (x := sig(st.get("steps_per_s"))) is not None:
             parts.append(f"{x} steps/s")
         if state in ("running", "cancelling") and st.get("eta_s") is not None:
             parts.append(f"ETA {format_duration(st.get('eta_s'))}")
@@ -184,10 +186,11 @@ def render(job: Any, st: dict[str, Any]) -> str:
     elif state == "running" and st.get("total_steps"):
         lines.append(f"`{progress_bar(0, 1)}` 0% \u00b7 step 0/{st['total_steps']}")
     if st.get("phase") and state in ("running", "cancelling") and not st.get("difference"):
-        ph = f"Phase: {st['phase']}"
-        if st.get("phase_total"):
-            ph += f" ({st.get('phase_current', 0)}/{st['phase_total']})"
-        lines.append(ph)
+        if st["phase"] != TRAINING_PHASE:  # training: the bar and step line above count the steps
+            ph = f"Phase: {st['phase']}"
+            if st.get("phase_total"):
+                ph += f" ({st.get('phase_current', 0)}/{st['phase_total']})"
+            lines.append(ph)
     if st.get("resumed_from"):
         lines.append(f"Resumed from step {st['resumed_from']}.")
     if state == "succeeded":
@@ -494,10 +497,8 @@ class JobReporter:
         summary = self.final.get("summary") or {}
         lines = [f"{mention} job **#{job.id}** finished."]
         lines.append(f"Settings: {spec_summary(job.spec_json)}")
-        if isinstance(summary, dict) and summary:
-            extra = ", ".join(f"{k} `{v}`" for k, v in list(summary.items())[:8] if not isinstance(v, dict | list))
-            if extra:
-                lines.append(f"Summary: {extra}")
+        if isinstance(summary, dict) and summary and (extra := summary_text(summary)):
+            lines.append(f"Summary: {extra}")
         if difference:
             lines += difference_lines(roles, summary)
         if not files:

@@ -103,6 +103,7 @@ class WorkerHandle:
         self.proc: asyncio.subprocess.Process | None = None
         self.job_id: int | None = None  # the job it is running, if any
         self.ready = False
+        self.memory_bytes: int | None = None
         self._closing = False  # shutdown()/kill() on purpose: do not report the exit as a death
         self._reader: asyncio.Task[None] | None = None
         self._ready_fut: asyncio.Future[dict[str, Any]] | None = None
@@ -170,6 +171,8 @@ class WorkerHandle:
                 f"see {self.log_path}"
             ) from None
         self.ready = True
+        mem = hello.get("memory_bytes") if isinstance(hello, dict) else None
+        self.memory_bytes = int(mem) if isinstance(mem, int) and mem > 0 else None  # the GPU's, for memory plans
         log.info("%s ready on %s (pid %s)", self.id, self.device, self.pid)
         return hello
 

@@ -21,6 +21,7 @@ from discord.ext import commands
 from bot.cooldowns import expensive_cooldown
 from bot.errors import InvalidInput, NotFound, reply
 from bot.interactions import bullet_list, clip, download_attachments, ensure_deferred
+from bot.options import ImageNumber, Page
 from storage.names import display_text
 
 if TYPE_CHECKING:
@@ -220,7 +221,7 @@ class Datasets(commands.GroupCog, group_name="dataset", group_description="Your 
 
     @app_commands.command(name="show", description="A contact sheet of a dataset's images with their captions")
     @app_commands.autocomplete(dataset=_visible_dataset_ac)
-    async def show(self, interaction: discord.Interaction, dataset: str, page: app_commands.Range[int, 1, 1000] = 1) -> None:
+    async def show(self, interaction: discord.Interaction, dataset: str, page: Page = 1) -> None:
         await ensure_deferred(interaction, ephemeral=True)
         ds = await resolve_dataset(self.bot, interaction, dataset)
         total = await self.bot.repo.count_images(ds.id)
@@ -256,7 +257,7 @@ class Datasets(commands.GroupCog, group_name="dataset", group_description="Your 
     @app_commands.autocomplete(dataset=_own_dataset_ac)
     @app_commands.describe(number="The image's number on the /dataset show sheet", caption="New caption; empty clears it")
     async def caption(
-        self, interaction: discord.Interaction, dataset: str, number: app_commands.Range[int, 1, 100000],
+        self, interaction: discord.Interaction, dataset: str, number: ImageNumber,
         caption: str = "",
     ) -> None:
         await ensure_deferred(interaction, ephemeral=True)

@@ -164,6 +164,11 @@ class NewImage(Protocol):
     caption: str | None
 
 
+def _is_rowid(value: Any) -> bool:
+    """A value SQLite can look up as a rowid (64-bit signed int)."""
+    return isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
+
+
 def _row_to(cls: type, row: sqlite3.Row) -> Any:
     kwargs = {f: row[f] for f in cls.__dataclass_fields__}
     return cls(**kwargs)
@@ -177,6 +182,11 @@ def _job(row: sqlite3.Row) -> Job:
     kwargs = {f: row[f] for f in Job.__dataclass_fields__}
     kwargs["cancel_requested"] = bool(kwargs["cancel_requested"])
     return Job(**kwargs)
+
+
+def _select_all(table: str, where: Sequence[str]) -> str:
+    """``SELECT *`` from ``table`` with the conditions in ``where`` joined by AND (none: every row)."""
+    return f"SELECT * FROM {table}" + (" WHERE " + " AND ".join(where) if where else "")
 
 
 def _placeholders(values: Sequence[Any]) -> str:
@@ -257,6 +267,8 @@ class Repo:
         return _row_to(Dataset, row)
 
     async def get_dataset(self, dataset_id: int) -> Dataset | None:
+        if not _is_rowid(dataset_id):
+            return None  # "#99999999999999999999" typed by hand: no such dataset (SQLite would overflow)
         row = await self.db.fetchone("SELECT * FROM datasets WHERE id = ?", (dataset_id,))
         return _row_to(Dataset, row) if row else None
 
@@ -279,9 +291,7 @@ class Repo:
         if owner_id is not None:
             where.append("owner_id = ?")
             params.append(owner_id)
-        sql = "SELECT * FROM datasets"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
+        sql = _select_all("datasets", where)
         rows = await self.db.fetchall(sql + " ORDER BY name COLLATE NOCASE, id", params)
         return [_row_to(Dataset, r) for r in rows]
 
@@ -438,6 +448,8 @@ class Repo:
         return _job(row)
 
     async def get_job(self, job_id: int) -> Job | None:
+        if not _is_rowid(job_id):
+            return None  # an id past SQLite's 64 bits: no such job (SQLite would raise OverflowError)
         row = await self.db.fetchone("SELECT * FROM jobs WHERE id = ?", (job_id,))
         return _job(row) if row else None
 
@@ -470,9 +482,7 @@ class Repo:
         if kind is not None:
             where.append("kind = ?")
             params.append(kind)
-        sql = "SELECT * FROM jobs"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
+        sql = _select_all("jobs", where)
         sql += (
             " ORDER BY created_at DESC, id DESC"
             if newest_first

@@ -140,7 +140,10 @@ def run(cmd: dict) -> None:
     for kind, p in (("lora", lora), ("grid", grid), ("plot", plot)):
         ev(job_id, type="file", kind=kind, path=str(p), step=steps)
     ev(job_id, type="finished", outputs={"lora": str(lora), "grid": str(grid), "plot": str(plot)},
-       summary={"final_loss": round(1.0 / steps, 4)})
+       # the engine's own keys, with the raw floats it sends (trainer/train/loop.py)
+       summary={"steps": steps, "resumed_from": 0, "elapsed_s": 65.22395266000001, "steps_per_s": 3.0666666666,
+                "first_loss": 0.51234567, "final_loss": 1.0 / steps + 1e-9, "device": "cpu",
+                "prediction_type": "epsilon", "lora_bytes": lora.stat().st_size})
     send({"type": "done", "job_id": job_id, "state": "succeeded", "error": None})
 
 

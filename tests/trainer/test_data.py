@@ -8,18 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer.data.dataset import (
-    DataOrder,
-    TrainData,
-    build_caption,
-    encode_pixels,
-    encode_text,
-    load_image,
-    put_trigger_first,
-    resize_center_crop,
-    scan_dataset,
-    to_tensor,
-)
+from trainer.data.dataset import TrainData, build_caption, put_trigger_first, scan_dataset
+from trainer.data.encode import encode_pixels, encode_text
+from trainer.data.images import load_image, resize_center_crop, to_tensor
+from trainer.data.order import DataOrder
 from trainer.events import JobFailed
 from trainer.spec import Concept
 
@@ -152,7 +144,7 @@ def test_filewords_and_caption_dedup_at_scan_time() -> None:
 
 
 def test_exif_rotated_image_gets_the_tall_bucket(tmp_path: Path, make_spec) -> None:
-    from trainer.data.dataset import crop_to_bucket, image_size
+    from trainer.data.images import crop_to_bucket, image_size
 
     folder = tmp_path / "imgs"
     folder.mkdir()

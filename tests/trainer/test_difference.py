@@ -76,7 +76,7 @@ def full_run(tmp_path_factory: pytest.TempPathFactory, images: tuple[Path, Path]
 
 def _loss(base: Any, image_dir: Path) -> float:
     from trainer.data.dataset import TrainData, scan_dataset
-    from trainer.train.loop import eval_denoise_loss
+    from trainer.train.losses import eval_denoise_loss
 
     s = parse_job({"concepts": [{"image_dir": str(image_dir), "caption_mode": "caption_only"}],
                    "data": {"resolution": 64}})
@@ -242,7 +242,7 @@ def test_bad_pairs_are_refused(tmp_path: Path, images: tuple[Path, Path], bad_im
 
 def test_mismatched_pair_resized_with_the_same_crop(tmp_path: Path, images: tuple[Path, Path],
                                                    bad_images: dict[str, Path]) -> None:
-    from trainer.data.dataset import load_image
+    from trainer.data.images import load_image
 
     spec = _spec(images[0], bad_images["small"])
     [plan] = check_pairs(spec, resize_pairs=True)
@@ -284,7 +284,7 @@ def test_copy_machine_presets(tmp_path: Path, images: tuple[Path, Path]) -> None
     assert {m.rank for m in merged.modules.values()} == {2}
     assert set(merged.modules) == set(read_kohya(out["loras"]["front"]).modules)
     # the merge is the SVD merge of the pair LoRAs at merge_ratio each
-    from trainer.jobs.merge import svd_merge
+    from trainer.network.svd_merge import svd_merge
 
     def products(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k[: -len(".alpha")]: float(sd[k]) / sd[k.replace(".alpha", ".lora_down.weight")].shape[0]

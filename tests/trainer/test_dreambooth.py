@@ -14,10 +14,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from trainer.data.buckets import fit_to_bucket, sdxl_size_conditioning
-from trainer.data.dataset import DataOrder, TrainData, scan_dataset
+from trainer.data.dataset import TrainData, scan_dataset
+from trainer.data.order import DataOrder
 from trainer.events import JobCancelled
 from trainer.spec import resolve_job
-from trainer.train import loop as train_mod
+from trainer.train import losses as losses_mod
 from trainer.train import prior
 from trainer.train.loop import Trainer, train
 
@@ -178,14 +179,14 @@ def test_prior_loss_is_instance_mean_plus_weighted_class_mean(tmp_path: Path, da
     m = next(m for m in range(20) if len({t.items[i].is_class for _, _, i in t.data.order.positions(m)}) == 2)
     is_class = torch.tensor([t.items[i].is_class for _, _, i in t.data.order.positions(m)])
     seen: list[torch.Tensor] = []
-    real = train_mod.per_sample_loss
+    real = losses_mod.per_sample_loss
 
     def capture(*a, **k):
         out = real(*a, **k)
         seen.append(out.detach().clone())
         return out
 
-    monkeypatch.setattr(train_mod, "per_sample_loss", capture)
+    monkeypatch.setattr(losses_mod, "per_sample_loss", capture)
     loss = t.micro_step_loss(m, 0)  # grad_accum 1: step m is micro-batch m
     per = seen[-1]
     expected = per[~is_class].mean() + w * per[is_class].mean()

@@ -15,18 +15,12 @@ torch.set_num_threads(1)
 
 from safetensors import safe_open  # noqa: E402
 
-import trainer.jobs.merge as merge_mod  # noqa: E402
+import trainer.network.svd_merge as merge_mod  # noqa: E402
 from trainer.events import JobFailed  # noqa: E402
 from trainer.format.kohya import delta_weight, read_kohya, save_kohya  # noqa: E402
 from trainer.format.metadata import build_metadata  # noqa: E402
-from trainer.jobs.merge import (  # noqa: E402
-    MergeError,
-    merge_into_checkpoint,
-    quantile,
-    run_merge_job,
-    svd_merge,
-    svd_merge_to_file,
-)
+from trainer.jobs.merge import merge_into_checkpoint, run_merge_job  # noqa: E402
+from trainer.network.svd_merge import MergeError, quantile, svd_merge, svd_merge_to_file  # noqa: E402
 from trainer.network.targets import lora_targets  # noqa: E402
 from trainer.spec import parse_job  # noqa: E402
 
@@ -259,7 +253,7 @@ def sd15_file():
 
 
 def test_checkpoint_merge_renders_like_runtime_lora(sd15_file, tmp_path):
-    from trainer.infer.sample import build_pipeline, render_image
+    from trainer.infer.pipeline import build_pipeline, render_image
     from trainer.models.load import load_base
     from trainer.network.lora import apply_kohya_file
 

@@ -17,13 +17,8 @@ from PIL import Image  # noqa: E402
 from trainer.events import JobFailed  # noqa: E402
 from trainer.format.kohya import save_kohya  # noqa: E402
 from trainer.infer.grid import BACKGROUND, fit_cell, strength_seed_grid  # noqa: E402
-from trainer.infer.sample import (  # noqa: E402
-    SAMPLER_NAMES,
-    Sampler,
-    make_scheduler,
-    render_with_network,
-    run_preview_job,
-)
+from trainer.infer.pipeline import SAMPLER_NAMES, make_scheduler  # noqa: E402
+from trainer.infer.sample import Sampler, render_with_network, run_preview_job  # noqa: E402
 from trainer.models.load import load_base  # noqa: E402
 from trainer.network.targets import lora_targets  # noqa: E402
 from trainer.spec import GridSpec, SamplePrompt, parse_job  # noqa: E402

@@ -20,14 +20,9 @@ from trainer.events import JobCancelled, JobFailed
 from trainer.jobs.runner import run_job
 from trainer.spec import OptimizerSpec
 from trainer.train import loop as train_mod
-from trainer.train.loop import (
-    eval_denoise_loss,
-    make_noise,
-    min_snr_weight,
-    per_sample_loss,
-    train,
-    weighted_loss,
-)
+from trainer.train import losses as losses_mod
+from trainer.train.loop import train
+from trainer.train.losses import eval_denoise_loss, make_noise, min_snr_weight, per_sample_loss, weighted_loss
 from trainer.train.optim import build_optimizer, build_scheduler, resolve_scheduler_name
 
 
@@ -118,7 +113,7 @@ def test_outputs_metadata_and_plot(tmp_path: Path, dataset: Path, make_spec) -> 
 
 
 def test_auto_precision_and_checkpointing_resolve_per_device(monkeypatch: pytest.MonkeyPatch) -> None:
-    from trainer.train.loop import resolve_gradient_checkpointing, resolve_mixed_precision
+    from trainer.train.precision import resolve_gradient_checkpointing, resolve_mixed_precision
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_mixed_precision("auto", cpu) == "no"
@@ -283,7 +278,7 @@ def test_cancel_leaves_a_usable_lora(tmp_path: Path, dataset: Path, make_spec, s
 
 def test_nan_loss_aborts_without_files(tmp_path: Path, dataset: Path, make_spec,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    real = train_mod.per_sample_loss
+    real = losses_mod.per_sample_loss
     calls = {"n": 0}
 
     def poisoned(*a: Any, **k: Any) -> torch.Tensor:
@@ -291,7 +286,7 @@ def test_nan_loss_aborts_without_files(tmp_path: Path, dataset: Path, make_spec,
         out = real(*a, **k)
         return out * float("nan") if calls["n"] >= 3 else out
 
-    monkeypatch.setattr(train_mod, "per_sample_loss", poisoned)
+    monkeypatch.setattr(losses_mod, "per_sample_loss", poisoned)
     spec = make_spec(dataset, steps=6, state_every_n_steps=1, save_every_n_steps=1)
     with pytest.raises(JobFailed) as e:
         run_job(spec, tmp_path / "job")
@@ -423,11 +418,18 @@ def test_default_samples_render_with_the_sample_module(tmp_path: Path, dataset: 
     assert len(out["samples"]) == 1 and Image.open(out["samples"][0]).size == (64, 64)
 
 
-def test_loss_plot_ticks_are_round_numbers() -> None:
-    from trainer.train.loop import nice_ticks
+def test_loss_plot_names_its_curves_with_round_ticks(tmp_path: Path) -> None:
+    from trainer.infer.loss_plot import draw_loss_plot, loss_figure
 
-    assert nice_ticks(0.543, 1.45) == [0.6, 0.8, 1.0, 1.2, 1.4]
-    assert nice_ticks(1, 80, integers=True) == [20, 40, 60, 80]
-    assert nice_ticks(1, 4, integers=True) == [1, 2, 3, 4]  # never a fractional step
-    assert nice_ticks(0.0123, 0.0131) == [0.0124, 0.0126, 0.0128, 0.013]
-    assert nice_ticks(2.0, 2.0) == [2.0]
+    history = [[s, 0.0123 + 0.0008 * (s % 7) / 7] for s in range(1, 81)]
+    ax = loss_figure(history, "x: loss").axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["loss per step",
+                                                                    "moving average (25 steps, centred)"]
+    assert ax.get_title() == "x: loss" and ax.get_xlabel() == "step" and ax.get_ylabel() == "loss"
+    assert all(float(t).is_integer() for t in ax.get_xticks())  # never a fractional step
+    assert all(abs(t * 1e4 - round(t * 1e4)) < 1e-6 for t in ax.get_yticks())  # 0.0124, not 0.012371
+    short = loss_figure([[1, 0.5], [2, 0.4], [3, 0.45], [4, 0.3]]).axes[0]
+    assert [float(t) for t in short.get_xticks() if 1 <= t <= 4] == [1.0, 2.0, 3.0, 4.0]
+    png = draw_loss_plot(history, tmp_path / "out" / "loss.png")
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.size == (800, 450)

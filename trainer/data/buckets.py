@@ -8,7 +8,7 @@ API (everything here is pure: no torch, no I/O; Pillow only in `apply_plan`):
   ratio (tallest first), then area. The square bucket is always included.
 - `assign_bucket(width, height, buckets) -> (w, h)`: the bucket whose aspect ratio is closest in
   log-ratio (so 2:1 and 1:2 are equally far from 1:1); ties go to the larger area.
-  Pass the size *after* EXIF orientation (what `trainer.data.dataset.load_image` returns).
+  Pass the size *after* EXIF orientation (what `trainer.data.images.load_image` returns).
 - `fit_to_bucket(img_size, bucket) -> CropPlan(resize_to, crop_left, crop_top)`: scale the image so it
   covers the bucket, then centre-crop the excess. `center_crop_plan(img_size, resolution)` is the same
   for the square (non-bucketed) mode. `apply_plan(img, plan, bucket)` does the resize + crop.

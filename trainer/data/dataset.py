@@ -2,16 +2,16 @@
 deterministically, and cache what does not change (VAE latents, optionally text-encoder outputs).
 
 - `scan_dataset(spec)` -> `list[ImageItem]` (one entry per image file; repeats are applied by `DataOrder`);
-  `resolve_class_counts` / `class_items` add a concept's class images (prior preservation, see train.py)
+  `resolve_class_counts` / `class_items` add a concept's class images (prior preservation, see trainer/train/prior.py)
 - `build_caption(concept, file_caption, trigger)` -> the caption one image trains with before shuffling
   (`trainer.data.captions`: caption modes, [filewords], trigger first)
-- `load_image(path)` / `crop_to_bucket(img, bucket)` / `resize_center_crop(img, res)` / `to_tensor(img)`
-  -> pixels in [-1, 1], plus the original size and crop offset SDXL is conditioned on
-- `DataOrder` -> which items form micro-batch m, a pure function of (seed, m): resume needs only the step.
-  With aspect-ratio buckets every micro-batch comes from one bucket (`trainer.data.buckets`).
+- `trainer.data.images`: `load_image(path)` / `crop_to_bucket(img, bucket)` / `resize_center_crop(img, res)` /
+  `to_tensor(img)` -> pixels in [-1, 1], plus the original size and crop offset SDXL is conditioned on
+- `trainer.data.order.DataOrder` -> which items form micro-batch m, a pure function of (seed, m): resume needs
+  only the step. With aspect-ratio buckets every micro-batch comes from one bucket (`trainer.data.buckets`).
 - `TrainData` -> `Sample`s and `Batch`es (captions processed per draw, prior-preservation weights), with the
   latent and text caches
-- `encode_text(base, captions, device)` -> the UNet's conditioning for SD1/SD2/SDXL
+- `trainer.data.encode.encode_text(base, captions, device)` -> the UNet's conditioning for SD1/SD2/SDXL
 
 Randomness here never touches a global RNG stream: every random choice (epoch order, bucket batches, flips,
 tag shuffles, caption dropout) comes from a generator seeded with (seed, epoch[, position]), so a resumed
@@ -20,7 +20,6 @@ run sees exactly the data an uninterrupted run would have seen.
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import random
 from collections.abc import Callable, Sequence
@@ -28,41 +27,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ImageOps
 
 from trainer.data import captions
-from trainer.data.buckets import (
-    Bucket,
-    BucketBatchSampler,
-    apply_plan,
-    assign_bucket,
-    center_crop_plan,
-    clamp_sides,
-    fit_to_bucket,
-    make_buckets,
-    sdxl_size_conditioning,
-)
+from trainer.data.buckets import Bucket, assign_bucket, clamp_sides, make_buckets
+from trainer.data.encode import encode_pixels, encode_text
+from trainer.data.images import IMAGE_EXTS, Cropped, crop_to_bucket, image_size, load_image, to_tensor
+from trainer.data.order import DataOrder
+from trainer.data.seeds import generator
 from trainer.events import JobFailed
 
 if TYPE_CHECKING:
     from trainer.models.base import BaseModel
     from trainer.spec import Concept, TrainSpec
-
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
-
-
-# --- deterministic seeds -----------------------------------------------------------------------
-
-def derive_seed(*parts: int | str) -> int:
-    """A stable 63-bit seed from (seed, step, ...): the same on every machine and Python run (unlike hash())."""
-    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def generator(*parts: int | str) -> torch.Generator:
-    return torch.Generator(device="cpu").manual_seed(derive_seed(*parts))
 
 
 # --- dataset scanning and captions ---------------------------------------------------------------
@@ -171,187 +149,6 @@ def dataset_fingerprint(items: Sequence[ImageItem]) -> str:
     return h.hexdigest()[:16]
 
 
-# --- images ------------------------------------------------------------------------------------
-
-def load_image(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im)  # phone photos: honour the orientation tag
-            if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-                # Transparent areas become white, not the undefined colour the pixels happen to hold.
-                rgba = im.convert("RGBA")
-                bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                return Image.alpha_composite(bg, rgba).convert("RGB")
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise JobFailed(
-            f"{path} could not be read as an image ({type(e).__name__}: {e}); remove or replace that file",
-            reason="bad_input",
-        ) from None
-
-
-@dataclass
-class Cropped:
-    image: Image.Image
-    original_size: tuple[int, int]  # (h, w) of the file, for SDXL's size conditioning
-    crop_top_left: tuple[int, int]  # (top, left) in the resized image
-    target_size: tuple[int, int]  # (h, w) trained at
-
-
-def image_size(path: Path) -> tuple[int, int]:
-    """(w, h) as `load_image` will return it (EXIF orientation applied), from the header alone."""
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-            if im.getexif().get(0x0112) in (5, 6, 7, 8):  # orientations that swap width and height
-                w, h = h, w
-            return w, h
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise JobFailed(
-            f"{path} could not be read as an image ({type(e).__name__}: {e}); remove or replace that file",
-            reason="bad_input",
-        ) from None
-
-
-def crop_to_bucket(img: Image.Image, bucket: Bucket) -> Cropped:
-    """Resize to cover `bucket` (w, h), centre crop; the geometry SDXL is conditioned on comes along."""
-    plan = fit_to_bucket(img.size, bucket)
-    h, w, top, left, th, tw = sdxl_size_conditioning(img.size, plan, bucket)
-    return Cropped(apply_plan(img, plan, bucket), (h, w), (top, left), (th, tw))
-
-
-def resize_center_crop(img: Image.Image, resolution: int) -> Cropped:
-    """Shorter side to `resolution`, then a centred square crop (kohya's non-bucketed path)."""
-    plan = center_crop_plan(img.size, resolution)
-    bucket = (resolution, resolution)
-    h, w, top, left, th, tw = sdxl_size_conditioning(img.size, plan, bucket)
-    return Cropped(apply_plan(img, plan, bucket), (h, w), (top, left), (th, tw))
-
-
-def to_tensor(img: Image.Image) -> torch.Tensor:
-    """PIL RGB -> float tensor [3, H, W] in [-1, 1]."""
-    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
-
-
-# --- order -------------------------------------------------------------------------------------
-
-Slot = int | tuple[int, int]  # an item index, or (pool, position in pool) for a class-image slot
-
-
-class DataOrder:
-    """Which items micro-batch m holds, from (seed, m) alone.
-
-    The data is an endless stream of epochs; an epoch lists each item `repeats` times, shuffled by a
-    generator seeded with (seed, epoch). Micro-batch m takes stream positions [m*bs, (m+1)*bs), so a batch
-    can straddle two epochs (no image is dropped, none is seen twice within an epoch).
-
-    `pools` (prior preservation): `(slots, item indices)` per concept with class images. The concept gets
-    `slots` class samples per epoch (as many as its instance samples, kohya's balance), filled with its class
-    images in turn: slot s of epoch e holds class image `(e * slots + s) % len(items)`, so every class image
-    is used evenly, over several epochs when there are more class images than slots (kohya would only ever
-    use the first ones).
-
-    `bucket_of` (aspect-ratio buckets): the bucket of each item. Every micro-batch then comes from one
-    bucket (`BucketBatchSampler` over the epoch's slots); a bucket's leftovers form a smaller batch, so a
-    batch never straddles two epochs. Without pools every epoch has the same number of batches; with
-    pools the count is computed per epoch (a pure function of the epoch, cached).
-    """
-
-    def __init__(self, repeats: Sequence[int], batch_size: int, seed: int, shuffle: bool = True,
-                 pools: Sequence[tuple[int, Sequence[int]]] = (), bucket_of: Sequence[Bucket] | None = None):
-        self.slots: list[Slot] = [i for i, r in enumerate(repeats) for _ in range(r)]
-        self.pools = [list(items) for _, items in pools]
-        self._pool_len = [n for n, _ in pools]
-        self.slots += [(p, s) for p, (n, items) in enumerate(pools) if items for s in range(n)]
-        if not self.slots:
-            raise JobFailed("the dataset is empty: no image has a repeat", reason="bad_input")
-        self.batch_size = batch_size
-        self.seed = seed
-        self.shuffle = shuffle
-        self.bucket_of = list(bucket_of) if bucket_of is not None else None
-        self._perms: dict[int, list[int]] = {}
-        self._bucket_batches: dict[int, list[list[tuple[int, int]]]] = {}
-        self._cum: list[int] = [0]  # bucket mode: micro-batches before epoch e
-        self._n0: int | None = None
-
-    @property
-    def epoch_len(self) -> int:
-        return len(self.slots)
-
-    def resolve(self, slot: Slot, epoch: int) -> int:
-        if isinstance(slot, int):
-            return slot
-        p, s = slot
-        items = self.pools[p]
-        return items[(epoch * self._pool_len[p] + s) % len(items)]
-
-    def epoch_order(self, epoch: int) -> list[int]:
-        if epoch not in self._perms:
-            if len(self._perms) > 4:
-                self._perms.clear()
-            if self.shuffle:
-                perm = torch.randperm(len(self.slots), generator=generator(self.seed, "epoch", epoch)).tolist()
-            else:
-                perm = list(range(len(self.slots)))
-            self._perms[epoch] = [self.resolve(self.slots[i], epoch) for i in perm]
-        return self._perms[epoch]
-
-    # -- bucket mode --
-
-    def _epoch_keys(self, epoch: int) -> list[Bucket]:
-        assert self.bucket_of is not None
-        return [self.bucket_of[self.resolve(slot, epoch)] for slot in self.slots]
-
-    def _n_batches(self, epoch: int) -> int:
-        counts: dict[Bucket, int] = {}
-        for k in self._epoch_keys(epoch):
-            counts[k] = counts.get(k, 0) + 1
-        return sum(-(-n // self.batch_size) for n in counts.values())
-
-    def bucket_batches(self, epoch: int) -> list[list[tuple[int, int]]]:
-        """The epoch's batches as lists of (slot index, item index), each from one bucket."""
-        if epoch not in self._bucket_batches:
-            if len(self._bucket_batches) > 4:
-                self._bucket_batches.clear()
-            sampler = BucketBatchSampler(self._epoch_keys(epoch), self.batch_size, self.seed)
-            self._bucket_batches[epoch] = [[(j, self.resolve(self.slots[j], epoch)) for j in b]
-                                           for b in sampler.batches(epoch)]
-        return self._bucket_batches[epoch]
-
-    def _locate(self, micro_batch: int) -> tuple[int, int]:
-        if not self.pools:  # every epoch has the same number of batches
-            if self._n0 is None:
-                self._n0 = self._n_batches(0)
-            return divmod(micro_batch, self._n0)
-        while self._cum[-1] <= micro_batch:
-            self._cum.append(self._cum[-1] + self._n_batches(len(self._cum) - 1))
-        epoch = bisect.bisect_right(self._cum, micro_batch) - 1
-        return epoch, micro_batch - self._cum[epoch]
-
-    # -- both modes --
-
-    def positions(self, micro_batch: int) -> list[tuple[int, int, int]]:
-        """(epoch, position in epoch, item index) for each sample of a micro-batch.
-
-        The position is unique within an epoch: flips and caption shuffles are seeded with (epoch, position).
-        """
-        if self.bucket_of is not None:
-            epoch, k = self._locate(micro_batch)
-            return [(epoch, j, i) for j, i in self.bucket_batches(epoch)[k]]
-        out = []
-        for p in range(micro_batch * self.batch_size, (micro_batch + 1) * self.batch_size):
-            epoch, pos = divmod(p, self.epoch_len)
-            out.append((epoch, pos, self.epoch_order(epoch)[pos]))
-        return out
-
-    def epoch_of(self, micro_batch: int) -> int:
-        if self.bucket_of is not None:
-            return self._locate(micro_batch)[0]
-        return (micro_batch * self.batch_size) // self.epoch_len
-
-
 # --- samples and batches -----------------------------------------------------------------------
 
 @dataclass
@@ -386,56 +183,6 @@ class Batch:
 def time_ids(samples: Sequence[Sample]) -> torch.Tensor:
     return torch.tensor([[*s.original_size, *s.crop_top_left, *s.target_size] for s in samples],
                         dtype=torch.float32)
-
-
-# --- text encoding -----------------------------------------------------------------------------
-
-def tokenize(tokenizer, captions: Sequence[str]) -> torch.Tensor:
-    return tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length,
-                     truncation=True, return_tensors="pt").input_ids
-
-
-def encode_text(base: BaseModel, captions: Sequence[str], device: torch.device | str
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(encoder_hidden_states, pooled or None) as the UNet of this architecture expects them.
-
-    SD1/SD2: the last hidden state (clip skip 1; diffusers' convention for SD2 too).
-    SDXL: TE1 and TE2 penultimate hidden states concatenated on the channel axis; pooled = TE2's projected
-    text embeds. Runs with whatever grad mode the caller set (text-encoder training needs grads).
-    """
-    if base.arch != "sdxl":
-        ids = tokenize(base.tokenizers[0], captions).to(device)
-        return base.text_encoders[0](ids).last_hidden_state, None
-    hidden = []
-    pooled = None
-    for te, tok in zip(base.text_encoders, base.tokenizers, strict=True):
-        out = te(tokenize(tok, captions).to(device), output_hidden_states=True)
-        hidden.append(out.hidden_states[-2])
-        if hasattr(out, "text_embeds"):
-            pooled = out.text_embeds
-    return torch.cat(hidden, dim=-1), pooled
-
-
-# --- latents -----------------------------------------------------------------------------------
-
-def vae_scale(vae, dist_sample: torch.Tensor) -> torch.Tensor:
-    shift = getattr(vae.config, "shift_factor", None)
-    if shift is not None:
-        dist_sample = dist_sample - shift
-    return dist_sample * vae.config.scaling_factor
-
-
-@torch.no_grad()
-def encode_pixels(vae, pixels: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
-    """Scaled latents; the distribution's mean when no generator is given, a seeded sample otherwise."""
-    vdtype = next(vae.parameters()).dtype
-    vdev = next(vae.parameters()).device
-    dist = vae.encode(pixels.to(vdev, vdtype)).latent_dist
-    if gen is None:
-        lat = dist.mean
-    else:
-        lat = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen).to(dist.mean.device, dist.mean.dtype)
-    return vae_scale(vae, lat).float()
 
 
 # --- the data of one job -------------------------------------------------------------------------

@@ -30,12 +30,14 @@ from typing import TYPE_CHECKING
 
 from PIL import Image, UnidentifiedImageError
 
+from trainer import atomic
 from trainer.data.buckets import Bucket, assign_bucket, clamp_sides, make_buckets
+from trainer.data.images import IMAGE_EXTS
+from trainer.events import EventSink, event
 
 if TYPE_CHECKING:
     from trainer.spec import Concept, TrainSpec
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 _TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
@@ -233,3 +235,30 @@ def report_for_spec(spec: TrainSpec, class_images: Sequence[Sequence[Path] | Non
     return dataset_report(spec.concepts, d.resolution, bucketing=d.bucketing, bucket_step=d.bucket_step,
                           bucket_min_side=d.bucket_min_side, bucket_max_side=d.bucket_max_side,
                           class_images=class_images, batch_size=spec.batch_size)
+
+
+def emit_dataset_report(spec: TrainSpec, concepts: Sequence[Concept],
+                        class_images: Sequence[Sequence[Path] | None], job_dir: Path, emit: EventSink
+                        ) -> Report | None:
+    """What will train (images per concept and bucket, captions, duplicates, undersized images): a `report`
+    event and job_dir/report.txt, before any training time is spent. A failing report never stops a job."""
+    def log(message: str, level: str = "info") -> None:
+        emit(event("log", level=level, message=message))
+
+    d = spec.data
+    if d.bucketing and (d.bucket_min_side > d.resolution or d.bucket_max_side < d.resolution):
+        log(f"bucket sides {d.bucket_min_side}-{d.bucket_max_side} do not include the resolution "
+            f"{d.resolution}: buckets use sides {min(d.bucket_min_side, d.resolution)}-"
+            f"{max(d.bucket_max_side, d.resolution)}", "warning")
+    for i, (given, c) in enumerate(zip(spec.concepts, concepts, strict=True)):
+        if (c.class_prompt or "").strip() and not c.class_count and given.class_count is None:
+            log(f"concepts[{i}] has a class_prompt but no class images: no prior preservation (set its "
+                "class_count, or data.class_images_per_image)")
+    try:
+        r = report_for_spec(spec.model_copy(update={"concepts": list(concepts)}), class_images=class_images)
+    except Exception as e:  # noqa: BLE001 - the report informs; it never stops a job on its own
+        log(f"dataset report failed: {type(e).__name__}: {e}", "warning")
+        return None
+    atomic.write_text(job_dir / "report.txt", r.text + "\n")
+    emit(event("report", text=r.text, warnings=list(r.warnings)))
+    return r

@@ -1,19 +1,16 @@
 """Sampling: txt2img with a base model and any set of kohya LoRAs, grids of strength x seed, preview jobs.
 
-LoRAs are applied the way AUTOMATIC1111 does it: the weight of every targeted Linear/Conv2d is patched in place
-(W += strength * alpha/r * up @ down) after backing the original weight up on the CPU. Removing a LoRA copies
-the backup back, so the base returns bit-exactly and is never reloaded. This works with files from any trainer
-(SD1 diffusers names, SDXL original names or diffusers names, te/te1/te2 prefixes), with conv (LoCon) modules and
-with any strength including negative ones, and costs nothing per denoising step.
+LoRAs are patched into the base's weights A1111-style (`trainer.network.patch`), so swapping them costs no
+reload; pipelines come from the one builder, `trainer.infer.pipeline`.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from PIL import Image
@@ -22,139 +19,14 @@ from torch import nn
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from trainer.events import EventSink, JobCancelled, JobFailed, StopCheck, event, never_stop, null_sink  # noqa: E402
-from trainer.format.kohya import KohyaLora, LoraFileError, delta_weight, read_kohya, resolve_lora_path
+from trainer.format.kohya import KohyaLora, LoraFileError, read_kohya, resolve_lora_path
 from trainer.infer.grid import save_png, strength_seed_grid  # noqa: E402
+from trainer.infer.pipeline import build_pipeline, render_image  # noqa: E402
 from trainer.models.base import BaseModel  # noqa: E402
 from trainer.models.load import load_base  # noqa: E402
-from trainer.network.targets import check_compatible
+from trainer.network.patch import LoraSource, WeightPatcher, as_kohya  # noqa: E402
 from trainer.spec import GridSpec, PreviewSpec, SamplePrompt  # noqa: E402
-
-if TYPE_CHECKING:
-    from trainer.network.targets import Target
-
-SAMPLER_NAMES = ("euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim")
-
-
-# --- LoRAs in and onto the base -------------------------------------------------------------------
-
-LoraSource = Any  # a path, a kohya state dict, a KohyaLora, or a LoraNetwork (its current weights)
-
-
-def as_kohya(src: LoraSource) -> KohyaLora:
-    """Whatever callers hold, as a validated KohyaLora (files go through the safe, header-checked reader)."""
-    if isinstance(src, KohyaLora):
-        return src
-    if isinstance(src, str | Path):
-        return read_kohya(src)
-    if isinstance(src, Mapping):
-        return read_kohya(src)
-    if hasattr(src, "network_state"):  # trainer.network.lora.LoraNetwork: snapshot its weights in float32
-        from trainer.format.kohya import export_state
-
-        return read_kohya(export_state(src, torch.float32))
-    raise TypeError(f"cannot use {type(src).__name__} as a LoRA (give a path, a state dict or a KohyaLora)")
-
-
-def _layer(base: BaseModel, t: Target) -> nn.Module:
-    model = {"unet": base.unet, "te1": base.text_encoders[0]}.get(t.model)
-    if model is None:
-        model = base.text_encoders[1]
-    m = model.get_submodule(t.path)
-    if hasattr(m, "get_base_layer"):  # peft-wrapped during training: patch the frozen base layer
-        m = m.get_base_layer()
-    return m
-
-
-class WeightPatcher:
-    """Applies LoRAs to a model in place and restores the exact base weights from CPU backups."""
-
-    def __init__(self, base: BaseModel):
-        self.base = base
-        self._backup: dict[nn.Module, torch.Tensor] = {}
-
-    @property
-    def active(self) -> bool:
-        return bool(self._backup)
-
-    @torch.no_grad()
-    def apply(self, loras: Sequence[tuple[KohyaLora, float]]) -> None:
-        """Add every LoRA at its strength (raises LoraFileError when one does not fit the base)."""
-        deltas: dict[nn.Module, torch.Tensor] = {}
-        plans = [(lora, strength, check_compatible(lora, self.base)) for lora, strength in loras]  # check all first
-        for lora, strength, targets in plans:
-            if strength == 0:
-                continue
-            for name, t in targets.items():
-                m = _layer(self.base, t)
-                mod = lora.modules[name]
-                d = (delta_weight(mod.down, mod.up, mod.alpha, mod.kind) * strength).reshape(m.weight.shape)
-                deltas[m] = deltas[m] + d if m in deltas else d
-        for m, d in deltas.items():
-            if m not in self._backup:
-                self._backup[m] = m.weight.detach().to("cpu", copy=True)
-            w = m.weight
-            # Sum in float32 so fp16 bases do not lose the small LoRA delta to rounding twice.
-            w.copy_((w.float() + d.to(w.device)).to(w.dtype))
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        for m, w in self._backup.items():
-            m.weight.copy_(w.to(m.weight.device))
-        self._backup.clear()
-
-
-# --- schedulers and pipelines -------------------------------------------------------------------
-
-def make_scheduler(name: str, config: Mapping[str, Any]):
-    """A diffusers sampler built from the base's scheduler config (prediction type, betas, spacing kept)."""
-    from diffusers import (
-        DDIMScheduler,
-        DPMSolverMultistepScheduler,
-        EulerAncestralDiscreteScheduler,
-        EulerDiscreteScheduler,
-    )
-
-    cfg = dict(config)
-    if name == "euler":
-        return EulerDiscreteScheduler.from_config(cfg)
-    if name == "euler_a":
-        return EulerAncestralDiscreteScheduler.from_config(cfg)
-    if name in ("dpmpp_2m", "dpmpp_2m_karras"):
-        return DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++", solver_order=2,
-                                                       use_karras_sigmas=name == "dpmpp_2m_karras")
-    if name == "ddim":
-        return DDIMScheduler.from_config(cfg)
-    raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLER_NAMES)}")
-
-
-def build_pipeline(base: BaseModel, sampler: str = "euler"):
-    """A txt2img pipeline sharing the BaseModel's modules (nothing copied, no safety checker)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    sched = make_scheduler(sampler, base.noise_scheduler.config)
-    if base.arch == "sdxl":
-        pipe = StableDiffusionXLPipeline(vae=base.vae, text_encoder=base.text_encoders[0],
-                                         text_encoder_2=base.text_encoders[1], tokenizer=base.tokenizers[0],
-                                         tokenizer_2=base.tokenizers[1], unet=base.unet, scheduler=sched,
-                                         add_watermarker=False)
-    else:
-        pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoders[0], tokenizer=base.tokenizers[0],
-                                       unet=base.unet, scheduler=sched, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def native_size(base: BaseModel) -> int:
-    """The resolution the base was trained at (64 for tiny models, 512 SD1.5, 768 SD2, 1024 SDXL)."""
-    vae_scale = 2 ** (len(base.vae.config.block_out_channels) - 1)
-    return int(base.unet.config.sample_size) * vae_scale
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+from trainer.train.precision import resolve_device  # noqa: E402
 
 
 def _place(m: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
@@ -253,16 +125,6 @@ class Sampler:
                 done += 1
                 on_event(event("phase", name="rendering grid", current=done, total=total))
         return cells  # type: ignore[return-value]
-
-
-def render_image(pipe, base: BaseModel, prompt: str, negative: str, seed: int, steps: int, cfg: float,
-                 width: int | None, height: int | None, sampler: str) -> Image.Image:
-    size = native_size(base)
-    pipe.scheduler = make_scheduler(sampler, base.noise_scheduler.config)
-    gen = torch.Generator("cpu").manual_seed(int(seed))  # CPU generator: same image for a seed on any device
-    out = pipe(prompt=prompt, negative_prompt=negative or None, num_inference_steps=int(steps), guidance_scale=cfg,
-               width=width or size, height=height or size, generator=gen, output_type="pil")
-    return out.images[0]
 
 
 # --- sampling during training -----------------------------------------------------------------

@@ -9,6 +9,8 @@
   python -m trainer validate JOB.toml [--set ...]      print the fully resolved spec, or what is wrong
   python -m trainer presets                            list the presets
   python -m trainer inspect file.safetensors           check a LoRA file and summarise it
+  python -m trainer plan [JOB.toml] [--preset P] [--arch sdxl] [--vram 10GiB]
+                                                       predict the job's peak GPU memory (exit 1: does not fit)
 
 Precedence: preset < job file < options < --set. Exit codes: 0 done, 1 failed, 2 invalid spec or option, 130 stopped.
 """
@@ -85,15 +87,15 @@ def _fmt_time(seconds: float | None) -> str:
 
 
 class ProgressPrinter:
-    """Prints engine events. Training progress is one bar redrawn in place with \r when the stream is a terminal,
-    and plain `step N/M ...` lines otherwise (logs, pipes, CI)."""
+    """Prints engine events. Training progress is one tqdm bar redrawn in place when the stream is a terminal
+    (other lines are printed above it), and plain `step N/M ...` lines otherwise (logs, pipes, CI)."""
 
     BAR = 24
 
     def __init__(self, stream: Any = None, tty: bool | None = None):
         self._stream = stream
         self.tty = tty
-        self._bar_open = False
+        self._bar: Any = None  # the open tqdm bar
         self._phase: str | None = None
 
     @property
@@ -109,11 +111,28 @@ class ProgressPrinter:
             return False
 
     def _line(self, text: str) -> None:
-        if self._bar_open:
-            self.stream.write("\n")
-            self._bar_open = False
-        self.stream.write(text + "\n")
+        if self._bar is not None:  # print above the bar, which is redrawn below
+            with self._bar.external_write_mode(file=self.stream):
+                self.stream.write(text + "\n")
+        else:
+            self.stream.write(text + "\n")
         self.stream.flush()
+
+    def _progress_bar(self, ev: dict[str, Any], text: str) -> None:
+        from tqdm import tqdm
+
+        total, step = max(int(ev["total"]), 1), min(int(ev["step"]), max(int(ev["total"]), 1))
+        if self._bar is None:  # drawn once on creation, with this event's numbers
+            self._bar = tqdm(total=total, initial=step, desc=text, file=self.stream, ascii="-#",
+                             bar_format=f"[{{bar:{self.BAR}}}] {{desc}}", mininterval=0, dynamic_ncols=False)
+        else:
+            self._bar.total, self._bar.n = total, step
+            self._bar.set_description_str(text, refresh=False)
+            if step < total:
+                self._bar.refresh()
+        if step >= total:  # close() draws the final state once and ends the line
+            self._bar.close()
+            self._bar = None
 
     @staticmethod
     def progress_text(ev: dict[str, Any]) -> str:
@@ -127,14 +146,7 @@ class ProgressPrinter:
         if t == "progress":
             text = self.progress_text(ev)
             if self._is_tty():
-                total = max(int(ev["total"]), 1)
-                done = int(self.BAR * min(int(ev["step"]), total) / total)
-                bar = "#" * done + "-" * (self.BAR - done)
-                self.stream.write(f"\r[{bar}] {text}\x1b[K")
-                self.stream.flush()
-                self._bar_open = True
-                if ev["step"] >= ev["total"]:
-                    self._line("")
+                self._progress_bar(ev, text)
             else:
                 self._line(text)
         elif t == "file":
@@ -291,6 +303,13 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("presets", help="list the presets")
     sp = sub.add_parser("inspect", help="check and summarise a LoRA file")
     sp.add_argument("file", type=Path)
+    sp = sub.add_parser("plan", help="predict a train job's peak GPU memory and whether it fits a card")
+    sp.add_argument("job", type=Path, nargs="?", help="a TOML train job file (optional with --preset)")
+    sp.add_argument("--preset", default=None, help="plan a preset (python -m trainer presets)")
+    sp.add_argument("--arch", default=None, help="plan on this full-size architecture: sd15, sd2, sdxl "
+                    "(default: the base model's)")
+    sp.add_argument("--vram", default=None, help="the card's memory, e.g. 10GiB (default: this machine's GPU)")
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
     if args.cmd in ("train", "run", "demo"):
         _quiet_library_bars()
@@ -312,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.cmd == "demo":
             return _demo(args)
+        if args.cmd == "plan":
+            return _plan(args)
         if args.cmd == "validate":
             spec = load_job_file(args.job, parse_set(args.set))
             print(to_toml(spec), end="")
@@ -343,6 +364,51 @@ def main(argv: list[str] | None = None) -> int:
         for field, msg in e.problems:
             print(f"  {field or '(file)'}{_option_hint(field)}: {msg}", file=sys.stderr)
         return 2
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from trainer.plan import PlanError, parse_size, plan_job
+    from trainer.spec import TrainSpec, deep_merge, load_toml_text, preset_values, resolve_job
+
+    try:
+        card = parse_size(args.vram) if args.vram else _local_card_bytes()
+        values: dict[str, Any] = {}
+        if args.job is not None:
+            if not args.job.is_file():
+                raise SpecError([("", f"job file {args.job} does not exist")])
+            values = load_toml_text(args.job.read_text(encoding="utf-8"), source=str(args.job))
+        elif args.preset is None:
+            raise SpecError([("", "give a job file or --preset NAME")])
+        values = deep_merge(values, parse_set(args.set))
+        preset = args.preset or values.get("preset")
+        probe = deep_merge(preset_values(preset), values) if preset else values
+        if probe.get("mode") == "difference" and not (probe.get("difference") or {}).get("pairs"):
+            # The images do not change the plan: a preset or a job without its pairs yet is planned as one pair.
+            values = deep_merge(values, {"difference": {"pairs": [{"original": "-", "target": "-"}]}})
+        spec = resolve_job(values, preset)
+        if not isinstance(spec, TrainSpec):
+            raise SpecError([("kind", f"plan is for train jobs; this is a {spec.kind} job")])
+        plan = plan_job(spec, arch=args.arch, card_bytes=card)
+    except PlanError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(plan.message())
+    print(plan.table_text())
+    for note in plan.notes:
+        print(f"note: {note}")
+    return 1 if plan.fits is False else 0
+
+
+def _local_card_bytes() -> int | None:
+    """This machine's first GPU's memory, None without one (the plan then says nothing about fitting)."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return int(torch.cuda.get_device_properties(0).total_memory)
+    except Exception:  # noqa: BLE001 - no usable torch/CUDA: no card to compare with
+        pass
+    return None
 
 
 def _quiet_library_bars() -> None:

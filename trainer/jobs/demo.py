@@ -87,7 +87,7 @@ def run_demo(out: Path, steps: int = DEMO_STEPS, device: str | None = "cpu",
     from trainer.jobs.runner import run_job
     from trainer.models.load import load_base
     from trainer.network.lora import apply_kohya_file
-    from trainer.train.loop import eval_denoise_loss
+    from trainer.train.losses import eval_denoise_loss
 
     t0 = time.monotonic()
     out = Path(out)

@@ -345,3 +345,13 @@ def block_of_kohya_name(name: str, arch: Arch, layers_per_block: int = 2) -> str
     if rest.startswith(("time_embed", "label_emb", "add_embedding")):
         return "BASE"
     raise ValueError(f"cannot tell the block of UNet module {name!r}")
+
+
+def target_layer(base: BaseModel, t: Target) -> nn.Module:
+    """The Linear/Conv2d a target names in `base`; a peft-wrapped layer (during training) as its frozen base layer."""
+    model = base.unet if t.model == "unet" else base.text_encoders[0 if t.model == "te1" else 1]
+    m = model.get_submodule(t.path)
+    if hasattr(m, "get_base_layer"):
+        m = m.get_base_layer()
+    return m
+

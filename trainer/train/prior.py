@@ -39,14 +39,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from trainer import atomic
+from trainer.data.images import IMAGE_EXTS
 from trainer.events import EventSink, JobCancelled, JobFailed, StopCheck, event, never_stop, null_sink
 
 if TYPE_CHECKING:
@@ -56,7 +57,6 @@ if TYPE_CHECKING:
     from trainer.spec import Concept
 
 Render = Callable[[str, int, int, int], "Image.Image"]  # (prompt, seed, width, height) -> RGB image
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 MANIFEST = "loraforge_class_images.json"
 PHASE = "generating class images"
 
@@ -87,28 +87,6 @@ def class_seed(seed: int, index: int) -> int:
     return int.from_bytes(digest[:4], "little")  # 32 bits: valid for every torch generator
 
 
-def native_resolution(base: BaseModel) -> int:
-    return int(base.unet.config.sample_size) * 2 ** (len(base.vae.config.block_out_channels) - 1)
-
-
-# --- atomic writes ---------------------------------------------------------------------------------
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    # A hidden temporary name in the same folder: never listed as an image, and os.replace is atomic there.
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
-
-
 def read_manifest(folder: Path) -> dict[str, Any] | None:
     try:
         return json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
@@ -120,35 +98,17 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
 
 def default_render(base: BaseModel, *, steps: int = 20, sampler: str = "ddim", guidance_scale: float = 7.0,
                    negative_prompt: str = "") -> Render:
-    """txt2img with the base model's own modules (kept here so prior preservation needs no sample.py)."""
-    from diffusers import (
-        DDIMScheduler,
-        EulerDiscreteScheduler,
-        StableDiffusionPipeline,
-        StableDiffusionXLPipeline,
-    )
+    """txt2img with the base model's own modules, through the one pipeline builder (trainer.infer.pipeline)."""
+    from trainer.infer.pipeline import build_pipeline, render_image
 
-    schedulers = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}
-    if sampler not in schedulers:
-        raise ValueError(f"class images: unknown sampler {sampler!r}; choose one of {', '.join(schedulers)}")
-    sched = schedulers[sampler].from_config(base.noise_scheduler.config)
-    if base.is_sdxl:
-        pipe = StableDiffusionXLPipeline(vae=base.vae, text_encoder=base.text_encoders[0],
-                                         text_encoder_2=base.text_encoders[1], tokenizer=base.tokenizers[0],
-                                         tokenizer_2=base.tokenizers[1], unet=base.unet, scheduler=sched,
-                                         add_watermarker=False)
-    else:
-        pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoders[0],
-                                       tokenizer=base.tokenizers[0], unet=base.unet, scheduler=sched,
-                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
+    try:
+        pipe = build_pipeline(base, sampler)
+    except ValueError as e:
+        raise ValueError(f"class images: {e}") from None
 
     def render(prompt: str, seed: int, width: int, height: int) -> Image.Image:
-        gen = torch.Generator(device="cpu").manual_seed(seed)  # CPU generator: same image on any device
-        out = pipe(prompt=prompt, negative_prompt=negative_prompt or None, num_inference_steps=steps,
-                   guidance_scale=guidance_scale, width=width, height=height, generator=gen,
-                   output_type="pil")
-        return out.images[0].convert("RGB")
+        return render_image(pipe, base, prompt, negative_prompt, seed, steps, guidance_scale, width, height,
+                            sampler).convert("RGB")
 
     return render
 
@@ -189,7 +149,9 @@ def ensure_class_images(
     if render is None and base is None:
         raise ValueError("ensure_class_images needs a base model or a render function to generate class images")
     _check_manifest(folder, base_model_id, prompt, on_event)
-    size = resolution or (native_resolution(base) if base is not None else 512)
+    from trainer.infer.pipeline import native_size
+
+    size = resolution or (native_size(base) if base is not None else 512)
     folder.mkdir(parents=True, exist_ok=True)
     missing = wanted - len(present)
     names = {p.name for p in present}
@@ -214,13 +176,53 @@ def ensure_class_images(
         s = class_seed(seed, i)
         img = render(prompt, s, size, size)
         png = folder / f"class_{i:05d}.png"
-        _write_text(png.with_suffix(".txt"), prompt + "\n")
-        _atomic_write(png, lambda p, img=img: img.save(p, format="PNG"))
+        atomic.write_text(png.with_suffix(".txt"), prompt + "\n")
+        atomic.write_with(png, lambda p, img=img: img.save(p, format="PNG"))
         generated[png.name] = s
         count = len(list_class_images(folder))
-        _write_text(folder / MANIFEST, json.dumps({**settings, "count": count, "generated": generated}, indent=1))
+        atomic.write_text(folder / MANIFEST, json.dumps({**settings, "count": count, "generated": generated}, indent=1))
         on_event(event("phase", name=PHASE, current=done, total=len(todo)))
     return list_class_images(folder)[:wanted]
+
+
+def prepare_class_images(concepts: Sequence[Concept], base: BaseModel, base_model_id: str, cache_root: Path,
+                         device: torch.device, autocast: Callable[[], AbstractContextManager[Any]],
+                         on_event: EventSink = null_sink, should_stop: StopCheck = never_stop, *,
+                         resolution: int | None = None, seed: int = 0) -> list[list[Path] | None]:
+    """Class images per concept (None: no prior preservation), generating the missing ones with the plain base.
+
+    On a GPU the base goes there only when something is generated, and back to the CPU afterwards, so its
+    memory is free until training starts. Raises JobCancelled on a stop request (finished files are kept).
+    """
+    modules = [base.unet, base.vae, *base.text_encoders]
+    moved = False
+    render_fn: list[Render] = []
+
+    def render(prompt: str, seed: int, width: int, height: int) -> Image.Image:
+        nonlocal moved
+        if not render_fn:
+            if device.type == "cuda":
+                for m in modules:
+                    m.to(device)
+                moved = True
+            render_fn.append(default_render(base))
+        with autocast():
+            return render_fn[0](prompt, seed, width, height)
+
+    out: list[list[Path] | None] = []
+    try:
+        for concept in concepts:
+            if not concept.class_count:
+                out.append(None)
+                continue
+            out.append(ensure_class_images(concept, base, base_model_id, cache_root, render=render,
+                                           on_event=on_event, should_stop=should_stop, resolution=resolution,
+                                           seed=seed))
+    finally:
+        if moved:
+            for m in modules:
+                m.to("cpu")
+    return out
 
 
 def _check_manifest(folder: Path, base_model_id: str, prompt: str, on_event: EventSink) -> None:

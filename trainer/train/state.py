@@ -19,10 +19,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 import random
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from trainer import atomic
 from trainer.events import JobFailed
 
 STATE_VERSION = 1
@@ -189,40 +188,16 @@ def save_state(job_dir: Path, state: TrainState, keep: int = KEEP) -> Path:
     for k, v in state.network.items():
         tensors[f"network.{k}"] = v.detach().to("cpu", torch.float32).contiguous().clone()
     final = root / f"step-{state.step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
-    try:
+    # Written into a hidden folder, fsynced, then renamed over any folder of the same step (a cancel right after a
+    # periodic save): a crash leaves the old state or the new one, never half of one.
+    with atomic.folder_atomic(final) as tmp:
         save_file(tensors, str(tmp / "tensors.safetensors"), metadata={"format": "pt", "loraforge_state": "1"})
-        _fsync_path(tmp / "tensors.safetensors")  # on disk before the folder gets its real name
-        with open(tmp / "state.json", "w", encoding="utf-8") as f:
-            json.dump(meta, f)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_path(tmp)
-        if final.exists():  # the same step saved again (a cancel right after a periodic save)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_path(root)  # the rename itself survives a power loss
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "state.json").write_text(json.dumps(meta), encoding="utf-8")
     for old in _step_dirs(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".tmp-*"):  # left by a crash mid-write
+    for stale in [*root.glob(".tmp-*"), *root.glob(".step-*.tmp")]:  # left by a crash mid-write
         shutil.rmtree(stale, ignore_errors=True)
     return final
-
-
-def _fsync_path(path: Path) -> None:
-    """fsync a file or a directory (directories need O_RDONLY; some filesystems refuse, which is fine)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _read(folder: Path) -> TrainState:
@@ -280,3 +255,23 @@ def load_latest_state(job_dir: Path, spec_fp: str | None = None, data_fp: str | 
 def optimizer_layout(optimizer: torch.optim.Optimizer) -> list[list[list[int]]]:
     """Shapes of the parameters per group: a state is only loaded into an optimizer with the same layout."""
     return [[list(p.shape) for p in g["params"]] for g in optimizer.param_groups]
+
+
+def resume_into(job_dir: Path, spec_fp: str, data_fp: str, network: Any, optimizer: torch.optim.Optimizer,
+                lr_scheduler: Any, scaler: torch.amp.GradScaler | None) -> TrainState | None:
+    """Load the newest valid state of `job_dir` into the network, optimizer, schedule, GradScaler and the RNGs;
+    None when there is none. The caller takes the step, loss history and extras from the returned state."""
+    s = load_latest_state(job_dir, spec_fp, data_fp)
+    if s is None:
+        return None
+    if s.extra.get("optimizer_layout") not in (None, optimizer_layout(optimizer)):
+        raise StateError(f"the saved training state in {state_root(job_dir)} does not fit this network "
+                         "(different layers); start the job over")
+    network.load_network_state(s.network)
+    optimizer.load_state_dict(s.optimizer)
+    lr_scheduler.load_state_dict(s.scheduler)
+    if scaler is not None and s.scaler:
+        scaler.load_state_dict(s.scaler)
+    set_rng_states(s.rng)
+    return s
+

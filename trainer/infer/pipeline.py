@@ -1,0 +1,76 @@
+"""The one Stable Diffusion pipeline builder, used by sampling during training, class images and previews.
+
+`build_pipeline(base, sampler)` makes a diffusers StableDiffusion(XL)Pipeline that shares the BaseModel's modules
+(nothing copied, no safety checker, no watermark); `render_image` is one txt2img call with a CPU generator, so a
+seed gives the same image on any device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from trainer.models.base import BaseModel
+
+SAMPLER_NAMES = ("euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim")
+
+
+def make_scheduler(name: str, config: Mapping[str, Any]):
+    """A diffusers sampler built from the base's scheduler config (prediction type, betas, spacing kept)."""
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+    )
+
+    cfg = dict(config)
+    if name == "euler":
+        return EulerDiscreteScheduler.from_config(cfg)
+    if name == "euler_a":
+        return EulerAncestralDiscreteScheduler.from_config(cfg)
+    if name in ("dpmpp_2m", "dpmpp_2m_karras"):
+        return DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++", solver_order=2,
+                                                       use_karras_sigmas=name == "dpmpp_2m_karras")
+    if name == "ddim":
+        return DDIMScheduler.from_config(cfg)
+    raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLER_NAMES)}")
+
+
+def build_pipeline(base: BaseModel, sampler: str = "euler"):
+    """A txt2img pipeline sharing the BaseModel's modules (nothing copied, no safety checker)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    sched = make_scheduler(sampler, base.noise_scheduler.config)
+    if base.arch == "sdxl":
+        pipe = StableDiffusionXLPipeline(vae=base.vae, text_encoder=base.text_encoders[0],
+                                         text_encoder_2=base.text_encoders[1], tokenizer=base.tokenizers[0],
+                                         tokenizer_2=base.tokenizers[1], unet=base.unet, scheduler=sched,
+                                         add_watermarker=False)
+    else:
+        pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoders[0], tokenizer=base.tokenizers[0],
+                                       unet=base.unet, scheduler=sched, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def native_size(base: BaseModel) -> int:
+    """The resolution the base was trained at (64 for tiny models, 512 SD1.5, 768 SD2, 1024 SDXL)."""
+    vae_scale = 2 ** (len(base.vae.config.block_out_channels) - 1)
+    return int(base.unet.config.sample_size) * vae_scale
+
+
+def render_image(pipe, base: BaseModel, prompt: str, negative: str, seed: int, steps: int, cfg: float,
+                 width: int | None, height: int | None, sampler: str) -> Image.Image:
+    size = native_size(base)
+    pipe.scheduler = make_scheduler(sampler, base.noise_scheduler.config)
+    gen = torch.Generator("cpu").manual_seed(int(seed))  # CPU generator: same image for a seed on any device
+    out = pipe(prompt=prompt, negative_prompt=negative or None, num_inference_steps=int(steps), guidance_scale=cfg,
+               width=width or size, height=height or size, generator=gen, output_type="pil")
+    return out.images[0]

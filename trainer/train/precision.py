@@ -1,0 +1,134 @@
+"""Device and precision policy: where a job runs, the dtype it computes in, and how the frozen base is stored.
+
+"auto" (the default) resolves on the device the job runs on (bf16 on a GPU that supports it, else fp16; fp32
+on CPU); gradient checkpointing None resolves to on for SDXL on a GPU only; the UNet uses xformers on a GPU
+when it is installed, else PyTorch SDPA. Mixed precision "bf16" autocasts to bfloat16 (CPU and GPU). "fp16"
+autocasts to float16 with a GradScaler on a GPU; on CPU, where float16 autocast is slow and GradScaler buys
+nothing, an fp16 job trains in fp32 and says so. On a GPU the frozen base weights are stored in the autocast
+dtype (half the memory); the LoRA weights, their gradients and the optimizer state stay float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from trainer.events import JobFailed
+
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_mixed_precision(requested: str, device: torch.device) -> str:
+    """The precision an "auto" spec trains in on `device`; explicit values are returned unchanged."""
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def resolve_gradient_checkpointing(requested: bool | None, arch: str, device: torch.device) -> bool:
+    """None (auto): on for SDXL on a GPU, off for SD1.x/SD2.x on a GPU and off on CPU."""
+    if requested is not None:
+        return bool(requested)
+    return device.type == "cuda" and arch == "sdxl"
+
+
+@dataclass
+class Precision:
+    """What a job computes in: the resolved setting, the autocast dtype (None: fp32) and the GradScaler."""
+
+    mixed_precision: str  # "no", "fp16" or "bf16"
+    autocast_dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler | None
+    note: str | None = None  # a warning for the job's log
+
+    def autocast(self, device: torch.device) -> torch.autocast:
+        if self.autocast_dtype is None:
+            return torch.autocast(device.type, enabled=False)
+        return torch.autocast(device.type, dtype=self.autocast_dtype)
+
+
+def resolve_precision(requested: str, device: torch.device) -> Precision:
+    mp = resolve_mixed_precision(requested, device)
+    if mp == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise JobFailed("this GPU does not support bf16; set mixed_precision to fp16", reason="bad_input")
+        return Precision(mp, torch.bfloat16, None)
+    if mp == "fp16":
+        if device.type == "cuda":
+            return Precision(mp, torch.float16, torch.amp.GradScaler("cuda"))
+        return Precision(mp, None, None, "fp16 mixed precision needs a GPU; on CPU this job trains in fp32 "
+                                         "(bf16 works on CPU)")
+    return Precision(mp, None, None)
+
+
+def cast_frozen_weights(modules: Iterable[torch.nn.Module], precision: Precision, device: torch.device) -> None:
+    """On a GPU the frozen base weights go to the compute dtype: half the memory, same autocast result.
+
+    Call it while the modules are still on the CPU (the cast then never needs fp32 and half copies on the card).
+    Trainable weights (the LoRA) keep float32; the VAE is not passed in: it decodes in float32 (fp16 overflows).
+    """
+    if precision.autocast_dtype is None or device.type != "cuda":
+        return
+    for m in modules:
+        for p in m.parameters():
+            if not p.requires_grad and p.is_floating_point():
+                p.data = p.data.to(precision.autocast_dtype)
+
+
+def enable_fast_attention(unet: Any, device: torch.device) -> str:
+    """xformers' memory-efficient attention on a GPU when xformers is installed, else PyTorch SDPA
+    (diffusers' default). Returns a short description of what the UNet uses."""
+    sdpa = "PyTorch SDPA" if hasattr(F, "scaled_dot_product_attention") else "PyTorch attention"
+    if device.type != "cuda":
+        return sdpa
+    try:
+        import xformers  # noqa: F401
+    except Exception:  # noqa: BLE001 - not installed, or broken against this torch
+        return sdpa
+    try:
+        unet.enable_xformers_memory_efficient_attention()
+    except Exception as e:  # noqa: BLE001 - a mismatched xformers build: keep SDPA
+        return f"{sdpa} (xformers is installed but could not be enabled: {type(e).__name__}: {e})"
+    return "xformers memory-efficient attention"
+
+
+def setup_modes(base: Any, train_unet: bool, train_te: bool, requested_gc: bool | None,
+                device: torch.device) -> tuple[bool, str]:
+    """Train/eval modes, gradient checkpointing and attention; returns (checkpointing on, attention used)."""
+    base.unet.train(train_unet)
+    for te in base.text_encoders:
+        te.train(train_te)
+    base.vae.eval()
+    gc = resolve_gradient_checkpointing(requested_gc, base.arch, device)
+    if gc:
+        base.unet.enable_gradient_checkpointing()
+        if train_te:
+            for te in base.text_encoders:
+                te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return gc, enable_fast_attention(base.unet, device)
+
+
+def resolution_summary(device: torch.device, requested_mp: str, mixed_precision: str, requested_gc: bool | None,
+                       gradient_checkpointing: bool, arch: str, attention: str) -> str:
+    """One line saying what runs: precision, gradient checkpointing and attention, auto choices marked."""
+    mp = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}[mixed_precision]
+    if mixed_precision == "fp16" and device.type != "cuda":
+        mp = "fp32 (fp16 needs a GPU)"
+    if requested_mp == "auto":
+        mp += f" (auto on {device.type})"
+    gc = "on" if gradient_checkpointing else "off"
+    if requested_gc is None:
+        gc += f" (auto: {arch} on {device.type})"
+    return f"device {device}; precision {mp}; gradient checkpointing {gc}; attention {attention}"
