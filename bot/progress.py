@@ -306,6 +306,8 @@ class JobReporter:
         while not hub.closed:
             await self.wake.wait()
             self.wake.clear()
+            if (gate := getattr(bot, "ack_gate", None)) is not None:
+                await gate.wait_turn()  # commands waiting for their first answer go first (bot.ackgate)
             try:
                 job = await bot.repo.get_job(self.job_id)
                 if job is None:

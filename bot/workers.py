@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 _LINE_LIMIT = 16 * 1024 * 1024  # one protocol line (a dataset report can be long)
 _OOM_MARKERS = ("CUDA out of memory", "OutOfMemoryError", "out of memory on device", "CUBLAS_STATUS_ALLOC_FAILED")
+LOG_MAX_BYTES = 8 * 1024 * 1024  # a worker log is rotated at start past this size (one old copy kept)
 OOM_MESSAGE = "ran out of GPU memory; try a smaller batch/resolution or gradient checkpointing"
 
 MessageHandler = Callable[["WorkerHandle", dict[str, Any]], Awaitable[None]]
@@ -40,6 +41,16 @@ ExitHandler = Callable[["WorkerHandle", str], Awaitable[None]]
 
 class WorkerStartError(RuntimeError):
     """The worker process did not come up (exited or never said ready)."""
+
+
+def rotate_log(path: Path, max_bytes: int = LOG_MAX_BYTES) -> None:
+    """Keep a worker log bounded: over ``max_bytes`` at a (re)start it becomes ``<name>.1`` (the one kept
+    before it is dropped). So logs/ holds at most about 2 x LOG_MAX_BYTES per worker, however long it runs."""
+    try:
+        if path.stat().st_size > max_bytes:
+            os.replace(path, path.with_name(path.name + ".1"))
+    except OSError:
+        pass
 
 
 def looks_like_oom(text: str | None) -> bool:
@@ -144,6 +155,7 @@ class WorkerHandle:
     async def start(self) -> dict[str, Any]:
         """Start the process and wait for its ``ready`` line; raises WorkerStartError."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        rotate_log(self.log_path)
         self._closing = False
         self._exited = asyncio.Event()
         self.exit_reason = None
