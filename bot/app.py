@@ -14,10 +14,12 @@ import contextlib
 import logging
 from typing import Any
 
+import aiohttp
 import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.ackgate import AckGate, mark_answered
 from bot.config import Config
 from bot.delivery import FileServer, LinkSigner, load_secret
 from bot.errors import PermissionDenied, UserError, install_redaction, report
@@ -29,6 +31,7 @@ from bot.views import CancelButton
 
 log = logging.getLogger("loraforge.bot")
 
+HTTP_CONNECTIONS = 32  # concurrent requests to Discord; more wait for a free kept-alive connection
 COGS = ("cogs.datasets", "cogs.train", "cogs.jobs", "cogs.models", "cogs.admin", "cogs.me")
 # Cogs written by others later (/merge, /preview): loaded when present.
 OPTIONAL_COGS = ("cogs.merge", "cogs.preview")
@@ -40,6 +43,7 @@ class LoraforgeTree(app_commands.CommandTree["LoraforgeBot"]):
         if interaction.type is not discord.InteractionType.application_command:
             return True
         bot: LoraforgeBot = interaction.client  # type: ignore[assignment]
+        bot.ack_gate.arrived(interaction.id)  # until its first answer, others' work waits (bot.ackgate)
         try:
             bot.access.check_context(interaction)
             # Raw values are checked against the declared options before discord.py converts them:
@@ -52,6 +56,7 @@ class LoraforgeTree(app_commands.CommandTree["LoraforgeBot"]):
 
     async def on_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
         await report(interaction, error)
+        mark_answered(interaction)
 
 
 class LoraforgeBot(commands.Bot):
@@ -79,6 +84,7 @@ class LoraforgeBot(commands.Bot):
         self.cog_names = cogs
         self.start_workers = start_workers
         self.service_ready = asyncio.Event()
+        self.ack_gate = AckGate()
         self._remove_listener: Any = None
         self._service_task: asyncio.Task[None] | None = None
 
@@ -116,6 +122,15 @@ class LoraforgeBot(commands.Bot):
         return pos, eta
 
     # -- lifecycle
+
+    async def login(self, token: str) -> None:
+        # A bounded pool of kept-alive connections to Discord. discord.py's default opens a new connection
+        # for every concurrent request: a burst of 500 commands means 500 TCP (TLS) handshakes before the
+        # 500 deferrals, and acknowledgements then take seconds. Reused connections ack them in well
+        # under one (docs/benchmarks-ack.md). Made here, inside the running loop, as aiohttp requires.
+        if self.http.connector is discord.utils.MISSING:
+            self.http.connector = aiohttp.TCPConnector(limit=HTTP_CONNECTIONS)
+        await super().login(token)
 
     async def setup_hook(self) -> None:
         await self.service.open()
@@ -165,6 +180,9 @@ class LoraforgeBot(commands.Bot):
         with contextlib.suppress(Exception):
             await self.service.stop()
         await super().close()
+
+    async def on_app_command_completion(self, interaction: discord.Interaction, command: Any) -> None:
+        mark_answered(interaction)  # a command that ended without answering holds nobody up
 
     async def on_ready(self) -> None:
         log.info("logged in as %s (%s) in %d guild(s)", self.user, getattr(self.user, "id", "?"), len(self.guilds))

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import discord
 
+from bot.ackgate import wait_turn
 from bot.config import BUILTIN_MODELS, list_base_models
 from bot.errors import InvalidInput, NotFound, PermissionDenied, UserError, reply
 from bot.humanize import format_duration
@@ -212,8 +213,11 @@ class Submitted:
 
 
 async def ensure_deferred(interaction: discord.Interaction, *, ephemeral: bool = False, thinking: bool = True) -> None:
+    """Defer (Discord's 3 s) if not answered yet, then wait while other commands of a burst are still
+    unanswered (bot.ackgate): acknowledgements first, work after."""
     if not interaction.response.is_done():
         await interaction.response.defer(ephemeral=ephemeral, thinking=thinking)
+    await wait_turn(interaction)
 
 
 async def open_destination(

@@ -8,8 +8,9 @@ training phase, its total, whether it fits a card, and ``message()`` in a user's
 What the plan assumes the engine does on a GPU (the fixed loop of issue 11): frozen weights are cast to the compute
 dtype (bf16/fp16; fp32 for ``mixed_precision = "no"``) before they move; the VAE stays fp32 (decoding in fp16
 overflows on SDXL); latents are cached with the VAE on the GPU, which then leaves unless samples need it; text
-encoders leave the GPU once their outputs are cached, and come back only to encode sample prompts (then leave
-again before the UNet denoises); the LoRA weights, their gradients and the optimizer state are fp32.
+encoders leave the GPU once their outputs are cached, and come back only to encode sample or class-image prompts
+(then leave again before the UNet denoises and the VAE decodes: an SDXL 1024 px fp32 decode alone takes ~3 GiB);
+the LoRA weights, their gradients and the optimizer state are fp32.
 
 Where the numbers come from: ``trainer/plan_table.json``, counted on the meta device by ``trainer.plan_count``
 (parameter counts of the shipped configs; peak live bytes of one UNet forward+backward with a LoRA, with and without
@@ -281,7 +282,7 @@ def plan_settings(spec: TrainSpec, config: str, s: Settings) -> MemoryPlan:
     if s.cache_text:
         phases["caching text"] = te_w + int(sum(t["te_train_per_sample"]))  # a grad pass bounds a no-grad one
     if s.class_images:  # the plain base renders at the training resolution, batch 1, guidance doubles the batch
-        phases["class images"] = unet_w + vae_w + max(int(t["unet_infer_per_pixel"] * latent_px * 2),
+        phases["class images"] = unet_w + vae_w + max(te_w, int(t["unet_infer_per_pixel"] * latent_px * 2),
                                                       int(t["vae_decode_per_pixel"] * latent_px))
     phases["training"] = train
     if s.samples:

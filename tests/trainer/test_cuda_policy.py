@@ -65,3 +65,33 @@ def test_frozen_weights_reach_the_gpu_only_in_the_compute_dtype(tmp_path: Path, 
         assert dtypes == {half}, f"{name} went to the GPU holding {dtypes} weights"
     # the LoRA weights stay float32 (trainable, not touched by the cast)
     assert {p.dtype for p in tr.params} == {torch.float32}
+
+
+def test_images_are_decoded_in_float32_even_under_half_autocast() -> None:
+    from trainer.infer.pipeline import build_pipeline, render_image
+    from trainer.models.load import load_base
+
+    base = load_base("tiny-sd15")
+    seen: list[tuple[torch.dtype, torch.dtype]] = []
+    hook = base.vae.decoder.conv_out.register_forward_hook(
+        lambda m, args, out: seen.append((m.weight.dtype, out.dtype)))
+    try:
+        # what the trainer does for samples and class images when it computes in half precision
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            img = render_image(build_pipeline(base), base, "a cat", "", 1, 2, 7.0, 64, 64, "euler")
+    finally:
+        hook.remove()
+    assert seen == [(torch.float32, torch.float32)]
+    assert img.size == (64, 64)
+
+
+def test_a_black_class_image_is_refused_not_saved(tmp_path: Path) -> None:
+    from trainer.events import JobFailed
+    from trainer.spec import Concept
+
+    concept = Concept(image_dir=str(tmp_path), class_prompt="girl", class_count=2, class_dir=str(tmp_path / "cls"))
+    with pytest.raises(JobFailed) as e:
+        prior.ensure_class_images(concept, None, "tiny-sd15", tmp_path / "cache", resolution=64,
+                                  render=lambda prompt, seed, w, h: Image.new("RGB", (w, h), (0, 0, 0)))
+    assert e.value.reason == "nan" and "all black" in str(e.value) and "bf16" in str(e.value)
+    assert not list((tmp_path / "cls").glob("*.png"))
