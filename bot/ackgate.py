@@ -45,7 +45,10 @@ class AckGate:
 
     def _drop_stale(self) -> None:
         cutoff = time.monotonic() - self.stale_s
-        for iid in [i for i, t in self._pending.items() if t < cutoff]:
+        while self._pending:  # oldest first (insertion order): stop at the first fresh one
+            iid, t = next(iter(self._pending.items()))
+            if t >= cutoff:
+                break
             self.answered(iid)
 
     async def wait_turn(self) -> None:

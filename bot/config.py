@@ -21,6 +21,7 @@ from storage.intake import IntakeLimits
 from trainer.format.checkpoint import TINY_CONFIGS
 
 MiB = 1024 * 1024
+DISCORD_API = "https://discord.com/api/v10"
 
 
 class ConfigError(ValueError):
@@ -51,8 +52,12 @@ class DiscordConfig(_Section):
     link_ttl_s: int = Field(24 * 3600, ge=60, le=30 * 24 * 3600)
     http_host: str = "127.0.0.1"
     http_port: int = Field(8080, ge=0, le=65535)
+    # Publish the slash commands on start when they changed since the last publish (bot/publish.py).
+    publish_commands_on_start: bool = True
+    # The Discord REST API; another address only for a Discord-compatible server (or a test double).
+    api_url: str = DISCORD_API
 
-    @field_validator("public_base_url")
+    @field_validator("public_base_url", "api_url")
     @classmethod
     def _url(cls, v: str) -> str:
         if not v.startswith(("http://", "https://")):
@@ -222,8 +227,23 @@ def _format_errors(err: ValidationError) -> str:
     return "; ".join(lines)
 
 
+TOKEN_KEYS = ("token", "bot_token", "discord_token")
+
+
+def _refuse_token(values: dict[str, Any]) -> None:
+    """A token in a file ends up in backups, screenshots and git; the config only names its variable."""
+    discord_section = values.get("discord")
+    for key in TOKEN_KEYS:
+        for where, table in (("", values), ("discord.", discord_section)):
+            if isinstance(table, dict) and key in table:
+                env = (discord_section or {}).get("token_env") if isinstance(discord_section, dict) else None
+                raise ConfigError(f"{where}{key}: the bot token does not go in the config file; remove this line "
+                                  f"and use {env or 'LORAFORGE_TOKEN'} (an environment variable) instead")
+
+
 def config_from_dict(values: dict[str, Any], base_dir: Path | None = None) -> Config:
     """Validate a parsed TOML table. Relative paths resolve against ``base_dir`` (the file's folder)."""
+    _refuse_token(values)
     try:
         cfg = Config.model_validate(values)
     except ValidationError as err:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import discord
 
-from bot.delivery import send_files, upload_limit
+from bot.delivery import ResultFiles, send_files, upload_limit
 from bot.errors import CODE_EDIT_CAP
 from bot.humanize import sig, summary_text
 from bot.interactions import DELIVERED_EVENT, META_EVENT, clip, format_duration, spec_summary
@@ -304,6 +304,8 @@ class JobReporter:
         while not hub.closed:
             await self.wake.wait()
             self.wake.clear()
+            if (gate := getattr(bot, "ack_gate", None)) is not None:
+                await gate.wait_turn()  # commands waiting for their first answer go first (bot.ackgate)
             try:
                 job = await bot.repo.get_job(self.job_id)
                 if job is None:
@@ -383,8 +385,8 @@ class JobReporter:
         if dest is None:
             return
         if job.state == "queued":
-            pos, eta = await bot.queue_info(job.id)
-            self.state["position"], self.state["queue_eta_s"] = pos, eta
+            pos, starts = await bot.queue_info(job.id, until_start=True)  # the message says "starts in"
+            self.state["position"], self.state["queue_eta_s"] = pos, starts
         if "difference" not in self.state and job.spec.get("mode") == "difference":
             # after a restart, before the engine's "started": still render as a pair/pass job
             self.state["difference"] = True
@@ -413,7 +415,7 @@ class JobReporter:
         await bot.repo.set_job_message(job.id, message_id=msg.id)
 
     async def _post_sample(self, job: Any, ev: dict[str, Any]) -> None:
-        path = self.hub.resolve_path(job.id, ev.get("path"))
+        path = self.hub.results.resolve_path(job.id, ev.get("path"))
         dest = self._destination(job)
         if path is None or dest is None:
             return
@@ -487,9 +489,9 @@ class JobReporter:
         hub, bot = self.hub, self.hub.bot
         difference = job.spec.get("mode") == "difference"
         if difference:
-            files, roles = await hub.difference_files(job.id, self.outputs)
+            files, roles = await hub.results.difference_files(job.id, self.outputs)
         else:
-            files, roles = await hub.result_files(job.id, self.outputs), {}
+            files, roles = await hub.results.result_files(job.id, self.outputs), {}
         meta = await hub.job_meta(job.id)
         guild = bot.get_guild(job.guild_id) if job.guild_id else None
         # link_only (checkpoints: gigabytes): every file goes out as a signed link, never attached.
@@ -505,7 +507,7 @@ class JobReporter:
             lines.append("The engine reported no output files; ask an admin to look at the job folder.")
 
         async def make_link(p: Path) -> str | None:
-            return await hub.link_for(job.id, p)
+            return await hub.results.link_for(job.id, p)
 
         names = {p: n for p, n in files}
         await send_files(dest, clip("\n".join(lines)), [p for p, _ in files], limit=limit, make_link=make_link,
@@ -540,6 +542,7 @@ class ProgressHub:
         self.closed = False
         self.retry_base_s = RETRY_BASE_S
         self.retry_max_s = RETRY_MAX_S
+        self.results = ResultFiles(bot)  # which files a job delivers, and their download links
 
     # -- the scheduler side
 
@@ -624,102 +627,6 @@ class ProgressHub:
         rep = self.reporters.get(job_id)
         if rep is not None and rep.task is not None:
             await asyncio.wait_for(asyncio.shield(rep.task), timeout)
-
-    # -- files
-
-    def resolve_path(self, job_id: int, stored: Any) -> Path | None:
-        """Engine paths may be absolute, relative to the job folder, or relative to the data dir."""
-        if not stored:
-            return None
-        p = Path(str(stored))
-        files = self.bot.files
-        candidates = [p] if p.is_absolute() else [files.job_dir(job_id) / p, files.root / p]
-        for c in candidates:
-            try:
-                c = c.resolve()
-                if c.is_file() and c.is_relative_to(files.root.resolve()):
-                    return c
-            except (OSError, ValueError):
-                continue
-        return None
-
-    async def result_files(self, job_id: int, outputs: dict[str, Any]) -> list[tuple[Path, str]]:
-        """(path, download name): the main file (LoRA/checkpoint) first, then grid, loss curve, images."""
-        repo = self.bot.repo
-        by_kind: dict[str, list[Path]] = {}
-        for kind, paths in outputs.items():
-            for raw in paths if isinstance(paths, list) else [paths]:
-                p = self.resolve_path(job_id, raw)
-                if p is not None:
-                    by_kind.setdefault(kind, []).append(p)
-        for art in await repo.list_artifacts(job_id):
-            p = self.resolve_path(job_id, art.path)
-            if p is not None and p not in by_kind.get(art.kind, []):
-                by_kind.setdefault(art.kind, []).append(p)
-        out: list[tuple[Path, str]] = []
-        seen: set[Path] = set()
-        for kind in ("lora", "checkpoint", "grid", "plot", "image"):
-            paths = by_kind.get(kind, [])
-            if kind in ("lora", "checkpoint", "grid", "plot") and paths:
-                paths = paths[-1:]  # the final one (intermediate saves stay on disk)
-            for p in paths[:8]:
-                if p not in seen:
-                    seen.add(p)
-                    out.append((p, p.name))
-        return out
-
-    async def difference_files(
-        self, job_id: int, outputs: dict[str, Any]
-    ) -> tuple[list[tuple[Path, str]], dict[Path, tuple[str, str]]]:
-        """A copy-machine job's files: every pass-2 LoRA, the merged one, the saved copiers, then the
-        pass-2 loss curves (the copier-check images were posted between the passes). Roles come from the
-        engine's ``file`` events (artifact meta: role, pair), which survive a restart of the bot."""
-        roles: dict[Path, tuple[str, str]] = {}
-        for art in await self.bot.repo.list_artifacts(job_id, "lora"):
-            p = self.resolve_path(job_id, art.path)
-            meta = art.meta
-            if p is not None and meta.get("role") in ("difference", "merged", "copier"):
-                roles.setdefault(p, (str(meta["role"]), str(meta.get("pair") or "")))
-        # The finished event's outputs, in case a file event was lost: lora = pass-2 LoRA(s).
-        for key, role in (("lora", "difference"), ("merged", "merged"), ("copier", "copier")):
-            for raw in outputs.get(key, []):
-                p = self.resolve_path(job_id, raw)
-                if p is not None and p not in roles:
-                    roles[p] = (role, "")
-        order = {"difference": 0, "merged": 1, "copier": 2}
-        loras = sorted(roles, key=lambda p: order[roles[p][0]])  # stable: pairs keep the engine's order
-        plots = list(dict.fromkeys(p for raw in outputs.get("plot", [])
-                                   if (p := self.resolve_path(job_id, raw)) is not None))
-        plots = [p for p in plots if "pass2" in p.parts] or plots
-        files = loras + plots[: max(0, 10 - len(loras))]
-        names: dict[Path, str] = {}
-        for p in files:  # pass folders all name their curve alike: prefix the pair
-            parts = p.parts
-            name = p.name
-            if "pass2" in parts and parts.index("pass2") > 0:
-                name = f"{parts[parts.index('pass2') - 1]}-{p.name}"
-            names[p] = name
-        return [(p, names[p]) for p in files[:10]], roles
-
-    async def link_for(self, job_id: int, path: Path) -> str | None:
-        server = self.bot.file_server
-        if server is None:
-            return None
-        repo, files = self.bot.repo, self.bot.files
-        rel = files.relative(path)
-        art = next((a for a in await repo.list_artifacts(job_id) if a.path == rel or
-                    self.resolve_path(job_id, a.path) == path), None)
-        if art is None:
-            kind = "lora" if path.suffix == ".safetensors" else "image"
-            art = await repo.add_artifact(job_id, kind, rel, bytes=path.stat().st_size)  # type: ignore[arg-type]
-        return server.url_for(job_id, art.id)
-
-    async def resolve_artifact(self, job_id: int, artifact_id: int) -> tuple[Path, str] | None:
-        for art in await self.bot.repo.list_artifacts(job_id):
-            if art.id == artifact_id:
-                p = self.resolve_path(job_id, art.path)
-                return (p, p.name) if p is not None else None
-        return None
 
     async def job_meta(self, job_id: int) -> dict[str, Any]:
         events = await self.bot.repo.list_events(job_id, types=[META_EVENT])
