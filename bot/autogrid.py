@@ -18,7 +18,9 @@ renders it at the end of training) gets no second one.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,8 +38,9 @@ MAX_GRIDS = 3  # a difference job with many pairs: grids of the first three
 
 def train_prompt(spec: dict[str, Any]) -> str:
     """The user's sample prompt, else the instance prompt (trigger word + class), else the trigger
-    word, else the output name: what the LoRA should respond to. A difference LoRA: the sample
-    prompt, else its training prompt."""
+    word: what the LoRA should respond to. A difference LoRA: the sample prompt, else its training
+    prompt. "" when the job trained without words (then ``caption_prompt`` may find some); never the
+    file name, which the LoRA never saw."""
     for p in (spec.get("sample") or {}).get("prompts") or []:
         if isinstance(p, dict) and str(p.get("prompt", "")).strip():
             return str(p["prompt"]).strip()
@@ -47,7 +50,29 @@ def train_prompt(spec: dict[str, Any]) -> str:
         if isinstance(c, dict) and str(c.get("instance_prompt", "")).strip():
             return str(c["instance_prompt"]).strip()
     trig = (spec.get("data") or {}).get("trigger_word")
-    return str(trig or spec.get("output_name") or "").strip()
+    return str(trig or "").strip()
+
+
+def caption_prompt(spec: dict[str, Any], max_files: int = 2000) -> str:
+    """The most frequent caption tag (comma-separated part) of a train job's images: what a LoRA trained
+    without a trigger word responds to. Reads the dataset snapshot's .txt files (blocking: call it in a
+    thread). "" when there are none."""
+    counts: Counter[str] = Counter()
+    seen = 0
+    for c in spec.get("concepts") or []:
+        folder = Path(str(c.get("image_dir") or "")) if isinstance(c, dict) else None
+        if folder is None or not str(folder) or not folder.is_dir():
+            continue
+        for txt in sorted(folder.glob("*.txt")):
+            seen += 1
+            if seen > max_files:
+                break
+            try:
+                text = txt.read_text(encoding="utf-8", errors="replace")
+            except OSError:
+                continue
+            counts.update({t.strip() for t in text.split(",") if t.strip()})
+    return counts.most_common(1)[0][0][:200] if counts else ""
 
 
 class AutoGrid:
@@ -104,7 +129,8 @@ class AutoGrid:
         if not targets:
             return None
         spec = job.spec
-        grid = GridSpec(**{"prompt": train_prompt(spec), **self.grid_overrides})
+        prompt = train_prompt(spec) or await asyncio.to_thread(caption_prompt, spec)
+        grid = GridSpec(**{"prompt": prompt, **self.grid_overrides})
         previews = [PreviewSpec(base_model=str(spec.get("base_model") or "tiny-sd15"),
                                 loras=[LoraRef(path=str(path), strength=1.0)], grid=grid, output_name=out_name)
                     for path, out_name in targets]

@@ -13,12 +13,15 @@ a 15-minute-old interaction cannot be answered any more (facts.md section 2).
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 from collections.abc import Sequence
 from typing import Any
 
 import discord
 from discord import app_commands
+
+from bot.ackgate import mark_answered
 
 log = logging.getLogger("loraforge.errors")
 
@@ -113,10 +116,10 @@ def describe(exc: BaseException) -> tuple[str, bool]:
         return "That job has already moved on (it finished or was cancelled). See `/job show`.", True
     if isinstance(exc, PermissionError) and exc.errno is None:
         return f"Not allowed: {exc}.", True
+    if isinstance(exc, app_commands.CommandOnCooldown):  # a CheckFailure too: test it first
+        return f"Slow down: try again in {max(1, math.ceil(exc.retry_after))} s.", True
     if isinstance(exc, app_commands.CheckFailure):
         return "You are not allowed to use this command here.", True
-    if isinstance(exc, app_commands.CommandOnCooldown):
-        return f"Slow down: try again in {exc.retry_after:.0f} s.", True
     if isinstance(exc, discord.Forbidden):
         return (
             "Discord refused: the bot lacks a permission in this channel (send messages, attach files or "
@@ -168,6 +171,7 @@ async def reply(
     try:
         if not interaction.response.is_done():
             await interaction.response.send_message(content, ephemeral=ephemeral, **kwargs)
+            mark_answered(interaction)
             return None
         return await interaction.followup.send(content or discord.utils.MISSING, ephemeral=ephemeral, wait=True, **kwargs)
     except discord.HTTPException as e:

@@ -15,16 +15,19 @@ import asyncio
 import inspect
 import json
 import logging
-import math
 import time
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import discord
 
+from bot.ackgate import wait_turn
 from bot.config import BUILTIN_MODELS, list_base_models
 from bot.errors import InvalidInput, NotFound, PermissionDenied, UserError, reply
+from bot.humanize import format_duration
+from storage.names import display_file_name
 
 if TYPE_CHECKING:
     from bot.app import LoraforgeBot
@@ -41,21 +44,6 @@ async def maybe_await(value: Any) -> Any:
     if inspect.isawaitable(value):
         return await value
     return value
-
-
-def format_duration(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds) or seconds < 0:
-        return "unknown"
-    s = int(round(seconds))
-    if s < 60:
-        return f"{s}s"
-    m, s = divmod(s, 60)
-    if m < 60:
-        return f"{m}m{s:02d}s"
-    h, m = divmod(m, 60)
-    if h < 48:
-        return f"{h}h{m:02d}m"
-    return f"{h // 24}d{h % 24}h"
 
 
 # ---------------------------------------------------------------------------------- permissions
@@ -153,6 +141,27 @@ class Access:
 # ---------------------------------------------------------------------------------- attachments
 
 
+# Attachments downloaded at once, over all commands of this process: a flood of uploads queues here
+# instead of holding hundreds of MiB in memory and hammering Discord's CDN (limits.max_parallel_downloads).
+MAX_PARALLEL_DOWNLOADS = 4
+_download_slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = weakref.WeakKeyDictionary()
+
+
+def set_download_limit(n: int) -> None:
+    global MAX_PARALLEL_DOWNLOADS
+    MAX_PARALLEL_DOWNLOADS = max(1, int(n))
+    _download_slots.clear()
+
+
+def download_slots() -> asyncio.Semaphore:
+    """This event loop's download semaphore (one per loop: a Semaphore is bound to the loop it first waits on)."""
+    loop = asyncio.get_running_loop()
+    sem = _download_slots.get(loop)
+    if sem is None:
+        sem = _download_slots[loop] = asyncio.Semaphore(MAX_PARALLEL_DOWNLOADS)
+    return sem
+
+
 async def download_attachments(
     attachments: Iterable[discord.Attachment | None],
     *,
@@ -161,28 +170,30 @@ async def download_attachments(
 ) -> tuple[list[tuple[str, bytes]], list[tuple[str, str]]]:
     """Download slash-command attachments now (Discord deletes ephemeral attachments soon after the
     command). Returns (files, refused) where refused holds (name, reason) for files that are too big
-    (checked from the declared size, before downloading) or could not be fetched."""
-    todo = [a for a in attachments if a is not None]
+    (checked from the declared size, before downloading) or could not be fetched. Names come back
+    cleaned for display (storage.names): a user's file name is stored and echoed only that way."""
+    todo = [(display_file_name(a.filename), a) for a in attachments if a is not None]
     refused: list[tuple[str, str]] = []
-    ok: list[discord.Attachment] = []
+    ok: list[tuple[str, discord.Attachment]] = []
     total = 0
-    for a in todo:
+    for name, a in todo:
         if a.size > max_bytes:
-            refused.append((a.filename, f"is {a.size / MiB:.1f} MiB; files may be at most {max_bytes / MiB:.0f} MiB"))
+            refused.append((name, f"is {a.size / MiB:.1f} MiB; files may be at most {max_bytes / MiB:.0f} MiB"))
         elif max_total is not None and total + a.size > max_total:
-            refused.append((a.filename, f"would bring this upload over {max_total / MiB:.0f} MiB; send it separately"))
+            refused.append((name, f"would bring this upload over {max_total / MiB:.0f} MiB; send it separately"))
         else:
-            ok.append(a)
+            ok.append((name, a))
             total += a.size
 
-    async def get(a: discord.Attachment) -> tuple[str, bytes] | tuple[str, Exception]:
+    async def get(name: str, a: discord.Attachment) -> tuple[str, bytes] | tuple[str, Exception]:
         try:
-            return a.filename, await a.read()
+            async with download_slots():
+                return name, await a.read()
         except (TimeoutError, discord.HTTPException, OSError) as e:
-            return a.filename, e
+            return name, e
 
     files: list[tuple[str, bytes]] = []
-    for name, result in await asyncio.gather(*(get(a) for a in ok)):
+    for name, result in await asyncio.gather(*(get(n, a) for n, a in ok)):
         if isinstance(result, Exception):
             refused.append((name, "could not be downloaded from Discord; attach it again"))
         else:
@@ -202,8 +213,11 @@ class Submitted:
 
 
 async def ensure_deferred(interaction: discord.Interaction, *, ephemeral: bool = False, thinking: bool = True) -> None:
+    """Defer (Discord's 3 s) if not answered yet, then wait while other commands of a burst are still
+    unanswered (bot.ackgate): acknowledgements first, work after."""
     if not interaction.response.is_done():
         await interaction.response.defer(ephemeral=ephemeral, thinking=thinking)
+    await wait_turn(interaction)
 
 
 async def open_destination(
@@ -322,6 +336,8 @@ def spec_summary(spec_json: str | dict[str, Any]) -> str:
     """A few lines of the settings that matter, for the result post and /job show."""
     s = json.loads(spec_json) if isinstance(spec_json, str) else spec_json
     kind = s.get("kind", "train")
+    if kind == "preview":
+        return _preview_summary(s)
     if kind != "train":
         keys = {k: v for k, v in s.items() if k in ("base_model", "rank", "output_name")}
         return ", ".join(f"{k} `{v}`" for k, v in keys.items())
@@ -347,6 +363,25 @@ def spec_summary(spec_json: str | dict[str, Any]) -> str:
     if s.get("mode") == "difference":
         parts += _difference_summary(s.get("difference") or {}, net)
     return " · ".join(parts)
+
+
+def _preview_summary(s: dict[str, Any]) -> str:
+    """A preview or check grid: which LoRA(s), on which base, with which prompt and axes."""
+    from pathlib import PurePath
+
+    grid = s.get("grid") or {}
+    loras = [f"`{PurePath(str(r.get('path', ''))).name}`" + (f" x{r['strength']:g}" if isinstance(
+        r.get("strength"), int | float) and r["strength"] != 1 else "") for r in s.get("loras") or [] if isinstance(r, dict)]
+    parts = [("LoRA " + ", ".join(loras)) if loras else "no LoRA", f"base `{s.get('base_model')}`"]
+    prompt = str(grid.get("prompt") or "").strip()
+    parts.append(f"prompt *{clip(prompt, 100)}*" if prompt else "empty prompt")
+    strengths, seeds = grid.get("strengths") or [], grid.get("seeds") or []
+    if len(strengths) * len(seeds) > 1:
+        parts.append("strengths " + ", ".join(f"{x:g}" for x in strengths) + " x seeds "
+                     + ", ".join(str(x) for x in seeds))
+    elif seeds:
+        parts.append(f"seed {seeds[0]}")
+    return " \u00b7 ".join(parts)
 
 
 def _difference_summary(diff: dict[str, Any], net: dict[str, Any]) -> list[str]:

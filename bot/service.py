@@ -8,8 +8,10 @@ file store and the repo; a training spec needs the dataset materialised on disk)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -18,14 +20,20 @@ from pathlib import Path
 from typing import Any
 
 from bot.config import Config, load_config
+from bot.quotas import fit_storage
 from bot.scheduler import Listener, QuotaError, Scheduler
+from storage import retention, usage
 from storage.db import Database, open_db
 from storage.files import FileStore
 from storage.intake import IntakeResult, ingest_uploads
+from storage.names import display_text
 from storage.repo import Dataset, DatasetImage, Job, NotFoundError, Repo
 from trainer.spec import SpecError, TrainSpec, deep_merge, resolve_job
 
 __all__ = ["DatasetUpload", "QuotaError", "Service", "SpecError"]
+
+log = logging.getLogger(__name__)
+MAINTENANCE_S = 3600.0  # retention pass: event compaction and the sweep of unused uploads
 
 
 @dataclass
@@ -49,6 +57,7 @@ class Service:
         self.db: Database | None = None
         self._repo: Repo | None = None
         self._scheduler: Scheduler | None = None
+        self._maintenance: asyncio.Task[None] | None = None
 
     @property
     def repo(self) -> Repo:
@@ -75,9 +84,29 @@ class Service:
         """Open everything, recover jobs interrupted by a crash, start the workers."""
         await self.open()
         await self.scheduler.start()
+        if self._maintenance is None:
+            self._maintenance = asyncio.create_task(self._maintain(), name="maintenance")
         return self
 
+    async def maintain_once(self) -> None:
+        """Retention (storage/retention.py): compact finished jobs' events, remove uploads no job names."""
+        await retention.compact_finished_jobs(self.repo.db)
+        await self.sweep_inputs()
+
+    async def _maintain(self) -> None:
+        while True:
+            await asyncio.sleep(MAINTENANCE_S)
+            try:
+                await self.maintain_once()
+            except Exception:  # noqa: BLE001 - housekeeping must never stop the bot
+                log.exception("maintenance failed")
+
     async def stop(self) -> None:
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._maintenance
+            self._maintenance = None
         if self._scheduler is not None:
             await self._scheduler.stop()
         if self.db is not None:
@@ -124,7 +153,9 @@ class Service:
         class_prompt: str = "",
     ) -> DatasetUpload:
         """Create a dataset (DuplicateNameError if the owner has one by that name) and add files."""
-        ds = await self.repo.create_dataset(owner_id, name, trigger_word, class_prompt)
+        # Stored and echoed (and put into prompts): no control or bidi characters, bounded.
+        ds = await self.repo.create_dataset(owner_id, display_text(name), display_text(trigger_word),
+                                            display_text(class_prompt, 200))
         return await self.add_files(ds.id, files)
 
     async def add_files(self, dataset_id: int, files: list[tuple[str, bytes]]) -> DatasetUpload:
@@ -138,6 +169,9 @@ class Service:
         result = await asyncio.to_thread(
             ingest_uploads, files, self.config.limits.intake_limits(), existing
         )
+        used = (await usage.storage_usage(self.repo.db, ds.owner_id)).total_bytes
+        fit_storage(result, used, int(self.config.limits.max_storage_mib_per_user * 1024 * 1024),
+                    self.scheduler.disk.check())
 
         def write_all() -> None:
             for im in result.accepted:

@@ -21,15 +21,18 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
+
+from bot.worker_env import worker_environment
 
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 _LINE_LIMIT = 16 * 1024 * 1024  # one protocol line (a dataset report can be long)
 _OOM_MARKERS = ("CUDA out of memory", "OutOfMemoryError", "out of memory on device", "CUBLAS_STATUS_ALLOC_FAILED")
+LOG_MAX_BYTES = 8 * 1024 * 1024  # a worker log is rotated at start past this size (one old copy kept)
 OOM_MESSAGE = "ran out of GPU memory; try a smaller batch/resolution or gradient checkpointing"
 
 MessageHandler = Callable[["WorkerHandle", dict[str, Any]], Awaitable[None]]
@@ -38,6 +41,16 @@ ExitHandler = Callable[["WorkerHandle", str], Awaitable[None]]
 
 class WorkerStartError(RuntimeError):
     """The worker process did not come up (exited or never said ready)."""
+
+
+def rotate_log(path: Path, max_bytes: int = LOG_MAX_BYTES) -> None:
+    """Keep a worker log bounded: over ``max_bytes`` at a (re)start it becomes ``<name>.1`` (the one kept
+    before it is dropped). So logs/ holds at most about 2 x LOG_MAX_BYTES per worker, however long it runs."""
+    try:
+        if path.stat().st_size > max_bytes:
+            os.replace(path, path.with_name(path.name + ".1"))
+    except OSError:
+        pass
 
 
 def looks_like_oom(text: str | None) -> bool:
@@ -100,6 +113,8 @@ class WorkerHandle:
         *,
         ready_timeout_s: float = 300.0,
         env: dict[str, str] | None = None,
+        env_pass: Sequence[str] = (),
+        env_deny: Sequence[str] = (),
     ) -> None:
         self.index = index
         self.id = f"worker-{index}"
@@ -111,9 +126,12 @@ class WorkerHandle:
         self.on_exit = on_exit
         self.ready_timeout_s = ready_timeout_s
         self.env = env
+        self.env_pass = tuple(env_pass)  # extra variable names the operator lets through
+        self.env_deny = tuple(env_deny)  # the configured token / link-secret variable names
         self.proc: asyncio.subprocess.Process | None = None
         self.job_id: int | None = None  # the job it is running, if any
         self.ready = False
+        self.memory_bytes: int | None = None
         self._closing = False  # shutdown()/kill() on purpose: do not report the exit as a death
         self._reader: asyncio.Task[None] | None = None
         self._ready_fut: asyncio.Future[dict[str, Any]] | None = None
@@ -144,8 +162,10 @@ class WorkerHandle:
         return dict(os.environ if self.env is None else self.env)
 
     def _child_env(self) -> dict[str, str]:
-        env = self._parent_env()
-        gpu = pinned_gpu(self.device, env)
+        # An allow-list, not a copy: the bot's token and link secret must never reach engine code.
+        parent = self._parent_env()
+        env = worker_environment(parent, extra=self.env_pass, deny=self.env_deny)
+        gpu = pinned_gpu(self.device, parent)
         if gpu is not None:
             # The worker sees only its own card (as cuda:0): no CUDA context on GPU 0 from every worker, and
             # whatever it asks of "the device" (bf16 support, memory) is asked of the card it runs on.
@@ -161,6 +181,7 @@ class WorkerHandle:
     async def start(self) -> dict[str, Any]:
         """Start the process and wait for its ``ready`` line; raises WorkerStartError."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        rotate_log(self.log_path)
         self._closing = False
         self._exited = asyncio.Event()
         self.exit_reason = None
@@ -188,6 +209,8 @@ class WorkerHandle:
                 f"see {self.log_path}"
             ) from None
         self.ready = True
+        mem = hello.get("memory_bytes") if isinstance(hello, dict) else None
+        self.memory_bytes = int(mem) if isinstance(mem, int) and mem > 0 else None  # the GPU's, for memory plans
         log.info("%s ready on %s (pid %s)", self.id, self.device, self.pid)
         return hello
 

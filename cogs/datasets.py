@@ -18,8 +18,11 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.cooldowns import expensive_cooldown
 from bot.errors import InvalidInput, NotFound, reply
 from bot.interactions import bullet_list, clip, download_attachments, ensure_deferred
+from bot.options import ImageNumber, Page
+from storage.names import display_text
 
 if TYPE_CHECKING:
     from bot.app import LoraforgeBot
@@ -146,6 +149,7 @@ class Datasets(commands.GroupCog, group_name="dataset", group_description="Your 
         shared="Let everyone here train on it (default: private)",
     )
     @with_file_options
+    @expensive_cooldown
     async def create(
         self,
         interaction: discord.Interaction,
@@ -217,7 +221,7 @@ class Datasets(commands.GroupCog, group_name="dataset", group_description="Your 
 
     @app_commands.command(name="show", description="A contact sheet of a dataset's images with their captions")
     @app_commands.autocomplete(dataset=_visible_dataset_ac)
-    async def show(self, interaction: discord.Interaction, dataset: str, page: app_commands.Range[int, 1, 1000] = 1) -> None:
+    async def show(self, interaction: discord.Interaction, dataset: str, page: Page = 1) -> None:
         await ensure_deferred(interaction, ephemeral=True)
         ds = await resolve_dataset(self.bot, interaction, dataset)
         total = await self.bot.repo.count_images(ds.id)
@@ -253,7 +257,7 @@ class Datasets(commands.GroupCog, group_name="dataset", group_description="Your 
     @app_commands.autocomplete(dataset=_own_dataset_ac)
     @app_commands.describe(number="The image's number on the /dataset show sheet", caption="New caption; empty clears it")
     async def caption(
-        self, interaction: discord.Interaction, dataset: str, number: app_commands.Range[int, 1, 100000],
+        self, interaction: discord.Interaction, dataset: str, number: ImageNumber,
         caption: str = "",
     ) -> None:
         await ensure_deferred(interaction, ephemeral=True)
@@ -263,7 +267,7 @@ class Datasets(commands.GroupCog, group_name="dataset", group_description="Your 
         if not rows:
             total = await self.bot.repo.count_images(ds.id)
             raise InvalidInput(f"Dataset **{ds.name}** has {total} image(s); there is no number {number}.")
-        text = caption.strip() or None
+        text = display_text(caption, max_len=2000) or None  # no control/bidi characters in training text
         await self.bot.repo.set_caption(rows[0].id, text)
         await reply(interaction, f"Image {number} of **{ds.name}** ({rows[0].original_name}): "
                     + (f"caption set to: {clip(text, 500)}" if text else "caption cleared."), ephemeral=True)

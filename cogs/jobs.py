@@ -6,7 +6,6 @@ id looks like one that does not exist.
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import TYPE_CHECKING, Any
 
 import discord
@@ -15,6 +14,7 @@ from discord.ext import commands
 
 from bot.errors import InvalidInput, reply
 from bot.interactions import announce_job, cancel_job, clip, ensure_deferred, format_duration, spec_summary
+from bot.options import JobId
 
 if TYPE_CHECKING:
     from bot.app import LoraforgeBot
@@ -72,7 +72,13 @@ class Jobs(commands.Cog):
                                         newest_first=True, limit=25)
         note = "(Only admins can see everyone's jobs; these are yours.)\n" if all and not everyone else ""
         if not rows:
-            await reply(interaction, note + "No jobs yet. Start one with `/train`.", ephemeral=True)
+            owner = None if everyone else interaction.user.id
+            if active and await bot.repo.list_jobs(owner_id=owner, newest_first=True, limit=1):
+                text = ("Nothing is queued or running" + (" for anyone." if everyone else " for you.")
+                        + " See finished jobs with `/jobs`, or start one with `/train`.")
+            else:
+                text = "No jobs yet. Start one with `/train`."
+            await reply(interaction, note + text, ephemeral=True)
             return
         lines = []
         for j in rows:
@@ -88,7 +94,7 @@ class Jobs(commands.Cog):
 
     @job.command(name="show", description="Details of one of your jobs")
     @app_commands.autocomplete(id=_job_ac)
-    async def show(self, interaction: discord.Interaction, id: int) -> None:  # noqa: A002
+    async def show(self, interaction: discord.Interaction, id: JobId) -> None:  # noqa: A002
         await ensure_deferred(interaction, ephemeral=True)
         bot = self.bot
         job = await bot.repo.get_job(id)
@@ -109,7 +115,7 @@ class Jobs(commands.Cog):
             lines.append(f"Error: {clip(job.error, 500)}")
         lines.append(f"Settings: {spec_summary(job.spec_json)}")
         if job.gpu_seconds:
-            lines.append(f"Device time: {dt.timedelta(seconds=int(job.gpu_seconds))}")
+            lines.append(f"Device time: {format_duration(job.gpu_seconds)}")
         arts = [a for a in await bot.repo.list_artifacts(job.id) if a.kind in ("lora", "checkpoint", "grid", "plot")]
         if arts:
             lines.append("Files: " + ", ".join(f"{a.kind} `{a.path.rsplit('/', 1)[-1]}`" for a in arts[-6:]))
@@ -123,7 +129,7 @@ class Jobs(commands.Cog):
 
     @app_commands.command(name="cancel", description="Cancel one of your queued or running jobs")
     @app_commands.autocomplete(id=_job_ac)
-    async def cancel(self, interaction: discord.Interaction, id: int) -> None:  # noqa: A002
+    async def cancel(self, interaction: discord.Interaction, id: JobId) -> None:  # noqa: A002
         await ensure_deferred(interaction, ephemeral=True)
         text = await cancel_job(interaction, id)
         await reply(interaction, text, ephemeral=True)
@@ -131,7 +137,7 @@ class Jobs(commands.Cog):
     @job.command(name="delete", description="Delete one of your finished jobs and its files")
     @app_commands.autocomplete(id=_job_ac)
     @app_commands.describe(id="The job's number", confirm="Set to True: its LoRA, samples and logs cannot be recovered")
-    async def delete(self, interaction: discord.Interaction, id: int, confirm: bool = False) -> None:  # noqa: A002
+    async def delete(self, interaction: discord.Interaction, id: JobId, confirm: bool = False) -> None:  # noqa: A002
         await ensure_deferred(interaction, ephemeral=True)
         bot = self.bot
         job = await bot.repo.get_job(id)
@@ -149,7 +155,7 @@ class Jobs(commands.Cog):
 
     @app_commands.command(name="retrain", description="Run one of your jobs again with exactly the same settings")
     @app_commands.autocomplete(id=_job_ac)
-    async def retrain(self, interaction: discord.Interaction, id: int) -> None:  # noqa: A002
+    async def retrain(self, interaction: discord.Interaction, id: JobId) -> None:  # noqa: A002
         bot = self.bot
         bot.access.require_trainer(interaction)
         await ensure_deferred(interaction, ephemeral=True)

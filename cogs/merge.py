@@ -24,8 +24,9 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.autogrid import train_prompt
+from bot.autogrid import caption_prompt, train_prompt
 from bot.config import BUILTIN_MODELS
+from bot.cooldowns import expensive_cooldown
 from bot.errors import InvalidInput, NotFound, PermissionDenied
 from bot.interactions import (
     bullet_list,
@@ -46,9 +47,11 @@ from bot.lorafile import (
     inspect_file,
     tag_prompt,
 )
+from bot.options import Ratio, SampleSteps, bounds
 from bot.specs import GridSpec, resolve_job
 from cogs.train import base_model_choices
 from storage.files import write_bytes_atomic
+from storage.names import display_file_name, file_stem
 
 if TYPE_CHECKING:
     from bot.app import LoraforgeBot
@@ -58,7 +61,6 @@ MiB = 1024 * 1024
 MAX_LORA_BYTES = 1024 * MiB
 MAX_INPUTS = 8
 _OWN_RE = re.compile(r"^\s*job:(\d+)(?::(\d+))?")
-_NAME_OK = re.compile(r"[^A-Za-z0-9_.\- ]+")
 
 
 # ---------------------------------------------------------------------------------- shared helpers
@@ -78,8 +80,7 @@ class LoraInput:
 
 def clean_name(text: str, default: str) -> str:
     """A file-name-safe output name (the spec's pattern: letters, digits, ``_.- ``)."""
-    out = _NAME_OK.sub("_", text).strip(" _.-")[:100]
-    return out or default
+    return file_stem(text, default)
 
 
 async def own_lora_choices(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
@@ -142,7 +143,9 @@ async def resolve_own_lora(bot: LoraforgeBot, interaction: discord.Interaction, 
         raise InvalidInput(str(e)) from None
     spec = job.spec
     base = spec.get("base_model") if isinstance(spec.get("base_model"), str) else None
-    return LoraInput(info, label, path=path, base_model=base, prompt=_job_prompt(spec) or tag_prompt(info.metadata))
+    # What the job trained on (never the file name its metadata carries: the LoRA never saw it).
+    prompt = _job_prompt(spec) or await asyncio.to_thread(caption_prompt, spec)
+    return LoraInput(info, label, path=path, base_model=base, prompt=prompt)
 
 
 async def fetch_attached_loras(attachments: list[discord.Attachment | None]) -> list[LoraInput]:
@@ -154,7 +157,7 @@ async def fetch_attached_loras(attachments: list[discord.Attachment | None]) -> 
     problems: list[str] = []
     for a in att:
         if not a.filename.lower().endswith(".safetensors"):
-            problems.append(f"`{a.filename}` is not a .safetensors file; only kohya LoRAs saved as "
+            problems.append(f"`{display_file_name(a.filename)}` is not a .safetensors file; only kohya LoRAs saved as "
                             ".safetensors are accepted (nothing is ever unpickled).")
     if problems:
         raise InvalidInput("Some files cannot be used:\n" + bullet_list(problems), "Attach kohya .safetensors LoRAs.")
@@ -258,7 +261,7 @@ async def save_uploads(bot: LoraforgeBot, inputs: list[LoraInput]) -> None:
             item.data = None
 
 
-def parse_float_list(text: str | None, field: str, *, lo: float, hi: float, max_n: int) -> list[float]:
+def parse_float_list(text: str | None, field: str, lo: float, hi: float, *, max_n: int) -> list[float]:
     """``"0.6, 0.6,0.6"`` -> [0.6, 0.6, 0.6]; each value checked against [lo, hi]."""
     parts = [p for p in re.split(r"[,\s;]+", (text or "").strip()) if p]
     if not parts:
@@ -273,13 +276,13 @@ def parse_float_list(text: str | None, field: str, *, lo: float, hi: float, max_
             raise InvalidInput(f"`{field}`: `{clip(p, 30)}` is not a number.",
                                "Give numbers separated by commas, e.g. `0.6,0.6`.") from None
         if not (lo <= v <= hi):
-            raise InvalidInput(f"`{field}`: {v:g} is outside {lo:g}..{hi:g}.")
+            raise InvalidInput(f"`{field}` takes numbers from {lo:g} to {hi:g}; {v:g} is not.")
         out.append(v)
     return out
 
 
-def parse_int_list(text: str | None, field: str, *, lo: int, hi: int, max_n: int) -> list[int]:
-    vals = parse_float_list(text, field, lo=lo, hi=hi, max_n=max_n)
+def parse_int_list(text: str | None, field: str, lo: float, hi: float, *, max_n: int) -> list[int]:
+    vals = parse_float_list(text, field, lo, hi, max_n=max_n)
     if any(v != int(v) for v in vals):
         raise InvalidInput(f"`{field}` takes whole numbers, e.g. `1111,2222,3333`.")
     return [int(v) for v in vals]
@@ -319,6 +322,7 @@ class Merge(commands.Cog):
     )
     @app_commands.autocomplete(mine1=own_lora_choices, mine2=own_lora_choices, mine3=own_lora_choices,
                                base_model=base_model_choices)
+    @expensive_cooldown
     async def merge(
         self,
         interaction: discord.Interaction,
@@ -335,7 +339,7 @@ class Merge(commands.Cog):
         conv_rank: str | None = None,
         base_model: str | None = None,
         prompt: str | None = None,
-        grid_steps: app_commands.Range[int, 1, 150] | None = None,
+        grid_steps: SampleSteps | None = None,
         output_name: str | None = None,
         into_checkpoint: bool = False,
         half: bool = False,
@@ -356,7 +360,7 @@ class Merge(commands.Cog):
         if len(inputs) > MAX_INPUTS:
             raise InvalidInput(f"{len(inputs)} LoRAs is too many; at most {MAX_INPUTS} can be merged at once.")
         arch = check_inputs(inputs)
-        values = parse_float_list(ratios or "1", "ratios", lo=-10, hi=10, max_n=MAX_INPUTS)
+        values = parse_float_list(ratios or "1", "ratios", *bounds(Ratio), max_n=MAX_INPUTS)
         if len(values) == 1:
             values = values * len(inputs)
         if len(values) != len(inputs):

@@ -18,8 +18,10 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.autogrid import AutoGrid
+from bot.cooldowns import expensive_cooldown
 from bot.errors import InvalidInput
 from bot.interactions import clip, ensure_deferred, submit_job
+from bot.options import MAX_SEEDS, MAX_STRENGTHS, Guidance, ImageSide, SampleSteps, Seed, Strength, bounds
 from bot.specs import SAMPLERS, resolve_job
 from cogs.merge import (
     LoraInput,
@@ -39,8 +41,6 @@ if TYPE_CHECKING:
     from bot.app import LoraforgeBot
 
 SAMPLER_CHOICES = [app_commands.Choice(name=s, value=s) for s in SAMPLERS]
-MAX_STRENGTHS = 12  # GridSpec's limits
-MAX_SEEDS = 8
 
 
 class Preview(commands.Cog):
@@ -76,21 +76,22 @@ class Preview(commands.Cog):
     )
     @app_commands.autocomplete(mine=own_lora_choices, base_model=base_model_choices)
     @app_commands.choices(sampler=SAMPLER_CHOICES)
+    @expensive_cooldown
     async def preview(
         self,
         interaction: discord.Interaction,
         prompt: str,
         lora: discord.Attachment | None = None,
         mine: str | None = None,
-        strength: app_commands.Range[float, -10.0, 10.0] | None = None,
+        strength: Strength | None = None,
         strengths: str | None = None,
         seeds: str | None = None,
         negative_prompt: str | None = None,
         sampler: str | None = None,
-        steps: app_commands.Range[int, 1, 150] | None = None,
-        cfg: app_commands.Range[float, 0.0, 30.0] | None = None,
-        width: app_commands.Range[int, 64, 2048] | None = None,
-        height: app_commands.Range[int, 64, 2048] | None = None,
+        steps: SampleSteps | None = None,
+        cfg: Guidance | None = None,
+        width: ImageSide | None = None,
+        height: ImageSide | None = None,
         base_model: str | None = None,
     ) -> None:
         bot = self.bot
@@ -112,9 +113,9 @@ class Preview(commands.Cog):
             raise InvalidInput("Which base model? The LoRA does not say what it was trained on.",
                                "Give `base_model` (see `/models`).")
         strength_list = ([float(strength)] if strength is not None else
-                         parse_float_list(strengths, "strengths", lo=-10, hi=10, max_n=MAX_STRENGTHS)
+                         parse_float_list(strengths, "strengths", *bounds(Strength), max_n=MAX_STRENGTHS)
                          if strengths else [1.0])
-        seed_list = parse_int_list(seeds, "seeds", lo=0, hi=2**32 - 1, max_n=MAX_SEEDS) if seeds else [1111]
+        seed_list = parse_int_list(seeds, "seeds", *bounds(Seed), max_n=MAX_SEEDS) if seeds else [1111]
         grid: dict[str, Any] = {"prompt": prompt, "strengths": strength_list, "seeds": seed_list}
         optional = {"negative_prompt": (negative_prompt or "").strip() or None, "sampler": sampler, "steps": steps,
                     "cfg": cfg, "width": width, "height": height}

@@ -39,6 +39,8 @@ from bot.interactions import (
     submit_job,
 )
 from bot.lorafile import base_model_arch
+from bot.options import Seed
+from bot.plan import card_bytes, plan_line
 from bot.specs import (
     OPTIMIZERS,
     SCHEDULERS,
@@ -52,6 +54,7 @@ from bot.specs import (
 from cogs.datasets import dataset_choices, resolve_dataset
 from storage.files import write_bytes_atomic, write_file_atomic
 from storage.intake import IntakeError, IntakeLimits, check_image
+from storage.names import file_stem
 
 if TYPE_CHECKING:
     from bot.app import LoraforgeBot
@@ -130,7 +133,6 @@ MODE_CHOICES = [
                         value="difference"),
 ]
 MAX_PAIRS = 8  # DifferenceSpec.pairs max_length
-PAIR_NAME_RE = re.compile(r"[^A-Za-z0-9_.\- ]+")
 # File-name suffixes of a dataset of pairs: "<name>-target.png" is the edit of "<name>.png".
 TARGET_SUFFIX = re.compile(r"[-_ ](target|edited|edit|after)$", re.IGNORECASE)
 ORIGINAL_SUFFIX = re.compile(r"[-_ ](original|orig|before)$", re.IGNORECASE)
@@ -172,8 +174,7 @@ class PairInput:
 
 def clean_pair_name(text: str, default: str = "pair") -> str:
     """A DifferencePair.name (letters, digits, _ . - and spaces; starts with a letter or digit)."""
-    cleaned = PAIR_NAME_RE.sub("_", text).strip(" _.-")[:60].strip(" _.-")
-    return cleaned or default
+    return file_stem(text, default, max_len=60)
 
 
 def split_pair_stem(file_name: str) -> tuple[str, str]:
@@ -417,7 +418,7 @@ class Train(commands.Cog):
         scheduler: str | None = None,
         batch_size: app_commands.Range[int, 1, 64] | None = None,
         resolution: app_commands.Range[int, 64, 4096] | None = None,
-        seed: app_commands.Range[int, 0, 4294967295] | None = None,
+        seed: Seed | None = None,
         train_text_encoder: bool | None = None,
         sample_prompt: str | None = None,
         output_name: str | None = None,
@@ -461,8 +462,9 @@ class Train(commands.Cog):
             for c in spec.concepts:
                 c.instance_prompt = " ".join(w for w in words if w)
                 c.class_prompt = words[1] or None  # the regularization prompt for prior preservation
+        plan = _memory_plan_line(bot, spec)
         await submit_job(interaction, kind="train", spec=spec, title=f"{spec.output_name} on {ds.name}",
-                         summary=f"Settings: {spec_summary(spec.model_dump(mode='json'))}")
+                         summary=f"Settings: {spec_summary(spec.model_dump(mode='json'))}{plan}")
 
     async def _train_difference(
         self,
@@ -540,16 +542,23 @@ class Train(commands.Cog):
         spec = resolve_job(values, preset)
         if not isinstance(spec, TrainSpec):
             raise InvalidInput("The job file is not a training job.", "Use `/merge` or `/preview` for those.")
+        plan = _memory_plan_line(bot, spec)
         await asyncio.to_thread(store_pair_images, root, pairs)  # only now: refusals above store nothing
         names = ", ".join(p.name for p in pairs)
         await submit_job(interaction, kind="train", spec=spec,
                          title=f"{spec.output_name} (difference{source}: {names})",
-                         summary=f"Settings: {spec_summary(spec.model_dump(mode='json'))}")
+                         summary=f"Settings: {spec_summary(spec.model_dump(mode='json'))}{plan}")
+
+
+def _memory_plan_line(bot: LoraforgeBot, spec: TrainSpec) -> str:
+    """"\n" + the memory plan's summary ("" when the card is unknown); refuses a job that cannot fit the GPU."""
+    card = card_bytes(bot.config.workers.gpu_memory_gib, getattr(bot.scheduler, "workers", []))
+    line = plan_line(spec, card, bot.config.models_dir)
+    return f"\n{line}" if line else ""
 
 
 def _default_output_name(dataset_name: str) -> str:
-    cleaned = "".join(c if c.isalnum() or c in "_-." else "_" for c in dataset_name).strip("_.-")
-    return (cleaned or "lora")[:100]
+    return file_stem(dataset_name.replace(" ", "_"), "lora")
 
 
 async def setup(bot: LoraforgeBot) -> None:

@@ -17,6 +17,7 @@ transaction first, which would break that atomicity. Never edit a released migra
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -139,6 +140,10 @@ class Database:
             return self
         if str(self.path) != ":memory:":
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Owner-only: it holds users' ids, captions and prompts. SQLite gives its -wal/-shm files
+            # the database file's mode, so creating it 600 (before SQLite does) covers all three.
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+            os.chmod(self.path, 0o600)
         conn = await aiosqlite.connect(str(self.path), isolation_level=None)
         conn.row_factory = sqlite3.Row
         try:

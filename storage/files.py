@@ -4,6 +4,11 @@ Layout (see docs/design.md):
     data_dir/datasets/<dataset id>/<sha256>.<ext>     content-addressed images
     data_dir/snapshots/<dataset id>-<digest>/         frozen copies that train jobs read (hardlinks)
     data_dir/jobs/<job id>/{spec.toml, state/, samples/, outputs/, events.jsonl}
+    data_dir/inputs/{loras,pairs}/...                 uploaded LoRAs and pair images (content-addressed)
+    data_dir/logs/worker-<n>.log                      worker stderr
+
+Privacy: loraforge.db and the link secret are 600, datasets/ snapshots/ inputs/ logs/ are 700 (files
+written here through mkstemp are 600). Job results follow the umask so other local tools can read them.
 
 Every write goes to a temporary name in the same directory, is flushed and fsynced, then
 ``os.replace``d onto the real name and the directory is fsynced: a reader (or a crash) sees the
@@ -131,8 +136,26 @@ class FileStore:
     def jobs_dir(self) -> Path:
         return self.root / "jobs"
 
+    @property
+    def inputs_dir(self) -> Path:
+        return self.root / "inputs"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.root / "logs"
+
+    def private_dirs(self) -> tuple[Path, ...]:
+        """Folders only the bot's own user may enter: users' images and captions (datasets, snapshots),
+        their uploaded LoRAs and pair images (inputs), worker logs (prompts, paths). Job folders are not
+        here on purpose: results get the umask's modes, so an A1111 or ComfyUI running as another user can
+        load them (trainer/atomic.py)."""
+        return (self.datasets_dir, self.snapshots_dir, self.inputs_dir, self.logs_dir)
+
     def ensure_dirs(self) -> None:
-        self.datasets_dir.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True)
+        for d in self.private_dirs():
+            d.mkdir(mode=0o700, exist_ok=True)
+            d.chmod(0o700)  # also an older data folder made with the umask's 755
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
 
     # ---- datasets --------------------------------------------------------------------------
@@ -153,7 +176,7 @@ class FileStore:
         """Store image bytes under their hash (idempotent: the same bytes give the same file)."""
         path = self.image_path(dataset_id, sha256, ext)
         if not path.exists():
-            write_bytes_atomic(path, data)
+            write_bytes_atomic(path, data)  # mkstemp's 600: a user's image is theirs only
         return path
 
     def remove_image(self, dataset_id: int, sha256: str, ext: str) -> None:

@@ -22,9 +22,11 @@ import struct
 import zipfile
 import zlib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from PIL import Image, ImageDraw, ImageFile, ImageFont, ImageOps, UnidentifiedImageError
+
+from storage.names import display_file_name, display_text
 
 MiB = 1024 * 1024
 
@@ -199,7 +201,9 @@ def _decode_caption(name: str, data: bytes) -> str | None:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise IntakeError(name, "is not UTF-8 text; save the caption file as UTF-8") from e
-    text = " ".join(text.split())  # captions are one line; collapse newlines and runs of spaces
+    # Captions are one line of training text: newlines and runs of spaces collapse, and control, bidi and
+    # zero-width characters go (they would be trained on, and echoed by /dataset show).
+    text = display_text(text, max_len=len(text) + 1)
     return text or None
 
 
@@ -462,6 +466,16 @@ def ingest_uploads(
             result.rejected.append(
                 (cap.name, "has no accepted image with the same name; a caption needs its image beside it")
             )
+    return _clean_names(result)
+
+
+def _clean_names(result: IntakeResult) -> IntakeResult:
+    """Every name in the result as it may be stored and shown (no control or bidi characters, capped).
+    Done last: captions pair with images by their names as uploaded."""
+    result.accepted = [replace(a, name=display_file_name(a.name)) for a in result.accepted]
+    result.rejected = [(display_file_name(n), r) for n, r in result.rejected]
+    result.duplicates = [display_file_name(n) for n in result.duplicates]
+    result.ignored = [display_file_name(n) for n in result.ignored]
     return result
 
 

@@ -30,7 +30,8 @@ def make_config(data_dir: Path) -> Config:
     return config_from_dict({
         "paths": {"data_dir": str(data_dir), "models_dir": str(data_dir / "models")},
         "limits": {"max_queued_per_user": 50, "daily_gpu_minutes_per_user": 0, "stall_timeout_s": 300},
-        "workers": {"devices": ["cpu"], "restart_backoff_s": 0.2, "worker_cmd": cmd},
+        "workers": {"devices": ["cpu"], "restart_backoff_s": 0.2, "worker_cmd": cmd,
+                    "env_pass": ["STUB_STEP_S"]},
     })
 
 

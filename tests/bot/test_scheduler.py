@@ -34,7 +34,8 @@ def make_config(tmp: Path, **limits: Any) -> Any:
             "limits": {"max_queued_per_user": 10, "max_running_per_user": 1, "stall_timeout_s": 60,
                        "daily_gpu_minutes_per_user": 0, "cancel_grace_s": 5, **limits},
             "workers": {"devices": ["cpu"], "restart_backoff_s": 0.05, "ready_timeout_s": 30,
-                        "worker_cmd": [sys.executable, FAKE], **workers},
+                        "worker_cmd": [sys.executable, FAKE],
+                        "env_pass": ["STUB_STEP_S", "FAKE_WORKER_LOG"], **workers},
         }
     )
 

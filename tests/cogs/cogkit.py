@@ -41,12 +41,16 @@ def make_config(tmp: Path, fake: Any, *, real_worker: bool = False, **sections: 
         "http_host": "127.0.0.1",
         "http_port": port,
         "public_base_url": f"http://127.0.0.1:{port}",
+        # tests/cogs/test_first_run.py covers publishing on start; the others start without it
+        "publish_commands_on_start": False,
         **sections.pop("discord", {}),
     }
     workers = {"devices": ["cpu"], "restart_backoff_s": 0.05, "ready_timeout_s": 120,
-               "worker_cmd": [] if real_worker else [sys.executable, STUB], **sections.pop("workers", {})}
+               "worker_cmd": [] if real_worker else [sys.executable, STUB],
+               "env_pass": ["STUB_STEP_S", "FAKE_WORKER_LOG"], **sections.pop("workers", {})}
+    # no cooldown unless a test asks for one (tests/cogs/test_security.py): the others run commands back to back
     limits = {"max_queued_per_user": 20, "daily_gpu_minutes_per_user": 0, "stall_timeout_s": 300,
-              "cancel_grace_s": 20, **sections.pop("limits", {})}
+              "cancel_grace_s": 20, "cooldown_s": 0, **sections.pop("limits", {})}
     return config_from_dict({
         "paths": {"data_dir": str(tmp / "data"), "models_dir": str(tmp / "models")},
         "discord": discord_cfg, "workers": workers, "limits": limits,

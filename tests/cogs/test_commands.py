@@ -339,3 +339,27 @@ async def test_job_delete_removes_rows_files_and_links(fake_discord, bot, monkey
         assert r.status == 404  # the signed link no longer finds a file
     await run_command(fake, bot, "cancel", {"id": 2}, user="bob")
     await bot.scheduler.wait_for_job(2, 30)
+
+
+async def test_train_refuses_a_job_that_cannot_fit_the_gpu(fake_discord, bot_factory):
+    import shutil
+
+    from trainer.format.checkpoint import CONFIGS_DIR
+
+    fake = fake_discord
+    bot = bot_factory(workers={"gpu_memory_gib": 8})
+    # A full-size SDXL base as the bot sees it: a diffusers folder's configs (the stub worker never loads weights).
+    shutil.copytree(CONFIGS_DIR / "sdxl", bot.config.models_dir / "real-sdxl")
+    async with fake.running(bot, gateway=False):
+        await make_dataset(fake, bot)
+        big = {"dataset": "cats", "base_model": "real-sdxl", "resolution": 1024, "batch_size": 8, "steps": 5}
+        rec = await run_command(fake, bot, "train", big, user="bob")
+        text = answer(rec)
+        assert "run out of GPU memory" in text and "SDXL 1024 batch 8 needs ~" in text, text
+        assert "your card has 8.0 GB" in text and "lower the batch size" in text and "Nothing was queued" in text
+        assert await bot.repo.list_jobs() == []
+        rec = await run_command(fake, bot, "train", {**big, "batch_size": 1}, user="bob")
+        text = answer(rec)
+        assert "Queued job" in text, text
+        assert "Memory plan: ~" in text and "SDXL 1024 batch 1, with gradient checkpointing" in text
+        assert "fits the 8.0 GB card" in text

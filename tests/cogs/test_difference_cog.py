@@ -174,7 +174,7 @@ async def test_bad_pairs_are_refused_before_queueing(fake_discord: Any, bot: Any
                                      "job_file": a("job.toml", b'[difference]\ncopier = "/etc/passwd"\n')})
     assert "difference.copier" in text
     assert await bot.repo.count_jobs() == 0
-    assert not (bot.files.root / "inputs").exists()  # refused uploads are not stored
+    assert not any((bot.files.root / "inputs").rglob("*"))  # refused uploads are not stored
     assert not fake.threads
 
 

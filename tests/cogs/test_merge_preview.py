@@ -278,7 +278,7 @@ async def test_bad_files_are_refused_before_queueing(fake_discord: Any, bot: Any
                          command="preview")
     assert "not a base model of this server" in text
     assert await bot.repo.count_jobs() == 0
-    assert not (bot.files.root / "inputs").exists()  # refused uploads are not stored
+    assert not any((bot.files.root / "inputs").rglob("*"))  # refused uploads are not stored
 
 
 async def test_checkpoint_merge_is_for_admins(fake_discord: Any, bot: Any, lora_files: dict[str, bytes]):

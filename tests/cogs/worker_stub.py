@@ -15,7 +15,7 @@ Behaviour per job from the spec's output_name prefix:
 A merge spec with ``into_checkpoint`` writes one "checkpoint" file (no lora, grid or plot), as the engine does.
 Resume: a job started again finds its state file (written every 5 steps) and reports resumed_from.
 Every job id it starts is appended to $FAKE_WORKER_LOG (one line each), so tests can check that
-no job ran twice.
+no job ran twice. With $STUB_DUMP_ENV set it writes its whole environment to stderr (its worker log).
 """
 
 from __future__ import annotations
@@ -140,7 +140,10 @@ def run(cmd: dict) -> None:
     for kind, p in (("lora", lora), ("grid", grid), ("plot", plot)):
         ev(job_id, type="file", kind=kind, path=str(p), step=steps)
     ev(job_id, type="finished", outputs={"lora": str(lora), "grid": str(grid), "plot": str(plot)},
-       summary={"final_loss": round(1.0 / steps, 4)})
+       # the engine's own keys, with the raw floats it sends (trainer/train/loop.py)
+       summary={"steps": steps, "resumed_from": 0, "elapsed_s": 65.22395266000001, "steps_per_s": 3.0666666666,
+                "first_loss": 0.51234567, "final_loss": 1.0 / steps + 1e-9, "device": "cpu",
+                "prediction_type": "epsilon", "lora_bytes": lora.stat().st_size})
     send({"type": "done", "job_id": job_id, "state": "succeeded", "error": None})
 
 
@@ -149,6 +152,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--models-dir", default=None)
     args, _ = p.parse_known_args()
+    if os.environ.get("STUB_DUMP_ENV"):  # the environment it was given, into its log (tests/bot/test_worker_env.py)
+        print("\n".join(f"ENV {k}={v}" for k, v in sorted(os.environ.items())), file=sys.stderr, flush=True)
     threading.Thread(target=reader, daemon=True).start()
     send({"type": "ready", "pid": os.getpid(), "device": args.device})
     while True:

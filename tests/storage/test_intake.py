@@ -311,7 +311,7 @@ def test_captions_matched_inside_zips_by_path_and_stem() -> None:
     result = ingest_uploads([("d.zip", data), ("dog.txt", b"a dog")])
     caps = {a.name: a.caption for a in result.accepted}
     assert caps == {
-        "d.zip/set/cat.png": "a \ufeffcat, sitting",
+        "d.zip/set/cat.png": "a cat, sitting",  # leading BOM and the zero-width one inside both dropped
         "d.zip/other/dog.png": "a dog",  # plain .txt beside the zip, matched by bare stem
         "d.zip/other/bird.webp": "a bird",
     }

@@ -9,6 +9,8 @@
   python -m trainer validate JOB.toml [--set ...]      print the fully resolved spec, or what is wrong
   python -m trainer presets                            list the presets
   python -m trainer inspect file.safetensors           check a LoRA file and summarise it
+  python -m trainer plan [JOB.toml] [--preset P] [--arch sdxl] [--vram 10GiB]
+                                                       predict the job's peak GPU memory (exit 1: does not fit)
 
 Precedence: preset < job file < options < --set. Exit codes: 0 done, 1 failed, 2 invalid spec or option, 130 stopped.
 """
@@ -25,7 +27,8 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from trainer.spec import SpecError, list_presets, load_job_file, to_toml  # noqa: E402
+from trainer.jobs.preflight import PreflightError, preflight, read_job_text  # noqa: E402
+from trainer.spec import SpecError, deep_merge, list_presets, load_toml_text, resolve_job, to_toml  # noqa: E402
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:
@@ -161,7 +164,7 @@ class ProgressPrinter:
         elif t == "log":
             self._line(f"[{ev.get('level', 'info')}] {ev.get('message', '')}")
         elif t == "failed":
-            self._line(f"failed: {ev.get('error')}")
+            pass  # main() prints it once, on stderr, with the exit status
         elif t == "started":
             resumed = f" (resuming from step {ev['resumed_from']})" if ev.get("resumed_from") else ""
             self._line(f"started {ev.get('kind', 'train')} job: {ev.get('total_steps')} steps{resumed}")
@@ -257,13 +260,9 @@ def _add_train_options(sp: argparse.ArgumentParser, job_required: bool) -> None:
 
 
 def _build_spec(args: argparse.Namespace) -> Any:
-    from trainer.spec import deep_merge, load_toml_text, resolve_job
-
     values: dict[str, Any] = {}
     if args.job is not None:
-        if not args.job.is_file():
-            raise SpecError([("", f"job file {args.job} does not exist")])
-        values = load_toml_text(args.job.read_text(encoding="utf-8"), source=str(args.job))
+        values = load_toml_text(read_job_text(args.job), source=str(args.job))
     elif args.images is None and args.cmd == "train":
         raise SpecError([("concepts", "nothing to train on: give a job file or --images DIR (with --prompt)")])
     opts = option_values(args, values)
@@ -301,6 +300,13 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("presets", help="list the presets")
     sp = sub.add_parser("inspect", help="check and summarise a LoRA file")
     sp.add_argument("file", type=Path)
+    sp = sub.add_parser("plan", help="predict a train job's peak GPU memory and whether it fits a card")
+    sp.add_argument("job", type=Path, nargs="?", help="a TOML train job file (optional with --preset)")
+    sp.add_argument("--preset", default=None, help="plan a preset (python -m trainer presets)")
+    sp.add_argument("--arch", default=None, help="plan on this full-size architecture: sd15, sd2, sdxl "
+                    "(default: the base model's)")
+    sp.add_argument("--vram", default=None, help="the card's memory, e.g. 10GiB (default: this machine's GPU)")
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
     if args.cmd in ("train", "run", "demo"):
         _quiet_library_bars()
@@ -322,11 +328,15 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.cmd == "demo":
             return _demo(args)
+        if args.cmd == "plan":
+            return _plan(args)
         if args.cmd == "validate":
-            spec = load_job_file(args.job, parse_set(args.set))
+            spec = resolve_job(deep_merge(load_toml_text(read_job_text(args.job), source=str(args.job)),
+                                          parse_set(args.set)))
             print(to_toml(spec), end="")
             return 0
         spec = _build_spec(args)
+        preflight(spec, args.models_dir, args.device)  # before anything is loaded or written
         from trainer.events import JobCancelled, JobFailed
         from trainer.jobs.runner import run_job
 
@@ -348,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             _print_outputs(out)
         return 0
+    except PreflightError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except SpecError as e:
         print("the job spec is invalid:", file=sys.stderr)
         for field, msg in e.problems:
@@ -355,8 +368,61 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from trainer.plan import PlanError, parse_size, plan_job
+    from trainer.spec import TrainSpec, preset_values
+
+    try:
+        card = parse_size(args.vram) if args.vram else _local_card_bytes()
+        values: dict[str, Any] = {}
+        if args.job is not None:
+            values = load_toml_text(read_job_text(args.job), source=str(args.job))
+        elif args.preset is None:
+            raise SpecError([("", "give a job file or --preset NAME")])
+        values = deep_merge(values, parse_set(args.set))
+        preset = args.preset or values.get("preset")
+        probe = deep_merge(preset_values(preset), values) if preset else values
+        if probe.get("mode") == "difference" and not (probe.get("difference") or {}).get("pairs"):
+            # The images do not change the plan: a preset or a job without its pairs yet is planned as one pair.
+            values = deep_merge(values, {"difference": {"pairs": [{"original": "-", "target": "-"}]}})
+        spec = resolve_job(values, preset)
+        if not isinstance(spec, TrainSpec):
+            raise SpecError([("kind", f"plan is for train jobs; this is a {spec.kind} job")])
+        plan = plan_job(spec, arch=args.arch, card_bytes=card)
+    except (PlanError, PreflightError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(plan.message())
+    print(plan.table_text())
+    for note in plan.notes:
+        print(f"note: {note}")
+    return 1 if plan.fits is False else 0
+
+
+def _local_card_bytes() -> int | None:
+    """This machine's first GPU's memory, None without one (the plan then says nothing about fitting)."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return int(torch.cuda.get_device_properties(0).total_memory)
+    except Exception:  # noqa: BLE001 - no usable torch/CUDA: no card to compare with
+        pass
+    return None
+
+
 def _quiet_library_bars() -> None:
-    """transformers/diffusers draw their own tqdm bars while loading weights: they would break our progress bar."""
+    """transformers/diffusers draw their own tqdm bars while loading weights: they would break our progress bar.
+    And libraries print notices a user can do nothing about on every run: silence those at their source."""
+    import logging
+    import warnings
+
+    # bitsandbytes tries an optional CPU 4-bit kernel package at import and warns when it is missing; we never use
+    # 4-bit layers (its optimizers work without it). Its errors still show.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # torchvision (pulled in by transformers' image utilities, which we do not use) warns about its own build.
+    warnings.filterwarnings("ignore", module=r"torchvision(\.|$)")
+    warnings.filterwarnings("ignore", message=r"(?i).*torchvision", module=r"transformers(\.|$)")
     try:
         from diffusers.utils import logging as dlog
         from transformers.utils import logging as tlog

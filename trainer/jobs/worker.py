@@ -41,6 +41,21 @@ class Channel:
             self._stream.flush()
 
 
+def card_memory(device: str | None) -> int | None:
+    """Total memory of the CUDA device this worker trains on; None on CPU or without CUDA."""
+    if device is not None and not device.startswith("cuda"):
+        return None
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        index = torch.device(device or "cuda").index
+        return int(torch.cuda.get_device_properties(index if index is not None else 0).total_memory)
+    except Exception:  # noqa: BLE001 - a query that fails only means the bot does not check memory plans
+        return None
+
+
 class Worker:
     def __init__(self, channel: Channel, device: str | None, models_dir: Path | None):
         self.channel = channel
@@ -88,7 +103,11 @@ class Worker:
         from trainer.jobs.runner import run_job
         from trainer.spec import parse_job
 
-        self.channel.send({"type": "ready", "pid": os.getpid(), "device": self.device or "auto"})
+        hello: dict[str, Any] = {"type": "ready", "pid": os.getpid(), "device": self.device or "auto"}
+        memory = card_memory(self.device)
+        if memory:  # the bot checks each job's memory plan against it at submit time
+            hello["memory_bytes"] = memory
+        self.channel.send(hello)
         while True:
             with self.cond:
                 while not self.jobs and not self.shutting_down:
