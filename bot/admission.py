@@ -2,7 +2,7 @@
 
 ``validate_spec`` checks what the job asks for (kind, a base model of this server, steps and resolution under
 the server's limits); ``check_limits`` what the user already has (jobs waiting, device minutes in the last 24
-hours, the job's projected cost). Admins are exempt from both limits; ``QuotaError`` is a message for the user.
+hours, the job's projected cost, stored bytes). Admins are exempt from both limits; ``QuotaError`` is a message for the user.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from bot.config import Config, is_listed_base_model, list_base_models
 from bot.humanize import format_duration
-from bot.quotas import DAY_S, QuotaGate
+from bot.quotas import DAY_S, QuotaGate, storage_refusal
 from storage import queries
 from storage.repo import Repo
 from trainer.spec import SpecError, from_json, parse_job, to_json
@@ -60,6 +60,8 @@ async def check_limits(repo: Repo, config: Config, quotas: QuotaGate, owner_id: 
                        now: float) -> None:
     """Raise QuotaError when a (non-admin) user may not queue this job now."""
     lim = config.limits
+    if refusal := await storage_refusal(repo, owner_id, config):
+        raise QuotaError(refusal)
     queued = await repo.count_jobs(owner_id, ["queued"])
     if queued >= lim.max_queued_per_user:
         raise QuotaError(

@@ -18,7 +18,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from storage.intake import IntakeLimits
-from trainer.format.checkpoint import TINY_CONFIGS
+from trainer.format.checkpoint import TINY_CONFIGS, TOY_BASES, toy_base_path
+from trainer.models.refs import A1111_SUBFOLDER, is_base_model_path, model_folders
 
 MiB = 1024 * 1024
 DISCORD_API = "https://discord.com/api/v10"
@@ -163,33 +164,39 @@ class Config(_Section):
         return os.environ.get(self.discord.link_secret_env) or None
 
 
-# Built-in tiny models (the same list as trainer.models.builtin.TINY_MODELS, from the torch-free config facts).
-BUILTIN_MODELS = tuple(TINY_CONFIGS.values())
-MODEL_EXTS = (".safetensors",)  # never .ckpt/.pt: nothing is unpickled
+# Built-in models: the toy bases pretrained on the toy world (what a fresh install previews and demos with), then the
+# random-weight tiny models (trainer.models.builtin.TINY_MODELS), from the torch-free config facts.
+TOY_MODELS = tuple(TOY_BASES)
+BUILTIN_MODELS = (*TOY_MODELS, *TINY_CONFIGS.values())
 
 
 def list_base_models(models_dir: str | os.PathLike[str]) -> list[tuple[str, str]]:
     """(name to pass as base_model, description): single-file .safetensors checkpoints and diffusers
-    folders in the models folder (A1111 layout, also its Stable-diffusion/ subfolder), then the tiny ones."""
+    folders in the models folder (A1111 layout, also its Stable-diffusion/ subfolder), then the tiny ones.
+    The folders and kinds are the engine's own (trainer.models.refs), so every listed name loads."""
     out: list[tuple[str, str]] = []
     root = Path(models_dir)
-    for folder in (root, root / "Stable-diffusion"):
+    for folder in model_folders(root):
         if not folder.is_dir():
             continue
         for p in sorted(folder.iterdir(), key=lambda x: x.name.lower()):
+            if not is_base_model_path(p):
+                continue
             rel = p.relative_to(root).as_posix()
-            if p.is_file() and p.suffix.lower() in MODEL_EXTS:
-                out.append((rel, f"checkpoint, {p.stat().st_size / (1024 ** 3):.1f} GiB"))
-            elif p.is_dir() and (p / "model_index.json").is_file():
-                out.append((rel, "diffusers folder"))
-    out += [(m, "built-in tiny model (tests and demos)") for m in BUILTIN_MODELS]
+            what = "diffusers folder" if p.is_dir() else f"checkpoint, {p.stat().st_size / (1024 ** 3):.1f} GiB"
+            out.append((rel, what))
+    out += [(m, "built-in toy base (pretrained on the toy world: shapes, colours, a chibi girl)") for m in TOY_MODELS
+            if toy_base_path(m).is_file()]  # a checkout whose bases were not re-created yet lists none
+    out += [(m, "built-in tiny model, random weights (tests)") for m in TINY_CONFIGS.values()]
     return out
 
 
 def is_listed_base_model(name: str, models_dir: str | os.PathLike[str]) -> bool:
-    """Whether ``name`` is one of ``list_base_models`` (a checkpoint also without its .safetensors)."""
+    """Whether ``name`` is one of ``list_base_models`` (a checkpoint also without its .safetensors, one in the
+    Stable-diffusion/ subfolder also by its bare name, as the engine finds it)."""
     names = {n for n, _ in list_base_models(models_dir)}
-    return name in names or f"{name}.safetensors" in names
+    forms = (name, f"{name}.safetensors", f"{A1111_SUBFOLDER}/{name}", f"{A1111_SUBFOLDER}/{name}.safetensors")
+    return any(f in names for f in forms)
 
 
 def detect_gpu_count() -> int:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.format.checkpoint import FULL_CONFIGS, TINY_CONFIGS, builtin_arch, file_arch, folder_arch
+from trainer.models.refs import find_model
 from trainer.spec import TrainSpec
 
 GiB = 1024**3
@@ -94,20 +95,14 @@ def model_config_name(base_model: str, arch: str | None = None, models_dir: Path
     if base_model.lower() in ARCH_ALIASES:
         return FULL_CONFIGS[ARCH_ALIASES[base_model.lower()]]  # type: ignore[index]
     found: str | None = None
-    candidates = [Path(base_model).expanduser()]
-    if models_dir is not None:
-        candidates = [models_dir / base_model, *(models_dir / f"{base_model}{e}" for e in (".safetensors",)),
-                      *candidates]
-    for c in candidates:
-        try:
-            if c.is_dir():
-                found = folder_arch(c)
-            elif c.is_file():
-                found = file_arch(c)
-        except (OSError, ValueError):
-            found = None
-        if found or c.exists():
-            break
+    c = find_model(base_model, models_dir)  # the loader's rule (trainer.models.refs)
+    try:
+        if c is not None and c.is_dir():
+            found = folder_arch(c)
+        elif c is not None and c.is_file():
+            found = file_arch(c)
+    except (OSError, ValueError):
+        found = None
     if found is None:
         raise PlanError(f"cannot tell the architecture of base model {base_model!r}; name it (sd15, sd2 or sdxl)")
     return FULL_CONFIGS[found]  # type: ignore[index]
