@@ -20,6 +20,7 @@ It prints a table and writes JSON. Exit 0 when every case passed, 1 otherwise.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import shutil
@@ -245,44 +246,58 @@ def run_case(case: Case, work: Path, dry: bool) -> dict[str, Any]:
 # --- two pinned workers ----------------------------------------------------------------------------------------
 
 def check_pinned_workers(work: Path) -> dict[str, Any]:
-    """Two real workers on cuda:0 and cuda:1, each with a tiny job; each process must sit on its own GPU only."""
+    """Two real workers started the way the bot starts them (``bot.workers.WorkerHandle`` on cuda:0 and cuda:1),
+    each with a tiny job; each process must sit on its own GPU only (nvidia-smi's compute apps)."""
     import torch
 
     row: dict[str, Any] = {"case": "two-workers-pinned", "problems": []}
     if torch.cuda.device_count() < 2:
         return {**row, "ok": None, "skipped": f"{torch.cuda.device_count()} GPU(s)"}
+    return asyncio.run(_pinned_workers(work, row))
+
+
+def _gpu_of_processes() -> dict[int, set[str]]:
+    """pid -> the bus ids of the GPUs it holds a context on (nvidia-smi's compute apps)."""
+    smi = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,gpu_bus_id", "--format=csv,noheader"],
+                         capture_output=True, text=True, check=False).stdout
+    where: dict[int, set[str]] = {}
+    for line in smi.splitlines():
+        pid, bus = (x.strip() for x in line.split(","))
+        where.setdefault(int(pid), set()).add(bus)
+    return where
+
+
+async def _pinned_workers(work: Path, row: dict[str, Any], devices: tuple[str, str] = ("cuda:0", "cuda:1"),
+                          gpus: Any = _gpu_of_processes) -> dict[str, Any]:
+    from bot.workers import WorkerHandle
     from trainer.spec import to_json
 
-    procs = []
-    for i in range(2):
-        p = subprocess.Popen([sys.executable, "-m", "trainer.jobs.worker", "--device", f"cuda:{i}"], cwd=ROOT,
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                             env={**os.environ, "PYTHONPATH": str(ROOT)})
-        procs.append(p)
+    done = {1: asyncio.Event(), 2: asyncio.Event()}
+
+    async def on_message(_w: Any, msg: dict[str, Any]) -> None:
+        if msg.get("type") == "done":
+            done[int(msg["job_id"])].set()
+
+    async def on_exit(_w: Any, _reason: str) -> None:
+        return None
+
+    cmd = [sys.executable, "-m", "trainer.jobs.worker"]
+    handles = [WorkerHandle(i, d, cmd, work / "models", work / "logs", on_message, on_exit)
+               for i, d in enumerate(devices)]
     try:
-        for i, p in enumerate(procs):
-            assert p.stdout is not None and p.stdin is not None
-            json.loads(p.stdout.readline())  # ready
+        for i, h in enumerate(handles):
+            await h.start()
             spec = json.loads(to_json(_tiny_spec(work / f"pin{i}")))
-            p.stdin.write(json.dumps({"cmd": "run", "job_id": i + 1, "spec": spec,
-                                      "job_dir": str(work / f"pin{i}" / "job")}) + "\n")
-            p.stdin.flush()
-        for p in procs:
-            assert p.stdout is not None
-            while json.loads(p.stdout.readline()).get("type") != "done":
-                pass
-        smi = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,gpu_bus_id", "--format=csv,noheader"],
-                             capture_output=True, text=True, check=False).stdout
-        where: dict[int, set[str]] = {}
-        for line in smi.splitlines():
-            pid, bus = (x.strip() for x in line.split(","))
-            where.setdefault(int(pid), set()).add(bus)
-        buses = [where.get(p.pid, set()) for p in procs]
+            await h.run(i + 1, spec, work / f"pin{i}" / "job")
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in done.values())), 300)
+        where = gpus()
+        buses = [where.get(h.pid or -1, set()) for h in handles]
+        row["gpus_per_worker"] = [sorted(b) for b in buses]
         if any(len(b) != 1 for b in buses) or buses[0] == buses[1]:
             row["problems"].append(f"workers are not pinned one device each: {buses}")
     finally:
-        for p in procs:
-            p.kill()
+        for h in handles:
+            await h.kill()
     return {**row, "ok": not row["problems"]}
 
 

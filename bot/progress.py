@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -22,10 +23,11 @@ from typing import TYPE_CHECKING, Any
 
 import discord
 
-from bot.delivery import send_files, upload_limit
+from bot.delivery import ResultFiles, send_files, upload_limit
 from bot.errors import CODE_EDIT_CAP
 from bot.humanize import sig, summary_text
 from bot.interactions import DELIVERED_EVENT, META_EVENT, clip, format_duration, spec_summary
+from bot.once import post_once
 from bot.views import job_view
 
 if TYPE_CHECKING:
@@ -385,8 +387,8 @@ class JobReporter:
         if dest is None:
             return
         if job.state == "queued":
-            pos, eta = await bot.queue_info(job.id)
-            self.state["position"], self.state["queue_eta_s"] = pos, eta
+            pos, starts = await bot.queue_info(job.id, until_start=True)  # the message says "starts in"
+            self.state["position"], self.state["queue_eta_s"] = pos, starts
         if "difference" not in self.state and job.spec.get("mode") == "difference":
             # after a restart, before the engine's "started": still render as a pair/pass job
             self.state["difference"] = True
@@ -411,11 +413,16 @@ class JobReporter:
                     raise
                 log.info("progress message of job %s hit the edit cap; starting a new one", job.id)
         kwargs: dict[str, Any] = {"view": view} if view is not None else {}
-        msg = await dest.send(text, **kwargs)
-        await bot.repo.set_job_message(job.id, message_id=msg.id)
+        # Keyed by the message it replaces: a restart after Discord made it, before we read the id, finds it.
+        new_id, posted = await post_once(bot, job.id, f"progress:{mid or 0}", dest, f"**Job #{job.id}**",
+                                         lambda nonce: dest.send(text, nonce=nonce, **kwargs), replaces=mid)
+        if new_id is not None:
+            await bot.repo.set_job_message(job.id, message_id=new_id)
+            if not posted:  # made before a restart: show what is current now
+                await dest.get_partial_message(int(new_id)).edit(content=text, view=view)
 
     async def _post_sample(self, job: Any, ev: dict[str, Any]) -> None:
-        path = self.hub.resolve_path(job.id, ev.get("path"))
+        path = self.hub.results.resolve_path(job.id, ev.get("path"))
         dest = self._destination(job)
         if path is None or dest is None:
             return
@@ -428,7 +435,8 @@ class JobReporter:
         if ev.get("prompt") and ev.get("type") != COPIER_CHECK:
             caption += f": *{clip(str(ev['prompt']), 300)}*"
         try:
-            await dest.send(caption, file=discord.File(path, filename=path.name))
+            await post_once(self.hub.bot, job.id, f"sample:{ev.get('type')}:{path.name}", dest, caption,
+                            lambda nonce: dest.send(caption, file=discord.File(path, filename=path.name), nonce=nonce))
         except discord.HTTPException as e:
             log.info("could not post sample %s of job %s: %s", path.name, job.id, e.status)
 
@@ -445,10 +453,10 @@ class JobReporter:
         posted = False
         async for dest, private, last in self._final_destinations(job):
             try:
-                if private or job.state != "succeeded":
-                    await self._post_final(job, dest)
-                else:
-                    await self._post_notice(job, dest)
+                # Every final post starts so; once per job, even across a crash between post and reply.
+                post = self._post_final if private or job.state != "succeeded" else self._post_notice
+                await post_once(bot, job.id, "final", dest, f"<@{job.owner_id}> job **#{job.id}** ",
+                                functools.partial(post, job, dest))
                 posted = True
                 break
             except (discord.NotFound, discord.Forbidden) as e:
@@ -460,38 +468,38 @@ class JobReporter:
             raise RuntimeError(f"nowhere could take the result of job {job.id}")  # retried by the loop
         await bot.repo.add_event(job.id, DELIVERED_EVENT, {"state": job.state})
 
-    async def _post_notice(self, job: Any, dest: Any) -> None:
+    async def _post_notice(self, job: Any, dest: Any, nonce: str) -> discord.Message:
         """A finished job's files are private: where others can read, only say where to get them."""
         allowed = discord.AllowedMentions(users=[discord.Object(job.owner_id)], roles=False, everyone=False)
-        await dest.send(f"<@{job.owner_id}> job **#{job.id}** finished, but its thread is gone and your DMs are "
+        return await dest.send(f"<@{job.owner_id}> job **#{job.id}** finished, but its thread is gone and your DMs are "
                         f"closed to this bot. Run `/job show {job.id}` for a private download link.",
-                        allowed_mentions=allowed)
+                               allowed_mentions=allowed, nonce=nonce)
 
-    async def _post_final(self, job: Any, dest: Any) -> None:
+    async def _post_final(self, job: Any, dest: Any, nonce: str) -> discord.Message:
         mention = f"<@{job.owner_id}>"
         allowed = discord.AllowedMentions(users=[discord.Object(job.owner_id)], roles=False, everyone=False)
         if job.state == "succeeded":
-            await self._deliver_success(job, dest, mention, allowed)
+            return await self._deliver_success(job, dest, mention, allowed, nonce)
         elif job.state == "failed":
             reason = self.final.get("reason") or ""
             error = job.error or (self.terminal or {}).get("error") or self.final.get("error") or "unknown error"
             advice = FAILURE_ADVICE.get(str(reason), DEFAULT_ADVICE)
-            await dest.send(clip(f"{mention} job **#{job.id}** failed: {error}\n{advice}"), allowed_mentions=allowed)
-        else:
-            await dest.send(
-                f"{mention} job **#{job.id}** was cancelled. `/retrain {job.id}` starts it again.",
-                allowed_mentions=allowed,
-            )
+            return await dest.send(clip(f"{mention} job **#{job.id}** failed: {error}\n{advice}"),
+                                   allowed_mentions=allowed, nonce=nonce)
+        return await dest.send(
+            f"{mention} job **#{job.id}** was cancelled. `/retrain {job.id}` starts it again.",
+            allowed_mentions=allowed, nonce=nonce,
+        )
 
     async def _deliver_success(
-        self, job: Any, dest: discord.PartialMessageable, mention: str, allowed: discord.AllowedMentions
-    ) -> None:
+        self, job: Any, dest: discord.PartialMessageable, mention: str, allowed: discord.AllowedMentions, nonce: str
+    ) -> discord.Message:
         hub, bot = self.hub, self.hub.bot
         difference = job.spec.get("mode") == "difference"
         if difference:
-            files, roles = await hub.difference_files(job.id, self.outputs)
+            files, roles = await hub.results.difference_files(job.id, self.outputs)
         else:
-            files, roles = await hub.result_files(job.id, self.outputs), {}
+            files, roles = await hub.results.result_files(job.id, self.outputs), {}
         meta = await hub.job_meta(job.id)
         guild = bot.get_guild(job.guild_id) if job.guild_id else None
         # link_only (checkpoints: gigabytes): every file goes out as a signed link, never attached.
@@ -507,11 +515,12 @@ class JobReporter:
             lines.append("The engine reported no output files; ask an admin to look at the job folder.")
 
         async def make_link(p: Path) -> str | None:
-            return await hub.link_for(job.id, p)
+            return await hub.results.link_for(job.id, p)
 
         names = {p: n for p, n in files}
-        await send_files(dest, clip("\n".join(lines)), [p for p, _ in files], limit=limit, make_link=make_link,
-                         names=names, allowed_mentions=allowed)
+        msg, _ = await send_files(dest, clip("\n".join(lines)), [p for p, _ in files], limit=limit,
+                                  make_link=make_link, names=names, allowed_mentions=allowed, nonce=nonce)
+        return msg
 
 
 def difference_lines(roles: dict[Path, tuple[str, str]], summary: Any) -> list[str]:
@@ -542,6 +551,7 @@ class ProgressHub:
         self.closed = False
         self.retry_base_s = RETRY_BASE_S
         self.retry_max_s = RETRY_MAX_S
+        self.results = ResultFiles(bot)  # which files a job delivers, and their download links
 
     # -- the scheduler side
 
@@ -626,102 +636,6 @@ class ProgressHub:
         rep = self.reporters.get(job_id)
         if rep is not None and rep.task is not None:
             await asyncio.wait_for(asyncio.shield(rep.task), timeout)
-
-    # -- files
-
-    def resolve_path(self, job_id: int, stored: Any) -> Path | None:
-        """Engine paths may be absolute, relative to the job folder, or relative to the data dir."""
-        if not stored:
-            return None
-        p = Path(str(stored))
-        files = self.bot.files
-        candidates = [p] if p.is_absolute() else [files.job_dir(job_id) / p, files.root / p]
-        for c in candidates:
-            try:
-                c = c.resolve()
-                if c.is_file() and c.is_relative_to(files.root.resolve()):
-                    return c
-            except (OSError, ValueError):
-                continue
-        return None
-
-    async def result_files(self, job_id: int, outputs: dict[str, Any]) -> list[tuple[Path, str]]:
-        """(path, download name): the main file (LoRA/checkpoint) first, then grid, loss curve, images."""
-        repo = self.bot.repo
-        by_kind: dict[str, list[Path]] = {}
-        for kind, paths in outputs.items():
-            for raw in paths if isinstance(paths, list) else [paths]:
-                p = self.resolve_path(job_id, raw)
-                if p is not None:
-                    by_kind.setdefault(kind, []).append(p)
-        for art in await repo.list_artifacts(job_id):
-            p = self.resolve_path(job_id, art.path)
-            if p is not None and p not in by_kind.get(art.kind, []):
-                by_kind.setdefault(art.kind, []).append(p)
-        out: list[tuple[Path, str]] = []
-        seen: set[Path] = set()
-        for kind in ("lora", "checkpoint", "grid", "plot", "image"):
-            paths = by_kind.get(kind, [])
-            if kind in ("lora", "checkpoint", "grid", "plot") and paths:
-                paths = paths[-1:]  # the final one (intermediate saves stay on disk)
-            for p in paths[:8]:
-                if p not in seen:
-                    seen.add(p)
-                    out.append((p, p.name))
-        return out
-
-    async def difference_files(
-        self, job_id: int, outputs: dict[str, Any]
-    ) -> tuple[list[tuple[Path, str]], dict[Path, tuple[str, str]]]:
-        """A copy-machine job's files: every pass-2 LoRA, the merged one, the saved copiers, then the
-        pass-2 loss curves (the copier-check images were posted between the passes). Roles come from the
-        engine's ``file`` events (artifact meta: role, pair), which survive a restart of the bot."""
-        roles: dict[Path, tuple[str, str]] = {}
-        for art in await self.bot.repo.list_artifacts(job_id, "lora"):
-            p = self.resolve_path(job_id, art.path)
-            meta = art.meta
-            if p is not None and meta.get("role") in ("difference", "merged", "copier"):
-                roles.setdefault(p, (str(meta["role"]), str(meta.get("pair") or "")))
-        # The finished event's outputs, in case a file event was lost: lora = pass-2 LoRA(s).
-        for key, role in (("lora", "difference"), ("merged", "merged"), ("copier", "copier")):
-            for raw in outputs.get(key, []):
-                p = self.resolve_path(job_id, raw)
-                if p is not None and p not in roles:
-                    roles[p] = (role, "")
-        order = {"difference": 0, "merged": 1, "copier": 2}
-        loras = sorted(roles, key=lambda p: order[roles[p][0]])  # stable: pairs keep the engine's order
-        plots = list(dict.fromkeys(p for raw in outputs.get("plot", [])
-                                   if (p := self.resolve_path(job_id, raw)) is not None))
-        plots = [p for p in plots if "pass2" in p.parts] or plots
-        files = loras + plots[: max(0, 10 - len(loras))]
-        names: dict[Path, str] = {}
-        for p in files:  # pass folders all name their curve alike: prefix the pair
-            parts = p.parts
-            name = p.name
-            if "pass2" in parts and parts.index("pass2") > 0:
-                name = f"{parts[parts.index('pass2') - 1]}-{p.name}"
-            names[p] = name
-        return [(p, names[p]) for p in files[:10]], roles
-
-    async def link_for(self, job_id: int, path: Path) -> str | None:
-        server = self.bot.file_server
-        if server is None:
-            return None
-        repo, files = self.bot.repo, self.bot.files
-        rel = files.relative(path)
-        art = next((a for a in await repo.list_artifacts(job_id) if a.path == rel or
-                    self.resolve_path(job_id, a.path) == path), None)
-        if art is None:
-            kind = "lora" if path.suffix == ".safetensors" else "image"
-            art = await repo.add_artifact(job_id, kind, rel, bytes=path.stat().st_size)  # type: ignore[arg-type]
-        return server.url_for(job_id, art.id)
-
-    async def resolve_artifact(self, job_id: int, artifact_id: int) -> tuple[Path, str] | None:
-        for art in await self.bot.repo.list_artifacts(job_id):
-            if art.id == artifact_id:
-                p = self.resolve_path(job_id, art.path)
-                return (p, p.name) if p is not None else None
-        return None
 
     async def job_meta(self, job_id: int) -> dict[str, Any]:
         events = await self.bot.repo.list_events(job_id, types=[META_EVENT])

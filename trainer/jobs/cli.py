@@ -27,7 +27,8 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from trainer.spec import SpecError, list_presets, load_job_file, to_toml  # noqa: E402
+from trainer.jobs.preflight import PreflightError, preflight, read_job_text  # noqa: E402
+from trainer.spec import SpecError, deep_merge, list_presets, load_toml_text, resolve_job, to_toml  # noqa: E402
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:
@@ -163,7 +164,7 @@ class ProgressPrinter:
         elif t == "log":
             self._line(f"[{ev.get('level', 'info')}] {ev.get('message', '')}")
         elif t == "failed":
-            self._line(f"failed: {ev.get('error')}")
+            pass  # main() prints it once, on stderr, with the exit status
         elif t == "started":
             resumed = f" (resuming from step {ev['resumed_from']})" if ev.get("resumed_from") else ""
             self._line(f"started {ev.get('kind', 'train')} job: {ev.get('total_steps')} steps{resumed}")
@@ -259,13 +260,9 @@ def _add_train_options(sp: argparse.ArgumentParser, job_required: bool) -> None:
 
 
 def _build_spec(args: argparse.Namespace) -> Any:
-    from trainer.spec import deep_merge, load_toml_text, resolve_job
-
     values: dict[str, Any] = {}
     if args.job is not None:
-        if not args.job.is_file():
-            raise SpecError([("", f"job file {args.job} does not exist")])
-        values = load_toml_text(args.job.read_text(encoding="utf-8"), source=str(args.job))
+        values = load_toml_text(read_job_text(args.job), source=str(args.job))
     elif args.images is None and args.cmd == "train":
         raise SpecError([("concepts", "nothing to train on: give a job file or --images DIR (with --prompt)")])
     opts = option_values(args, values)
@@ -334,10 +331,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "plan":
             return _plan(args)
         if args.cmd == "validate":
-            spec = load_job_file(args.job, parse_set(args.set))
+            spec = resolve_job(deep_merge(load_toml_text(read_job_text(args.job), source=str(args.job)),
+                                          parse_set(args.set)))
             print(to_toml(spec), end="")
             return 0
         spec = _build_spec(args)
+        preflight(spec, args.models_dir, args.device)  # before anything is loaded or written
         from trainer.events import JobCancelled, JobFailed
         from trainer.jobs.runner import run_job
 
@@ -359,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             _print_outputs(out)
         return 0
+    except PreflightError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except SpecError as e:
         print("the job spec is invalid:", file=sys.stderr)
         for field, msg in e.problems:
@@ -368,15 +370,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     from trainer.plan import PlanError, parse_size, plan_job
-    from trainer.spec import TrainSpec, deep_merge, load_toml_text, preset_values, resolve_job
+    from trainer.spec import TrainSpec, preset_values
 
     try:
         card = parse_size(args.vram) if args.vram else _local_card_bytes()
         values: dict[str, Any] = {}
         if args.job is not None:
-            if not args.job.is_file():
-                raise SpecError([("", f"job file {args.job} does not exist")])
-            values = load_toml_text(args.job.read_text(encoding="utf-8"), source=str(args.job))
+            values = load_toml_text(read_job_text(args.job), source=str(args.job))
         elif args.preset is None:
             raise SpecError([("", "give a job file or --preset NAME")])
         values = deep_merge(values, parse_set(args.set))
@@ -389,7 +389,7 @@ def _plan(args: argparse.Namespace) -> int:
         if not isinstance(spec, TrainSpec):
             raise SpecError([("kind", f"plan is for train jobs; this is a {spec.kind} job")])
         plan = plan_job(spec, arch=args.arch, card_bytes=card)
-    except PlanError as e:
+    except (PlanError, PreflightError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(plan.message())
@@ -412,7 +412,17 @@ def _local_card_bytes() -> int | None:
 
 
 def _quiet_library_bars() -> None:
-    """transformers/diffusers draw their own tqdm bars while loading weights: they would break our progress bar."""
+    """transformers/diffusers draw their own tqdm bars while loading weights: they would break our progress bar.
+    And libraries print notices a user can do nothing about on every run: silence those at their source."""
+    import logging
+    import warnings
+
+    # bitsandbytes tries an optional CPU 4-bit kernel package at import and warns when it is missing; we never use
+    # 4-bit layers (its optimizers work without it). Its errors still show.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # torchvision (pulled in by transformers' image utilities, which we do not use) warns about its own build.
+    warnings.filterwarnings("ignore", module=r"torchvision(\.|$)")
+    warnings.filterwarnings("ignore", message=r"(?i).*torchvision", module=r"transformers(\.|$)")
     try:
         from diffusers.utils import logging as dlog
         from transformers.utils import logging as tlog

@@ -47,6 +47,9 @@ from trainer.train.optim import build_optimizer, build_scheduler, current_lrs
 
 SampleHook = Callable[[int, Any], Sequence[str | os.PathLike[str]]]
 PROGRESS_EVERY_S = 0.5  # at most ~2 progress events a second
+# fp16: GradScaler skips a step whose gradients overflowed and halves the loss scale; that many in a row is no
+# longer a scale being found but a run that diverged.
+MAX_SKIPPED_IN_A_ROW = 25
 
 
 def _create_network(base: Any, spec: TrainSpec) -> Any:
@@ -86,6 +89,9 @@ class Trainer:
         self.intermediate: list[str] = []
         self.last_state_step = -1
         self.scaler: torch.amp.GradScaler | None = None
+        self.skipped_steps = 0  # fp16 steps GradScaler skipped (inf/NaN gradients)
+        self.te_offloaded = False  # text encoders moved off the GPU once their outputs were cached
+        self.skipped_in_a_row = 0
 
     def log(self, message: str, level: str = "info") -> None:
         self.emit(event("log", level=level, message=message))
@@ -147,6 +153,8 @@ class Trainer:
             self.loss_history = [list(x) for x in s.loss_history]
             self.samples = list(s.extra.get("samples", []))
             self.intermediate = list(s.extra.get("intermediate", []))
+            self.skipped_steps = int(s.extra.get("skipped_steps", 0))
+            self.skipped_in_a_row = int(s.extra.get("skipped_in_a_row", 0))
         if self.prepare_base is not None:
             self.prepare_base(self.base)
 
@@ -176,7 +184,8 @@ class Trainer:
                   "epoch": self.data.order.epoch_of(self.step * self.spec.grad_accum)},
             loss_history=self.loss_history,
             extra={"optimizer_layout": st.optimizer_layout(self.optimizer), "samples": self.samples,
-                   "intermediate": self.intermediate},
+                   "intermediate": self.intermediate, "skipped_steps": self.skipped_steps,
+                   "skipped_in_a_row": self.skipped_in_a_row},
             spec_fingerprint=self.spec_fp, data_fingerprint=self.data_fp,
         )
         path = st.save_state(self.job_dir, s)
@@ -187,8 +196,15 @@ class Trainer:
     def cache(self) -> None:
         from trainer.data.cache import cache_inputs
 
-        cache_inputs(self.spec, self.data, self.base, self.device, self.train_te, self._autocast, self.emit,
-                     self._phase_progress)
+        self.te_offloaded = cache_inputs(self.spec, self.data, self.base, self.device, self.train_te,
+                                         self._autocast, self.emit, self._phase_progress)
+
+    def text_encoders_to(self, device: torch.device | str) -> None:
+        """Bring offloaded text encoders back for something that runs them (samples, a copier check) or send
+        them off again."""
+        if self.te_offloaded:
+            for te in self.base.text_encoders:
+                te.to(device)
 
     def _phase_progress(self, name: str) -> Callable[[int, int], None]:
         from trainer.data.cache import phase_counter
@@ -222,14 +238,15 @@ class Trainer:
         return L.weighted_loss(per, ts, self.noise_scheduler, self.prediction_type, spec.min_snr_gamma,
                              b.loss_weight)
 
-    def train_step(self) -> float:
+    def train_step(self) -> float | None:
+        """One optimizer step; its mean loss, or None when fp16 overflowed and GradScaler skipped the step."""
         spec = self.spec
         torch.manual_seed(derive_seed(spec.seed, "global", self.step))  # dropout and anything else global
         total = 0.0
         for micro in range(spec.grad_accum):
             loss = self.micro_step_loss(self.step, micro)
             value = float(loss.detach())
-            if not math.isfinite(value):
+            if not math.isfinite(value) and self.scaler is None:  # under GradScaler: a skipped step, below
                 raise JobFailed(
                     f"loss became NaN at step {self.step + 1}; lower the learning rate (now "
                     f"{spec.optimizer.lr:g}) or use bf16/fp32 instead of fp16. Nothing was saved after this step.",
@@ -243,15 +260,36 @@ class Trainer:
                 self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.params, spec.optimizer.max_grad_norm)
         self.last_lr = current_lrs(self.optimizer)[0]  # the rate this step used (the schedule moves on below)
+        skipped = False
         if self.scaler:
-            self.scaler.step(self.optimizer)
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)  # skips the update when the gradients hold inf/NaN
             self.scaler.update()
+            skipped = self.scaler.get_scale() < scale  # update() lowers the scale exactly when it skipped
         else:
             self.optimizer.step()
-        self.lr_scheduler.step()
+        if not skipped:
+            self.lr_scheduler.step()  # a skipped step does not move the schedule on
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        if skipped:
+            self._skipped_step()
+            return None
+        self.skipped_in_a_row = 0
         return total / spec.grad_accum
+
+    def _skipped_step(self) -> None:
+        self.skipped_steps += 1
+        self.skipped_in_a_row += 1
+        assert self.scaler is not None
+        if self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+            raise JobFailed(
+                f"training diverged: fp16 overflowed (inf/NaN gradients) {self.skipped_in_a_row} steps in a row, up "
+                f"to step {self.step}, and every one was skipped. Lower the learning rate (now "
+                f"{self.spec.optimizer.lr:g}) or use bf16 (RTX 30xx / A100 and newer) or fp32. Nothing was saved "
+                "after the last good step.", reason="nan")
+        self.log(f"step {self.step} skipped: fp16 overflow (inf/NaN gradients); the loss scale drops to "
+                 f"{self.scaler.get_scale():g} and the learning-rate schedule waits", "warning")
 
     def _check_finite_weights(self) -> None:
         for p in self.params:
@@ -261,8 +299,6 @@ class Trainer:
                     f"{self.spec.optimizer.lr:g}) or use bf16/fp32 instead of fp16. Nothing was saved.",
                     reason="nan",
                 )
-
-    # -- outputs --
 
     # -- outputs --
 
@@ -296,12 +332,14 @@ class Trainer:
         if not self.sample_hook and not prompts:
             return
         modes = {id(m): m.training for m in [self.base.unet, *self.base.text_encoders]}
+        self.text_encoders_to(self.device)
         try:
             if hasattr(self.network, "set_multiplier"):
                 self.network.set_multiplier(1.0)
             with torch.no_grad(), self._autocast():
                 paths = [str(p) for p in hook(self.step, self.network)]
         finally:
+            self.text_encoders_to("cpu")
             for m in [self.base.unet, *self.base.text_encoders]:
                 m.train(modes[id(m)])
         for i, p in enumerate(paths):
@@ -350,14 +388,16 @@ class Trainer:
             if self.should_stop():
                 self.cancel()
             loss = self.train_step()
-            self.loss_history.append([self.step, loss])
+            if loss is not None:
+                self.loss_history.append([self.step, loss])
             now = time.monotonic()
             if now - last_emit >= PROGRESS_EVERY_S or self.step == spec.steps:
                 last_emit = now
                 sps = (self.step - s0) / max(now - t0, 1e-9)
-                window = [v for _, v in self.loss_history[-SMOOTH_WINDOW:]]
+                window = [v for _, v in self.loss_history[-SMOOTH_WINDOW:]] or [math.nan]
+                raw = self.loss_history[-1][1] if self.loss_history else math.nan
                 self.emit(event("progress", step=self.step, total=spec.steps, loss=sum(window) / len(window),
-                                loss_raw=loss, lr=self.last_lr, steps_per_s=sps,
+                                loss_raw=raw, lr=self.last_lr, steps_per_s=sps,
                                 eta_s=(spec.steps - self.step) / sps if sps > 0 else None))
             if spec.save_every_n_steps and self.step % spec.save_every_n_steps == 0 and self.step < spec.steps:
                 self.intermediate.append(str(self.save_lora(f"{spec.output_name}-step{self.step:08d}")))
@@ -379,7 +419,7 @@ class Trainer:
             "first_loss": losses[0] if losses else None,
             "final_loss": sum(losses[-SMOOTH_WINDOW:]) / len(losses[-SMOOTH_WINDOW:]) if losses else None,
             "device": str(self.device), "prediction_type": self.prediction_type,
-            "lora_bytes": lora.stat().st_size,
+            "lora_bytes": lora.stat().st_size, "skipped_steps": self.skipped_steps,
         }
         self.emit(event("finished", outputs=outputs, summary=summary))
         return outputs

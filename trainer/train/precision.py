@@ -1,7 +1,7 @@
 """Device and precision policy: where a job runs, the dtype it computes in, and how the frozen base is stored.
 
-"auto" (the default) resolves on the device the job runs on (bf16 on a GPU that supports it, else fp16; fp32
-on CPU); gradient checkpointing None resolves to on for SDXL on a GPU only; the UNet uses xformers on a GPU
+"auto" (the default) resolves on the device the job runs on (bf16 on a GPU with native bf16, compute
+capability 8.0+, else fp16 with a GradScaler; fp32 on CPU); gradient checkpointing None resolves to on for SDXL on a GPU only; the UNet uses xformers on a GPU
 when it is installed, else PyTorch SDPA. Mixed precision "bf16" autocasts to bfloat16 (CPU and GPU). "fp16"
 autocasts to float16 with a GradScaler on a GPU; on CPU, where float16 autocast is slow and GradScaler buys
 nothing, an fp16 job trains in fp32 and says so. On a GPU the frozen base weights are stored in the autocast
@@ -28,12 +28,20 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def native_bf16(device: torch.device) -> bool:
+    """bf16 in hardware: compute capability 8.0 or newer (RTX 30xx, A100 and later) of this very device.
+
+    torch.cuda.is_bf16_supported() also counts emulation, which makes Turing/Volta (RTX 20xx, T4, V100) slow."""
+    major, _ = torch.cuda.get_device_capability(device)
+    return major >= 8
+
+
 def resolve_mixed_precision(requested: str, device: torch.device) -> str:
     """The precision an "auto" spec trains in on `device`; explicit values are returned unchanged."""
     if requested != "auto":
         return requested
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if native_bf16(device) else "fp16"
     return "no"
 
 
@@ -62,8 +70,12 @@ class Precision:
 def resolve_precision(requested: str, device: torch.device) -> Precision:
     mp = resolve_mixed_precision(requested, device)
     if mp == "bf16":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise JobFailed("this GPU does not support bf16; set mixed_precision to fp16", reason="bad_input")
+        if device.type == "cuda" and not native_bf16(device):
+            major, minor = torch.cuda.get_device_capability(device)
+            if not torch.cuda.is_bf16_supported():
+                raise JobFailed("this GPU does not support bf16; set mixed_precision to fp16", reason="bad_input")
+            return Precision(mp, torch.bfloat16, None, f"this GPU (compute capability {major}.{minor}) only emulates "
+                                                       "bf16, which is slow: fp16 (or auto) trains faster here")
         return Precision(mp, torch.bfloat16, None)
     if mp == "fp16":
         if device.type == "cuda":
