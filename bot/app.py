@@ -38,7 +38,7 @@ log = logging.getLogger("loraforge.bot")
 REFUSED_TOKEN = ("Discord refused the token: reset it in the Developer Portal (Bot > Reset Token) and set "
                  "LORAFORGE_TOKEN")
 PUBLISH_WAIT_S = 20.0  # how long a start waits for the commands to be published before going on
-HTTP_CONNECTIONS = 32  # concurrent requests to Discord; more wait for a free kept-alive connection
+HTTP_CONNECTIONS = 100  # concurrent requests to Discord; more wait for a free kept-alive connection
 COGS = ("cogs.datasets", "cogs.train", "cogs.jobs", "cogs.models", "cogs.admin", "cogs.me", "cogs.merge",
         "cogs.preview")
 
@@ -137,9 +137,8 @@ class LoraforgeBot(commands.Bot):
 
     async def login(self, token: str) -> None:
         # A bounded pool of kept-alive connections to Discord. discord.py's default opens a new connection
-        # for every concurrent request: a burst of 500 commands means 500 TCP (TLS) handshakes before the
-        # 500 deferrals, and acknowledgements then take seconds. Reused connections ack them in well
-        # under one (docs/benchmarks-ack.md). Made here, inside the running loop, as aiohttp requires.
+        # for every concurrent request: the first burst of 500 commands meant 500 TCP (TLS) handshakes before
+        # the 500 deferrals (docs/benchmarks-ack.md). Made here, inside the running loop, as aiohttp requires.
         if self.http.connector is discord.utils.MISSING:
             self.http.connector = aiohttp.TCPConnector(limit=HTTP_CONNECTIONS)
         await super().login(token)
