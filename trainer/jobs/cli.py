@@ -8,6 +8,7 @@
   python -m trainer demo [--out DIR] [--steps 60]      train the built-in tiny SD1.5 on generated images (~1 min, CPU)
   python -m trainer validate JOB.toml [--set ...]      print the fully resolved spec, or what is wrong
   python -m trainer presets                            list the presets
+  python -m trainer docs [--check]                     write docs/job-file.md (every job-file setting) from the spec
   python -m trainer inspect file.safetensors           check a LoRA file and summarise it
   python -m trainer plan [JOB.toml] [--preset P] [--arch sdxl] [--vram 10GiB]
                                                        predict the job's peak GPU memory (exit 1: does not fit)
@@ -307,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
                     "(default: the base model's)")
     sp.add_argument("--vram", default=None, help="the card's memory, e.g. 10GiB (default: this machine's GPU)")
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    sp = sub.add_parser("docs", help="write docs/job-file.md, the job-file reference, from the spec")
+    sp.add_argument("--check", action="store_true", help="only check that the file is up to date (exit 1 if not)")
     args = p.parse_args(argv)
     if args.cmd in ("train", "run", "demo"):
         _quiet_library_bars()
@@ -328,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.cmd == "demo":
             return _demo(args)
+        if args.cmd == "docs":
+            return _docs(args)
         if args.cmd == "plan":
             return _plan(args)
         if args.cmd == "validate":
@@ -366,6 +371,20 @@ def main(argv: list[str] | None = None) -> int:
         for field, msg in e.problems:
             print(f"  {field or '(file)'}{_option_hint(field)}: {msg}", file=sys.stderr)
         return 2
+
+
+def _docs(args: argparse.Namespace) -> int:
+    from trainer.spec_doc import DOC_PATH, job_file_markdown, write_doc
+
+    if args.check:
+        current = DOC_PATH.read_text(encoding="utf-8") if DOC_PATH.is_file() else ""
+        if current != job_file_markdown():
+            print(f"{DOC_PATH} is out of date: run `python -m trainer docs`", file=sys.stderr)
+            return 1
+        print(f"{DOC_PATH} is up to date")
+        return 0
+    print(f"wrote {write_doc()}")
+    return 0
 
 
 def _plan(args: argparse.Namespace) -> int:
