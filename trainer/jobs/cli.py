@@ -8,6 +8,7 @@
   python -m trainer demo [--out DIR] [--steps 60]      train the built-in tiny SD1.5 on generated images (~1 min, CPU)
   python -m trainer validate JOB.toml [--set ...]      print the fully resolved spec, or what is wrong
   python -m trainer presets                            list the presets
+  python -m trainer import-kohya FILE [--out job.toml]  translate a kohya sd-scripts config or command line
   python -m trainer docs [--check]                     write docs/job-file.md (every job-file setting) from the spec
   python -m trainer inspect file.safetensors           check a LoRA file and summarise it
   python -m trainer plan [JOB.toml] [--preset P] [--arch sdxl] [--vram 10GiB]
@@ -308,6 +309,10 @@ def main(argv: list[str] | None = None) -> int:
                     "(default: the base model's)")
     sp.add_argument("--vram", default=None, help="the card's memory, e.g. 10GiB (default: this machine's GPU)")
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    sp = sub.add_parser("import-kohya", help="translate a kohya sd-scripts config or command line into a job file")
+    sp.add_argument("file", type=Path, help="a --config_file/dataset TOML, a kohya_ss JSON, or a .txt/.sh/.bat "
+                    "holding an `accelerate launch train_network.py --...` command line")
+    sp.add_argument("--out", type=Path, default=None, help="write the job file here (default: print it)")
     sp = sub.add_parser("docs", help="write docs/job-file.md, the job-file reference, from the spec")
     sp.add_argument("--check", action="store_true", help="only check that the file is up to date (exit 1 if not)")
     args = p.parse_args(argv)
@@ -333,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
             return _demo(args)
         if args.cmd == "docs":
             return _docs(args)
+        if args.cmd == "import-kohya":
+            return _import_kohya(args)
         if args.cmd == "plan":
             return _plan(args)
         if args.cmd == "validate":
@@ -371,6 +378,41 @@ def main(argv: list[str] | None = None) -> int:
         for field, msg in e.problems:
             print(f"  {field or '(file)'}{_option_hint(field)}: {msg}", file=sys.stderr)
         return 2
+
+
+def _import_kohya(args: argparse.Namespace) -> int:
+    import tomli_w
+
+    from trainer.kohya_import import import_kohya
+    from trainer.kohya_read import KohyaImportError
+
+    if not args.file.is_file():
+        raise PreflightError(f"{args.file} is not a file: give a kohya config (.toml/.json) or a command line "
+                             "(.txt/.sh)")
+    try:
+        result = import_kohya(args.file)
+    except KohyaImportError as e:
+        raise PreflightError(f"{args.file}: {e}") from None
+    try:
+        resolve_job(result.values)
+        problem = ""
+    except SpecError as e:  # translated values outside the spec's ranges: said, and the file still written
+        problem = f"the translated job does not validate yet: {e}"
+    header = "".join(f"# {line}\n" for line in
+                     [f"Imported from the kohya settings in {args.file.name} by `python -m trainer import-kohya`.",
+                      *result.report().splitlines(), *([problem] if problem else [])])
+    text = header + tomli_w.dumps(result.values)
+    if args.out is None:
+        print(result.report(), file=sys.stderr)
+        print(text, end="")
+    else:
+        args.out.write_text(text, encoding="utf-8")
+        print(result.report())
+        print(f"wrote {args.out}; check it with `python -m trainer validate {args.out}`, "
+              f"train with `python -m trainer run {args.out}`")
+    if problem:
+        print(problem, file=sys.stderr)
+    return 0
 
 
 def _docs(args: argparse.Namespace) -> int:
