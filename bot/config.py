@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from storage.intake import IntakeLimits
-from trainer.format.checkpoint import TINY_CONFIGS
+from trainer.format.checkpoint import TINY_CONFIGS, TOY_BASES, toy_base_path
 from trainer.models.refs import A1111_SUBFOLDER, is_base_model_path, model_folders
 
 MiB = 1024 * 1024
@@ -164,8 +164,10 @@ class Config(_Section):
         return os.environ.get(self.discord.link_secret_env) or None
 
 
-# Built-in tiny models (the same list as trainer.models.builtin.TINY_MODELS, from the torch-free config facts).
-BUILTIN_MODELS = tuple(TINY_CONFIGS.values())
+# Built-in models: the toy bases pretrained on the toy world (what a fresh install previews and demos with), then the
+# random-weight tiny models (trainer.models.builtin.TINY_MODELS), from the torch-free config facts.
+TOY_MODELS = tuple(TOY_BASES)
+BUILTIN_MODELS = (*TOY_MODELS, *TINY_CONFIGS.values())
 
 
 def list_base_models(models_dir: str | os.PathLike[str]) -> list[tuple[str, str]]:
@@ -183,7 +185,9 @@ def list_base_models(models_dir: str | os.PathLike[str]) -> list[tuple[str, str]
             rel = p.relative_to(root).as_posix()
             what = "diffusers folder" if p.is_dir() else f"checkpoint, {p.stat().st_size / (1024 ** 3):.1f} GiB"
             out.append((rel, what))
-    out += [(m, "built-in tiny model (tests and demos)") for m in BUILTIN_MODELS]
+    out += [(m, "built-in toy base (pretrained on the toy world: shapes, colours, a chibi girl)") for m in TOY_MODELS
+            if toy_base_path(m).is_file()]  # a checkout whose bases were not re-created yet lists none
+    out += [(m, "built-in tiny model, random weights (tests)") for m in TINY_CONFIGS.values()]
     return out
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -26,6 +27,7 @@ from bot.delivery import ResultFiles, send_files, upload_limit
 from bot.errors import CODE_EDIT_CAP
 from bot.humanize import sig, summary_text
 from bot.interactions import DELIVERED_EVENT, META_EVENT, clip, format_duration, spec_summary
+from bot.once import post_once
 from bot.views import job_view
 
 if TYPE_CHECKING:
@@ -411,8 +413,13 @@ class JobReporter:
                     raise
                 log.info("progress message of job %s hit the edit cap; starting a new one", job.id)
         kwargs: dict[str, Any] = {"view": view} if view is not None else {}
-        msg = await dest.send(text, **kwargs)
-        await bot.repo.set_job_message(job.id, message_id=msg.id)
+        # Keyed by the message it replaces: a restart after Discord made it, before we read the id, finds it.
+        new_id, posted = await post_once(bot, job.id, f"progress:{mid or 0}", dest, f"**Job #{job.id}**",
+                                         lambda nonce: dest.send(text, nonce=nonce, **kwargs), replaces=mid)
+        if new_id is not None:
+            await bot.repo.set_job_message(job.id, message_id=new_id)
+            if not posted:  # made before a restart: show what is current now
+                await dest.get_partial_message(int(new_id)).edit(content=text, view=view)
 
     async def _post_sample(self, job: Any, ev: dict[str, Any]) -> None:
         path = self.hub.results.resolve_path(job.id, ev.get("path"))
@@ -428,7 +435,8 @@ class JobReporter:
         if ev.get("prompt") and ev.get("type") != COPIER_CHECK:
             caption += f": *{clip(str(ev['prompt']), 300)}*"
         try:
-            await dest.send(caption, file=discord.File(path, filename=path.name))
+            await post_once(self.hub.bot, job.id, f"sample:{ev.get('type')}:{path.name}", dest, caption,
+                            lambda nonce: dest.send(caption, file=discord.File(path, filename=path.name), nonce=nonce))
         except discord.HTTPException as e:
             log.info("could not post sample %s of job %s: %s", path.name, job.id, e.status)
 
@@ -445,10 +453,10 @@ class JobReporter:
         posted = False
         async for dest, private, last in self._final_destinations(job):
             try:
-                if private or job.state != "succeeded":
-                    await self._post_final(job, dest)
-                else:
-                    await self._post_notice(job, dest)
+                # Every final post starts so; once per job, even across a crash between post and reply.
+                post = self._post_final if private or job.state != "succeeded" else self._post_notice
+                await post_once(bot, job.id, "final", dest, f"<@{job.owner_id}> job **#{job.id}** ",
+                                functools.partial(post, job, dest))
                 posted = True
                 break
             except (discord.NotFound, discord.Forbidden) as e:
@@ -460,32 +468,32 @@ class JobReporter:
             raise RuntimeError(f"nowhere could take the result of job {job.id}")  # retried by the loop
         await bot.repo.add_event(job.id, DELIVERED_EVENT, {"state": job.state})
 
-    async def _post_notice(self, job: Any, dest: Any) -> None:
+    async def _post_notice(self, job: Any, dest: Any, nonce: str) -> discord.Message:
         """A finished job's files are private: where others can read, only say where to get them."""
         allowed = discord.AllowedMentions(users=[discord.Object(job.owner_id)], roles=False, everyone=False)
-        await dest.send(f"<@{job.owner_id}> job **#{job.id}** finished, but its thread is gone and your DMs are "
+        return await dest.send(f"<@{job.owner_id}> job **#{job.id}** finished, but its thread is gone and your DMs are "
                         f"closed to this bot. Run `/job show {job.id}` for a private download link.",
-                        allowed_mentions=allowed)
+                               allowed_mentions=allowed, nonce=nonce)
 
-    async def _post_final(self, job: Any, dest: Any) -> None:
+    async def _post_final(self, job: Any, dest: Any, nonce: str) -> discord.Message:
         mention = f"<@{job.owner_id}>"
         allowed = discord.AllowedMentions(users=[discord.Object(job.owner_id)], roles=False, everyone=False)
         if job.state == "succeeded":
-            await self._deliver_success(job, dest, mention, allowed)
+            return await self._deliver_success(job, dest, mention, allowed, nonce)
         elif job.state == "failed":
             reason = self.final.get("reason") or ""
             error = job.error or (self.terminal or {}).get("error") or self.final.get("error") or "unknown error"
             advice = FAILURE_ADVICE.get(str(reason), DEFAULT_ADVICE)
-            await dest.send(clip(f"{mention} job **#{job.id}** failed: {error}\n{advice}"), allowed_mentions=allowed)
-        else:
-            await dest.send(
-                f"{mention} job **#{job.id}** was cancelled. `/retrain {job.id}` starts it again.",
-                allowed_mentions=allowed,
-            )
+            return await dest.send(clip(f"{mention} job **#{job.id}** failed: {error}\n{advice}"),
+                                   allowed_mentions=allowed, nonce=nonce)
+        return await dest.send(
+            f"{mention} job **#{job.id}** was cancelled. `/retrain {job.id}` starts it again.",
+            allowed_mentions=allowed, nonce=nonce,
+        )
 
     async def _deliver_success(
-        self, job: Any, dest: discord.PartialMessageable, mention: str, allowed: discord.AllowedMentions
-    ) -> None:
+        self, job: Any, dest: discord.PartialMessageable, mention: str, allowed: discord.AllowedMentions, nonce: str
+    ) -> discord.Message:
         hub, bot = self.hub, self.hub.bot
         difference = job.spec.get("mode") == "difference"
         if difference:
@@ -510,8 +518,9 @@ class JobReporter:
             return await hub.results.link_for(job.id, p)
 
         names = {p: n for p, n in files}
-        await send_files(dest, clip("\n".join(lines)), [p for p, _ in files], limit=limit, make_link=make_link,
-                         names=names, allowed_mentions=allowed)
+        msg, _ = await send_files(dest, clip("\n".join(lines)), [p for p, _ in files], limit=limit,
+                                  make_link=make_link, names=names, allowed_mentions=allowed, nonce=nonce)
+        return msg
 
 
 def difference_lines(roles: dict[Path, tuple[str, str]], summary: Any) -> list[str]:

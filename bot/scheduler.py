@@ -31,7 +31,7 @@ from bot.config import Config, is_listed_base_model, list_base_models
 from bot.diskguard import DiskGuard
 from bot.humanize import format_duration
 from bot.listeners import Event, Listener, Listeners
-from bot.quotas import EXEMPT_EVENT, WAIT_EVENT, QuotaGate
+from bot.quotas import EXEMPT_EVENT, WAIT_EVENT, QuotaGate, storage_refusal
 from bot.workers import OOM_MESSAGE, WorkerHandle, WorkerStartError, looks_like_oom
 from storage import queries, retention
 from storage.files import FileStore, write_bytes_atomic
@@ -281,6 +281,8 @@ class Scheduler:
         # could all see "2 queued" and all get in.
         async with self._user_lock(owner_id):
             if not is_admin:
+                if refusal := await storage_refusal(self.repo, owner_id, self.config):
+                    raise QuotaError(refusal)
                 queued = await self.repo.count_jobs(owner_id, ["queued"])
                 if queued >= lim.max_queued_per_user:
                     raise QuotaError(

@@ -197,7 +197,23 @@ def tiny_sdxl() -> dict:
     return cfg
 
 
-ALL = {"sd15": sd15, "sd2": sd2, "sdxl": sdxl, "tiny-sd15": tiny_sd15, "tiny-sd2": tiny_sd2, "tiny-sdxl": tiny_sdxl}
+def _toy(cfg: dict) -> dict:
+    # The toy bases (trainer/toy): tiny layouts whose VAE normalises all channels together. With 2 channels per
+    # GroupNorm group the tiny VAE cannot keep the absolute colour of the toy world's flat regions.
+    cfg["vae"] = {**cfg["vae"], "norm_num_groups": 1}
+    return cfg
+
+
+def toy_sd15() -> dict:
+    return _toy(tiny_sd15())
+
+
+def toy_sdxl() -> dict:
+    return _toy(tiny_sdxl())
+
+
+ALL = {"sd15": sd15, "sd2": sd2, "sdxl": sdxl, "tiny-sd15": tiny_sd15, "tiny-sd2": tiny_sd2, "tiny-sdxl": tiny_sdxl,
+       "toy-sd15": toy_sd15, "toy-sdxl": toy_sdxl}
 
 
 def main() -> None:

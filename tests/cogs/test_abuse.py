@@ -63,8 +63,9 @@ def commands_for(fake: Any, i: int, user: str, pwn: Path) -> list[tuple[str, str
         ("train", None, {"dataset": ds, "base_model": str(pwn / "model.safetensors"), "steps": 3}),
         ("train", None, {"dataset": ds, "steps": 200_000, "resolution": 4096}),
         ("train", None, {"dataset": ds, "steps": 3, "output_name": f"fast{i}"}),
-        ("preview", None, {"prompt": f"{RLO}" + "p" * 2000, "lora": att("../../x.safetensors", b"\x00" * 64)}),
-        ("cancel", None, {"id": 1}),
+        ("preview", None, {"prompt": f"{RLO}" + "p" * 2000, "lora": att(f"..{RLO}x{i}.safetensors", b"\x00" * 64)}),
+        ("merge", None, {"mine1": "job:1", "mine2": f"job:{i + 1}:999", "ratios": "1e308,nan",
+                         "output_name": f"../../merged{i}", "lora1": att(f"{RLO}evil..{i}.safetensors", b"{}" * 8)}),
     ]
 
 
@@ -128,7 +129,7 @@ async def test_twenty_hostile_users(tmp_path: Path, fake_discord: Any, monkeypat
     assert files_outside(tmp_path, data) == before
     assert not pwn.exists()
     assert not any(p.is_symlink() for p in data.rglob("*"))
-    assert not list(tmp_path.rglob("escape*")) and not list(tmp_path.rglob("pwn*"))
+    assert not any(list(tmp_path.rglob(g)) for g in ("escape*", "pwn*", "merged*", "evil*"))
     # no secret in a worker's environment or log (the stub dumped its whole environment there)
     logs = [p.read_text(errors="replace") for p in (data / "logs").glob("*.log")]
     assert logs and all("ENV PATH=" in t for t in logs)

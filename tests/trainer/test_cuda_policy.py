@@ -162,3 +162,37 @@ def test_text_encoders_leave_the_gpu_once_their_outputs_are_cached(dataset: Path
         assert offloaded and data.text_cached_on == ["cuda"]
         assert last[id(te1)] == last[id(te2)] == "cpu"
     assert last[id(vae)] == "cpu"  # latents cached, no samples: the VAE is not needed on the card either
+
+
+class _Model:
+    """Stands for a loaded base: what a failed job's frames hold on to."""
+
+
+@pytest.mark.parametrize("error", ["oom", "nan", "bug"])
+def test_runner_frees_gpu_memory_after_the_failure_is_dropped(tmp_path: Path, dataset: Path, make_spec,
+                                                              monkeypatch: pytest.MonkeyPatch, error: str) -> None:
+    import weakref
+
+    from trainer.events import JobFailed
+    from trainer.jobs import runner
+    from trainer.train import loop
+
+    models: list[weakref.ref[_Model]] = []
+
+    def failing_train(spec: Any, job_dir: Path, **kw: Any) -> None:
+        model = _Model()  # a local of the failing frame, as the Trainer is in a real failure
+        models.append(weakref.ref(model))
+        if error == "oom":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if error == "nan":
+            raise JobFailed("loss became NaN at step 3", reason="nan")
+        raise KeyError("x")
+
+    freed_with_model_alive: list[bool] = []
+    monkeypatch.setattr(loop, "train", failing_train)
+    monkeypatch.setattr(runner, "_free_gpu_memory", lambda: freed_with_model_alive.append(models[0]() is not None))
+    with pytest.raises(JobFailed) as e:
+        runner.run_job(make_spec(dataset, steps=1), tmp_path / "job")
+    assert freed_with_model_alive == [False]  # freed once, and only after the model could be collected
+    assert e.value.__cause__ is None and e.value.__context__ is None  # nothing chains back to the engine's frames
+    assert e.value.reason == {"oom": "oom", "nan": "nan", "bug": "error"}[error]

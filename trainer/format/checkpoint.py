@@ -5,6 +5,7 @@
 - ``folder_arch(folder)``: the architecture of a diffusers folder (or one of our config folders).
 - ``file_arch(path)``: ``checkpoint_arch`` of a single file's header, None when it cannot be told.
 - ``CONFIGS_DIR``, ``FULL_CONFIGS``, ``TINY_CONFIGS``: the config folders we ship, per architecture.
+- ``TOY_BASES``, ``toy_base_path(name)``: the toy bases we ship (pretrained on the toy world, tiny layouts).
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 # Full-size architectures whose configs we ship (single-file loading and key-set checks) and the built-in tiny ones.
 FULL_CONFIGS: dict[Arch, str] = {"sd1": "sd15", "sd2": "sd2", "sdxl": "sdxl"}
 TINY_CONFIGS: dict[Arch, str] = {"sd1": "tiny-sd15", "sd2": "tiny-sd2", "sdxl": "tiny-sdxl"}
+# Built-in toy bases: single-file checkpoints in the tiny layouts, pretrained on trainer.toy.world
+# (tools/pretrain_toy_bases.py; docs/toy-world.md). Name -> architecture.
+TOY_BASES: dict[str, Arch] = {"toy-sd15": "sd1", "toy-sdxl": "sdxl"}
+TOY_BASES_DIR = CONFIGS_DIR.parent / "toy" / "bases"
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -98,5 +103,12 @@ def folder_arch(folder: str | os.PathLike[str]) -> Arch | None:
 
 
 def builtin_arch(name: str) -> Arch | None:
-    """The architecture of a built-in tiny model name (``tiny-sd15``...), None for any other name."""
+    """The architecture of a built-in model name (``tiny-sd15``, ``toy-sd15``...), None for any other name."""
+    if name in TOY_BASES:
+        return TOY_BASES[name]
     return next((a for a, n in TINY_CONFIGS.items() if n == name), None)
+
+
+def toy_base_path(name: str) -> Path:
+    """The shipped file of a built-in toy base (``toy-sd15`` -> trainer/toy/bases/toy-sd15.safetensors)."""
+    return TOY_BASES_DIR / f"{name}.safetensors"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from trainer.format.checkpoint import TINY_CONFIGS
+from trainer.format.checkpoint import TINY_CONFIGS, TOY_BASES, toy_base_path
 from trainer.format.header import PICKLE_SUFFIXES
 
 TINY_NAMES = tuple(TINY_CONFIGS.values())
@@ -56,6 +56,12 @@ def locate_model(ref: str, models_dir: str | os.PathLike[str] | None = None) -> 
     returned too (to be refused by name, see ``refuse_pickle``). Raises ModelRefError when the name names nothing."""
     if ref in TINY_NAMES:
         return None
+    if ref in TOY_BASES:  # shipped in the package, found wherever the models folder is
+        path = toy_base_path(ref)
+        if not path.is_file():
+            raise ModelRefError(f"the built-in toy base {ref!r} is missing ({path}); re-create it with "
+                                "`python tools/pretrain_toy_bases.py` (docs/toy-world.md) or reinstall loraforge")
+        return path
     path = find_model(ref, models_dir)
     if path is None and models_dir is not None:
         for folder in model_folders(models_dir):
@@ -65,7 +71,7 @@ def locate_model(ref: str, models_dir: str | os.PathLike[str] | None = None) -> 
     if path is None:
         where = f" or in the models folder {models_dir}" if models_dir is not None else ""
         raise ModelRefError(
-            f"base model {ref!r} not found as a path{where}; use a built-in model ({', '.join(TINY_NAMES)}), "
+            f"base model {ref!r} not found as a path{where}; use a built-in model ({', '.join((*TOY_BASES, *TINY_NAMES))}), "
             "a diffusers folder, or a single-file .safetensors checkpoint")
     return path
 

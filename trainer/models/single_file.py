@@ -42,6 +42,7 @@ from trainer.format.checkpoint import (
     FULL_CONFIGS,
     TEXT_ENCODER_PREFIXES,
     TINY_CONFIGS,
+    TOY_BASES,
     UNET_PREFIX,
     VAE_PREFIX,
     checkpoint_arch,
@@ -133,15 +134,18 @@ def _unet_mismatches(config_dir: Path, tensors: dict[str, dict]) -> list[str]:
     return bad
 
 
-def select_config(arch: Arch, tensors: dict[str, dict]) -> Path:
-    """The shipped config folder whose UNet matches the file's shapes exactly (full-size first, then tiny)."""
+def select_config(arch: Arch, tensors: dict[str, dict], named: str | None = None) -> Path:
+    """The shipped config folder whose UNet matches the file's shapes exactly (full-size first, then tiny).
+    ``named``: a toy base's own config (its ``loraforge.config`` metadata), tried first: the toy bases share the
+    tiny UNet layouts but not their VAE's normalisation, which no tensor shape tells."""
     w = _widths(tensors)
     if w["in_channels"] not in (None, 4):
         kind = {9: "an inpainting", 8: "an instruct-pix2pix"}.get(w["in_channels"] or 0, "a non-standard")
         raise CheckpointError(f"this is {kind} {ARCH_NAMES[arch]} checkpoint (UNet takes {w['in_channels']} input "
                               "channels); LoRA training needs a standard text-to-image base model")
     tried = []
-    for name in (FULL_CONFIGS[arch], TINY_CONFIGS[arch]):
+    own = [named] if named in TOY_BASES and TOY_BASES[named] == arch else []
+    for name in (*own, FULL_CONFIGS[arch], TINY_CONFIGS[arch]):
         folder = CONFIGS_DIR / name
         cfg = _json(folder / "unet" / "config.json")
         widths = (cfg["cross_attention_dim"], cfg["block_out_channels"][0])
@@ -235,7 +239,7 @@ def load_single_file(path: str | Path, dtype: torch.dtype = torch.float32,
         raise CheckpointError(f"prediction_type must be 'epsilon' or 'v_prediction', not {prediction_type!r}")
     tensors, metadata = read_safetensors_header(path)
     arch = detect_arch(list(tensors))
-    config_dir = select_config(arch, tensors)
+    config_dir = select_config(arch, tensors, metadata.get("loraforge.config"))
     folder = _effective_config_dir(config_dir, arch, tensors)
     # Read the tensors ourselves with safetensors: diffusers' path loader would torch.load (unpickle) any file
     # whose name does not end in .safetensors.

@@ -92,10 +92,10 @@ def build_clip_tokenizer(pad_token: str = "<|endoftext|>", bpe_path: Path | None
 
 
 def tokenizers_for(arch: Arch, config_name: str) -> list[CLIPTokenizer]:
-    """One tokenizer per text encoder: byte-level ones for the tiny built-in configs, CLIP's for full-size models."""
+    """One tokenizer per text encoder: byte-level ones for the tiny and toy configs, CLIP's for full-size models."""
     # SD2 and SDXL's OpenCLIP encoder pad with "!" (id 0); CLIP-L pads with <|endoftext|>.
     pads = {"sd1": ["<|endoftext|>"], "sd2": ["!"], "sdxl": ["<|endoftext|>", "!"]}[arch]
-    if config_name.startswith("tiny-"):
+    if config_name.startswith(("tiny-", "toy-")):
         return [build_local_tokenizer() for _ in pads]
     bpe = find_clip_bpe()
     return [build_clip_tokenizer(pad, bpe) for pad in pads]

@@ -1,0 +1,69 @@
+"""Re-create the toy bases shipped in trainer/toy/bases/ (docs/toy-world.md).
+
+    nice -n 10 python tools/pretrain_toy_bases.py [--out trainer/toy/bases] [--only sd15|sdxl] [--seed 0]
+
+One thread and deterministic algorithms: the same seed on the same CPU writes the same weights. Trains the shared
+VAE first, then each base's UNet, writes toy-<layout>.safetensors (A1111 layout, fp16) and prints how often the
+base draws the figure and colour its prompt asks for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from dataclasses import fields, replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trainer.models.load import load_base  # noqa: E402
+from trainer.models.single_file import save_single_file  # noqa: E402
+from trainer.toy import pretrain as P  # noqa: E402
+from trainer.toy.measure import prompt_following  # noqa: E402
+from trainer.toy.world import FIGURES, PATTERNS, RESERVED_PATTERNS, RESERVED_SHAPES, sample_scene  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "trainer" / "toy" / "bases")
+    ap.add_argument("--only", choices=sorted(P.LAYOUTS), action="append")
+    for f in fields(P.Recipe):
+        ap.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+    ap.add_argument("--check", type=int, default=24, help="prompts sampled to measure prompt following (0: none)")
+    args = ap.parse_args(argv)
+    recipe = P.Recipe(**{f.name: getattr(args, f.name) for f in fields(P.Recipe)})
+    t0 = time.time()
+
+    def say(msg: str) -> None:
+        print(f"[{time.time() - t0:6.0f}s] {msg}", flush=True)
+
+    say(f"recipe {recipe}")
+    vae_state = P.skeleton("sd15", recipe.seed).vae
+    P.train_vae(vae_state, recipe, say)
+    rng = random.Random(recipe.seed + 5)
+    norm_scenes = [sample_scene(rng, FIGURES + RESERVED_SHAPES, PATTERNS + RESERVED_PATTERNS) for _ in range(512)]
+    norm_data = P.pixels(norm_scenes)
+    P.ROUND_TRIP_SCENES[:] = norm_scenes[:64]
+    say(f"VAE round trip: {P.round_trip_accuracy(vae_state, norm_data[:64]):.0%} of 64 scenes read back right")
+    args.out.mkdir(parents=True, exist_ok=True)
+    for layout in args.only or sorted(P.LAYOUTS):
+        base = P.skeleton(layout, recipe.seed)
+        base.vae.load_state_dict(vae_state.state_dict())
+        P.normalize_latents(base.vae, norm_data)
+        P.train_unet(base, replace(recipe), say)
+        path = save_single_file(base, args.out / f"toy-{layout}.safetensors", half=True,
+                                metadata={"modelspec.title": f"toy-{layout}", "loraforge.config": f"toy-{layout}",
+                                          "loraforge.toy_recipe": repr(recipe)})
+        say(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+        if args.check:
+            acc, res = prompt_following(load_base(path), n=args.check)
+            say(f"{layout}: figure and colour right in {acc:.0%} of {args.check} samples")
+            for r in res[:8]:
+                say(f"  {r.scene.caption()!r} -> {r.reading.colour} {r.reading.figure} on {r.reading.background}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,189 @@
+"""Pretraining of the toy bases (``tools/pretrain_toy_bases.py`` runs it): a small VAE shared by both bases, then
+the UNet of an SD1.5-shaped and an SDXL-shaped base, in the layouts of the built-in tiny models (``tiny-sd15``,
+``tiny-sdxl``) so the files load through the same single-file code as any real checkpoint.
+
+Reproducible: one thread, ``torch.use_deterministic_algorithms``, every draw from a seeded generator; the same
+seed on the same CPU gives the same weights. The text encoders keep the tiny models' seeded random init (the
+UNet learns to read them); the VAE sees every concept (it is an image codec), the UNets never see the reserved
+ones (``trainer.toy.world.RESERVED_SHAPES`` / ``RESERVED_PATTERNS``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from trainer.data.encode import encode_text
+from trainer.format.checkpoint import CONFIGS_DIR
+from trainer.models.base import BaseModel, load_diffusers_folder
+from trainer.models.builtin import tiny_model_dir
+from trainer.toy.world import (
+    FIGURES,
+    PATTERNS,
+    RESERVED_PATTERNS,
+    RESERVED_SHAPES,
+    pretrain_scenes,
+    render,
+    sample_scene,
+)
+
+log = logging.getLogger(__name__)
+LAYOUTS = {"sd15": "tiny-sd15", "sdxl": "tiny-sdxl"}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    seed: int = 0
+    vae_steps: int = 500
+    vae_batch: int = 8
+    vae_lr: float = 2e-3
+    unet_steps: int = 900
+    unet_batch: int = 32
+    unet_lr: float = 1e-3
+    images: int = 4000  # distinct pretraining scenes of the UNets
+    vae_images: int = 1500  # distinct scenes of the VAE (every concept)
+    uncond_rate: float = 0.1  # captions dropped so classifier-free guidance works
+
+
+def _deterministic(seed: int) -> torch.Generator:
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def pixels(scenes: list) -> torch.Tensor:
+    """[n, 3, 64, 64] in [-1, 1], as the VAE takes them."""
+    arr = np.stack([np.asarray(render(s), dtype=np.float32) for s in scenes])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def skeleton(layout: str, seed: int = 0) -> BaseModel:
+    """The layout's tiny model (seeded random weights, byte-level tokenizers) with the toy config's VAE (seeded),
+    to train in place."""
+    from diffusers import AutoencoderKL
+
+    base = load_diffusers_folder(tiny_model_dir(LAYOUTS[layout]), name=f"toy-{layout}")
+    torch.manual_seed(seed)
+    cfg = json.loads((CONFIGS_DIR / f"toy-{layout}" / "vae" / "config.json").read_text())
+    base.vae = AutoencoderKL.from_config(cfg).eval().requires_grad_(False)
+    return base
+
+
+def train_vae(vae: torch.nn.Module, recipe: Recipe, say: Callable[[str], None] = log.info) -> None:
+    """Reconstruction (L1 + L2) with a small KL term, on every figure and pattern, reserved ones included."""
+    gen = _deterministic(recipe.seed)
+    import random
+
+    rng = random.Random(recipe.seed + 1)
+    scenes = [sample_scene(rng, FIGURES + RESERVED_SHAPES, PATTERNS + RESERVED_PATTERNS) for _ in range(recipe.vae_images)]
+    data = pixels(scenes)
+    vae.train().requires_grad_(True)
+    opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
+    t0 = time.time()
+    for step in range(recipe.vae_steps):
+        idx = torch.randint(0, len(data), (recipe.vae_batch,), generator=gen)
+        x = data[idx]
+        dist = vae.encode(x).latent_dist
+        z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen)
+        rec = vae.decode(z).sample
+        kl = dist.kl().mean() / x[0].numel()
+        loss = (rec - x).abs().mean() + (rec - x).pow(2).mean() + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == recipe.vae_steps - 1:
+            say(f"vae step {step}: loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+    vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def normalize_latents(vae: torch.nn.Module, data: torch.Tensor) -> None:
+    """Rescale and recentre the latent space IN the weights (quant_conv, post_quant_conv), so latents times the
+    config's scaling_factor have mean 0 and std 1 on toy images: the config, and so the loader, stay the tiny ones."""
+    mean = torch.cat([vae.encode(data[i:i + 64]).latent_dist.mean for i in range(0, len(data), 64)])
+    mu = mean.mean(dim=(0, 2, 3))
+    a = 1.0 / (float(vae.config.scaling_factor) * mean.std())
+    c = mean.shape[1]
+    q, pq = vae.quant_conv, vae.post_quant_conv
+    # encoder: z' = a (z - mu); the log-variance half shifts by 2 log a
+    q.weight[:c] *= a
+    q.bias[:c] = a * (q.bias[:c] - mu)
+    q.bias[c:] += 2 * torch.log(a)
+    # decoder: post_quant_conv(z) = W z + b with z = z' / a + mu
+    pq.bias += torch.einsum("oi,i->o", pq.weight[:, :, 0, 0], mu)
+    pq.weight /= a
+
+
+ROUND_TRIP_SCENES: list = []
+
+
+@torch.no_grad()
+def round_trip_accuracy(vae: torch.nn.Module, data: torch.Tensor, scenes: list | None = None) -> float:
+    """The share of scenes the detectors read back right (figure, colours, pattern) after encode -> decode."""
+    from trainer.toy.detect import read
+
+    scenes = scenes if scenes is not None else ROUND_TRIP_SCENES[:len(data)]
+    rec = vae.decode(vae.encode(data).latent_dist.mean).sample
+    imgs = ((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return sum(read(i).matches(s) for i, s in zip(imgs, scenes, strict=True)) / len(scenes)
+
+
+def _conditions(base: BaseModel, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    hs, ps = [], []
+    with torch.no_grad():
+        for i in range(0, len(captions), 128):
+            h, p = encode_text(base, captions[i:i + 128], "cpu")
+            hs.append(h)
+            ps.append(p)
+    return torch.cat(hs), (torch.cat(ps) if ps[0] is not None else None)
+
+
+def train_unet(base: BaseModel, recipe: Recipe, say: Callable[[str], None] = log.info) -> None:
+    """Epsilon-prediction denoising on toy scenes (never a reserved concept), captions dropped now and then."""
+    gen = _deterministic(recipe.seed + 2)
+    scenes = pretrain_scenes(recipe.images, seed=recipe.seed + 3)
+    data = pixels(scenes)
+    with torch.no_grad():
+        sf = float(base.vae.config.scaling_factor)
+        lat = torch.cat([base.vae.encode(data[i:i + 64]).latent_dist.mean for i in range(0, len(data), 64)]) * sf
+    del data
+    hidden, pooled = _conditions(base, [s.caption() for s in scenes])
+    if base.is_sdxl:  # the SDXL pipeline's empty negative prompt is all zeros (force_zeros_for_empty_prompt)
+        u_hidden, u_pooled = torch.zeros_like(hidden[:1]), torch.zeros_like(pooled[:1])
+    else:
+        u_hidden, u_pooled = _conditions(base, [""])
+    time_ids = torch.tensor([[64, 64, 0, 0, 64, 64]], dtype=torch.float32)
+    sched = base.noise_scheduler
+    unet = base.unet.train().requires_grad_(True)
+    opt = torch.optim.AdamW(unet.parameters(), lr=recipe.unet_lr, weight_decay=0.0)
+    lr_at = torch.optim.lr_scheduler.LambdaLR(  # short warm-up, cosine decay to 10%
+        opt, lambda s: min(1.0, (s + 1) / 50) * (0.55 + 0.45 * np.cos(np.pi * s / recipe.unet_steps)))
+    t0 = time.time()
+    for step in range(recipe.unet_steps):
+        idx = torch.randint(0, len(lat), (recipe.unet_batch,), generator=gen)
+        x0 = lat[idx]
+        drop = torch.rand(len(idx), generator=gen) < recipe.uncond_rate
+        h = torch.where(drop[:, None, None], u_hidden, hidden[idx])
+        noise = torch.randn(x0.shape, generator=gen)
+        ts = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=gen)
+        kw = {}
+        if pooled is not None:
+            kw["added_cond_kwargs"] = {"text_embeds": torch.where(drop[:, None], u_pooled, pooled[idx]),
+                                       "time_ids": time_ids.expand(len(idx), 6)}
+        pred = unet(sched.add_noise(x0, noise, ts), ts, encoder_hidden_states=h, **kw).sample
+        loss = (pred - noise).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        lr_at.step()
+        if step % 50 == 0 or step == recipe.unet_steps - 1:
+            say(f"{base.name} unet step {step}: loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+    unet.eval().requires_grad_(False)
