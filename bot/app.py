@@ -3,8 +3,9 @@
 Start-up (``setup_hook``): open the database, hook the progress hub to the scheduler (before the
 scheduler starts, so restart-recovery events are seen), load the cogs, register the persistent
 Cancel button, start the file server, then start the scheduler and its workers in the background
-(the gateway connection does not wait for worker processes to import torch). Application commands
-are NOT synced here: syncing on every start hits Discord's rate limits; ``/admin sync`` does it.
+(the gateway connection does not wait for worker processes to import torch). The slash commands are
+published on start only when they changed since the last publish (bot/publish.py); ``python -m bot sync``
+and ``/admin sync`` publish on demand.
 """
 
 from __future__ import annotations
@@ -12,26 +13,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 from typing import Any
 
+import aiohttp
 import discord
+import yarl
 from discord import app_commands
 from discord.ext import commands
 
-from bot.config import Config
+from bot.ackgate import AckGate, mark_answered
+from bot.config import DISCORD_API, Config
 from bot.delivery import FileServer, LinkSigner, load_secret
 from bot.errors import PermissionDenied, UserError, install_redaction, report
 from bot.interactions import Access, maybe_await, set_download_limit
 from bot.options import check_raw_options
 from bot.progress import ProgressHub
+from bot.publish import publish_if_changed
 from bot.service import Service
 from bot.views import CancelButton
 
 log = logging.getLogger("loraforge.bot")
 
-COGS = ("cogs.datasets", "cogs.train", "cogs.jobs", "cogs.models", "cogs.admin", "cogs.me")
-# Cogs written by others later (/merge, /preview): loaded when present.
-OPTIONAL_COGS = ("cogs.merge", "cogs.preview")
+REFUSED_TOKEN = ("Discord refused the token: reset it in the Developer Portal (Bot > Reset Token) and set "
+                 "LORAFORGE_TOKEN")
+PUBLISH_WAIT_S = 20.0  # how long a start waits for the commands to be published before going on
+HTTP_CONNECTIONS = 100  # concurrent requests to Discord; more wait for a free kept-alive connection
+COGS = ("cogs.datasets", "cogs.train", "cogs.jobs", "cogs.models", "cogs.admin", "cogs.me", "cogs.merge",
+        "cogs.preview")
 
 
 class LoraforgeTree(app_commands.CommandTree["LoraforgeBot"]):
@@ -40,6 +49,7 @@ class LoraforgeTree(app_commands.CommandTree["LoraforgeBot"]):
         if interaction.type is not discord.InteractionType.application_command:
             return True
         bot: LoraforgeBot = interaction.client  # type: ignore[assignment]
+        bot.ack_gate.arrived(interaction.id)  # until its first answer, others' work waits (bot.ackgate)
         try:
             bot.access.check_context(interaction)
             # Raw values are checked against the declared options before discord.py converts them:
@@ -52,6 +62,7 @@ class LoraforgeTree(app_commands.CommandTree["LoraforgeBot"]):
 
     async def on_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
         await report(interaction, error)
+        mark_answered(interaction)
 
 
 class LoraforgeBot(commands.Bot):
@@ -62,8 +73,11 @@ class LoraforgeBot(commands.Bot):
         *,
         cogs: tuple[str, ...] = COGS,
         start_workers: bool = True,
+        serve: bool = True,
         **kwargs: Any,
     ) -> None:
+        # The bot never joins voice: no "PyNaCl/davey is not installed" warning on every start.
+        discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False
         intents = discord.Intents.none()
         intents.guilds = True  # channels, threads, roles in cache; no privileged intents needed
         super().__init__(
@@ -78,9 +92,12 @@ class LoraforgeBot(commands.Bot):
         self.file_server: FileServer | None = None
         self.cog_names = cogs
         self.start_workers = start_workers
+        self.serve = serve  # False: the command tree only (python -m bot sync): no file server, no jobs
         self.service_ready = asyncio.Event()
+        self.ack_gate = AckGate()
         self._remove_listener: Any = None
         self._service_task: asyncio.Task[None] | None = None
+        self._publish_task: asyncio.Task[None] | None = None
 
     # -- the parts cogs use
 
@@ -105,32 +122,47 @@ class LoraforgeBot(commands.Bot):
         self.progress.nudge(job_id)
         return job
 
-    async def queue_info(self, job_id: int) -> tuple[int | None, float | None]:
-        """(position, seconds until it finishes) for a queued job; Nones when unknown."""
+    async def queue_info(self, job_id: int, *, until_start: bool = False) -> tuple[int | None, float | None]:
+        """(position, seconds until it finishes, or with ``until_start`` until it starts) for a queued job;
+        Nones when unknown."""
         try:
             pos = await maybe_await(self.scheduler.queue_position(job_id))
-            eta = await maybe_await(self.scheduler.eta(job_id))
+            starts, done = await maybe_await(self.scheduler.estimate(job_id))
         except Exception:  # noqa: BLE001 - a cosmetic figure must never fail a command
             log.debug("queue info for job %s unavailable", job_id, exc_info=True)
             return None, None
-        return pos, eta
+        return pos, starts if until_start else done
 
     # -- lifecycle
+
+    async def login(self, token: str) -> None:
+        # A bounded pool of kept-alive connections to Discord. discord.py's default opens a new connection
+        # for every concurrent request: the first burst of 500 commands meant 500 TCP (TLS) handshakes before
+        # the 500 deferrals (docs/benchmarks-ack.md). Made here, inside the running loop, as aiohttp requires.
+        if self.http.connector is discord.utils.MISSING:
+            self.http.connector = aiohttp.TCPConnector(limit=HTTP_CONNECTIONS)
+        await super().login(token)
 
     async def setup_hook(self) -> None:
         await self.service.open()
         self._remove_listener = self.service.add_listener(self.progress.on_event)
         for name in self.cog_names:
             await self.load_extension(name)
-        for name in OPTIONAL_COGS:
-            with contextlib.suppress(commands.ExtensionNotFound):
-                if name not in self.extensions:
-                    await self.load_extension(name)
+        if not self.serve:
+            return
+        if self.config.discord.api_url != DISCORD_API:
+            await self._follow_gateway()
+        if self.config.discord.publish_commands_on_start:
+            # Usually one quick request; a rate-limited one must not hold the start up.
+            self._publish_task = asyncio.create_task(self._publish(), name="publish-commands")
+            _, pending = await asyncio.wait({self._publish_task}, timeout=PUBLISH_WAIT_S)
+            if pending:
+                log.warning("publishing the slash commands is slow (rate limited?); the bot starts meanwhile")
         self.add_dynamic_items(CancelButton)
         d = self.config.discord
         secret = self.config.link_secret() or await asyncio.to_thread(load_secret, None, None, self.files.root)
         self.file_server = FileServer(
-            LinkSigner(secret, ttl_s=d.link_ttl_s), self.progress.resolve_artifact,
+            LinkSigner(secret, ttl_s=d.link_ttl_s), self.progress.results.resolve_artifact,
             host=d.http_host, port=d.http_port, public_base_url=d.public_base_url,
         )
         try:
@@ -141,6 +173,20 @@ class LoraforgeBot(commands.Bot):
                       d.http_host, d.http_port, e)
             self.file_server = None
         self._service_task = asyncio.create_task(self._start_service(), name="service-start")
+
+    async def _publish(self) -> None:
+        try:
+            await publish_if_changed(self)
+        except Exception:  # noqa: BLE001 - the bot serves the commands Discord already has
+            log.exception("publishing the slash commands failed; run `python -m bot sync` to try again")
+
+    async def _follow_gateway(self) -> None:
+        """A Discord-compatible server names its own gateway; discord.py would dial Discord's."""
+        from discord.gateway import DiscordWebSocket
+        from discord.http import Route
+
+        data = await self.http.request(Route("GET", "/gateway"))
+        DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(data["url"])
 
     async def _start_service(self) -> None:
         try:
@@ -153,6 +199,8 @@ class LoraforgeBot(commands.Bot):
             self.service_ready.set()
 
     async def close(self) -> None:
+        if self._publish_task is not None and not self._publish_task.done():
+            self._publish_task.cancel()
         await self.progress.close()
         if self._service_task is not None and not self._service_task.done():
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
@@ -166,12 +214,21 @@ class LoraforgeBot(commands.Bot):
             await self.service.stop()
         await super().close()
 
+    async def on_app_command_completion(self, interaction: discord.Interaction, command: Any) -> None:
+        mark_answered(interaction)  # a command that ended without answering holds nobody up
+
     async def on_ready(self) -> None:
         log.info("logged in as %s (%s) in %d guild(s)", self.user, getattr(self.user, "id", "?"), len(self.guilds))
 
 
-def run(config: Config) -> None:
-    """Entry point of ``python -m bot run``: reads the token from the env var named in the config."""
+def use_api(config: Config) -> None:
+    """Point discord.py at the configured REST API (Discord itself unless a compatible server is named)."""
+    discord.http.Route.BASE = config.discord.api_url
+
+
+def run(config: Config) -> int:
+    """Entry point of ``python -m bot run``: reads the token from the env var named in the config.
+    Logging is set up by the caller (bot/__main__.py): one handler, so every line shows once."""
     token = config.token()
     if not token:
         raise SystemExit(
@@ -179,7 +236,12 @@ def run(config: Config) -> None:
             "(Discord developer portal -> your application -> Bot -> Reset Token), or name another variable "
             "with discord.token_env in the config file."
         )
-    discord.utils.setup_logging(level=logging.INFO)
     install_redaction(token, config.link_secret() or "")
+    use_api(config)
     bot = LoraforgeBot(config)
-    bot.run(token, log_handler=None)
+    try:
+        bot.run(token, log_handler=None)
+    except discord.LoginFailure:
+        print(REFUSED_TOKEN.replace("LORAFORGE_TOKEN", config.discord.token_env), file=sys.stderr)
+        return 2
+    return 0

@@ -19,8 +19,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from storage.intake import IntakeLimits
 from trainer.format.checkpoint import TINY_CONFIGS, TOY_BASES, toy_base_path
+from trainer.models.refs import A1111_SUBFOLDER, is_base_model_path, model_folders
 
 MiB = 1024 * 1024
+DISCORD_API = "https://discord.com/api/v10"
 
 
 class ConfigError(ValueError):
@@ -51,8 +53,12 @@ class DiscordConfig(_Section):
     link_ttl_s: int = Field(24 * 3600, ge=60, le=30 * 24 * 3600)
     http_host: str = "127.0.0.1"
     http_port: int = Field(8080, ge=0, le=65535)
+    # Publish the slash commands on start when they changed since the last publish (bot/publish.py).
+    publish_commands_on_start: bool = True
+    # The Discord REST API; another address only for a Discord-compatible server (or a test double).
+    api_url: str = DISCORD_API
 
-    @field_validator("public_base_url")
+    @field_validator("public_base_url", "api_url")
     @classmethod
     def _url(cls, v: str) -> str:
         if not v.startswith(("http://", "https://")):
@@ -162,23 +168,23 @@ class Config(_Section):
 # random-weight tiny models (trainer.models.builtin.TINY_MODELS), from the torch-free config facts.
 TOY_MODELS = tuple(TOY_BASES)
 BUILTIN_MODELS = (*TOY_MODELS, *TINY_CONFIGS.values())
-MODEL_EXTS = (".safetensors",)  # never .ckpt/.pt: nothing is unpickled
 
 
 def list_base_models(models_dir: str | os.PathLike[str]) -> list[tuple[str, str]]:
     """(name to pass as base_model, description): single-file .safetensors checkpoints and diffusers
-    folders in the models folder (A1111 layout, also its Stable-diffusion/ subfolder), then the tiny ones."""
+    folders in the models folder (A1111 layout, also its Stable-diffusion/ subfolder), then the tiny ones.
+    The folders and kinds are the engine's own (trainer.models.refs), so every listed name loads."""
     out: list[tuple[str, str]] = []
     root = Path(models_dir)
-    for folder in (root, root / "Stable-diffusion"):
+    for folder in model_folders(root):
         if not folder.is_dir():
             continue
         for p in sorted(folder.iterdir(), key=lambda x: x.name.lower()):
+            if not is_base_model_path(p):
+                continue
             rel = p.relative_to(root).as_posix()
-            if p.is_file() and p.suffix.lower() in MODEL_EXTS:
-                out.append((rel, f"checkpoint, {p.stat().st_size / (1024 ** 3):.1f} GiB"))
-            elif p.is_dir() and (p / "model_index.json").is_file():
-                out.append((rel, "diffusers folder"))
+            what = "diffusers folder" if p.is_dir() else f"checkpoint, {p.stat().st_size / (1024 ** 3):.1f} GiB"
+            out.append((rel, what))
     out += [(m, "built-in toy base (pretrained on the toy world: shapes, colours, a chibi girl)") for m in TOY_MODELS
             if toy_base_path(m).is_file()]  # a checkout whose bases were not re-created yet lists none
     out += [(m, "built-in tiny model, random weights (tests)") for m in TINY_CONFIGS.values()]
@@ -186,9 +192,11 @@ def list_base_models(models_dir: str | os.PathLike[str]) -> list[tuple[str, str]
 
 
 def is_listed_base_model(name: str, models_dir: str | os.PathLike[str]) -> bool:
-    """Whether ``name`` is one of ``list_base_models`` (a checkpoint also without its .safetensors)."""
+    """Whether ``name`` is one of ``list_base_models`` (a checkpoint also without its .safetensors, one in the
+    Stable-diffusion/ subfolder also by its bare name, as the engine finds it)."""
     names = {n for n, _ in list_base_models(models_dir)}
-    return name in names or f"{name}.safetensors" in names
+    forms = (name, f"{name}.safetensors", f"{A1111_SUBFOLDER}/{name}", f"{A1111_SUBFOLDER}/{name}.safetensors")
+    return any(f in names for f in forms)
 
 
 def detect_gpu_count() -> int:
@@ -226,8 +234,23 @@ def _format_errors(err: ValidationError) -> str:
     return "; ".join(lines)
 
 
+TOKEN_KEYS = ("token", "bot_token", "discord_token")
+
+
+def _refuse_token(values: dict[str, Any]) -> None:
+    """A token in a file ends up in backups, screenshots and git; the config only names its variable."""
+    discord_section = values.get("discord")
+    for key in TOKEN_KEYS:
+        for where, table in (("", values), ("discord.", discord_section)):
+            if isinstance(table, dict) and key in table:
+                env = (discord_section or {}).get("token_env") if isinstance(discord_section, dict) else None
+                raise ConfigError(f"{where}{key}: the bot token does not go in the config file; remove this line "
+                                  f"and use {env or 'LORAFORGE_TOKEN'} (an environment variable) instead")
+
+
 def config_from_dict(values: dict[str, Any], base_dir: Path | None = None) -> Config:
     """Validate a parsed TOML table. Relative paths resolve against ``base_dir`` (the file's folder)."""
+    _refuse_token(values)
     try:
         cfg = Config.model_validate(values)
     except ValidationError as err:

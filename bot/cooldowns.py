@@ -4,8 +4,12 @@ Admins have none. Going over answers privately "Slow down: try again in N s" (bo
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import discord
 from discord import app_commands
+
+T = TypeVar("T")
 
 
 def _expensive(interaction: discord.Interaction) -> app_commands.Cooldown | None:
@@ -16,5 +20,7 @@ def _expensive(interaction: discord.Interaction) -> app_commands.Cooldown | None
     return app_commands.Cooldown(lim.cooldown_uses, lim.cooldown_s)
 
 
-# Keyed by user (not channel or guild): one person cannot flood from many places at once.
-expensive_cooldown = app_commands.checks.dynamic_cooldown(_expensive, key=lambda i: i.user.id)
+def expensive_cooldown(func: T) -> T:
+    """The decorator. Each command gets its own buckets (one shared ``dynamic_cooldown`` would make /preview
+    use up /merge); keyed by user, not channel or guild: one person cannot flood from many places at once."""
+    return app_commands.checks.dynamic_cooldown(_expensive, key=lambda i: i.user.id)(func)

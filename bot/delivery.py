@@ -265,3 +265,107 @@ async def _links_text(paths: Sequence[Path], make_link: LinkMaker, names: dict[P
             lines.append(f"\n`{name}` ({size:.1f} MiB) is too big to attach and no download link could be made; "
                          "ask an admin to fetch it from the server.")
     return "".join(lines)
+
+
+class ResultFiles:
+    """Which files of a job are delivered (resolved inside the data dir, never outside it), and the signed
+    link that serves one. ``owner``: the bot (anything with ``repo``, ``files`` and ``file_server``; the
+    file server starts after this is made, so it is read at each use)."""
+
+    def __init__(self, owner: Any) -> None:
+        self.owner = owner
+
+
+    def resolve_path(self, job_id: int, stored: Any) -> Path | None:
+        """Engine paths may be absolute, relative to the job folder, or relative to the data dir."""
+        if not stored:
+            return None
+        p = Path(str(stored))
+        files = self.owner.files
+        candidates = [p] if p.is_absolute() else [files.job_dir(job_id) / p, files.root / p]
+        for c in candidates:
+            try:
+                c = c.resolve()
+                if c.is_file() and c.is_relative_to(files.root.resolve()):
+                    return c
+            except (OSError, ValueError):
+                continue
+        return None
+
+    async def result_files(self, job_id: int, outputs: dict[str, Any]) -> list[tuple[Path, str]]:
+        """(path, download name): the main file (LoRA/checkpoint) first, then grid, loss curve, images."""
+        repo = self.owner.repo
+        by_kind: dict[str, list[Path]] = {}
+        for kind, paths in outputs.items():
+            for raw in paths if isinstance(paths, list) else [paths]:
+                p = self.resolve_path(job_id, raw)
+                if p is not None:
+                    by_kind.setdefault(kind, []).append(p)
+        for art in await repo.list_artifacts(job_id):
+            p = self.resolve_path(job_id, art.path)
+            if p is not None and p not in by_kind.get(art.kind, []):
+                by_kind.setdefault(art.kind, []).append(p)
+        out: list[tuple[Path, str]] = []
+        seen: set[Path] = set()
+        for kind in ("lora", "checkpoint", "grid", "plot", "image"):
+            paths = by_kind.get(kind, [])
+            if kind in ("lora", "checkpoint", "grid", "plot") and paths:
+                paths = paths[-1:]  # the final one (intermediate saves stay on disk)
+            for p in paths[:8]:
+                if p not in seen:
+                    seen.add(p)
+                    out.append((p, p.name))
+        return out
+
+    async def difference_files(
+        self, job_id: int, outputs: dict[str, Any]
+    ) -> tuple[list[tuple[Path, str]], dict[Path, tuple[str, str]]]:
+        """A copy-machine job's files: every pass-2 LoRA, the merged one, the saved copiers, then the
+        pass-2 loss curves (the copier-check images were posted between the passes). Roles come from the
+        engine's ``file`` events (artifact meta: role, pair), which survive a restart of the bot."""
+        roles: dict[Path, tuple[str, str]] = {}
+        for art in await self.owner.repo.list_artifacts(job_id, "lora"):
+            p = self.resolve_path(job_id, art.path)
+            meta = art.meta
+            if p is not None and meta.get("role") in ("difference", "merged", "copier"):
+                roles.setdefault(p, (str(meta["role"]), str(meta.get("pair") or "")))
+        # The finished event's outputs, in case a file event was lost: lora = pass-2 LoRA(s).
+        for key, role in (("lora", "difference"), ("merged", "merged"), ("copier", "copier")):
+            for raw in outputs.get(key, []):
+                p = self.resolve_path(job_id, raw)
+                if p is not None and p not in roles:
+                    roles[p] = (role, "")
+        order = {"difference": 0, "merged": 1, "copier": 2}
+        loras = sorted(roles, key=lambda p: order[roles[p][0]])  # stable: pairs keep the engine's order
+        plots = list(dict.fromkeys(p for raw in outputs.get("plot", [])
+                                   if (p := self.resolve_path(job_id, raw)) is not None))
+        plots = [p for p in plots if "pass2" in p.parts] or plots
+        files = loras + plots[: max(0, 10 - len(loras))]
+        names: dict[Path, str] = {}
+        for p in files:  # pass folders all name their curve alike: prefix the pair
+            parts = p.parts
+            name = p.name
+            if "pass2" in parts and parts.index("pass2") > 0:
+                name = f"{parts[parts.index('pass2') - 1]}-{p.name}"
+            names[p] = name
+        return [(p, names[p]) for p in files[:10]], roles
+
+    async def link_for(self, job_id: int, path: Path) -> str | None:
+        server = self.owner.file_server
+        if server is None:
+            return None
+        repo, files = self.owner.repo, self.owner.files
+        rel = files.relative(path)
+        art = next((a for a in await repo.list_artifacts(job_id) if a.path == rel or
+                    self.resolve_path(job_id, a.path) == path), None)
+        if art is None:
+            kind = "lora" if path.suffix == ".safetensors" else "image"
+            art = await repo.add_artifact(job_id, kind, rel, bytes=path.stat().st_size)  # type: ignore[arg-type]
+        return server.url_for(job_id, art.id)
+
+    async def resolve_artifact(self, job_id: int, artifact_id: int) -> tuple[Path, str] | None:
+        for art in await self.owner.repo.list_artifacts(job_id):
+            if art.id == artifact_id:
+                p = self.resolve_path(job_id, art.path)
+                return (p, p.name) if p is not None else None
+        return None

@@ -21,6 +21,8 @@ from typing import Any
 import discord
 from discord import app_commands
 
+from bot.ackgate import mark_answered
+
 log = logging.getLogger("loraforge.errors")
 
 # Discord error codes we act on.
@@ -169,6 +171,7 @@ async def reply(
     try:
         if not interaction.response.is_done():
             await interaction.response.send_message(content, ephemeral=ephemeral, **kwargs)
+            mark_answered(interaction)
             return None
         return await interaction.followup.send(content or discord.utils.MISSING, ephemeral=ephemeral, wait=True, **kwargs)
     except discord.HTTPException as e:

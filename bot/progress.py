@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -22,16 +23,29 @@ from typing import TYPE_CHECKING, Any
 
 import discord
 
-from bot.delivery import send_files, upload_limit
+from bot.delivery import ResultFiles, send_files, upload_limit
 from bot.errors import CODE_EDIT_CAP
-from bot.humanize import sig, summary_text
-from bot.interactions import DELIVERED_EVENT, META_EVENT, clip, format_duration, spec_summary
+from bot.humanize import summary_text
+from bot.interactions import DELIVERED_EVENT, META_EVENT, clip, spec_summary
+from bot.once import post_once
+from bot.progress_text import (  # the texts; render is re-exported for its callers
+    COPIER_CHECK,
+    DEFAULT_ADVICE,
+    FAILURE_ADVICE,
+    TERMINAL,
+    check_text,
+    copier_check_caption,
+    difference_lines,
+    render,
+)
 from bot.views import job_view
 
 if TYPE_CHECKING:
     from bot.app import LoraforgeBot
 
 log = logging.getLogger("loraforge.progress")
+
+__all__ = ["JobReporter", "ProgressHub", "render"]
 
 FRESH_AFTER_S = 50 * 60
 # A final post that fails is tried again after RETRY_BASE_S, doubling up to RETRY_MAX_S, FINAL_TRIES times
@@ -40,168 +54,6 @@ RETRY_BASE_S = 5.0
 RETRY_MAX_S = 300.0
 FINAL_TRIES = 8
 REDELIVER_WINDOW_S = 3 * 24 * 3600
-BAR_WIDTH = 20
-TERMINAL = ("succeeded", "failed", "cancelled")
-# What to tell a user for each failure reason code (trainer.events "failed".reason).
-FAILURE_ADVICE = {
-    "oom": "Try a smaller batch size or resolution, turn on gradient checkpointing, or pick a preset for a smaller card.",
-    "nan": "The loss became NaN: lower the learning rate, or use fp32/bf16 instead of fp16.",
-    "bad_input": "Check the dataset and settings named above, fix them and run `/retrain` or `/train` again.",
-    "not_converged": "Try more steps or a higher learning rate.",
-    "copier_not_converged": ("The copier check image above shows what the copier made of the original. Change what "
-                             "the message suggests and run `/train` again."),
-}
-TRAINING_PHASE = "training"  # the engine's step loop (trainer/train/loop.py): its count is the step line
-COPIER_CHECK = "copier check"  # the phase of the engine's copier-check image event (trainer/train/difference.py)
-PASS_LABELS = {1: "pass 1 of 2 (copier)", 2: "pass 2 of 2 (difference)"}
-DEFAULT_ADVICE = "Run `/retrain` to try again; if it fails the same way, tell an admin the job id."
-
-
-def progress_bar(done: float, total: float, width: int = BAR_WIDTH) -> str:
-    frac = 0.0 if total <= 0 else max(0.0, min(1.0, done / total))
-    full = int(round(frac * width))
-    return "\u2588" * full + "\u2591" * (width - full)
-
-
-def _num(v: Any, fmt: str) -> str | None:
-    try:
-        return format(float(v), fmt)
-    except (TypeError, ValueError):
-        return None
-
-
-def pass_label(st: dict[str, Any]) -> tuple[str, str]:
-    """(what the pass is, sub-phase) of a difference job from the last phase name, which reads
-    "pair front: pass 1 of 2 (copier)[: caching latents]" (or "pair front: checking the copier")."""
-    pair, phase = st.get("pair"), str(st.get("phase") or "")
-    prefix = f"pair {pair}: "
-    if pair is not None and phase.startswith(prefix):
-        label, _, sub = phase[len(prefix):].partition(": ")
-        return label, sub
-    return PASS_LABELS.get(st.get("pass"), ""), ""  # type: ignore[arg-type]
-
-
-def _render_difference(state: str, st: dict[str, Any], lines: list[str]) -> None:
-    """Copy-machine jobs: which pair and pass, the step in the pass, the bar over the whole job."""
-    active = state in ("running", "cancelling")
-    step, total = st.get("step"), st.get("total")
-    overall, overall_total = st.get("overall_step"), st.get("overall_total") or st.get("total_steps")
-    label, sub = pass_label(st)
-    if active and st.get("pair") is not None:
-        names = st.get("pair_names") or []
-        idx, n = st.get("pair_index"), st.get("pairs") or len(names) or None
-        if idx is None and st["pair"] in names:
-            idx = names.index(st["pair"]) + 1
-        head = f"Pair **{st['pair']}**" + (f" ({idx}/{n})" if idx and n else "")
-        if label:
-            head += f" \u00b7 {label}"
-        if step is not None and total and label.startswith("pass") and st.get("progress_pass") == st.get("pass") \
-                and st.get("progress_pair") == st.get("pair"):
-            head += f" \u00b7 step {step}/{total}"
-        lines.append(head)
-    if state == "succeeded" and overall_total:
-        overall = overall_total
-    if state != "queued" and overall_total:
-        done = float(overall or 0)
-        pct = 100.0 * done / float(overall_total)
-        lines.append(f"`{progress_bar(done, float(overall_total))}` {pct:.0f}% \u00b7 overall step "
-                     f"{int(done)}/{overall_total}")
-        parts = []
-        if active and (x := _num(st.get("loss"), ".4f")) is not None:
-            parts.append(f"loss {x}")
-        if active and (x := _num(st.get("lr"), ".2e")) is not None:
-            parts.append(f"lr {x}")
-        if active and (x := sig(st.get("steps_per_s"))) is not None:
-            parts.append(f"{x} steps/s")
-        if parts:
-            lines.append(" \u00b7 ".join(parts))
-    if active and st.get("phase"):
-        if st.get("pair") is None:
-            lines.append(f"Phase: {st['phase']}")  # merging, loading: not about one pair
-        elif sub:
-            ph = f"Phase: {sub}"
-            if st.get("phase_total"):
-                ph += f" ({st.get('phase_current', 0)}/{st['phase_total']})"
-            lines.append(ph)
-    for name, chk in (st.get("checks") or {}).items():
-        if active:
-            lines.append(f"Copier check, pair {name}: loss on the original {chk}")
-
-
-def check_text(ev: dict[str, Any]) -> str:
-    """ "0.1234 without the copier -> 0.0456 with it (63% lower)" from a copier-check event."""
-    without, with_ = _num(ev.get("loss_without"), ".4f"), _num(ev.get("loss_with"), ".4f")
-    if without is None or with_ is None:
-        return "measured"
-    text = f"{without} without the copier -> {with_} with it"
-    try:
-        text += f" ({float(ev['improvement']):.0%} lower)"
-    except (KeyError, TypeError, ValueError):
-        pass
-    return text
-
-
-def copier_check_caption(ev: dict[str, Any]) -> str:
-    pair = ev.get("pair", "?")
-    return (f"Copier check, pair **{pair}** (original \u00b7 base alone \u00b7 with the copier). Denoising loss "
-            f"on the original: {check_text(ev)}. The copier must reproduce the original before pass 2 learns "
-            "the difference on top of it.")
-
-
-def render(job: Any, st: dict[str, Any]) -> str:
-    """The progress message text. ``job``: the row; ``st``: newest detail from events."""
-    state = job.state
-    if state == "running" and job.cancel_requested:
-        state = "cancelling"
-    head = f"**Job #{job.id}** \u00b7 {job.kind} \u00b7 {state}"
-    lines = [head]
-    if state == "queued":
-        pos = st.get("position")
-        eta = st.get("queue_eta_s")
-        if st.get("resumed"):
-            lines.append("Back in the queue after a restart; it resumes from its last saved state.")
-        if pos is not None:
-            lines.append(f"Position in queue: **{pos}**" + (f" \u00b7 starts in ~{format_duration(eta)}" if eta else ""))
-        else:
-            lines.append("Waiting for a free worker.")
-        if st.get("quota_wait"):
-            lines.append(str(st["quota_wait"]))
-    step, total = st.get("step"), st.get("total") or st.get("total_steps")
-    if st.get("difference"):
-        _render_difference(state, st, lines)
-    elif state != "queued" and step is not None and total:
-        pct = 100.0 * float(step) / float(total)
-        lines.append(f"`{progress_bar(float(step), float(total))}` {pct:.0f}% \u00b7 step {step}/{total}")
-        parts = []
-        if (x := _num(st.get("loss"), ".4f")) is not None:
-            parts.append(f"loss {x}")
-        if (x := _num(st.get("lr"), ".2e")) is not None:
-            parts.append(f"lr {x}")
-        if (x := sig(st.get("steps_per_s"))) is not None:
-            parts.append(f"{x} steps/s")
-        if state in ("running", "cancelling") and st.get("eta_s") is not None:
-            parts.append(f"ETA {format_duration(st.get('eta_s'))}")
-        if parts:
-            lines.append(" \u00b7 ".join(parts))
-    elif state == "running" and st.get("total_steps"):
-        lines.append(f"`{progress_bar(0, 1)}` 0% \u00b7 step 0/{st['total_steps']}")
-    if st.get("phase") and state in ("running", "cancelling") and not st.get("difference"):
-        if st["phase"] != TRAINING_PHASE:  # training: the bar and step line above count the steps
-            ph = f"Phase: {st['phase']}"
-            if st.get("phase_total"):
-                ph += f" ({st.get('phase_current', 0)}/{st['phase_total']})"
-            lines.append(ph)
-    if st.get("resumed_from"):
-        lines.append(f"Resumed from step {st['resumed_from']}.")
-    if state == "succeeded":
-        lines.append("Finished. Results are posted below.")
-    elif state == "failed":
-        lines.append(f"Failed: {clip(job.error or st.get('error') or 'unknown error', 300)}")
-    elif state == "cancelled":
-        lines.append("Cancelled.")
-    return "\n".join(lines)
-
-
 class JobReporter:
     """One job's message loop. State is coalesced; samples and the final post are queued in order."""
 
@@ -304,6 +156,8 @@ class JobReporter:
         while not hub.closed:
             await self.wake.wait()
             self.wake.clear()
+            if (gate := getattr(bot, "ack_gate", None)) is not None:
+                await gate.wait_turn()  # commands waiting for their first answer go first (bot.ackgate)
             try:
                 job = await bot.repo.get_job(self.job_id)
                 if job is None:
@@ -383,8 +237,8 @@ class JobReporter:
         if dest is None:
             return
         if job.state == "queued":
-            pos, eta = await bot.queue_info(job.id)
-            self.state["position"], self.state["queue_eta_s"] = pos, eta
+            pos, starts = await bot.queue_info(job.id, until_start=True)  # the message says "starts in"
+            self.state["position"], self.state["queue_eta_s"] = pos, starts
         if "difference" not in self.state and job.spec.get("mode") == "difference":
             # after a restart, before the engine's "started": still render as a pair/pass job
             self.state["difference"] = True
@@ -409,11 +263,16 @@ class JobReporter:
                     raise
                 log.info("progress message of job %s hit the edit cap; starting a new one", job.id)
         kwargs: dict[str, Any] = {"view": view} if view is not None else {}
-        msg = await dest.send(text, **kwargs)
-        await bot.repo.set_job_message(job.id, message_id=msg.id)
+        # Keyed by the message it replaces: a restart after Discord made it, before we read the id, finds it.
+        new_id, posted = await post_once(bot, job.id, f"progress:{mid or 0}", dest, f"**Job #{job.id}**",
+                                         lambda nonce: dest.send(text, nonce=nonce, **kwargs), replaces=mid)
+        if new_id is not None:
+            await bot.repo.set_job_message(job.id, message_id=new_id)
+            if not posted:  # made before a restart: show what is current now
+                await dest.get_partial_message(int(new_id)).edit(content=text, view=view)
 
     async def _post_sample(self, job: Any, ev: dict[str, Any]) -> None:
-        path = self.hub.resolve_path(job.id, ev.get("path"))
+        path = self.hub.results.resolve_path(job.id, ev.get("path"))
         dest = self._destination(job)
         if path is None or dest is None:
             return
@@ -426,7 +285,8 @@ class JobReporter:
         if ev.get("prompt") and ev.get("type") != COPIER_CHECK:
             caption += f": *{clip(str(ev['prompt']), 300)}*"
         try:
-            await dest.send(caption, file=discord.File(path, filename=path.name))
+            await post_once(self.hub.bot, job.id, f"sample:{ev.get('type')}:{path.name}", dest, caption,
+                            lambda nonce: dest.send(caption, file=discord.File(path, filename=path.name), nonce=nonce))
         except discord.HTTPException as e:
             log.info("could not post sample %s of job %s: %s", path.name, job.id, e.status)
 
@@ -443,10 +303,10 @@ class JobReporter:
         posted = False
         async for dest, private, last in self._final_destinations(job):
             try:
-                if private or job.state != "succeeded":
-                    await self._post_final(job, dest)
-                else:
-                    await self._post_notice(job, dest)
+                # Every final post starts so; once per job, even across a crash between post and reply.
+                post = self._post_final if private or job.state != "succeeded" else self._post_notice
+                await post_once(bot, job.id, "final", dest, f"<@{job.owner_id}> job **#{job.id}** ",
+                                functools.partial(post, job, dest))
                 posted = True
                 break
             except (discord.NotFound, discord.Forbidden) as e:
@@ -458,38 +318,38 @@ class JobReporter:
             raise RuntimeError(f"nowhere could take the result of job {job.id}")  # retried by the loop
         await bot.repo.add_event(job.id, DELIVERED_EVENT, {"state": job.state})
 
-    async def _post_notice(self, job: Any, dest: Any) -> None:
+    async def _post_notice(self, job: Any, dest: Any, nonce: str) -> discord.Message:
         """A finished job's files are private: where others can read, only say where to get them."""
         allowed = discord.AllowedMentions(users=[discord.Object(job.owner_id)], roles=False, everyone=False)
-        await dest.send(f"<@{job.owner_id}> job **#{job.id}** finished, but its thread is gone and your DMs are "
+        return await dest.send(f"<@{job.owner_id}> job **#{job.id}** finished, but its thread is gone and your DMs are "
                         f"closed to this bot. Run `/job show {job.id}` for a private download link.",
-                        allowed_mentions=allowed)
+                               allowed_mentions=allowed, nonce=nonce)
 
-    async def _post_final(self, job: Any, dest: Any) -> None:
+    async def _post_final(self, job: Any, dest: Any, nonce: str) -> discord.Message:
         mention = f"<@{job.owner_id}>"
         allowed = discord.AllowedMentions(users=[discord.Object(job.owner_id)], roles=False, everyone=False)
         if job.state == "succeeded":
-            await self._deliver_success(job, dest, mention, allowed)
+            return await self._deliver_success(job, dest, mention, allowed, nonce)
         elif job.state == "failed":
             reason = self.final.get("reason") or ""
             error = job.error or (self.terminal or {}).get("error") or self.final.get("error") or "unknown error"
             advice = FAILURE_ADVICE.get(str(reason), DEFAULT_ADVICE)
-            await dest.send(clip(f"{mention} job **#{job.id}** failed: {error}\n{advice}"), allowed_mentions=allowed)
-        else:
-            await dest.send(
-                f"{mention} job **#{job.id}** was cancelled. `/retrain {job.id}` starts it again.",
-                allowed_mentions=allowed,
-            )
+            return await dest.send(clip(f"{mention} job **#{job.id}** failed: {error}\n{advice}"),
+                                   allowed_mentions=allowed, nonce=nonce)
+        return await dest.send(
+            f"{mention} job **#{job.id}** was cancelled. `/retrain {job.id}` starts it again.",
+            allowed_mentions=allowed, nonce=nonce,
+        )
 
     async def _deliver_success(
-        self, job: Any, dest: discord.PartialMessageable, mention: str, allowed: discord.AllowedMentions
-    ) -> None:
+        self, job: Any, dest: discord.PartialMessageable, mention: str, allowed: discord.AllowedMentions, nonce: str
+    ) -> discord.Message:
         hub, bot = self.hub, self.hub.bot
         difference = job.spec.get("mode") == "difference"
         if difference:
-            files, roles = await hub.difference_files(job.id, self.outputs)
+            files, roles = await hub.results.difference_files(job.id, self.outputs)
         else:
-            files, roles = await hub.result_files(job.id, self.outputs), {}
+            files, roles = await hub.results.result_files(job.id, self.outputs), {}
         meta = await hub.job_meta(job.id)
         guild = bot.get_guild(job.guild_id) if job.guild_id else None
         # link_only (checkpoints: gigabytes): every file goes out as a signed link, never attached.
@@ -505,27 +365,12 @@ class JobReporter:
             lines.append("The engine reported no output files; ask an admin to look at the job folder.")
 
         async def make_link(p: Path) -> str | None:
-            return await hub.link_for(job.id, p)
+            return await hub.results.link_for(job.id, p)
 
         names = {p: n for p, n in files}
-        await send_files(dest, clip("\n".join(lines)), [p for p, _ in files], limit=limit, make_link=make_link,
-                         names=names, allowed_mentions=allowed)
-
-
-def difference_lines(roles: dict[Path, tuple[str, str]], summary: Any) -> list[str]:
-    """What each file of a copy-machine job is, and how well each copier did."""
-    lines = []
-    what = {"difference": "difference LoRA, pair {pair}: use it without the copier",
-            "merged": "all pairs merged (SVD)", "copier": "copier, pair {pair}: reproduces the original"}
-    for p, (role, pair) in roles.items():
-        if role in what:
-            lines.append(f"- `{p.name}`: {what[role].format(pair=pair)}")
-    pairs = summary.get("pairs") if isinstance(summary, dict) else None
-    for name, info in (pairs or {}).items():
-        chk = info.get("copier_check") if isinstance(info, dict) else None
-        if isinstance(chk, dict):
-            lines.append(f"Copier check, pair {name}: {check_text(chk)}")
-    return lines
+        msg, _ = await send_files(dest, clip("\n".join(lines)), [p for p, _ in files], limit=limit,
+                                  make_link=make_link, names=names, allowed_mentions=allowed, nonce=nonce)
+        return msg
 
 
 class ProgressHub:
@@ -540,6 +385,7 @@ class ProgressHub:
         self.closed = False
         self.retry_base_s = RETRY_BASE_S
         self.retry_max_s = RETRY_MAX_S
+        self.results = ResultFiles(bot)  # which files a job delivers, and their download links
 
     # -- the scheduler side
 
@@ -624,102 +470,6 @@ class ProgressHub:
         rep = self.reporters.get(job_id)
         if rep is not None and rep.task is not None:
             await asyncio.wait_for(asyncio.shield(rep.task), timeout)
-
-    # -- files
-
-    def resolve_path(self, job_id: int, stored: Any) -> Path | None:
-        """Engine paths may be absolute, relative to the job folder, or relative to the data dir."""
-        if not stored:
-            return None
-        p = Path(str(stored))
-        files = self.bot.files
-        candidates = [p] if p.is_absolute() else [files.job_dir(job_id) / p, files.root / p]
-        for c in candidates:
-            try:
-                c = c.resolve()
-                if c.is_file() and c.is_relative_to(files.root.resolve()):
-                    return c
-            except (OSError, ValueError):
-                continue
-        return None
-
-    async def result_files(self, job_id: int, outputs: dict[str, Any]) -> list[tuple[Path, str]]:
-        """(path, download name): the main file (LoRA/checkpoint) first, then grid, loss curve, images."""
-        repo = self.bot.repo
-        by_kind: dict[str, list[Path]] = {}
-        for kind, paths in outputs.items():
-            for raw in paths if isinstance(paths, list) else [paths]:
-                p = self.resolve_path(job_id, raw)
-                if p is not None:
-                    by_kind.setdefault(kind, []).append(p)
-        for art in await repo.list_artifacts(job_id):
-            p = self.resolve_path(job_id, art.path)
-            if p is not None and p not in by_kind.get(art.kind, []):
-                by_kind.setdefault(art.kind, []).append(p)
-        out: list[tuple[Path, str]] = []
-        seen: set[Path] = set()
-        for kind in ("lora", "checkpoint", "grid", "plot", "image"):
-            paths = by_kind.get(kind, [])
-            if kind in ("lora", "checkpoint", "grid", "plot") and paths:
-                paths = paths[-1:]  # the final one (intermediate saves stay on disk)
-            for p in paths[:8]:
-                if p not in seen:
-                    seen.add(p)
-                    out.append((p, p.name))
-        return out
-
-    async def difference_files(
-        self, job_id: int, outputs: dict[str, Any]
-    ) -> tuple[list[tuple[Path, str]], dict[Path, tuple[str, str]]]:
-        """A copy-machine job's files: every pass-2 LoRA, the merged one, the saved copiers, then the
-        pass-2 loss curves (the copier-check images were posted between the passes). Roles come from the
-        engine's ``file`` events (artifact meta: role, pair), which survive a restart of the bot."""
-        roles: dict[Path, tuple[str, str]] = {}
-        for art in await self.bot.repo.list_artifacts(job_id, "lora"):
-            p = self.resolve_path(job_id, art.path)
-            meta = art.meta
-            if p is not None and meta.get("role") in ("difference", "merged", "copier"):
-                roles.setdefault(p, (str(meta["role"]), str(meta.get("pair") or "")))
-        # The finished event's outputs, in case a file event was lost: lora = pass-2 LoRA(s).
-        for key, role in (("lora", "difference"), ("merged", "merged"), ("copier", "copier")):
-            for raw in outputs.get(key, []):
-                p = self.resolve_path(job_id, raw)
-                if p is not None and p not in roles:
-                    roles[p] = (role, "")
-        order = {"difference": 0, "merged": 1, "copier": 2}
-        loras = sorted(roles, key=lambda p: order[roles[p][0]])  # stable: pairs keep the engine's order
-        plots = list(dict.fromkeys(p for raw in outputs.get("plot", [])
-                                   if (p := self.resolve_path(job_id, raw)) is not None))
-        plots = [p for p in plots if "pass2" in p.parts] or plots
-        files = loras + plots[: max(0, 10 - len(loras))]
-        names: dict[Path, str] = {}
-        for p in files:  # pass folders all name their curve alike: prefix the pair
-            parts = p.parts
-            name = p.name
-            if "pass2" in parts and parts.index("pass2") > 0:
-                name = f"{parts[parts.index('pass2') - 1]}-{p.name}"
-            names[p] = name
-        return [(p, names[p]) for p in files[:10]], roles
-
-    async def link_for(self, job_id: int, path: Path) -> str | None:
-        server = self.bot.file_server
-        if server is None:
-            return None
-        repo, files = self.bot.repo, self.bot.files
-        rel = files.relative(path)
-        art = next((a for a in await repo.list_artifacts(job_id) if a.path == rel or
-                    self.resolve_path(job_id, a.path) == path), None)
-        if art is None:
-            kind = "lora" if path.suffix == ".safetensors" else "image"
-            art = await repo.add_artifact(job_id, kind, rel, bytes=path.stat().st_size)  # type: ignore[arg-type]
-        return server.url_for(job_id, art.id)
-
-    async def resolve_artifact(self, job_id: int, artifact_id: int) -> tuple[Path, str] | None:
-        for art in await self.bot.repo.list_artifacts(job_id):
-            if art.id == artifact_id:
-                p = self.resolve_path(job_id, art.path)
-                return (p, p.name) if p is not None else None
-        return None
 
     async def job_meta(self, job_id: int) -> dict[str, Any]:
         events = await self.bot.repo.list_events(job_id, types=[META_EVENT])

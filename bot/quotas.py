@@ -144,3 +144,17 @@ def fit_storage(result: IntakeResult, used_bytes: int, quota_bytes: int, disk_no
             keep.append(im)
             total += im.bytes
     result.accepted = keep
+
+
+async def storage_refusal(repo: Repo, owner_id: int, config: Config) -> str | None:
+    """Why a new job is refused for storage (``limits.max_storage_mib_per_user``): its owner already fills
+    their quota, and every job adds results. None when there is room (or no quota)."""
+    quota = int(config.limits.max_storage_mib_per_user * 1024 * 1024)
+    if quota <= 0:
+        return None
+    used = (await usage.storage_usage(repo.db, owner_id)).total_bytes
+    if used < quota:
+        return None
+    return (f"You use {_mib(used)} of your {_mib(quota)} of storage (dataset images and job results), so no new "
+            "job can start. Delete old jobs (`/job delete`) or datasets (`/dataset delete`) to make room; `/me` "
+            "shows what you use.")

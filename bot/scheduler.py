@@ -4,9 +4,7 @@ The queue *is* the database (jobs in state ``queued``); nothing lives only in me
 loses nothing: ``start()`` puts every ``running`` job back to ``queued`` and the engine resumes it
 from ``job_dir/state``. ``Repo.try_start_job`` (a conditional UPDATE) makes sure no job runs twice.
 
-Fair order, when a worker is free: admin priority first (jobs.priority), then the user with the
-fewest running jobs, then the user whose last job started longest ago, FIFO within a user; users
-at ``max_running_per_user`` wait. The same order (simulated forward) gives queue positions.
+The fair order and the time estimates are bot/queue_policy.py's.
 
 Worker messages are persisted (job_events, progress_json, artifacts, state, gpu_seconds) before
 they are fanned out to listeners, so a listener always sees what the database already holds.
@@ -16,9 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
-import hashlib
-import inspect
 import json
 import logging
 import time
@@ -29,25 +24,22 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from bot.config import Config, is_listed_base_model, list_base_models
+from bot import admission, queue_policy
+from bot.admission import QuotaError as QuotaError  # re-exported: callers catch it from here
+from bot.artifacts import record_artifact
+from bot.config import Config
 from bot.diskguard import DiskGuard
+from bot.listeners import Event, Listener, Listeners
 from bot.quotas import EXEMPT_EVENT, WAIT_EVENT, QuotaGate
 from bot.workers import OOM_MESSAGE, WorkerHandle, WorkerStartError, looks_like_oom
 from storage import queries, retention
 from storage.files import FileStore, write_bytes_atomic
-from storage.repo import ARTIFACT_KINDS, IllegalTransitionError, Job, NotFoundError, Repo
-from trainer.spec import SpecError, from_json, parse_job, to_json, to_toml
+from storage.repo import IllegalTransitionError, Job, NotFoundError, Repo
+from trainer.spec import SpecError, from_json, to_toml
 
 log = logging.getLogger(__name__)
 
-Event = dict[str, Any]
-Listener = Callable[[Job, Event], Any]  # sync or async; its exceptions are logged, never raised
-DAY_S = 24 * 3600.0
 PROGRESS_PERSIST_S = 1.0  # progress rows in job_events at most this often per job (listeners get all)
-
-
-class QuotaError(Exception):
-    """A submission refused by a limit; ``str()`` is a message to show the user as is."""
 
 
 @dataclass
@@ -62,57 +54,6 @@ class _Run:
     progress: dict[str, Any] = field(default_factory=dict)
     stalled: str | None = None  # set by the watchdog: the job fails with this message
     killer: asyncio.Task[None] | None = None
-
-
-class _AsyncListener:
-    """Runs one async listener on its own queue: in order, and a slow one never holds up the rest."""
-
-    def __init__(self, fn: Listener) -> None:
-        self.fn = fn
-        self.queue: asyncio.Queue[tuple[Job, Event] | None] = asyncio.Queue()
-        self.task: asyncio.Task[None] | None = None
-
-    def put(self, job: Job, ev: Event) -> None:
-        if self.task is None:
-            self.task = asyncio.create_task(self._run(), name=f"listener-{getattr(self.fn, '__name__', '?')}")
-        self.queue.put_nowait((job, ev))
-
-    async def _run(self) -> None:
-        while True:
-            item = await self.queue.get()
-            try:
-                if item is None:
-                    return
-                await self.fn(*item)
-            except Exception:  # noqa: BLE001 - isolation: one listener cannot break the others
-                log.exception("listener %r failed", self.fn)
-            finally:
-                self.queue.task_done()
-
-    async def close(self, timeout: float = 5.0) -> None:
-        if self.task is None:
-            return
-        self.queue.put_nowait(None)
-        try:
-            await asyncio.wait_for(asyncio.shield(self.task), timeout)
-        except TimeoutError:
-            self.task.cancel()
-
-
-def _file_info(path: Path) -> tuple[int, str | None]:
-    """(bytes, sha256) of a file; directories count their bytes and have no hash. Blocking."""
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()), None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return path.stat().st_size, h.hexdigest()
-
-
-def _fmt_minutes(seconds: float) -> str:
-    m = max(1, round(seconds / 60))
-    return f"{m} min" if m < 120 else f"{m / 60:.1f} h"
 
 
 class Scheduler:
@@ -144,8 +85,7 @@ class Scheduler:
         self.workers = workers
         self._runs: dict[int, _Run] = {}
         self._user_locks: dict[int, asyncio.Lock] = {}
-        self._sync_listeners: list[Listener] = []
-        self._async_listeners: list[_AsyncListener] = []
+        self.listeners = Listeners()
         self._waiters: dict[int, list[asyncio.Future[Job]]] = {}
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -192,9 +132,7 @@ class Scheduler:
             *(w.kill() if w.job_id is not None else w.shutdown() for w in self.workers),
             return_exceptions=True,
         )
-        for al in self._async_listeners:
-            await al.close()
-        self._async_listeners = [_AsyncListener(al.fn) for al in self._async_listeners]
+        await self.listeners.close()
         self._started = False
 
     def _spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
@@ -228,35 +166,10 @@ class Scheduler:
     def add_listener(self, fn: Listener) -> Callable[[], None]:
         """Call ``fn(job, event)`` for every event (engine events and ``{"type": "state", ...}``).
         ``job`` is the row after the event was persisted. Returns a function that removes it."""
-        if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None)):  # noqa: B004
-            al = _AsyncListener(fn)
-            self._async_listeners.append(al)
-
-            def remove() -> None:
-                with contextlib.suppress(ValueError):
-                    self._async_listeners.remove(al)
-                if al.task is not None:
-                    al.queue.put_nowait(None)
-        else:
-            self._sync_listeners.append(fn)
-
-            def remove() -> None:
-                with contextlib.suppress(ValueError):
-                    self._sync_listeners.remove(fn)
-
-        return remove
+        return self.listeners.add(fn)
 
     def _fan_out(self, job: Job, ev: Event) -> None:
-        for fn in list(self._sync_listeners):
-            try:
-                res = fn(job, ev)
-                if inspect.isawaitable(res):  # a sync callable that returned a coroutine anyway
-                    t = asyncio.ensure_future(res)
-                    t.add_done_callback(lambda t: t.cancelled() or t.exception())
-            except Exception:  # noqa: BLE001 - isolation
-                log.exception("listener %r failed", fn)
-        for al in list(self._async_listeners):
-            al.put(job, ev)
+        self.listeners.fan_out(job, ev)
         if job.is_terminal:
             for fut in self._waiters.pop(job.id, []):
                 if not fut.done():
@@ -299,36 +212,6 @@ class Scheduler:
     def _user_lock(self, owner_id: int) -> asyncio.Lock:
         return self._user_locks.setdefault(owner_id, asyncio.Lock())
 
-    def _validate(self, kind: str, spec: BaseModel | dict[str, Any] | str, is_admin: bool) -> str:
-        """The stored spec JSON. A str is an already-resolved spec (retrain) and is kept byte for byte."""
-        if isinstance(spec, str):
-            model, spec_json = from_json(spec), spec
-        else:
-            if isinstance(spec, dict):
-                spec = parse_job({**spec, "kind": spec.get("kind", kind)})
-            model, spec_json = spec, to_json(spec)
-        if getattr(model, "kind", None) != kind:
-            raise SpecError([("kind", f"the spec is a {getattr(model, 'kind', '?')!r} job, not {kind!r}")])
-        base = getattr(model, "base_model", None)
-        if base and not is_admin and not is_listed_base_model(str(base), self.config.models_dir):
-            # A user's option or job file must not make a worker open an arbitrary path on this machine.
-            names = [n for n, _ in list_base_models(self.config.models_dir)]
-            raise SpecError([("base_model", f"{str(base)[:80]!r} is not a base model of this server; choose one of "
-                                            f"{', '.join(names[:20])} (see /models)")])
-        if kind == "train" and not is_admin:
-            lim = self.config.limits
-            if model.steps > lim.max_steps:  # type: ignore[attr-defined]
-                raise QuotaError(
-                    f"{model.steps} steps is over this server's limit of {lim.max_steps}; "  # type: ignore[attr-defined]
-                    "choose fewer steps"
-                )
-            if model.data.resolution > lim.max_resolution:  # type: ignore[attr-defined]
-                raise QuotaError(
-                    f"resolution {model.data.resolution} is over this server's limit of "  # type: ignore[attr-defined]
-                    f"{lim.max_resolution}; choose a smaller resolution"
-                )
-        return spec_json
-
     async def submit(
         self,
         owner_id: int,
@@ -345,33 +228,13 @@ class Scheduler:
         Only admins may set ``priority`` (others get 0); admins are exempt from quotas.
         ``events`` (type, payload) and ``thread_id`` are recorded before the job can be dispatched, so
         whatever reads them at delivery (upload limits, destinations) can never be outrun by a fast job."""
-        spec_json = self._validate(kind, spec, is_admin)
-        lim = self.config.limits
+        spec_json = admission.validate_spec(self.config, kind, spec, is_admin)
         # Count-then-insert must not interleave for one user, or 200 concurrent /train calls
         # could all see "2 queued" and all get in.
         async with self._user_lock(owner_id):
             if not is_admin:
-                queued = await self.repo.count_jobs(owner_id, ["queued"])
-                if queued >= lim.max_queued_per_user:
-                    raise QuotaError(
-                        f"You already have {queued} job(s) waiting in the queue; the limit is "
-                        f"{lim.max_queued_per_user}. A slot frees up as soon as one of them starts "
-                        "(or cancel one with /cancel)."
-                    )
-                if lim.daily_gpu_minutes_per_user > 0:
-                    now = self._clock()
-                    used = await self.repo.gpu_seconds_since(owner_id, now - DAY_S)
-                    if used >= lim.daily_gpu_minutes_per_user * 60:
-                        oldest = await queries.quota_window_start(self.repo.db, owner_id, now - DAY_S)
-                        frees = (oldest or now) + DAY_S
-                        when = dt.datetime.fromtimestamp(frees, dt.UTC).strftime("%H:%M UTC")
-                        raise QuotaError(
-                            f"You have used {used / 60:.0f} of your {lim.daily_gpu_minutes_per_user:.0f} GPU "
-                            f"minutes for the last 24 hours. Time starts freeing up at {when} "
-                            f"(in about {_fmt_minutes(frees - now)})."
-                        )
-                    if refusal := await self.quotas.too_big(kind, json.loads(spec_json)):
-                        raise QuotaError(refusal)
+                await admission.check_limits(self.repo, self.config, self.quotas, owner_id, kind, spec_json,
+                                             self._clock())
             job = await self.repo.create_job(
                 kind, owner_id, spec_json, guild_id, channel_id, priority if is_admin else 0  # type: ignore[arg-type]
             )
@@ -477,40 +340,14 @@ class Scheduler:
         return False
 
     async def fair_order(self, *, for_dispatch: bool = False) -> list[Job]:
-        """Queued jobs in the order they will start. ``for_dispatch``: only jobs that may start
-        now (their owner is under max_running_per_user)."""
+        """Queued jobs in the order they will start (bot/queue_policy.py). ``for_dispatch``: only jobs
+        that may start now (their owner is under max_running_per_user)."""
         queued = await self.repo.list_jobs(states=["queued"])  # priority DESC, created_at, id
         if not queued:
             return []
         loads = await queries.owner_loads(self.repo.db)
-        running = {o: ld.running for o, ld in loads.items()}
-        last = {o: ld.last_started_at or float("-inf") for o, ld in loads.items()}
-        per_user: dict[int, list[Job]] = {}
-        for j in queued:
-            per_user.setdefault(j.owner_id, []).append(j)
-        heads = {o: 0 for o in per_user}
-        cap = self.config.limits.max_running_per_user
-        order: list[Job] = []
-        tick = self._clock()
-        while True:
-            best: tuple[Any, ...] | None = None
-            for o, jobs in per_user.items():
-                i = heads[o]
-                if i >= len(jobs) or (for_dispatch and running.get(o, 0) >= cap):
-                    continue
-                j = jobs[i]
-                key = (-j.priority, running.get(o, 0), last.get(o, float("-inf")), j.created_at, j.id, o)
-                if best is None or key < best:
-                    best = key
-            if best is None:
-                return order
-            o = best[-1]
-            order.append(per_user[o][heads[o]])
-            heads[o] += 1
-            # Pretend it started now: the next pick prefers everybody else.
-            running[o] = running.get(o, 0) + 1
-            tick += 1e-3
-            last[o] = tick
+        return queue_policy.fair_order(queued, loads, self.config.limits.max_running_per_user, self._clock(),
+                                       for_dispatch=for_dispatch)
 
     async def _start_on(self, w: WorkerHandle, job: Job) -> bool:
         if not await self.repo.try_start_job(job.id, w.id):
@@ -597,37 +434,12 @@ class Scheduler:
             if persist:
                 run.last_persisted_progress = now
         elif t in ("sample", "file"):
-            await self._add_artifact(job_id, ev)
+            await record_artifact(self.repo, self.files, job_id, ev)
         elif t == "failed":
             prog["error"] = ev.get("error")
         prog["updated_at"] = self._clock()
         await queries.set_progress_and_heartbeat(self.repo.db, job_id, prog)
         await self._record(job_id, ev, persist=persist)
-
-    async def _add_artifact(self, job_id: int, ev: Event) -> None:
-        kind = "sample" if ev.get("type") == "sample" else str(ev.get("kind") or "")
-        raw = ev.get("path")
-        if kind == "state" or not raw:
-            return  # resume state is internal, rewritten every N steps; not a deliverable
-        if kind not in ARTIFACT_KINDS:
-            log.warning("job %s: unknown artifact kind %r (%s)", job_id, kind, raw)
-            return
-        path = Path(raw)
-        try:
-            size, sha = await asyncio.to_thread(_file_info, path)
-        except OSError as e:
-            log.warning("job %s: artifact %s unreadable: %s", job_id, path, e)
-            return
-        try:
-            stored = self.files.relative(path)
-        except ValueError:
-            stored = str(path)  # outside data_dir (e.g. a models folder); keep it absolute
-        meta = {k: v for k, v in ev.items() if k not in ("type", "kind", "path")}
-        # A resumed run may write the same file again: keep one row per content.
-        for a in await self.repo.list_artifacts(job_id, kind):
-            if a.path == stored and a.sha256 == sha:
-                return
-        await self.repo.add_artifact(job_id, kind, stored, size, sha, meta or None)  # type: ignore[arg-type]
 
     async def _finish(self, job_id: int, state: str, error: str | None) -> None:
         try:
@@ -684,47 +496,39 @@ class Scheduler:
                 return i
         return None
 
-    async def _duration(self, job: Job, speeds: dict[str, tuple[float, float] | None]) -> float | None:
-        """Seconds this job still needs, from its own progress or the measured speed of its kind."""
-        prog = job.progress or {}
-        if job.state == "running" and prog.get("eta_s") is not None:
-            return float(prog["eta_s"])
-        if job.kind not in speeds:
-            speeds[job.kind] = await queries.recent_speed(self.repo.db, job.kind)
-        sp = speeds[job.kind]
-        if sp is None:
-            return None
-        steps_per_s, secs_per_job = sp
-        if job.kind == "train" and steps_per_s > 0:
-            total = float(job.spec.get("steps") or 0)
-            done = float(prog.get("step") or 0) if job.state == "running" else 0.0
-            return max(0.0, total - done) / steps_per_s
-        return secs_per_job
+    async def _speed(self, kind: str, speeds: dict[str, queue_policy.Speed | None]) -> queue_policy.Speed | None:
+        if kind not in speeds:
+            live = [float((j.progress or {}).get("steps_per_s") or 0)
+                    for j in await self.repo.list_jobs(states=["running"]) if j.kind == kind]
+            speeds[kind] = queue_policy.measure_speed(await queries.recent_runs(self.repo.db, kind), live)
+        return speeds[kind]
 
-    async def eta(self, job_id: int) -> float | None:
-        """Estimated seconds until the job finishes (None: no measurements yet, or finished)."""
+    async def _remaining(self, job: Job, speeds: dict[str, queue_policy.Speed | None]) -> float | None:
+        return queue_policy.remaining_s(job, await self._speed(job.kind, speeds))
+
+    async def estimate(self, job_id: int) -> tuple[float | None, float | None]:
+        """(seconds until the job starts, until it finishes); None where there is nothing to go on.
+        A running job starts at 0; a finished one has (None, None)."""
         job = await self._job_or_raise(job_id)
         if job.is_terminal:
-            return None
-        speeds: dict[str, tuple[float, float] | None] = {}
-        own = await self._duration(job, speeds)
-        if own is None or job.state == "running":
-            return own
-        order = await self.fair_order()
+            return None, None
+        speeds: dict[str, queue_policy.Speed | None] = {}
+        own = await self._remaining(job, speeds)
+        if job.state == "running":
+            return 0.0, own
         ahead: list[Job] = []
-        for j in order:
+        for j in await self.fair_order():
             if j.id == job_id:
                 break
             ahead.append(j)
-        ahead += await self.repo.list_jobs(states=["running"])
-        total = 0.0
-        for j in ahead:
-            d = await self._duration(j, speeds)
-            if d is None:
-                return None
-            total += d
-        n = max(1, len(self.workers))
-        return total / n + own
+        running = await self.repo.list_jobs(states=["running"])
+        return queue_policy.start_and_finish(
+            own, [await self._remaining(j, speeds) for j in ahead],
+            [await self._remaining(j, speeds) for j in running], len(self.workers))
+
+    async def eta(self, job_id: int) -> float | None:
+        """Estimated seconds until the job finishes (None: no measurements yet, or finished)."""
+        return (await self.estimate(job_id))[1]
 
     # ---- introspection ------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 _LINE_LIMIT = 16 * 1024 * 1024  # one protocol line (a dataset report can be long)
 _OOM_MARKERS = ("CUDA out of memory", "OutOfMemoryError", "out of memory on device", "CUBLAS_STATUS_ALLOC_FAILED")
+LOG_MAX_BYTES = 8 * 1024 * 1024  # a worker log is rotated at start past this size (one old copy kept)
 OOM_MESSAGE = "ran out of GPU memory; try a smaller batch/resolution or gradient checkpointing"
 
 MessageHandler = Callable[["WorkerHandle", dict[str, Any]], Awaitable[None]]
@@ -40,6 +41,16 @@ ExitHandler = Callable[["WorkerHandle", str], Awaitable[None]]
 
 class WorkerStartError(RuntimeError):
     """The worker process did not come up (exited or never said ready)."""
+
+
+def rotate_log(path: Path, max_bytes: int = LOG_MAX_BYTES) -> None:
+    """Keep a worker log bounded: over ``max_bytes`` at a (re)start it becomes ``<name>.1`` (the one kept
+    before it is dropped). So logs/ holds at most about 2 x LOG_MAX_BYTES per worker, however long it runs."""
+    try:
+        if path.stat().st_size > max_bytes:
+            os.replace(path, path.with_name(path.name + ".1"))
+    except OSError:
+        pass
 
 
 def looks_like_oom(text: str | None) -> bool:
@@ -68,6 +79,23 @@ def describe_exit(returncode: int | None, log_tail: str = "") -> str:
     last = next((ln.strip() for ln in reversed(log_tail.splitlines()) if ln.strip()), "")
     detail = f": {last[:300]}" if last else ""
     return f"the worker process exited unexpectedly (exit code {returncode}){detail}"
+
+
+def pinned_gpu(device: str, env: Mapping[str, str]) -> str | None:
+    """The CUDA_VISIBLE_DEVICES entry a worker for `device` ("cuda", "cuda:k") gets; None for other devices.
+
+    Index k counts the cards the bot itself sees, so an existing CUDA_VISIBLE_DEVICES ("4,5") is honoured.
+    """
+    if device != "cuda" and not device.startswith("cuda:"):
+        return None
+    index = int(device.partition(":")[2] or 0)
+    visible = [v.strip() for v in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if not visible:
+        return str(index)
+    if index >= len(visible):
+        raise ValueError(f"worker device {device} does not exist: CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']} "
+                         f"shows {len(visible)} GPU(s); fix the worker devices in the bot's config")
+    return visible[index]
 
 
 class WorkerHandle:
@@ -124,15 +152,24 @@ class WorkerHandle:
         return self.ready and self.alive and self.job_id is None and not self._closing
 
     def _argv(self) -> list[str]:
-        argv = [*self.command, "--device", self.device, "--models-dir", str(self.models_dir)]
+        device = "cuda:0" if pinned_gpu(self.device, self._parent_env()) is not None else self.device
+        argv = [*self.command, "--device", device, "--models-dir", str(self.models_dir)]
         if sys.platform.startswith("linux"):
             argv = [sys.executable, "-m", "bot.workers", *argv]
         return argv
 
+    def _parent_env(self) -> dict[str, str]:
+        return dict(os.environ if self.env is None else self.env)
+
     def _child_env(self) -> dict[str, str]:
         # An allow-list, not a copy: the bot's token and link secret must never reach engine code.
-        env = worker_environment(os.environ if self.env is None else self.env,
-                                 extra=self.env_pass, deny=self.env_deny)
+        parent = self._parent_env()
+        env = worker_environment(parent, extra=self.env_pass, deny=self.env_deny)
+        gpu = pinned_gpu(self.device, parent)
+        if gpu is not None:
+            # The worker sees only its own card (as cuda:0): no CUDA context on GPU 0 from every worker, and
+            # whatever it asks of "the device" (bf16 support, memory) is asked of the card it runs on.
+            env["CUDA_VISIBLE_DEVICES"] = gpu
         env.setdefault("HF_HUB_OFFLINE", "1")
         env["PYTHONUNBUFFERED"] = "1"
         # `-m trainer.jobs.worker` / `-m bot.workers` must import from this checkout whatever the CWD.
@@ -144,6 +181,7 @@ class WorkerHandle:
     async def start(self) -> dict[str, Any]:
         """Start the process and wait for its ``ready`` line; raises WorkerStartError."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        rotate_log(self.log_path)
         self._closing = False
         self._exited = asyncio.Event()
         self.exit_reason = None

@@ -15,6 +15,7 @@ from discord.ext import commands
 
 from bot.errors import reply
 from bot.interactions import clip, ensure_deferred
+from bot.publish import publish
 
 if TYPE_CHECKING:
     from bot.app import LoraforgeBot
@@ -41,15 +42,13 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Bot admini
                    list(dict.fromkeys(bot.config.discord.guild_ids)) if scope == "configured" else [])
         synced: list[app_commands.AppCommand] = []
         if not targets:  # global, or no guilds configured
-            synced = await bot.tree.sync()
+            synced = await publish(bot, None)  # recorded: the next start does not publish it again
             where = "every server (may take up to an hour to show)"
         else:
             refused = []
             for gid in targets:
-                guild = discord.Object(gid)
-                bot.tree.copy_global_to(guild=guild)
                 try:
-                    synced = await bot.tree.sync(guild=guild)
+                    synced = await publish(bot, gid)
                 except discord.Forbidden:  # the bot was not invited with the applications.commands scope
                     refused.append(gid)
             where = "this server" if scope == "guild" else f"{len(targets) - len(refused)} configured server(s)"

@@ -22,6 +22,7 @@ from bot.cooldowns import expensive_cooldown
 from bot.errors import InvalidInput, NotFound, reply
 from bot.interactions import bullet_list, clip, download_attachments, ensure_deferred
 from bot.options import ImageNumber, Page
+from storage.names import display_text
 
 if TYPE_CHECKING:
     from bot.app import LoraforgeBot
@@ -266,7 +267,7 @@ class Datasets(commands.GroupCog, group_name="dataset", group_description="Your 
         if not rows:
             total = await self.bot.repo.count_images(ds.id)
             raise InvalidInput(f"Dataset **{ds.name}** has {total} image(s); there is no number {number}.")
-        text = caption.strip() or None
+        text = display_text(caption, max_len=2000) or None  # no control/bidi characters in training text
         await self.bot.repo.set_caption(rows[0].id, text)
         await reply(interaction, f"Image {number} of **{ds.name}** ({rows[0].original_name}): "
                     + (f"caption set to: {clip(text, 500)}" if text else "caption cleared."), ephemeral=True)

@@ -53,25 +53,25 @@ async def quota_window_start(db: Database, owner_id: int, since_ts: float) -> fl
     return float(row[0]) if row and row[0] is not None else None
 
 
-async def recent_speed(db: Database, kind: str, limit: int = 10) -> tuple[float, float] | None:
-    """(steps per second, seconds per job) over the last ``limit`` succeeded jobs of ``kind``,
-    from their final progress (total steps) and charged device time. None without history."""
+async def recent_runs(db: Database, kind: str, limit: int = 10) -> list[tuple[float, float, float]]:
+    """(steps, device seconds, measured steps per second) of the last ``limit`` succeeded jobs of ``kind`` with
+    charged time, from their final progress (0 where a kind has no steps or the rate is unknown)."""
     rows = await db.fetchall(
         "SELECT progress_json, gpu_seconds FROM jobs WHERE kind = ? AND state = 'succeeded' "
         "AND gpu_seconds > 0 ORDER BY finished_at DESC LIMIT ?",
         (kind, limit),
     )
-    steps = secs = 0.0
-    n = 0
+    out = []
     for r in rows:
         try:
             prog = json.loads(r["progress_json"] or "{}")
         except ValueError:
             prog = {}
-        total = prog.get("total") or prog.get("total_steps") or 0
-        steps += float(total or 0)
-        secs += float(r["gpu_seconds"])
-        n += 1
-    if not n or secs <= 0:
-        return None
-    return (steps / secs if steps else 0.0), secs / n
+        if not isinstance(prog, dict):
+            prog = {}
+        try:
+            total = float(prog.get("total") or prog.get("total_steps") or 0)
+            out.append((total, float(r["gpu_seconds"]), float(prog.get("steps_per_s") or 0)))
+        except (TypeError, ValueError):
+            continue
+    return out

@@ -8,8 +8,9 @@ training phase, its total, whether it fits a card, and ``message()`` in a user's
 What the plan assumes the engine does on a GPU (the fixed loop of issue 11): frozen weights are cast to the compute
 dtype (bf16/fp16; fp32 for ``mixed_precision = "no"``) before they move; the VAE stays fp32 (decoding in fp16
 overflows on SDXL); latents are cached with the VAE on the GPU, which then leaves unless samples need it; text
-encoders leave the GPU once their outputs are cached, and come back only to encode sample prompts (then leave
-again before the UNet denoises); the LoRA weights, their gradients and the optimizer state are fp32.
+encoders leave the GPU once their outputs are cached, and come back only to encode sample or class-image prompts
+(then leave again before the UNet denoises and the VAE decodes: an SDXL 1024 px fp32 decode alone takes ~3 GiB);
+the LoRA weights, their gradients and the optimizer state are fp32.
 
 Where the numbers come from: ``trainer/plan_table.json``, counted on the meta device by ``trainer.plan_count``
 (parameter counts of the shipped configs; peak live bytes of one UNet forward+backward with a LoRA, with and without
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.format.checkpoint import FULL_CONFIGS, TINY_CONFIGS, builtin_arch, file_arch, folder_arch
+from trainer.models.refs import find_model
 from trainer.spec import TrainSpec
 
 GiB = 1024**3
@@ -93,20 +95,14 @@ def model_config_name(base_model: str, arch: str | None = None, models_dir: Path
     if base_model.lower() in ARCH_ALIASES:
         return FULL_CONFIGS[ARCH_ALIASES[base_model.lower()]]  # type: ignore[index]
     found: str | None = None
-    candidates = [Path(base_model).expanduser()]
-    if models_dir is not None:
-        candidates = [models_dir / base_model, *(models_dir / f"{base_model}{e}" for e in (".safetensors",)),
-                      *candidates]
-    for c in candidates:
-        try:
-            if c.is_dir():
-                found = folder_arch(c)
-            elif c.is_file():
-                found = file_arch(c)
-        except (OSError, ValueError):
-            found = None
-        if found or c.exists():
-            break
+    c = find_model(base_model, models_dir)  # the loader's rule (trainer.models.refs)
+    try:
+        if c is not None and c.is_dir():
+            found = folder_arch(c)
+        elif c is not None and c.is_file():
+            found = file_arch(c)
+    except (OSError, ValueError):
+        found = None
     if found is None:
         raise PlanError(f"cannot tell the architecture of base model {base_model!r}; name it (sd15, sd2 or sdxl)")
     return FULL_CONFIGS[found]  # type: ignore[index]
@@ -281,7 +277,7 @@ def plan_settings(spec: TrainSpec, config: str, s: Settings) -> MemoryPlan:
     if s.cache_text:
         phases["caching text"] = te_w + int(sum(t["te_train_per_sample"]))  # a grad pass bounds a no-grad one
     if s.class_images:  # the plain base renders at the training resolution, batch 1, guidance doubles the batch
-        phases["class images"] = unet_w + vae_w + max(int(t["unet_infer_per_pixel"] * latent_px * 2),
+        phases["class images"] = unet_w + vae_w + max(te_w, int(t["unet_infer_per_pixel"] * latent_px * 2),
                                                       int(t["vae_decode_per_pixel"] * latent_px))
     phases["training"] = train
     if s.samples:

@@ -216,7 +216,8 @@ class TrainSpec(_Strict):
     # Defaults that fit the cards (an 8 GB GPU for SD1.5 at 512 px, a 10 GB GPU for SDXL at 1024 px; see
     # ../shared/facts.md section 4) are resolved when the job runs, on the device it runs on; the values that ran
     # go into the LoRA's ss_mixed_precision / ss_gradient_checkpointing and a `log` event.
-    # "auto": bf16 on a GPU that supports it, else fp16 (with a GradScaler); on CPU "no" (fp32).
+    # "auto": bf16 on a GPU with native bf16 (compute capability 8.0+), else fp16 (with a GradScaler); on CPU "no"
+    # (fp32).
     # Explicit values behave as written ("fp16" on CPU trains in fp32 and says so).
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     save_precision: Literal["fp16", "bf16", "fp32"] = "fp16"
@@ -224,6 +225,9 @@ class TrainSpec(_Strict):
     # SD1.x/SD2.x on a GPU (SD1.5 at 512 px with half-precision weights and cached latents fits 8 GB, and
     # checkpointing costs ~35% more compute) and off on CPU. True/False force it.
     gradient_checkpointing: bool | None = None
+    # Attention: PyTorch SDPA (torch >= 2 picks flash / memory-efficient kernels itself, as fast and as lean as
+    # xformers). True uses xformers' memory-efficient attention on a GPU when it is installed (opt-in).
+    xformers: bool = False
     seed: int = Field(1111, ge=0, le=2**32 - 1)
     min_snr_gamma: float | None = Field(None, gt=0, le=100)
     noise_offset: float = Field(0.0, ge=0.0, le=1.0)

@@ -64,7 +64,7 @@ def test_bot_modules_never_import_torch() -> None:
         "import sys, bot.config, bot.scheduler, bot.service, bot.workers, bot.demo, bot.__main__\n"
         "import bot.app, bot.progress, bot.delivery, bot.lorafile, bot.autogrid, bot.interactions, bot.views\n"
         "import importlib\n"
-        "for name in bot.app.COGS + bot.app.OPTIONAL_COGS: importlib.import_module(name)\n"
+        "for name in bot.app.COGS: importlib.import_module(name)\n"
         "bad = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )

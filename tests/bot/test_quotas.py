@@ -121,3 +121,15 @@ async def test_a_job_bigger_than_the_whole_quota_is_refused_clearly(svc: Service
     done = await sched.wait_for_job(early.id, 30)
     assert done.state == "cancelled" and "more than your whole daily quota" in (done.error or "")
     assert (await sched.wait_for_job(admin.id, 30)).state == "succeeded"
+
+
+@pytest.mark.parametrize("svc", [{"max_storage_mib_per_user": 1}], indirect=True)
+async def test_a_user_over_their_storage_quota_cannot_queue_more_results(svc: Service) -> None:
+    done = await history(svc, 6, steps=3, gpu_s=1.0)
+    await svc.repo.add_artifact(done.id, "lora", f"jobs/{done.id}/outputs/h.safetensors", 1024 * 1024)
+    with pytest.raises(QuotaError, match="You use 1 MiB of your 1 MiB of storage.*/job delete"):
+        await svc.scheduler.submit(6, "train", train("fast", 3))
+    assert (await svc.scheduler.submit(7, "train", train("fast", 3))).state == "queued"  # others are fine
+    assert (await svc.scheduler.submit(6, "train", train("fast", 3), is_admin=True)).state == "queued"
+    await svc.repo.delete_job(done.id)  # room again
+    assert (await svc.scheduler.submit(6, "train", train("fast", 3))).state == "queued"

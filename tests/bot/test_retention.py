@@ -91,3 +91,19 @@ async def test_maintenance_sweeps_uploads_no_job_names(tmp_path: Path) -> None:
         assert not orphan.exists() and used.exists()
     finally:
         await svc.stop()
+
+
+def test_worker_logs_are_rotated_at_start_and_stay_bounded(tmp_path: Path) -> None:
+    from bot.workers import rotate_log
+
+    log = tmp_path / "worker-0.log"
+    log.write_bytes(b"old " * 100)
+    rotate_log(log, max_bytes=1000)
+    assert log.exists() and not log.with_name("worker-0.log.1").exists()  # small: left alone
+    log.write_bytes(b"x" * 2000)
+    rotate_log(log, max_bytes=1000)
+    assert not log.exists() and log.with_name("worker-0.log.1").read_bytes() == b"x" * 2000
+    log.write_bytes(b"y" * 3000)
+    rotate_log(log, max_bytes=1000)  # the older copy is replaced: at most two files per worker
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["worker-0.log.1"]
+    assert log.with_name("worker-0.log.1").read_bytes() == b"y" * 3000

@@ -41,6 +41,8 @@ def make_config(tmp: Path, fake: Any, *, real_worker: bool = False, **sections: 
         "http_host": "127.0.0.1",
         "http_port": port,
         "public_base_url": f"http://127.0.0.1:{port}",
+        # tests/cogs/test_first_run.py covers publishing on start; the others start without it
+        "publish_commands_on_start": False,
         **sections.pop("discord", {}),
     }
     workers = {"devices": ["cpu"], "restart_backoff_s": 0.05, "ready_timeout_s": 120,

@@ -102,7 +102,8 @@ async def test_expensive_commands_have_a_per_user_cooldown(fake_discord, bot_fac
             "c.png", png_bytes((9, 90, 9)))}, user="alice", subcommand="create")
         assert "added 1 image(s)" in answer(other)
         for cmd, opts in (("preview", {"prompt": "a cat"}), ("merge", {})):
-            await run_command(fake, bot, cmd, opts, user="carol")  # refused for its options, but counted
+            rec = await run_command(fake, bot, cmd, opts, user="carol")  # refused for its options, but counted
+            assert "Slow down" not in answer(rec), cmd  # each command has its own cooldown
             rec = await run_command(fake, bot, cmd, opts, user="carol")
             assert "Slow down: try again in" in answer(rec), (cmd, answer(rec))
         for _ in range(3):  # admins have no cooldown

@@ -158,6 +158,21 @@ class InteractionRecord:
 
 
 @dataclass
+class Hold:
+    """``fake.hold_reply(...)``: the next matching message is created, but the reply to the create call
+    waits until ``release`` is set (a bot killed meanwhile never learns the message id)."""
+
+    channel_id: int | None
+    contains: str
+    created: asyncio.Event = field(default_factory=asyncio.Event)
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    message: StoredMessage | None = None
+
+    def matches(self, channel_id: int, msg: StoredMessage) -> bool:
+        return (self.channel_id in (None, channel_id)) and self.contains in (msg.data.get("content") or "")
+
+
+@dataclass
 class _Fault:
     path_contains: str
     method: str | None
@@ -251,6 +266,11 @@ class FakeDiscord:
         self.gateway_sessions = 0
         self.expired_tokens: set[str] = set()
         self._faults: list[_Fault] = []
+        # enforce_nonce: a create with a nonce the same author used within this many seconds returns that
+        # message instead of a new one (Discord: "a few minutes"; a test sets 0 to see what a restart does later)
+        self.nonce_window_s = 300.0
+        self._nonces: dict[str, tuple[float, StoredMessage]] = {}
+        self.holds: list[Hold] = []
         self._routes: list[tuple[str, re.Pattern, Handler]] = []
         self._changed = asyncio.Condition()
         self._runner: web.AppRunner | None = None
@@ -615,6 +635,12 @@ class FakeDiscord:
             return json_response(body, 429, headers)
 
         self._faults.append(_Fault(path_contains, method, count, respond))
+
+    def hold_reply(self, contains: str, channel_id: int | None = None) -> Hold:
+        """Hold the reply to the next bot message create whose content contains ``contains``."""
+        hold = Hold(channel_id, contains)
+        self.holds.append(hold)
+        return hold
 
     def fail_next(
         self,
@@ -1072,7 +1098,23 @@ class FakeDiscord:
         async def send(call: Call, files: list, cid: str) -> Any:
             self._channel(cid)
             self._check_upload(files, int(cid))
-            return self._create_message(int(cid), call.json or {}, files, via="bot").data
+            body = call.json or {}
+            nonce = str(body["nonce"]) if body.get("nonce") is not None else None
+            if nonce and body.get("enforce_nonce"):
+                seen = self._nonces.get(nonce)
+                if seen is not None and time.monotonic() - seen[0] <= self.nonce_window_s:
+                    return seen[1].data  # deduplicated: the message made the first time
+            msg = self._create_message(int(cid), body, files, via="bot")
+            if nonce:
+                self._nonces[nonce] = (time.monotonic(), msg)
+            reply = {**msg.data, "nonce": nonce} if nonce else msg.data  # the nonce comes back only here
+            for hold in list(self.holds):
+                if hold.matches(int(cid), msg):
+                    self.holds.remove(hold)
+                    hold.message = msg
+                    hold.created.set()
+                    await hold.release.wait()  # the message exists; the reply waits (the client may die)
+            return reply
 
         @a("GET", "/channels/{cid}/messages")
         async def history(call: Call, files: list, cid: str) -> Any:

@@ -55,6 +55,7 @@ def test_train_from_options_alone(tmp_path: Path) -> None:
     assert "step 3/3" in r.stdout and "smoothed" in r.stdout and "it/s" in r.stdout and "eta" in r.stdout
     assert "\r" not in r.stdout  # not a terminal: plain lines, no redrawn bar
     assert "precision fp32 (auto on cpu)" in r.stdout  # what the auto defaults resolved to
+    assert "gemm_4bit" not in r.stderr and "torchvision" not in r.stderr  # library notices nobody can act on
     spec = (out / "spec.toml").read_text()
     assert 'name = "Lion"' in spec and "dim = 4" in spec and "alpha = 2.0" in spec and 'instance_prompt = "chibi' in spec
     from trainer.format.kohya import read_kohya

@@ -6,6 +6,8 @@ floating-point weights) and then left on the CPU; the setup of a real Trainer ru
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +25,13 @@ class CudaMoves:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch):
         self.moves: list[tuple[str, set[torch.dtype]]] = []
+        self.where: list[tuple[nn.Module, str]] = []  # every move with a device: (module, device type)
         real = nn.Module.to
 
         def to(module: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
             device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+            if device is not None:
+                self.where.append((module, device.type))
             if device is not None and device.type == "cuda":
                 real(module, dtype=dtype) if dtype is not None else None
                 frozen = {p.dtype for p in module.parameters() if not p.requires_grad and p.is_floating_point()}
@@ -65,3 +70,205 @@ def test_frozen_weights_reach_the_gpu_only_in_the_compute_dtype(tmp_path: Path, 
         assert dtypes == {half}, f"{name} went to the GPU holding {dtypes} weights"
     # the LoRA weights stay float32 (trainable, not touched by the cast)
     assert {p.dtype for p in tr.params} == {torch.float32}
+
+
+def test_images_are_decoded_in_float32_even_under_half_autocast() -> None:
+    from trainer.infer.pipeline import build_pipeline, render_image
+    from trainer.models.load import load_base
+
+    base = load_base("tiny-sd15")
+    seen: list[tuple[torch.dtype, torch.dtype]] = []
+    hook = base.vae.decoder.conv_out.register_forward_hook(
+        lambda m, args, out: seen.append((m.weight.dtype, out.dtype)))
+    try:
+        # what the trainer does for samples and class images when it computes in half precision
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            img = render_image(build_pipeline(base), base, "a cat", "", 1, 2, 7.0, 64, 64, "euler")
+    finally:
+        hook.remove()
+    assert seen == [(torch.float32, torch.float32)]
+    assert img.size == (64, 64)
+
+
+def test_a_black_class_image_is_refused_not_saved(tmp_path: Path) -> None:
+    from trainer.events import JobFailed
+    from trainer.spec import Concept
+
+    concept = Concept(image_dir=str(tmp_path), class_prompt="girl", class_count=2, class_dir=str(tmp_path / "cls"))
+    with pytest.raises(JobFailed) as e:
+        prior.ensure_class_images(concept, None, "tiny-sd15", tmp_path / "cache", resolution=64,
+                                  render=lambda prompt, seed, w, h: Image.new("RGB", (w, h), (0, 0, 0)))
+    assert e.value.reason == "nan" and "all black" in str(e.value) and "bf16" in str(e.value)
+    assert not list((tmp_path / "cls").glob("*.png"))
+
+
+def test_auto_precision_uses_native_bf16_of_the_jobs_own_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    from trainer.train.precision import resolve_mixed_precision, resolve_precision
+
+    capability = {"cuda:0": (8, 6), "cuda:1": (7, 5)}  # an RTX 3090 and an RTX 2080 Ti in one machine
+    asked: list[str] = []
+
+    def get_device_capability(device: Any = None) -> tuple[int, int]:
+        asked.append(str(device))
+        return capability[str(device)]
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", get_device_capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # counts emulation on Turing
+    assert resolve_mixed_precision("auto", torch.device("cuda:0")) == "bf16"
+    assert resolve_mixed_precision("auto", torch.device("cuda:1")) == "fp16"  # fp16 + GradScaler, not slow bf16
+    assert asked == ["cuda:0", "cuda:1"]
+    fp16 = resolve_precision("auto", torch.device("cuda:1"))
+    assert fp16.autocast_dtype == torch.float16 and fp16.scaler is not None
+    emulated = resolve_precision("bf16", torch.device("cuda:1"))  # asked for explicitly: runs, with a warning
+    assert emulated.autocast_dtype == torch.bfloat16 and "only emulates bf16" in (emulated.note or "")
+    assert resolve_precision("bf16", torch.device("cuda:0")).note is None
+
+
+class _Caches:
+    """TrainData's cache interface, encoding nothing (the policy is what is tested)."""
+
+    captions_vary = False
+
+    def __init__(self) -> None:
+        self.text_cached_on: list[str] = []
+
+    def cache_latents(self, vae: Any, progress: Any) -> None:
+        pass
+
+    def check_images(self, progress: Any) -> None:
+        pass
+
+    def cache_text(self, base: Any, device: Any) -> None:
+        self.text_cached_on.append(str(device))
+
+
+@pytest.mark.parametrize("train_te", [False, True])
+def test_text_encoders_leave_the_gpu_once_their_outputs_are_cached(dataset: Path, make_spec, train_te: bool,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    from trainer.data.cache import cache_inputs
+
+    moves = CudaMoves(monkeypatch)
+    te1, te2, vae = nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2)
+    base = SimpleNamespace(vae=vae, text_encoders=[te1, te2])
+    data = _Caches()
+    spec = make_spec(dataset, network={"train_text_encoder": train_te})
+    offloaded = cache_inputs(spec, data, base, torch.device("cuda"), train_te, nullcontext, lambda e: None,
+                             lambda name: lambda current, total: None)
+    last = {id(m): where for m, where in moves.where}
+    if train_te:  # the text encoders run every step: they stay
+        assert not offloaded and data.text_cached_on == [] and id(te1) not in last
+    else:
+        assert offloaded and data.text_cached_on == ["cuda"]
+        assert last[id(te1)] == last[id(te2)] == "cpu"
+    assert last[id(vae)] == "cpu"  # latents cached, no samples: the VAE is not needed on the card either
+
+
+class _Model:
+    """Stands for a loaded base: what a failed job's frames hold on to."""
+
+
+@pytest.mark.parametrize("error", ["oom", "nan", "bug"])
+def test_runner_frees_gpu_memory_after_the_failure_is_dropped(tmp_path: Path, dataset: Path, make_spec,
+                                                              monkeypatch: pytest.MonkeyPatch, error: str) -> None:
+    import weakref
+
+    from trainer.events import JobFailed
+    from trainer.jobs import runner
+    from trainer.train import loop
+
+    models: list[weakref.ref[_Model]] = []
+
+    def failing_train(spec: Any, job_dir: Path, **kw: Any) -> None:
+        model = _Model()  # a local of the failing frame, as the Trainer is in a real failure
+        models.append(weakref.ref(model))
+        if error == "oom":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if error == "nan":
+            raise JobFailed("loss became NaN at step 3", reason="nan")
+        raise KeyError("x")
+
+    freed_with_model_alive: list[bool] = []
+    monkeypatch.setattr(loop, "train", failing_train)
+    monkeypatch.setattr(runner, "_free_gpu_memory", lambda: freed_with_model_alive.append(models[0]() is not None))
+    with pytest.raises(JobFailed) as e:
+        runner.run_job(make_spec(dataset, steps=1), tmp_path / "job")
+    assert freed_with_model_alive == [False]  # freed once, and only after the model could be collected
+    assert e.value.__cause__ is None and e.value.__context__ is None  # nothing chains back to the engine's frames
+    assert e.value.reason == {"oom": "oom", "nan": "nan", "bug": "error"}[error]
+
+
+def test_step_losses_are_read_at_progress_cadence_not_every_micro_step(tmp_path: Path, dataset: Path, make_spec,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """float(loss) makes the CPU wait for the GPU: the loop reads the losses in one go when it reports."""
+    from trainer.train import loop
+    from trainer.train import losses as losses_mod
+
+    loss_storages: set[int] = set()
+    reads: list[str] = []
+    real_loss = losses_mod.weighted_loss
+
+    def weighted_loss(*a: Any, **k: Any) -> torch.Tensor:
+        out = real_loss(*a, **k)
+        loss_storages.add(out.untyped_storage().data_ptr())
+        return out
+
+    def counting(name: str) -> Any:
+        real = getattr(torch.Tensor, name)
+
+        def read(t: torch.Tensor, *a: Any, **k: Any) -> Any:
+            if t.untyped_storage().data_ptr() in loss_storages:
+                reads.append(name)
+            return real(t, *a, **k)
+
+        return read
+
+    monkeypatch.setattr(losses_mod, "weighted_loss", weighted_loss)
+    for name in ("__float__", "item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    monkeypatch.setattr(loop, "PROGRESS_EVERY_S", 3600.0)  # one progress event: the last step
+    events: list[dict[str, Any]] = []
+    spec = make_spec(dataset, steps=4, grad_accum=2)
+    Trainer(spec, tmp_path / "job", events.append).run()
+    assert len(loss_storages) == 8 and reads == []  # 8 micro-steps, none read on its own
+    history = json.loads((tmp_path / "job" / "outputs" / "loss.json").read_text())
+    assert history["steps"] == [1, 2, 3, 4] and all(math.isfinite(v) and v > 0 for v in history["loss"])
+    progress = [e for e in events if e["type"] == "progress"]
+    assert progress[-1]["step"] == 4 and progress[-1]["loss_raw"] == history["loss"][-1]
+
+
+def test_xformers_is_opt_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    import types
+
+    from trainer.spec import TrainSpec
+    from trainer.train.precision import enable_fast_attention
+
+    monkeypatch.setitem(sys.modules, "xformers", types.ModuleType("xformers"))  # "installed"
+
+    class UNet:
+        calls = 0
+
+        def enable_xformers_memory_efficient_attention(self) -> None:
+            UNet.calls += 1
+
+    cuda = torch.device("cuda")
+    assert TrainSpec.model_fields["xformers"].default is False
+    assert enable_fast_attention(UNet(), cuda) == "PyTorch SDPA" and UNet.calls == 0  # the default: SDPA
+    assert enable_fast_attention(UNet(), cuda, use_xformers=True) == "xformers memory-efficient attention"
+    assert UNet.calls == 1
+    assert "needs a GPU" in enable_fast_attention(UNet(), torch.device("cpu"), use_xformers=True)
+    monkeypatch.setitem(sys.modules, "xformers", None)  # not installed: said, and SDPA runs
+    assert "not installed" in enable_fast_attention(UNet(), cuda, use_xformers=True) and UNet.calls == 1
+
+
+def test_resume_says_what_it_reproduces_on_each_device() -> None:
+    from trainer.train.state import resume_note
+
+    cpu, cuda = resume_note(torch.device("cpu"), 4), resume_note(torch.device("cuda"), 4)
+    for note in (cpu, cuda):
+        assert note.startswith("resumed from step 4") and "same data order" in note and "RNG states" in note
+    assert "bit-exact" in cpu and "bit-exact" not in cuda
+    assert "not bit-deterministic" in cuda and "not bit for bit" in cuda

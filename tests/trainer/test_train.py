@@ -119,9 +119,9 @@ def test_auto_precision_and_checkpointing_resolve_per_device(monkeypatch: pytest
     assert resolve_mixed_precision("auto", cpu) == "no"
     for explicit in ("no", "fp16", "bf16"):
         assert resolve_mixed_precision(explicit, cpu) == explicit == resolve_mixed_precision(explicit, cuda)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (8, 6))
     assert resolve_mixed_precision("auto", cuda) == "bf16"
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # e.g. a 20xx card
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (7, 5))  # e.g. a 20xx card
     assert resolve_mixed_precision("auto", cuda) == "fp16"
     assert resolve_gradient_checkpointing(None, "sdxl", cuda) is True
     assert resolve_gradient_checkpointing(None, "sd1", cuda) is False

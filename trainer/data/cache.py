@@ -1,5 +1,8 @@
 """What a job caches before its first step: VAE latents (when `data.cache_latents`) and text-encoder outputs
-(auto: whenever captions are fixed and the text encoders are frozen), with the phase events a user sees."""
+(auto: whenever captions are fixed and the text encoders are frozen), with the phase events a user sees.
+
+On a GPU what is cached gives its memory back: the VAE leaves the card once latents are cached (unless samples
+need it), the text encoders once their outputs are (~1.6 GB for SDXL); the loop brings them back for samples."""
 
 from __future__ import annotations
 
@@ -21,7 +24,8 @@ Progress = Callable[[str], Callable[[int, int], None]]  # phase name -> (current
 
 
 def cache_inputs(spec: TrainSpec, data: TrainData, base: BaseModel, device: torch.device, train_te: bool,
-                 autocast: Callable[[], AbstractContextManager[Any]], emit: EventSink, progress: Progress) -> None:
+                 autocast: Callable[[], AbstractContextManager[Any]], emit: EventSink, progress: Progress) -> bool:
+    """Fill the caches; True when the text encoders were moved off the GPU (their outputs are cached)."""
     if spec.data.cache_latents:
         data.cache_latents(base.vae, progress("caching latents"))
         if device.type == "cuda" and not spec.sample.prompts:
@@ -31,24 +35,29 @@ def cache_inputs(spec: TrainSpec, data: TrainData, base: BaseModel, device: torc
     want = spec.data.cache_text_encoder_outputs
     if want is None:  # auto: whenever it applies, quietly
         if train_te or data.captions_vary:
-            return
+            return False
     elif want:
         if train_te:
             emit(event("log", level="warning",
                        message="cache_text_encoder_outputs is ignored while the text encoder trains"))
-            return
+            return False
         if data.captions_vary:
             # kohya refuses this combination; presets turn caching on, so explain and train without it.
             emit(event("log", level="warning", message=(
                 "cache_text_encoder_outputs is turned off: shuffle_tags / caption_dropout change the captions "
                 "every step, so their text-encoder outputs cannot be cached (the text encoders run each step "
                 "instead: a little slower, more memory)")))
-            return
+            return False
     else:
-        return
+        return False
     emit(event("phase", name="caching text encoder outputs"))
     with autocast():
         data.cache_text(base, device)
+    if device.type != "cuda":
+        return False
+    for te in base.text_encoders:  # every caption is cached: training never runs them again
+        te.to("cpu")
+    return True
 
 
 def phase_counter(name: str, emit: EventSink, should_stop: Callable[[], bool], on_stop: Callable[[], object],

@@ -66,11 +66,35 @@ def native_size(base: BaseModel) -> int:
     return int(base.unet.config.sample_size) * vae_scale
 
 
+@torch.no_grad()
+def decode_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """Latents (as the pipeline's denoising loop leaves them) -> images in [-1, 1], decoded in float32 with
+    autocast off: an fp16 decode overflows (the known SDXL VAE problem) into black or NaN images. A VAE held in
+    half precision is upcast once, for good (it is small)."""
+    p = next(vae.parameters())
+    if p.dtype != torch.float32:
+        vae.to(dtype=torch.float32)
+    cfg = vae.config
+    x = latents.to(p.device, torch.float32)
+    mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+    if mean is not None and std is not None:  # as the SDXL pipeline unscales such VAEs
+        x = x * torch.tensor(std).view(1, -1, 1, 1).to(x) / cfg.scaling_factor + torch.tensor(mean).view(
+            1, -1, 1, 1).to(x)
+    else:
+        x = x / cfg.scaling_factor
+    shift = getattr(cfg, "shift_factor", None)
+    if shift:
+        x = x + shift
+    with torch.autocast(p.device.type, enabled=False):
+        return vae.decode(x, return_dict=False)[0].float()
+
+
 def render_image(pipe, base: BaseModel, prompt: str, negative: str, seed: int, steps: int, cfg: float,
                  width: int | None, height: int | None, sampler: str) -> Image.Image:
     size = native_size(base)
     pipe.scheduler = make_scheduler(sampler, base.noise_scheduler.config)
     gen = torch.Generator("cpu").manual_seed(int(seed))  # CPU generator: same image for a seed on any device
+    # The pipeline stops at the latents; the decode runs in float32 whatever the UNet's dtype or autocast.
     out = pipe(prompt=prompt, negative_prompt=negative or None, num_inference_steps=int(steps), guidance_scale=cfg,
-               width=width or size, height=height or size, generator=gen, output_type="pil")
-    return out.images[0]
+               width=width or size, height=height or size, generator=gen, output_type="latent")
+    return pipe.image_processor.postprocess(decode_latents(base.vae, out.images), output_type="pil")[0]

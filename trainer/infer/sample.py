@@ -65,10 +65,11 @@ class Sampler:
         else:
             self.ref = str(base.source)
         self.base = base
-        # One dtype for all parts: the SD pipeline feeds the VAE latents in the UNet's dtype, and the SDXL
-        # pipeline upcasts its VAE for the decode by itself (force_upcast) when it runs in fp16.
-        for m in [base.unet, base.vae, *base.text_encoders]:
+        # UNet and text encoders in the compute dtype; the VAE stays float32: images are decoded in float32
+        # (trainer.infer.pipeline.decode_latents), since an fp16 decode overflows into black or NaN images.
+        for m in [base.unet, *base.text_encoders]:
             _place(m, self.device, dtype)
+        _place(base.vae, self.device, torch.float32)
         self.pipe = build_pipeline(self.base)
         self.patcher = WeightPatcher(self.base)
         self._applied: tuple = ()  # key of the LoRA set now patched in; () = none

@@ -83,6 +83,7 @@ def run_job(spec: Any, job_dir: Path | str, on_event: EventSink = null_sink, sho
     job_dir = Path(job_dir)
     job_dir.mkdir(parents=True, exist_ok=True)
     sink = EventLog(job_dir / "events.jsonl", on_event)
+    outcome: Exception
     try:
         _write_spec(spec, job_dir)
         fn = _dispatch(spec)
@@ -92,11 +93,11 @@ def run_job(spec: Any, job_dir: Path | str, on_event: EventSink = null_sink, sho
                 release_cached_models(context)
             kwargs["context"] = context
         return fn(spec, job_dir, on_event=sink, should_stop=should_stop, **kwargs)
-    except JobCancelled:
-        raise  # the engine emitted `cancelled` with what it saved
+    except JobCancelled as e:
+        outcome = JobCancelled(str(e))  # the engine emitted `cancelled` with what it saved
     except JobFailed as e:
         sink(event("failed", error=str(e), reason=e.reason))
-        raise
+        outcome = JobFailed(str(e), reason=e.reason)
     except Exception as e:  # noqa: BLE001 - every other error becomes a readable failure
         if _is_oom(e):
             msg, reason = OOM_MESSAGE, "oom"
@@ -104,11 +105,13 @@ def run_job(spec: Any, job_dir: Path | str, on_event: EventSink = null_sink, sho
             msg, reason = "out of memory (RAM): lower batch size/resolution or the number of images", "oom"
         else:
             msg, reason = f"internal error: {type(e).__name__}: {e}", "error"
-        tb = traceback.format_exc(limit=20)
-        if reason == "oom":
-            _free_gpu_memory()  # the worker lives on to run the next job
-        sink(event("failed", error=msg, reason=reason, traceback=tb))
-        raise JobFailed(msg, reason=reason) from e
+        sink(event("failed", error=msg, reason=reason, traceback=traceback.format_exc(limit=20)))
+        outcome = JobFailed(msg, reason=reason)
+    # Only here, after the except blocks, is the engine's exception gone, and with it the frames that hold the
+    # model, its activations and the optimizer: now the memory can really be given back, so the next job in this
+    # worker gets the whole card. The exception raised carries the message, not those frames.
+    _free_gpu_memory()
+    raise outcome
 
 
 def release_cached_models(context: dict[str, Any]) -> None:

@@ -45,12 +45,15 @@ def card_memory(device: str | None) -> int | None:
     """Total memory of the CUDA device this worker trains on; None on CPU or without CUDA."""
     if device is not None and not device.startswith("cuda"):
         return None
-    import torch
+    try:
+        import torch
 
-    if not torch.cuda.is_available():
+        if not torch.cuda.is_available():
+            return None
+        index = torch.device(device or "cuda").index
+        return int(torch.cuda.get_device_properties(index if index is not None else 0).total_memory)
+    except Exception:  # noqa: BLE001 - a query that fails only means the bot does not check memory plans
         return None
-    index = torch.device(device or "cuda").index
-    return int(torch.cuda.get_device_properties(index if index is not None else 0).total_memory)
 
 
 class Worker:

@@ -68,10 +68,9 @@ def _compute_ctx(base: Any, device: torch.device) -> AbstractContextManager[Any]
 
 
 def _decode(vae: Any, latents: torch.Tensor) -> Image.Image:
-    p = next(vae.parameters())
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    x = latents.to(p.device, p.dtype) / vae.config.scaling_factor + shift
-    img = vae.decode(x).sample[0].float().clamp(-1, 1)
+    from trainer.infer.pipeline import decode_latents
+
+    img = decode_latents(vae, latents)[0].clamp(-1, 1)
     arr = ((img + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(arr)
 

@@ -225,6 +225,7 @@ def train_difference(spec: TrainSpec, job_dir: Path, on_event: EventSink = null_
             offset += s1.steps
             # reuse the loaded base for the check, without the trained network on it
             tr.network.remove()
+            tr.text_encoders_to(dev)  # the check runs them
             check_base = tr.base
             del tr
         fp2_extra = copier_fp(p, s1)

@@ -17,8 +17,9 @@ step (difference training applies its frozen copier there); `extra_metadata` is 
 Determinism (exact resume): nothing here draws from a global RNG stream that carries over between steps.
 Step s (micro-batch a) draws its noise, noise offset and timesteps from a generator seeded with
 (seed, s, a); the global torch seed is reset to (seed, s) at the start of each step for anything else
-(network dropout); the data order is a function of (seed, epoch). So a run resumed from a state saved at
-step k ends with exactly the weights of a run that was never interrupted.
+(network dropout); the data order is a function of (seed, epoch). So on CPU a run resumed from a state saved
+at step k ends with exactly the weights of a run that was never interrupted; on a GPU the inputs are the same but
+the kernels are not bit-deterministic (README, "What a resume reproduces"; the resume is logged saying which).
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ from trainer.train.optim import build_optimizer, build_scheduler, current_lrs
 
 SampleHook = Callable[[int, Any], Sequence[str | os.PathLike[str]]]
 PROGRESS_EVERY_S = 0.5  # at most ~2 progress events a second
+# fp16: GradScaler skips a step whose gradients overflowed and halves the loss scale; that many in a row is no
+# longer a scale being found but a run that diverged.
+MAX_SKIPPED_IN_A_ROW = 25
 
 
 def _create_network(base: Any, spec: TrainSpec) -> Any:
@@ -86,6 +90,10 @@ class Trainer:
         self.intermediate: list[str] = []
         self.last_state_step = -1
         self.scaler: torch.amp.GradScaler | None = None
+        self.skipped_steps = 0  # fp16 steps GradScaler skipped (inf/NaN gradients)
+        self.te_offloaded = False  # text encoders moved off the GPU once their outputs were cached
+        self._pending: list[tuple[int, torch.Tensor]] = []  # (step, loss on the device) not read yet
+        self.skipped_in_a_row = 0
 
     def log(self, message: str, level: str = "info") -> None:
         self.emit(event("log", level=level, message=message))
@@ -127,7 +135,7 @@ class Trainer:
             m.to(self.device)  # BaseModel.to(dtype=None) makes diffusers warn about dtypes
         self.train_te = spec.network.train_text_encoder
         self.gradient_checkpointing, self.attention = pr.setup_modes(
-            self.base, spec.network.train_unet, self.train_te, spec.gradient_checkpointing, self.device)
+            self.base, spec.network.train_unet, self.train_te, spec.gradient_checkpointing, self.device, spec.xformers)
         self.log(pr.resolution_summary(self.device, spec.mixed_precision, self.mixed_precision,
                                        spec.gradient_checkpointing, self.gradient_checkpointing, self.base.arch,
                                        self.attention))
@@ -147,6 +155,9 @@ class Trainer:
             self.loss_history = [list(x) for x in s.loss_history]
             self.samples = list(s.extra.get("samples", []))
             self.intermediate = list(s.extra.get("intermediate", []))
+            self.skipped_steps = int(s.extra.get("skipped_steps", 0))
+            self.skipped_in_a_row = int(s.extra.get("skipped_in_a_row", 0))
+            self.log(st.resume_note(self.device, s.step))
         if self.prepare_base is not None:
             self.prepare_base(self.base)
 
@@ -176,7 +187,8 @@ class Trainer:
                   "epoch": self.data.order.epoch_of(self.step * self.spec.grad_accum)},
             loss_history=self.loss_history,
             extra={"optimizer_layout": st.optimizer_layout(self.optimizer), "samples": self.samples,
-                   "intermediate": self.intermediate},
+                   "intermediate": self.intermediate, "skipped_steps": self.skipped_steps,
+                   "skipped_in_a_row": self.skipped_in_a_row},
             spec_fingerprint=self.spec_fp, data_fingerprint=self.data_fp,
         )
         path = st.save_state(self.job_dir, s)
@@ -187,8 +199,15 @@ class Trainer:
     def cache(self) -> None:
         from trainer.data.cache import cache_inputs
 
-        cache_inputs(self.spec, self.data, self.base, self.device, self.train_te, self._autocast, self.emit,
-                     self._phase_progress)
+        self.te_offloaded = cache_inputs(self.spec, self.data, self.base, self.device, self.train_te,
+                                         self._autocast, self.emit, self._phase_progress)
+
+    def text_encoders_to(self, device: torch.device | str) -> None:
+        """Bring offloaded text encoders back for something that runs them (samples, a copier check) or send
+        them off again."""
+        if self.te_offloaded:
+            for te in self.base.text_encoders:
+                te.to(device)
 
     def _phase_progress(self, name: str) -> Callable[[int, int], None]:
         from trainer.data.cache import phase_counter
@@ -222,20 +241,16 @@ class Trainer:
         return L.weighted_loss(per, ts, self.noise_scheduler, self.prediction_type, spec.min_snr_gamma,
                              b.loss_weight)
 
-    def train_step(self) -> float:
+    def train_step(self) -> torch.Tensor | None:
+        """One optimizer step; its mean loss as a 0-d tensor on the device, or None when fp16 overflowed and
+        GradScaler skipped the step. The value is read later, with others (`_flush_losses`): float() here would
+        make the CPU wait for the GPU every micro-step."""
         spec = self.spec
         torch.manual_seed(derive_seed(spec.seed, "global", self.step))  # dropout and anything else global
-        total = 0.0
+        total = torch.zeros((), device=self.device)
         for micro in range(spec.grad_accum):
             loss = self.micro_step_loss(self.step, micro)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise JobFailed(
-                    f"loss became NaN at step {self.step + 1}; lower the learning rate (now "
-                    f"{spec.optimizer.lr:g}) or use bf16/fp32 instead of fp16. Nothing was saved after this step.",
-                    reason="nan",
-                )
-            total += value
+            total += loss.detach().float()
             scaled = loss / spec.grad_accum
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
         if spec.optimizer.max_grad_norm:
@@ -243,17 +258,53 @@ class Trainer:
                 self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.params, spec.optimizer.max_grad_norm)
         self.last_lr = current_lrs(self.optimizer)[0]  # the rate this step used (the schedule moves on below)
+        skipped = False
         if self.scaler:
-            self.scaler.step(self.optimizer)
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)  # skips the update when the gradients hold inf/NaN
             self.scaler.update()
+            skipped = self.scaler.get_scale() < scale  # update() lowers the scale exactly when it skipped
         else:
             self.optimizer.step()
-        self.lr_scheduler.step()
+        if not skipped:
+            self.lr_scheduler.step()  # a skipped step does not move the schedule on
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        if skipped:
+            self._skipped_step()
+            return None
+        self.skipped_in_a_row = 0
         return total / spec.grad_accum
 
+    def _skipped_step(self) -> None:
+        self.skipped_steps += 1
+        self.skipped_in_a_row += 1
+        assert self.scaler is not None
+        if self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+            raise JobFailed(
+                f"training diverged: fp16 overflowed (inf/NaN gradients) {self.skipped_in_a_row} steps in a row, up "
+                f"to step {self.step}, and every one was skipped. Lower the learning rate (now "
+                f"{self.spec.optimizer.lr:g}) or use bf16 (RTX 30xx / A100 and newer) or fp32. Nothing was saved "
+                "after the last good step.", reason="nan")
+        self.log(f"step {self.step} skipped: fp16 overflow (inf/NaN gradients); the loss scale drops to "
+                 f"{self.scaler.get_scale():g} and the learning-rate schedule waits", "warning")
+
+    def _flush_losses(self) -> None:
+        """Read the pending step losses off the device in one go (one sync); without GradScaler a non-finite loss
+        is divergence and fails the job before anything is saved."""
+        if not self._pending:
+            return
+        values = torch.stack([t for _, t in self._pending]).tolist()
+        pending, self._pending = self._pending, []
+        for (step, _), value in zip(pending, values, strict=True):
+            if not math.isfinite(value):
+                raise JobFailed(
+                    f"loss became NaN at step {step}; lower the learning rate (now {self.spec.optimizer.lr:g}) or "
+                    "use bf16/fp32 instead of fp16. Nothing was saved after this step.", reason="nan")
+            self.loss_history.append([step, value])
+
     def _check_finite_weights(self) -> None:
+        self._flush_losses()
         for p in self.params:
             if not torch.isfinite(p.detach()).all():
                 raise JobFailed(
@@ -261,8 +312,6 @@ class Trainer:
                     f"{self.spec.optimizer.lr:g}) or use bf16/fp32 instead of fp16. Nothing was saved.",
                     reason="nan",
                 )
-
-    # -- outputs --
 
     # -- outputs --
 
@@ -280,6 +329,7 @@ class Trainer:
         return path
 
     def save_loss(self) -> dict[str, str]:
+        self._flush_losses()
         if not self.loss_history:
             return {}
         js, png = out.save_loss(self.loss_history, self.out_dir, f"{self.spec.output_name}: loss")
@@ -295,13 +345,16 @@ class Trainer:
             self.base, network, prompts, self.job_dir / "samples", step))
         if not self.sample_hook and not prompts:
             return
+        self._flush_losses()  # no time spent rendering a run that already diverged
         modes = {id(m): m.training for m in [self.base.unet, *self.base.text_encoders]}
+        self.text_encoders_to(self.device)
         try:
             if hasattr(self.network, "set_multiplier"):
                 self.network.set_multiplier(1.0)
             with torch.no_grad(), self._autocast():
                 paths = [str(p) for p in hook(self.step, self.network)]
         finally:
+            self.text_encoders_to("cpu")
             for m in [self.base.unet, *self.base.text_encoders]:
                 m.train(modes[id(m)])
         for i, p in enumerate(paths):
@@ -350,14 +403,17 @@ class Trainer:
             if self.should_stop():
                 self.cancel()
             loss = self.train_step()
-            self.loss_history.append([self.step, loss])
+            if loss is not None:
+                self._pending.append((self.step, loss))
             now = time.monotonic()
             if now - last_emit >= PROGRESS_EVERY_S or self.step == spec.steps:
                 last_emit = now
+                self._flush_losses()  # the one GPU sync for the losses: at progress-event cadence
                 sps = (self.step - s0) / max(now - t0, 1e-9)
-                window = [v for _, v in self.loss_history[-SMOOTH_WINDOW:]]
+                window = [v for _, v in self.loss_history[-SMOOTH_WINDOW:]] or [math.nan]
+                raw = self.loss_history[-1][1] if self.loss_history else math.nan
                 self.emit(event("progress", step=self.step, total=spec.steps, loss=sum(window) / len(window),
-                                loss_raw=loss, lr=self.last_lr, steps_per_s=sps,
+                                loss_raw=raw, lr=self.last_lr, steps_per_s=sps,
                                 eta_s=(spec.steps - self.step) / sps if sps > 0 else None))
             if spec.save_every_n_steps and self.step % spec.save_every_n_steps == 0 and self.step < spec.steps:
                 self.intermediate.append(str(self.save_lora(f"{spec.output_name}-step{self.step:08d}")))
@@ -379,7 +435,7 @@ class Trainer:
             "first_loss": losses[0] if losses else None,
             "final_loss": sum(losses[-SMOOTH_WINDOW:]) / len(losses[-SMOOTH_WINDOW:]) if losses else None,
             "device": str(self.device), "prediction_type": self.prediction_type,
-            "lora_bytes": lora.stat().st_size,
+            "lora_bytes": lora.stat().st_size, "skipped_steps": self.skipped_steps,
         }
         self.emit(event("finished", outputs=outputs, summary=summary))
         return outputs

@@ -175,6 +175,11 @@ def ensure_class_images(
             raise JobCancelled(f"stopped while generating class images ({done - 1} of {len(todo)} done)")
         s = class_seed(seed, i)
         img = render(prompt, s, size, size)
+        if is_blank(img):  # trained on as regularisation, a black image would teach the class "black"
+            raise JobFailed(
+                f"class image {i} for {prompt!r} came out all black (the model produced NaN/inf; with fp16 this is "
+                "usually an overflow): it was not saved. Set mixed_precision to bf16 or no (fp32), or give your own "
+                f"class images in class_dir ({folder})", reason="nan")
         png = folder / f"class_{i:05d}.png"
         atomic.write_text(png.with_suffix(".txt"), prompt + "\n")
         atomic.write_with(png, lambda p, img=img: img.save(p, format="PNG"))
@@ -223,6 +228,11 @@ def prepare_class_images(concepts: Sequence[Concept], base: BaseModel, base_mode
             for m in modules:
                 m.to("cpu")
     return out
+
+
+def is_blank(img: Image.Image, threshold: int = 4) -> bool:
+    """True for an all-black image (what NaN latents decode to once converted to 8-bit pixels)."""
+    return max(hi for _, hi in img.convert("RGB").getextrema()) <= threshold
 
 
 def _check_manifest(folder: Path, base_model_id: str, prompt: str, on_event: EventSink) -> None:
