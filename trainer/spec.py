@@ -292,6 +292,9 @@ class MergeSpec(_Strict):
     inputs: list[MergeInput] = Field(min_length=1, max_length=16)
     rank: int | Literal["auto"] = "auto"
     conv_rank: int | Literal["auto"] = "auto"
+    # "auto": exact where the rank allows, clamped only where fp16 storage would overflow; true: kohya's
+    # svd_merge_lora.py clamp of both factors to their `clamp_quantile` quantile; false: never clamped.
+    clamp: bool | Literal["auto"] = "auto"
     clamp_quantile: float | None = Field(0.99, gt=0, le=1.0)
     base_model: str | None = None  # checked for compatibility; required for a checkpoint merge or a grid
     into_checkpoint: bool = False
