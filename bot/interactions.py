@@ -319,17 +319,39 @@ async def announce_job(
     return Submitted(job, dest_id, position, eta)
 
 
+def _attachment_text(name: str, data: bytes) -> str:
+    if len(data) > 256 * 1024:
+        raise InvalidInput(f"`{name}` is too big for a job file (256 KiB at most).")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInput(f"`{name}` is not UTF-8 text.", "Save it as UTF-8 and attach it again.") from None
+
+
 def parse_toml_attachment(name: str, data: bytes) -> dict[str, Any]:
     """A job file attached to a command. Size and encoding problems are the user's to fix."""
     from trainer.spec import load_toml_text  # torch-free
 
-    if len(data) > 256 * 1024:
-        raise InvalidInput(f"`{name}` is too big for a job file (256 KiB at most).")
+    return load_toml_text(_attachment_text(name, data), source=name)
+
+
+def read_job_attachment(name: str, data: bytes) -> tuple[dict[str, Any], str]:
+    """A job file attached to /train, or a kohya config (TOML/JSON) or command line (.txt/.sh), translated:
+    (spec values, a note saying what was imported and what was not; "" for a job file)."""
+    from trainer.kohya_import import import_kohya_text  # torch-free
+    from trainer.kohya_read import KohyaImportError, is_kohya_text
+
+    text = _attachment_text(name, data)
+    if not is_kohya_text(name, text):
+        return parse_toml_attachment(name, data), ""
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise InvalidInput(f"`{name}` is not UTF-8 text.", "Save it as UTF-8 and attach it again.") from None
-    return load_toml_text(text, source=name)
+        result = import_kohya_text(name, text, for_bot=True)
+    except KohyaImportError as e:
+        raise InvalidInput(f"`{name}` looks like a kohya config, but: {e}.") from None
+    skipped = [*result.untranslated, *(f"{k} (not needed)" for k in result.not_needed)]
+    note = f"\nImported {len(result.translated)} settings from the kohya config `{name}`"
+    note += f"; not translated: {clip('; '.join(skipped), 300)}" if skipped else "."
+    return result.values, note
 
 
 def spec_summary(spec_json: str | dict[str, Any]) -> str:
@@ -437,6 +459,7 @@ __all__ = [
     "maybe_await",
     "open_destination",
     "parse_toml_attachment",
+    "read_job_attachment",
     "spec_summary",
     "submit_job",
 ]

@@ -34,7 +34,7 @@ from bot.interactions import (
     download_attachments,
     ensure_deferred,
     list_base_models,
-    parse_toml_attachment,
+    read_job_attachment,
     spec_summary,
     submit_job,
 )
@@ -392,7 +392,7 @@ class Train(commands.Cog):
         train_text_encoder="Also train the text encoder",
         sample_prompt="Render this prompt with the LoRA at the end",
         output_name="File name of the LoRA",
-        job_file="A TOML job file for every other setting (the CLI's format; [difference] for pass 2 etc.)",
+        job_file="A TOML job file for every other setting, or a kohya sd-scripts config or command line",
     )
     @app_commands.autocomplete(dataset=_dataset_ac, base_model=base_model_choices)
     @app_commands.choices(optimizer=OPTIMIZER_CHOICES, scheduler=SCHEDULER_CHOICES, mode=MODE_CHOICES)
@@ -428,11 +428,12 @@ class Train(commands.Cog):
         bot.access.require_trainer(interaction)
         await ensure_deferred(interaction, ephemeral=True)
         file_values: dict[str, Any] = {}
+        imported = ""  # what a kohya config gave, and what it could not
         if job_file is not None:
             files, refused = await download_attachments([job_file], max_bytes=256 * 1024)
             if refused:
                 raise InvalidInput(f"`{refused[0][0]}` {refused[0][1]}.")
-            file_values = parse_toml_attachment(*files[0])
+            file_values, imported = read_job_attachment(*files[0])
         chosen_preset = preset or file_values.get("preset")
         options = {
             "base_model": base_model, "steps": steps, "dim": dim, "alpha": alpha, "conv_dim": conv_dim,
@@ -464,7 +465,7 @@ class Train(commands.Cog):
                 c.class_prompt = words[1] or None  # the regularization prompt for prior preservation
         plan = _memory_plan_line(bot, spec)
         await submit_job(interaction, kind="train", spec=spec, title=f"{spec.output_name} on {ds.name}",
-                         summary=f"Settings: {spec_summary(spec.model_dump(mode='json'))}{plan}")
+                         summary=f"Settings: {spec_summary(spec.model_dump(mode='json'))}{plan}{imported}")
 
     async def _train_difference(
         self,

@@ -138,6 +138,19 @@ def _too_many_pixels(limits: IntakeLimits) -> str:
     )
 
 
+# EXIF orientations (tag 0x0112) that turn the image by 90 degrees: shown (and trained, see trainer.data.images) with
+# width and height swapped.
+SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
+
+
+def _orientation(img: Image.Image) -> int | None:
+    """The EXIF orientation from the header (no pixels decoded); None when absent or unreadable."""
+    try:
+        return img.getexif().get(0x0112)
+    except Exception:  # noqa: BLE001 - a damaged EXIF block is not the image's problem; the pixels are checked below
+        return None
+
+
 def check_image(name: str, data: bytes, limits: IntakeLimits | None = None) -> CheckedImage:
     """Validate one image; raises IntakeError naming the file and the problem."""
     limits = limits or IntakeLimits()
@@ -166,6 +179,8 @@ def check_image(name: str, data: bytes, limits: IntakeLimits | None = None) -> C
     with img:
         fmt = img.format or ""
         width, height = img.size
+        if _orientation(img) in SWAPPING_ORIENTATIONS:  # a phone photo shown rotated: checked and recorded as shown
+            width, height = height, width
         if fmt not in FORMAT_EXT:  # belt and braces: formats= already restricts this
             raise IntakeError(name, f"is a {fmt or 'unknown'} image; accepted: {', '.join(ALLOWED_FORMATS)}")
         if width > limits.max_width or height > limits.max_height:

@@ -20,7 +20,8 @@ ALLOWED = {
 }
 # What of the engine the bot side may import at load time: the torch-free parts.
 TORCH_FREE = ("trainer.spec", "trainer.events", "trainer.atomic", "trainer.format.header", "trainer.format.checkpoint",
-              "trainer.plan", "trainer.models.refs")
+              "trainer.plan", "trainer.models.refs", "trainer.kohya_import",
+              "trainer.kohya_read")
 
 
 def _module_name(path: Path) -> str:

@@ -238,6 +238,9 @@ class TrainSpec(_Strict):
     # SD1.x/SD2.x on a GPU (SD1.5 at 512 px with half-precision weights and cached latents fits 8 GB, and
     # checkpointing costs ~35% more compute) and off on CPU. True/False force it.
     gradient_checkpointing: bool | None = None
+    # Attention: PyTorch SDPA (torch >= 2 picks flash / memory-efficient kernels itself, as fast and as lean as
+    # xformers). True uses xformers' memory-efficient attention on a GPU when it is installed (opt-in).
+    xformers: bool = False
     seed: int = Field(1111, ge=0, le=2**32 - 1)
     # Loss and noise options, kohya sd-scripts' names and maths (trainer.train.losses / noise; docs/training.md).
     min_snr_gamma: float | None = Field(None, gt=0, le=100)

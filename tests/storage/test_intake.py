@@ -345,3 +345,19 @@ def test_contact_sheet() -> None:
 
 def test_contact_sheet_empty() -> None:
     assert Image.open(io.BytesIO(contact_sheet([]))).format == "PNG"
+
+
+def test_exif_rotated_image_is_checked_and_recorded_as_shown() -> None:
+    """A 64x48 phone photo with EXIF orientation 6 is shown (and trained) 48x64: that is what intake records."""
+    buf = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (64, 48), (10, 120, 200)).save(buf, "JPEG", exif=exif)
+    data = buf.getvalue()
+    limits = IntakeLimits(min_side=16)
+    checked = check_image("phone.jpg", data, limits)
+    assert (checked.width, checked.height) == (48, 64)
+    accepted = ingest_uploads([("phone.jpg", data)], limits).accepted[0]
+    assert (accepted.width, accepted.height) == (48, 64) and accepted.data == data  # bytes kept as uploaded
+    with pytest.raises(IntakeError, match="48x64"):  # the limits judge the shown size too
+        check_image("phone.jpg", data, IntakeLimits(min_side=16, max_width=50, max_height=60))

@@ -79,3 +79,21 @@ def test_a_job_that_does_not_fit_the_card_is_refused(monkeypatch: pytest.MonkeyP
     assert "out of GPU memory on cuda:0" in line and "your card has" in line and "To fit" in line
     line = _refused(capsys, "train", "--images", str(IMAGES), "--device", "cuda:3", "--out", str(tmp_path / "job"))
     assert "has 1 CUDA GPU" in line
+
+
+def test_a_failure_after_loading_is_printed_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "broken.safetensors"  # passes the name checks; the loader refuses its bytes
+    bad.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00garbage!")
+    rc = main(["train", "--images", str(IMAGES), "--prompt", "x", "--base", str(bad), "--resolution", "64",
+               "--device", "cpu", "--out", str(tmp_path / "job")])
+    out, err = capsys.readouterr()
+    assert rc == 1 and "failed" not in out
+    assert err.count("failed: ") == 1 and "broken.safetensors" in err
+
+
+def test_difference_pairs_are_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    job = tmp_path / "diff.toml"
+    job.write_text(f'mode = "difference"\n[difference]\n[[difference.pairs]]\noriginal = "{IMAGES / "scs_0.png"}"\n'
+                   f'target = "{tmp_path / "gone.png"}"\n')
+    line = _refused(capsys, "run", str(job), "--device", "cpu", "--out", str(tmp_path / "job"))
+    assert "the target image" in line and "gone.png does not exist" in line

@@ -85,9 +85,12 @@ def test_fp16_resume_restores_the_loss_scale(tmp_path: Path, dataset: Path, make
     s = stop_after(4)
     with pytest.raises(JobCancelled):
         Trainer(spec, tmp_path / "job", s.sink, s.stop).run()
-    resumed = Trainer(spec, tmp_path / "job")
+    events: list[dict[str, Any]] = []
+    resumed = Trainer(spec, tmp_path / "job", events.append)
     res_w = load_file(resumed.run()["lora"])
     assert resumed.resumed_from == 4
+    notes = [e["message"] for e in events if e["type"] == "log" and "resumed from step 4" in e["message"]]
+    assert len(notes) == 1 and "same data order" in notes[0] and "bit-exact" in notes[0]  # what a resume keeps
     assert resumed.scaler.get_scale() == full.scaler.get_scale() == 2.0**15
     assert resumed.lr_scheduler.last_epoch == full.lr_scheduler.last_epoch == 5
     assert all(torch.equal(res_w[k], full_w[k]) for k in full_w)

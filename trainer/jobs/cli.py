@@ -4,10 +4,13 @@
       options map onto the spec, so no job file is needed:
       --images DIR --prompt "chibi scs girl" --base tiny-sd15 --steps 500 --dim 16 --alpha 8 --lr 1e-4
       --optimizer AdamW8bit --resolution 512 --preset sd15-8gb --name my_lora --out DIR [--device cuda]
+      --epochs 10 --save-every-n-epochs 2 (instead of --steps)  --sample-prompt "..." (repeatable) --sample-every 100
   python -m trainer run JOB.toml [--set ...] [options] the same; also runs merge and preview job files
   python -m trainer demo [--out DIR] [--steps 60]      train the built-in tiny SD1.5 on generated images (~1 min, CPU)
   python -m trainer validate JOB.toml [--set ...]      print the fully resolved spec, or what is wrong
   python -m trainer presets                            list the presets
+  python -m trainer import-kohya FILE [--out job.toml]  translate a kohya sd-scripts config or command line
+  python -m trainer docs [--check]                     write docs/job-file.md (every job-file setting) from the spec
   python -m trainer inspect file.safetensors           check a LoRA file and summarise it
   python -m trainer plan [JOB.toml] [--preset P] [--arch sdxl] [--vram 10GiB]
                                                        predict the job's peak GPU memory (exit 1: does not fit)
@@ -218,6 +221,10 @@ def option_values(args: argparse.Namespace, base: dict[str, Any] | None = None) 
         v = getattr(args, opt, None)
         if v is not None:
             _set_path(out, field, v)
+    if getattr(args, "sample_prompt", None):
+        _set_path(out, "sample.prompts", [{"prompt": p} for p in args.sample_prompt])
+    if getattr(args, "sample_every", None) is not None:
+        _set_path(out, "sample.every_n_steps", args.sample_every)
     if getattr(args, "images", None) is not None:
         out["concepts"] = [{"image_dir": str(args.images), "instance_prompt": args.prompt or ""}]
     elif getattr(args, "prompt", None) is not None:
@@ -252,6 +259,13 @@ def _add_train_options(sp: argparse.ArgumentParser, job_required: bool) -> None:
     g.add_argument("--preset", default=None, help="start from a preset (python -m trainer presets)")
     for opt, (_, helptext) in OPTION_FIELDS.items():
         g.add_argument(f"--{opt.replace('_', '-')}", dest=opt, type=_TYPES.get(opt, str), default=None, help=helptext)
+    g.add_argument("--sample-prompt", action="append", default=None, metavar="PROMPT",
+                   help="render this prompt while training and at the end (repeatable); files samples/stepN_I.png")
+    g.add_argument("--sample-every", type=int, default=None, metavar="N", help="render the samples every N steps")
+    g.add_argument("--epochs", type=int, default=None, metavar="N",
+                   help="train N epochs instead of --steps (an epoch: every image x its repeats once)")
+    g.add_argument("--save-every-n-epochs", type=int, default=None, metavar="N",
+                   help="also save the LoRA every N epochs")
     sp.add_argument("--out", "--job-dir", dest="job_dir", type=Path, default=None,
                     help="the job folder: outputs/ (the LoRA, loss curve), samples/, state/ (default runs/NAME-TIME)")
     sp.add_argument("--models-dir", type=Path, default=None)
@@ -272,6 +286,10 @@ def _build_spec(args: argparse.Namespace) -> Any:
     spec = resolve_job(values, args.preset)
     if args.cmd == "train" and getattr(spec, "kind", "train") != "train":
         raise SpecError([("kind", f"`train` runs train jobs; run this {spec.kind} job with `python -m trainer run`")])
+    if args.epochs is not None or args.save_every_n_epochs is not None:
+        from trainer.jobs.cli_tools import apply_epochs
+
+        apply_epochs(spec, args)
     return spec
 
 
@@ -307,6 +325,12 @@ def main(argv: list[str] | None = None) -> int:
                     "(default: the base model's)")
     sp.add_argument("--vram", default=None, help="the card's memory, e.g. 10GiB (default: this machine's GPU)")
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    sp = sub.add_parser("import-kohya", help="translate a kohya sd-scripts config or command line into a job file")
+    sp.add_argument("file", type=Path, help="a --config_file/dataset TOML, a kohya_ss JSON, or a .txt/.sh/.bat "
+                    "holding an `accelerate launch train_network.py --...` command line")
+    sp.add_argument("--out", type=Path, default=None, help="write the job file here (default: print it)")
+    sp = sub.add_parser("docs", help="write docs/job-file.md, the job-file reference, from the spec")
+    sp.add_argument("--check", action="store_true", help="only check that the file is up to date (exit 1 if not)")
     args = p.parse_args(argv)
     if args.cmd in ("train", "run", "demo"):
         _quiet_library_bars()
@@ -328,8 +352,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.cmd == "demo":
             return _demo(args)
+        if args.cmd in ("docs", "import-kohya"):
+            from trainer.jobs.cli_tools import docs_command, import_kohya_command
+
+            return docs_command(args) if args.cmd == "docs" else import_kohya_command(args)
         if args.cmd == "plan":
-            return _plan(args)
+            from trainer.jobs.cli_tools import plan_command
+
+            return plan_command(args)
         if args.cmd == "validate":
             spec = resolve_job(deep_merge(load_toml_text(read_job_text(args.job), source=str(args.job)),
                                           parse_set(args.set)))
@@ -366,49 +396,6 @@ def main(argv: list[str] | None = None) -> int:
         for field, msg in e.problems:
             print(f"  {field or '(file)'}{_option_hint(field)}: {msg}", file=sys.stderr)
         return 2
-
-
-def _plan(args: argparse.Namespace) -> int:
-    from trainer.plan import PlanError, parse_size, plan_job
-    from trainer.spec import TrainSpec, preset_values
-
-    try:
-        card = parse_size(args.vram) if args.vram else _local_card_bytes()
-        values: dict[str, Any] = {}
-        if args.job is not None:
-            values = load_toml_text(read_job_text(args.job), source=str(args.job))
-        elif args.preset is None:
-            raise SpecError([("", "give a job file or --preset NAME")])
-        values = deep_merge(values, parse_set(args.set))
-        preset = args.preset or values.get("preset")
-        probe = deep_merge(preset_values(preset), values) if preset else values
-        if probe.get("mode") == "difference" and not (probe.get("difference") or {}).get("pairs"):
-            # The images do not change the plan: a preset or a job without its pairs yet is planned as one pair.
-            values = deep_merge(values, {"difference": {"pairs": [{"original": "-", "target": "-"}]}})
-        spec = resolve_job(values, preset)
-        if not isinstance(spec, TrainSpec):
-            raise SpecError([("kind", f"plan is for train jobs; this is a {spec.kind} job")])
-        plan = plan_job(spec, arch=args.arch, card_bytes=card)
-    except (PlanError, PreflightError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(plan.message())
-    print(plan.table_text())
-    for note in plan.notes:
-        print(f"note: {note}")
-    return 1 if plan.fits is False else 0
-
-
-def _local_card_bytes() -> int | None:
-    """This machine's first GPU's memory, None without one (the plan then says nothing about fitting)."""
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return int(torch.cuda.get_device_properties(0).total_memory)
-    except Exception:  # noqa: BLE001 - no usable torch/CUDA: no card to compare with
-        pass
-    return None
 
 
 def _quiet_library_bars() -> None:

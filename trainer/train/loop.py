@@ -17,8 +17,9 @@ step (difference training applies its frozen copier there); `extra_metadata` is 
 Determinism (exact resume): nothing here draws from a global RNG stream that carries over between steps.
 Step s (micro-batch a) draws its noise, noise offset and timesteps from a generator seeded with
 (seed, s, a); the global torch seed is reset to (seed, s) at the start of each step for anything else
-(network dropout); the data order is a function of (seed, epoch). So a run resumed from a state saved at
-step k ends with exactly the weights of a run that was never interrupted.
+(network dropout); the data order is a function of (seed, epoch). So on CPU a run resumed from a state saved
+at step k ends with exactly the weights of a run that was never interrupted; on a GPU the inputs are the same but
+the kernels are not bit-deterministic (README, "What a resume reproduces"; the resume is logged saying which).
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ class Trainer:
         self.scaler: torch.amp.GradScaler | None = None
         self.skipped_steps = 0  # fp16 steps GradScaler skipped (inf/NaN gradients)
         self.te_offloaded = False  # text encoders moved off the GPU once their outputs were cached
+        self._pending: list[tuple[int, torch.Tensor]] = []  # (step, loss on the device) not read yet
         self.skipped_in_a_row = 0
 
     def log(self, message: str, level: str = "info") -> None:
@@ -137,7 +139,7 @@ class Trainer:
             m.to(self.device)  # BaseModel.to(dtype=None) makes diffusers warn about dtypes
         self.train_te = spec.network.train_text_encoder
         self.gradient_checkpointing, self.attention = pr.setup_modes(
-            self.base, spec.network.train_unet, self.train_te, spec.gradient_checkpointing, self.device)
+            self.base, spec.network.train_unet, self.train_te, spec.gradient_checkpointing, self.device, spec.xformers)
         self.log(pr.resolution_summary(self.device, spec.mixed_precision, self.mixed_precision,
                                        spec.gradient_checkpointing, self.gradient_checkpointing, self.base.arch,
                                        self.attention))
@@ -159,6 +161,7 @@ class Trainer:
             self.intermediate = list(s.extra.get("intermediate", []))
             self.skipped_steps = int(s.extra.get("skipped_steps", 0))
             self.skipped_in_a_row = int(s.extra.get("skipped_in_a_row", 0))
+            self.log(st.resume_note(self.device, s.step))
         if self.prepare_base is not None:
             self.prepare_base(self.base)
 
@@ -243,21 +246,16 @@ class Trainer:
         return L.step_loss(pred, target, ts, self.noise_scheduler, self.snr_table, self.prediction_type,
                            L.LossOptions.from_spec(spec), b.loss_weight)
 
-    def train_step(self) -> float | None:
-        """One optimizer step; its mean loss, or None when fp16 overflowed and GradScaler skipped the step."""
+    def train_step(self) -> torch.Tensor | None:
+        """One optimizer step; its mean loss as a 0-d tensor on the device, or None when fp16 overflowed and
+        GradScaler skipped the step. The value is read later, with others (`_flush_losses`): float() here would
+        make the CPU wait for the GPU every micro-step."""
         spec = self.spec
         torch.manual_seed(derive_seed(spec.seed, "global", self.step))  # dropout and anything else global
-        total = 0.0
+        total = torch.zeros((), device=self.device)
         for micro in range(spec.grad_accum):
             loss = self.micro_step_loss(self.step, micro)
-            value = float(loss.detach())
-            if not math.isfinite(value) and self.scaler is None:  # under GradScaler: a skipped step, below
-                raise JobFailed(
-                    f"loss became NaN at step {self.step + 1}; lower the learning rate (now "
-                    f"{spec.optimizer.lr:g}) or use bf16/fp32 instead of fp16. Nothing was saved after this step.",
-                    reason="nan",
-                )
-            total += value
+            total += loss.detach().float()
             scaled = loss / spec.grad_accum
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
         if spec.optimizer.max_grad_norm:
@@ -296,7 +294,22 @@ class Trainer:
         self.log(f"step {self.step} skipped: fp16 overflow (inf/NaN gradients); the loss scale drops to "
                  f"{self.scaler.get_scale():g} and the learning-rate schedule waits", "warning")
 
+    def _flush_losses(self) -> None:
+        """Read the pending step losses off the device in one go (one sync); without GradScaler a non-finite loss
+        is divergence and fails the job before anything is saved."""
+        if not self._pending:
+            return
+        values = torch.stack([t for _, t in self._pending]).tolist()
+        pending, self._pending = self._pending, []
+        for (step, _), value in zip(pending, values, strict=True):
+            if not math.isfinite(value):
+                raise JobFailed(
+                    f"loss became NaN at step {step}; lower the learning rate (now {self.spec.optimizer.lr:g}) or "
+                    "use bf16/fp32 instead of fp16. Nothing was saved after this step.", reason="nan")
+            self.loss_history.append([step, value])
+
     def _check_finite_weights(self) -> None:
+        self._flush_losses()
         for p in self.params:
             if not torch.isfinite(p.detach()).all():
                 raise JobFailed(
@@ -321,6 +334,7 @@ class Trainer:
         return path
 
     def save_loss(self) -> dict[str, str]:
+        self._flush_losses()
         if not self.loss_history:
             return {}
         js, png = out.save_loss(self.loss_history, self.out_dir, f"{self.spec.output_name}: loss")
@@ -336,6 +350,7 @@ class Trainer:
             self.base, network, prompts, self.job_dir / "samples", step))
         if not self.sample_hook and not prompts:
             return
+        self._flush_losses()  # no time spent rendering a run that already diverged
         modes = {id(m): m.training for m in [self.base.unet, *self.base.text_encoders]}
         self.text_encoders_to(self.device)
         try:
@@ -394,10 +409,11 @@ class Trainer:
                 self.cancel()
             loss = self.train_step()
             if loss is not None:
-                self.loss_history.append([self.step, loss])
+                self._pending.append((self.step, loss))
             now = time.monotonic()
             if now - last_emit >= PROGRESS_EVERY_S or self.step == spec.steps:
                 last_emit = now
+                self._flush_losses()  # the one GPU sync for the losses: at progress-event cadence
                 sps = (self.step - s0) / max(now - t0, 1e-9)
                 window = [v for _, v in self.loss_history[-SMOOTH_WINDOW:]] or [math.nan]
                 raw = self.loss_history[-1][1] if self.loss_history else math.nan

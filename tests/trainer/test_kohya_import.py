@@ -1,0 +1,112 @@
+"""`python -m trainer import-kohya`: kohya sd-scripts configs and command lines (examples from its docs, in
+tests/trainer/data/kohya) become job files that train, with a short report of what was not translated."""
+
+from __future__ import annotations
+
+import shutil
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from bot.interactions import read_job_attachment
+from trainer.format.kohya import read_kohya
+from trainer.jobs.cli import main
+from trainer.kohya_read import parse_command_line
+
+ROOT = Path(__file__).resolve().parents[2]
+DATA = Path(__file__).resolve().parent / "data" / "kohya"
+IMAGES = ROOT / "examples" / "images"
+TINY = ["--set", "base_model=tiny-sd15", "--set", "steps=2", "--set", "data.resolution=64", "--set", "batch_size=1",
+        "--set", "save_every_n_steps=0", "--device", "cpu"]
+
+
+@pytest.fixture
+def kohya_dir(tmp_path: Path) -> Path:
+    """The example files with the folders they name: images/ (dataset config), train/3_scs girl/ (train_data_dir)."""
+    d = tmp_path / "kohya"
+    shutil.copytree(DATA, d)
+    shutil.copytree(IMAGES, d / "images")
+    shutil.copytree(IMAGES, d / "train" / "3_scs girl")
+    return d
+
+
+def _import(capsys: pytest.CaptureFixture[str], src: Path) -> tuple[dict, str]:
+    job = src.with_suffix(".job.toml")
+    assert main(["import-kohya", str(src), "--out", str(job)]) == 0
+    report = capsys.readouterr().out
+    return tomllib.loads(job.read_text()), report
+
+
+def _train(capsys: pytest.CaptureFixture[str], job: Path, out: Path, *extra: str) -> Path:
+    rc = main(["run", str(job), *TINY, *extra, "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err[-2000:]
+    return out
+
+
+def test_the_docs_command_line_with_its_dataset_config(kohya_dir: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    job, report = _import(capsys, kohya_dir / "train_network.sh")
+    assert job["network"] == {"dim": 16, "alpha": 1.0, "conv_dim": 4, "conv_alpha": 1.0, "train_text_encoder": True}
+    assert job["optimizer"] == {"lr": 1e-4, "name": "AdamW8bit", "scheduler": "constant"}
+    assert job["mixed_precision"] == "fp16" and job["gradient_checkpointing"] is True and job["output_name"] == "my_lora"
+    c = job["concepts"][0]
+    assert Path(c["image_dir"]) == kohya_dir / "images" and c["repeats"] == 2 and c["instance_prompt"] == "scs girl"
+    assert job["batch_size"] == 4 and job["data"] == {"keep_tokens": 2, "shuffle_tags": True, "resolution": 512}
+    # 4 images x 2 repeats / batch 4 = 2 steps an epoch: 10 epochs, a LoRA every epoch
+    assert job["steps"] == 20 and job["save_every_n_steps"] == 2
+    assert "not needed here: " in report and "sdpa" in report and "not translated" not in report
+    out = _train(capsys, kohya_dir / "train_network.job.toml", tmp_path / "run1", "--set", "optimizer.name=AdamW",
+                 "--set", "mixed_precision=no")
+    md = read_kohya(out / "outputs" / "my_lora.safetensors").metadata
+    assert md["ss_network_dim"] == "16" and md["ss_network_alpha"] == "1"
+    assert "conv_dim" in md.get("ss_network_args", "")
+
+
+def test_a_config_file_in_sections_with_repeat_folders(kohya_dir: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    job, report = _import(capsys, kohya_dir / "config_file.toml")
+    assert job["base_model"] == "/models/Stable-diffusion/v1-5-pruned-emaonly.safetensors"
+    assert job["network"]["conv_dim"] == 8 and job["network"]["text_encoder_lr"] == 5e-5
+    assert job["optimizer"]["lr"] == 1e-4 and job["optimizer"]["name"] == "Lion"  # unet_lr wins, as in kohya
+    assert job["optimizer"]["scheduler"] == "cosine_with_restarts" and job["optimizer"]["num_cycles"] == 3
+    assert job["concepts"] == [{"image_dir": str(kohya_dir / "train" / "3_scs girl"), "repeats": 3,
+                                "instance_prompt": "scs girl", "caption_mode": "caption_only"}]
+    assert job["steps"] == 24 and job["save_every_n_steps"] == 12  # 4 images x 3 repeats / batch 2 = 6 an epoch
+    assert job["data"]["bucketing"] is True and job["min_snr_gamma"] == 5.0 and job["seed"] == 42
+    assert "not translated: clip_skip = 2" in report
+    _train(capsys, kohya_dir / "config_file.job.toml", tmp_path / "run2", "--set", "mixed_precision=no",
+           "--set", "data.bucketing=false")
+    assert (tmp_path / "run2" / "outputs" / "scs-style v2.safetensors").is_file()
+
+
+def test_the_config_readme_dataset_example_says_what_it_left_out(kohya_dir: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    job, report = _import(capsys, kohya_dir / "config_readme.toml")
+    assert [c["instance_prompt"] for c in job["concepts"]] == ["hoge girl", "fuga boy"]
+    assert job["concepts"][0]["image_dir"] == "C:\\hoge"  # a Windows path is kept as written
+    assert "2 datasets" in report and "is_reg" in report and "keep_tokens = 3" in report
+    # The folders are on the user's other machine: --images points at this one's.
+    _train(capsys, kohya_dir / "config_readme.job.toml", tmp_path / "run3", "--images", str(IMAGES))
+    assert (tmp_path / "run3" / "outputs" / "lora.safetensors").is_file()
+
+
+def test_command_lines_as_saved_on_windows() -> None:
+    text = ('accelerate launch train_network.py ^\n --train_data_dir="C:\\data\\train" ^\n'
+            ' --network_args "conv_dim=4" "conv_alpha=1" --network_train_unet_only --resolution 768,768\n')
+    args = parse_command_line(text)
+    assert args == {"train_data_dir": "C:\\data\\train", "network_args": ["conv_dim=4", "conv_alpha=1"],
+                    "network_train_unet_only": True, "resolution": "768,768"}
+
+
+def test_train_job_file_takes_a_kohya_config() -> None:
+    """/train job_file: a kohya config is translated; the bot's dataset gives the images; a model path keeps its
+    file name, which is looked up in the bot's model list."""
+    values, note = read_job_attachment("config_file.toml", (DATA / "config_file.toml").read_bytes())
+    assert values["network"]["dim"] == 32 and values["base_model"] == "v1-5-pruned-emaonly.safetensors"
+    assert "clip_skip" in note and "max_train_epochs" in note  # the epochs cannot be counted without the folders
+    job = b'base_model = "tiny-sd15"\nsteps = 5\n'
+    assert read_job_attachment("job.toml", job) == ({"base_model": "tiny-sd15", "steps": 5}, "")
+    values, note = read_job_attachment("run.sh", (DATA / "train_network.sh").read_bytes())
+    assert values["optimizer"]["name"] == "AdamW8bit" and "Imported" in note

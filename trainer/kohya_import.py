@@ -1,0 +1,450 @@
+"""kohya sd-scripts settings -> a job spec: what has an equivalent is translated, the rest is listed.
+
+The three forms kohya users have are read by trainer.kohya_read: a training config (TOML/JSON), a dataset config
+(also one named by ``dataset_config``) and a command line. ``import_kohya(path)`` -> ``KohyaImport`` (the spec values, what was translated, not needed, not translated).
+
+Torch-free: the bot uses it for a kohya config attached as ``/train job_file:``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainer.kohya_read import (
+    KohyaImportError,
+    looks_like_kohya,
+    read_kohya_file,
+    read_kohya_text,
+)
+from trainer.spec import OPTIMIZERS, SCHEDULERS
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+KOHYA_DEFAULT_STEPS = 1600  # train_network.py's --max_train_steps default
+# Settings the engine handles itself: translating them is not needed, so they are not reported as lost.
+NOT_NEEDED = {
+    "output_dir": "use --out", "logging_dir": "logs go in the job folder", "log_prefix": "", "log_with": "",
+    "save_model_as": "LoRAs are always .safetensors", "sdpa": "attention is chosen automatically",
+    "xformers": "attention is chosen automatically", "mem_eff_attn": "attention is chosen automatically",
+    "network_module": "networks.lora is the LoRA/LoCon this engine trains",
+    "num_cpu_threads_per_process": "", "max_data_loader_n_workers": "", "persistent_data_loader_workers": "",
+    "dataset_config": "read", "v2": "the architecture is read from the model", "sdxl": "read from the model",
+    "save_state": "the training state is always saved", "config_file": "", "caption_extension": "",
+}
+LORA_TYPES = ("Standard", "Kohya LoCon", "LoCon")  # kohya_ss GUI LoRA_type values this engine trains
+# kohya_ss GUI JSON names -> sd-scripts names.
+ALIASES = {"optimizer": "optimizer_type", "epoch": "max_train_epochs", "max_resolution": "resolution",
+           "lr_warmup": "lr_warmup_percent"}
+
+
+@dataclass
+class KohyaImport:
+    values: dict[str, Any] = field(default_factory=dict)  # job-spec values (a nested dict)
+    translated: list[str] = field(default_factory=list)  # "kohya_key -> spec.field"
+    not_needed: list[str] = field(default_factory=list)
+    untranslated: list[str] = field(default_factory=list)  # "key = value (why)"
+
+    def report(self) -> str:
+        lines = [f"translated {len(self.translated)} settings: " + ", ".join(self.translated)]
+        if self.not_needed:
+            lines.append("not needed here: " + ", ".join(self.not_needed))
+        if self.untranslated:
+            lines.append("not translated: " + "; ".join(self.untranslated))
+        return "\n".join(lines)
+
+
+def _resolution(v: Any) -> tuple[int, str]:
+    """kohya's resolution (512, "512", "512,512", [768, 512]) -> a side for the engine, and a note if not square."""
+    if isinstance(v, int | float):
+        return int(v), ""
+    parts = [int(float(p)) for p in (v if isinstance(v, list) else str(v).split(","))]
+    if len(parts) == 1 or parts[0] == parts[1]:
+        return parts[0], ""
+    side = int(round(math.sqrt(parts[0] * parts[1]) / 8)) * 8
+    return side, f"{parts[0]}x{parts[1]} trains at {side} px squares of the same area (buckets: data.bucketing)"
+
+
+def _count_images(folder: Path) -> int:
+    try:
+        return sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    except OSError:
+        return 0
+
+
+def _concepts_from_train_data_dir(root: Path) -> list[dict[str, Any]]:
+    """kohya's DreamBooth folders: ``<N>_<words>`` subfolders, N repeats, the words the prompt of uncaptioned images."""
+    out = []
+    if not root.is_dir():
+        return out
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        m = re.match(r"^(\d+)_(.*)$", sub.name)
+        if m:
+            out.append({"image_dir": str(sub), "repeats": max(1, int(m.group(1))),
+                        "instance_prompt": m.group(2).strip(), "caption_mode": "caption_only"})
+    return out
+
+
+class _Translator:
+    def __init__(self, args: dict[str, Any], base_dir: Path, for_bot: bool):
+        self.args = {ALIASES.get(k, k): v for k, v in args.items()}
+        self.base_dir = base_dir
+        self.for_bot = for_bot
+        self.out = KohyaImport()
+        self.used: set[str] = set()
+
+    def put(self, path: str, value: Any, key: str, how: str = "") -> None:
+        node = self.out.values
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+        self.out.translated.append(f"{key}{how} -> {path}")
+        self.used.add(key)
+
+    @property
+    def training_config(self) -> bool:
+        """Training settings, not only a dataset config (kohya's training defaults apply then)."""
+        return bool({"network_dim", "learning_rate", "unet_lr", "pretrained_model_name_or_path",
+                     "max_train_steps", "max_train_epochs", "optimizer_type"} & set(self.args))
+
+    def skip(self, key: str, why: str) -> None:
+        self.out.untranslated.append(f"{key} = {self.args.get(key)!r} ({why})")
+        self.used.add(key)
+
+    def get(self, key: str) -> Any:
+        v = self.args.get(key)
+        return None if v in (None, "", "None") else v
+
+    def path(self, value: str) -> Path:
+        p = Path(str(value)).expanduser()
+        return p if p.is_absolute() else self.base_dir / p
+
+    def run(self) -> KohyaImport:
+        a = self.args
+        num = _num
+        if (v := self.get("pretrained_model_name_or_path")) is not None:
+            # On Discord a path on the user's disk means nothing: its file name is looked up in the bot's list.
+            self.put("base_model", Path(str(v)).name if self.for_bot else str(v), "pretrained_model_name_or_path")
+        if (v := self.get("output_name")) is not None:
+            self.put("output_name", re.sub(r"[^A-Za-z0-9_.\- ]", "_", str(v)).lstrip("._- ") or "lora", "output_name")
+        for key, dest, conv in (("network_dim", "network.dim", int), ("network_alpha", "network.alpha", float),
+                                ("conv_dim", "network.conv_dim", int), ("conv_alpha", "network.conv_alpha", float),
+                                ("train_batch_size", "batch_size", int), ("seed", "seed", int),
+                                ("gradient_accumulation_steps", "grad_accum", int),
+                                ("min_snr_gamma", "min_snr_gamma", float), ("noise_offset", "noise_offset", float),
+                                ("prior_loss_weight", "prior_loss_weight", float), ("huber_c", "huber_c", float),
+                                ("network_dropout", "network.dropout", float),
+                                ("lr_scheduler_num_cycles", "optimizer.num_cycles", int),
+                                ("lr_scheduler_power", "optimizer.power", float),
+                                ("keep_tokens", "data.keep_tokens", int),
+                                ("caption_dropout_rate", "data.caption_dropout", float),
+                                ("bucket_reso_steps", "data.bucket_step", int),
+                                ("min_bucket_reso", "data.bucket_min_side", int),
+                                ("max_bucket_reso", "data.bucket_max_side", int)):
+            v = self.get(key)
+            if v is not None and not (key == "seed" and num(v) in (None, -1)):
+                if num(v) is None:
+                    self.skip(key, "not a number")
+                elif not (key in ("conv_dim", "conv_alpha", "noise_offset", "keep_tokens") and num(v) == 0):
+                    self.put(dest, conv(num(v)), key)
+                else:
+                    self.used.add(key)
+        for flag, dest in (("enable_bucket", "data.bucketing"), ("flip_aug", "data.random_flip"),
+                           ("shuffle_caption", "data.shuffle_tags"), ("cache_latents", "data.cache_latents"),
+                           ("cache_text_encoder_outputs", "data.cache_text_encoder_outputs"),
+                           ("gradient_checkpointing", "gradient_checkpointing")):
+            if a.get(flag) not in (None, "", False):
+                self.put(dest, _truthy(a[flag]), flag)
+        self._network_args()
+        self._learning_rates()
+        self._optimizer()
+        self._precision()
+        self._data()
+        self._steps()
+        for key in a:
+            if key in self.used:
+                continue
+            if key in NOT_NEEDED:
+                if a[key] not in (None, "", False, 0):
+                    self.out.not_needed.append(key + (f" ({NOT_NEEDED[key]})" if NOT_NEEDED[key] else ""))
+            elif a[key] not in (None, "", False, 0, [], {}) and key not in ("general", "datasets"):
+                self.out.untranslated.append(f"{key} = {a[key]!r}")
+        return self.out
+
+    def _network_args(self) -> None:
+        rest = []
+        for item in self.args.get("network_args") or []:
+            k, _, v = str(item).partition("=")
+            k = k.strip()
+            if k in ("conv_dim", "conv_alpha") and _num(v) is not None:
+                if k == "conv_dim":
+                    self.put("network.conv_dim", int(_num(v)), "network_args conv_dim")  # type: ignore[arg-type]
+                else:
+                    self.put("network.conv_alpha", float(_num(v)), "network_args conv_alpha")  # type: ignore[arg-type]
+            else:
+                rest.append(item)
+        self.used.add("network_args")
+        if rest:
+            self.out.untranslated.append(f"network_args {rest!r}")
+        lora_type = self.get("LoRA_type")
+        if lora_type is not None and lora_type not in LORA_TYPES:
+            self.skip("LoRA_type", f"only {', '.join(LORA_TYPES)} have an equivalent")
+        self.used.add("LoRA_type")
+        module = self.get("network_module")
+        if module not in (None, "networks.lora"):
+            self.skip("network_module", "only networks.lora (LoRA, LoCon with conv_dim) has an equivalent")
+
+    def _learning_rates(self) -> None:
+        lr = _num(self.get("learning_rate"))
+        unet_lr = _num(self.get("unet_lr"))
+        te_lr = _num(self.get("text_encoder_lr"))
+        if unet_lr:  # kohya: unet_lr wins over learning_rate for the UNet
+            self.put("optimizer.lr", unet_lr, "unet_lr")
+            self.used.add("learning_rate")
+        elif lr:
+            self.put("optimizer.lr", lr, "learning_rate")
+        unet_only = _truthy(self.args.get("network_train_unet_only", False))
+        te_only = _truthy(self.args.get("network_train_text_encoder_only", False))
+        self.used |= {"network_train_unet_only", "network_train_text_encoder_only", "unet_lr", "text_encoder_lr"}
+        # kohya trains the text encoder too unless told not to (or given text_encoder_lr = 0).
+        train_te = not unet_only and te_lr != 0
+        if not self.training_config:
+            return
+        self.put("network.train_text_encoder", train_te, "network_train_unet_only" if unet_only
+                 else "(kohya trains the text encoder unless network_train_unet_only)")
+        if te_only:
+            self.put("network.train_unet", False, "network_train_text_encoder_only")
+        if train_te and te_lr:
+            self.put("network.text_encoder_lr", te_lr, "text_encoder_lr")
+
+    def _optimizer(self) -> None:
+        name = self.get("optimizer_type")
+        if name is None and _truthy(self.args.get("use_8bit_adam", False)):
+            name = "AdamW8bit"
+            self.used.add("use_8bit_adam")
+        if name is not None:
+            match = next((o for o in OPTIMIZERS if o.lower() == str(name).lower()), None)
+            if match:
+                self.put("optimizer.name", match, "optimizer_type")
+            else:
+                self.skip("optimizer_type", f"choose one of {', '.join(OPTIMIZERS)}")
+        rest = []
+        for item in self.args.get("optimizer_args") or []:
+            k, _, v = str(item).partition("=")
+            k = k.strip()
+            if k == "weight_decay" and _num(v) is not None:
+                self.put("optimizer.weight_decay", _num(v), "optimizer_args weight_decay")
+            elif k == "betas":
+                betas = [_num(x) for x in v.strip("()[] ").split(",")]
+                if len(betas) == 2 and None not in betas:
+                    self.put("optimizer.betas", betas, "optimizer_args betas")
+                else:
+                    rest.append(item)
+            elif k in ("eps",) and _num(v) is not None:
+                self.put("optimizer.eps", _num(v), "optimizer_args eps")
+            else:
+                rest.append(item)
+        self.used.add("optimizer_args")
+        if rest:
+            self.out.untranslated.append(f"optimizer_args {rest!r}")
+        sched = self.get("lr_scheduler")
+        if sched is not None:
+            if str(sched).lower() in SCHEDULERS:
+                self.put("optimizer.scheduler", str(sched).lower(), "lr_scheduler")
+            else:
+                self.skip("lr_scheduler", f"choose one of {', '.join(SCHEDULERS)}")
+        if (v := _num(self.get("max_grad_norm"))) is not None:
+            self.put("optimizer.max_grad_norm", v if v > 0 else None, "max_grad_norm")
+
+    def _precision(self) -> None:
+        mp = self.get("mixed_precision")
+        if mp is not None:
+            if str(mp) in ("no", "fp16", "bf16"):
+                self.put("mixed_precision", str(mp), "mixed_precision")
+            else:
+                self.skip("mixed_precision", "no, fp16 or bf16")
+        sp = self.get("save_precision")
+        if sp is not None:
+            value = {"float": "fp32", "fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}.get(str(sp))
+            if value:
+                self.put("save_precision", value, "save_precision")
+            else:
+                self.skip("save_precision", "float, fp16 or bf16")
+        if _truthy(self.args.get("v_parameterization", False)):
+            self.put("prediction_type", "v_prediction", "v_parameterization")
+
+    def _data(self) -> None:
+        ext = self.get("caption_extension")
+        if ext is not None and str(ext) not in (".txt", "txt"):
+            self.skip("caption_extension", "captions are read from same-name .txt files: rename them")
+        else:
+            self.used.add("caption_extension")
+        if (v := self.get("resolution")) is not None:
+            try:
+                side, note = _resolution(v)
+                self.put("data.resolution", side, "resolution")
+                if note:
+                    self.out.untranslated.append(f"resolution = {v!r} ({note})")
+            except (TypeError, ValueError):
+                self.skip("resolution", "not a size")
+        concepts: list[dict[str, Any]] = []
+        if (d := self.get("train_data_dir")) is not None:
+            root = self.path(d)
+            concepts = _concepts_from_train_data_dir(root)
+            if concepts:
+                self.put("concepts", concepts, "train_data_dir")
+            elif self.for_bot:
+                self.used.add("train_data_dir")  # the bot's dataset gives the images
+            else:
+                self.skip("train_data_dir", f"{root} has no <repeats>_<prompt> folders of images here; "
+                                            "use --images DIR --prompt ...")
+        if (d := self.get("reg_data_dir")) is not None:
+            self.skip("reg_data_dir", "give each [[concepts]] a class_prompt and class_dir for prior preservation")
+        if (d := self.get("dataset_config")) is not None:
+            p = self.path(d)
+            if p.is_file():
+                self._dataset_config(_flatten_dataset(tomllib.loads(p.read_text(encoding="utf-8"))), p.parent)
+            else:
+                self.skip("dataset_config", f"{p} not found next to the config: import it as well")
+        if "datasets" in self.args:
+            self._dataset_config(self.args, self.base_dir)
+
+    def _dataset_config(self, cfg: dict[str, Any], base: Path) -> None:
+        general = cfg.get("general") or {}
+        datasets = cfg.get("datasets") or []
+        if len(datasets) > 1:
+            self.out.untranslated.append(f"datasets: {len(datasets)} datasets (only the first is translated; "
+                                         "one job trains at one resolution)")
+        if not datasets:
+            return
+        ds = {**general, **{k: v for k, v in datasets[0].items() if k != "subsets"}}
+        for key in ("resolution", "batch_size", "enable_bucket", "min_bucket_reso", "max_bucket_reso",
+                    "bucket_reso_steps", "shuffle_caption", "keep_tokens", "flip_aug", "caption_extension",
+                    "caption_dropout_rate"):
+            if key in ds and key not in self.used:
+                self.args["train_batch_size" if key == "batch_size" else key] = ds[key]
+        concepts = []
+        for sub in datasets[0].get("subsets") or []:
+            if sub.get("is_reg"):
+                self.out.untranslated.append(f"subset {sub.get('image_dir')!r} is_reg (use class_prompt/class_dir)")
+                continue
+            if "image_dir" not in sub:
+                self.out.untranslated.append("a subset without image_dir (fine-tuning metadata_file)")
+                continue
+            p = Path(str(sub["image_dir"]))
+            keep = p.is_absolute() or re.match(r"^[A-Za-z]:[\\/]", str(p))  # a Windows path stays as written
+            concepts.append({"image_dir": str(p if keep else base / p),
+                             "instance_prompt": str(sub.get("class_tokens", "")),
+                             "repeats": int(sub.get("num_repeats", 1)), "caption_mode": "caption_only"})
+            for k in sub:
+                if k not in ("image_dir", "class_tokens", "num_repeats", "is_reg") and sub[k] != ds.get(k):
+                    self.out.untranslated.append(f"subset {k} = {sub[k]!r}")
+        if concepts and not self.for_bot:
+            self.put("concepts", concepts, "datasets.subsets")
+        self._data_from_dataset()
+
+    def _data_from_dataset(self) -> None:
+        for key, dest, conv in (("train_batch_size", "batch_size", int), ("keep_tokens", "data.keep_tokens", int),
+                                ("min_bucket_reso", "data.bucket_min_side", int),
+                                ("max_bucket_reso", "data.bucket_max_side", int),
+                                ("bucket_reso_steps", "data.bucket_step", int),
+                                ("caption_dropout_rate", "data.caption_dropout", float)):
+            if key in self.args and key not in self.used and _num(self.args[key]) is not None:
+                self.put(dest, conv(_num(self.args[key])), key)
+        for flag, dest in (("enable_bucket", "data.bucketing"), ("flip_aug", "data.random_flip"),
+                           ("shuffle_caption", "data.shuffle_tags")):
+            if flag in self.args and flag not in self.used:
+                self.put(dest, _truthy(self.args[flag]), flag)
+        if "resolution" in self.args and "resolution" not in self.used:
+            side, note = _resolution(self.args["resolution"])
+            self.put("data.resolution", side, "resolution")
+            if note:
+                self.out.untranslated.append(f"resolution ({note})")
+        ext = self.args.get("caption_extension")
+        if ext is not None and "caption_extension" not in self.used:
+            if str(ext) in (".txt", "txt"):
+                self.used.add("caption_extension")
+            else:
+                self.skip("caption_extension", "captions are read from same-name .txt files: rename them")
+
+    def _steps_per_epoch(self) -> int | None:
+        concepts = self.out.values.get("concepts") or []
+        images = sum(_count_images(Path(c["image_dir"])) * int(c.get("repeats", 1)) for c in concepts)
+        if not images:
+            return None
+        batch = int(self.out.values.get("batch_size", 1)) * int(self.out.values.get("grad_accum", 1))
+        return math.ceil(images / batch)
+
+    def _steps(self) -> None:
+        per_epoch = self._steps_per_epoch()
+        epochs = _num(self.get("max_train_epochs"))
+        steps = _num(self.get("max_train_steps"))
+        if epochs:
+            if per_epoch:
+                self.put("steps", int(epochs) * per_epoch, "max_train_epochs", f" ({int(epochs)} x {per_epoch} steps)")
+                self.used.add("max_train_steps")
+            else:
+                self.skip("max_train_epochs", "the images could not be counted here: set steps")
+        if "steps" not in self.out.values:
+            if steps:
+                self.put("steps", int(steps), "max_train_steps")
+            elif self.training_config:
+                self.out.values["steps"] = KOHYA_DEFAULT_STEPS
+                self.out.translated.append(f"(no max_train_steps) -> steps = {KOHYA_DEFAULT_STEPS}, kohya's default")
+        for key in ("save_every_n_epochs", "save_every_n_steps"):
+            n = _num(self.get(key))
+            if not n:
+                self.used.add(key)
+                continue
+            if key == "save_every_n_steps":
+                self.put("save_every_n_steps", int(n), key)
+            elif per_epoch:
+                self.put("save_every_n_steps", int(n) * per_epoch, key, f" ({int(n)} x {per_epoch} steps)")
+            else:
+                self.skip(key, "the images could not be counted here: set save_every_n_steps")
+        total = int(self.out.values.get("steps", KOHYA_DEFAULT_STEPS))
+        if (w := _num(self.get("lr_warmup_steps"))) is not None:
+            self.put("optimizer.warmup_steps", int(w * total) if 0 < w < 1 else int(w), "lr_warmup_steps")
+        if (w := _num(self.get("lr_warmup_percent"))) is not None and w > 0:
+            self.put("optimizer.warmup_steps", int(w / 100 * total), "lr_warmup")
+
+
+def _flatten_dataset(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {"general": cfg.get("general") or {}, "datasets": cfg.get("datasets") or []}
+
+
+def _num(v: Any) -> float | int | None:
+    if isinstance(v, bool) or v is None:
+        return None
+    if isinstance(v, int | float):
+        return v
+    try:
+        f = float(str(v).strip().strip("\"'"))
+    except ValueError:
+        return None
+    return int(f) if f.is_integer() and "." not in str(v) and "e" not in str(v).lower() else f
+
+
+def _truthy(v: Any) -> bool:
+    return v is True or str(v).strip().lower() in ("true", "1", "yes")
+
+
+def translate(args: dict[str, Any], base_dir: Path = Path("."), for_bot: bool = False) -> KohyaImport:
+    """kohya settings (one flat dict, a dataset config's general/datasets kept) -> spec values and a report.
+    ``for_bot``: the images come from a dataset, and a model path keeps only its file name."""
+    if not looks_like_kohya(args):
+        raise KohyaImportError("no kohya settings found (network_dim, learning_rate, train_data_dir, ...)")
+    return _Translator(args, base_dir, for_bot).run()
+
+
+def import_kohya(path: Path, for_bot: bool = False) -> KohyaImport:
+    return translate(read_kohya_file(path), path.parent, for_bot)
+
+
+def import_kohya_text(name: str, text: str, for_bot: bool = True) -> KohyaImport:
+    """An attached file's text (the bot): TOML/JSON by its name, else a command line."""
+    return translate(read_kohya_text(name, text), Path("."), for_bot)
