@@ -242,11 +242,10 @@ class TrainSpec(_Strict):
     # xformers). True uses xformers' memory-efficient attention on a GPU when it is installed (opt-in).
     xformers: bool = False
     seed: int = Field(1111, ge=0, le=2**32 - 1)
-    # Loss and noise options, kohya sd-scripts' names and maths (trainer.train.losses / noise; docs/training.md).
     min_snr_gamma: float | None = Field(None, gt=0, le=100)
     noise_offset: float = Field(0.0, ge=0.0, le=1.0)
     noise_offset_random_strength: bool = False
-    adaptive_noise_scale: float | None = Field(None, ge=-1.0, le=1.0)  # needs noise_offset
+    adaptive_noise_scale: float | None = Field(None, ge=-1.0, le=1.0)  # + this x |latent mean|; needs noise_offset
     multires_noise_iterations: int | None = Field(None, ge=1, le=20)
     multires_noise_discount: float = Field(0.3, gt=0.0, le=1.0)
     ip_noise_gamma: float | None = Field(None, gt=0.0, le=1.0)
