@@ -41,6 +41,7 @@ from trainer.events import EventSink, JobCancelled, JobFailed, StopCheck, event,
 from trainer.infer.loss_plot import SMOOTH_WINDOW
 from trainer.spec import TrainSpec
 from trainer.train import losses as L
+from trainer.train import noise as N
 from trainer.train import outputs as out
 from trainer.train import precision as pr
 from trainer.train import state as st
@@ -115,8 +116,11 @@ class Trainer:
             raise JobFailed(str(e), reason="bad_input") from None
         self.prediction_type = (spec.prediction_type if spec.prediction_type != "auto"
                                 else self.base.prediction_type)
-        self.noise_scheduler = DDPMScheduler.from_config(self.base.noise_scheduler.config,
-                                                          prediction_type=self.prediction_type)
+        self.noise_scheduler = N.training_scheduler(self.base.noise_scheduler.config, self.prediction_type,
+                                                    spec.zero_terminal_snr)
+        # kohya weighs by the SNR of the schedule before any zero-terminal-SNR rescale (finite at t = 999)
+        self.snr_table = L.snr(DDPMScheduler.from_config(self.base.noise_scheduler.config).alphas_cumprod,
+                               torch.arange(self.noise_scheduler.config.num_train_timesteps))
         self.precision = pr.resolve_precision(spec.mixed_precision, self.device)
         self.mixed_precision, self.scaler = self.precision.mixed_precision, self.precision.scaler
         if self.precision.note:
@@ -225,9 +229,11 @@ class Trainer:
         b = self.data.batch(m)
         gen = generator(spec.seed, "step", step, micro)
         latents = L.batch_latents(b, self.base, self.device, gen)
-        noise = L.make_noise(latents.shape, gen, spec.noise_offset).to(self.device)
-        ts = L.sample_timesteps(len(b), self.noise_scheduler.config.num_train_timesteps, gen).to(self.device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, ts)
+        nopts = N.NoiseOptions.from_spec(spec)
+        noise = N.make_noise(latents.shape, gen, latents=latents, opts=nopts).to(self.device)
+        ts = N.sample_timesteps(len(b), self.noise_scheduler.config.num_train_timesteps, gen, spec.min_timestep,
+                                spec.max_timestep).to(self.device)
+        noisy = N.noisy_latents(self.noise_scheduler, latents, noise, ts, gen, nopts)
         target = L.target_for(self.noise_scheduler, latents, noise, ts, self.prediction_type)
         with self._autocast():
             if b.encoder_hidden_states is not None:
@@ -237,9 +243,8 @@ class Trainer:
                 with torch.set_grad_enabled(self.train_te):
                     hidden, pooled = encode_text(self.base, b.captions, self.device)
             pred = L.unet_forward(self.base, noisy, ts, hidden, pooled, b.add_time_ids)
-        per = L.per_sample_loss(pred, target, spec.loss_type, spec.huber_c)
-        return L.weighted_loss(per, ts, self.noise_scheduler, self.prediction_type, spec.min_snr_gamma,
-                             b.loss_weight)
+        return L.step_loss(pred, target, ts, self.noise_scheduler, self.snr_table, self.prediction_type,
+                           L.LossOptions.from_spec(spec), b.loss_weight)
 
     def train_step(self) -> torch.Tensor | None:
         """One optimizer step; its mean loss as a 0-d tensor on the device, or None when fp16 overflowed and
