@@ -137,6 +137,9 @@ class _Translator:
                                 ("gradient_accumulation_steps", "grad_accum", int),
                                 ("min_snr_gamma", "min_snr_gamma", float), ("noise_offset", "noise_offset", float),
                                 ("prior_loss_weight", "prior_loss_weight", float), ("huber_c", "huber_c", float),
+                                *((k, k, float) for k in ("huber_scale", "v_pred_like_loss", "ip_noise_gamma",
+                                                          "multires_noise_discount", "adaptive_noise_scale")),
+                                *((k, k, int) for k in ("min_timestep", "max_timestep", "multires_noise_iterations")),
                                 ("network_dropout", "network.dropout", float),
                                 ("lr_scheduler_num_cycles", "optimizer.num_cycles", int),
                                 ("lr_scheduler_power", "optimizer.power", float),
@@ -156,9 +159,14 @@ class _Translator:
         for flag, dest in (("enable_bucket", "data.bucketing"), ("flip_aug", "data.random_flip"),
                            ("shuffle_caption", "data.shuffle_tags"), ("cache_latents", "data.cache_latents"),
                            ("cache_text_encoder_outputs", "data.cache_text_encoder_outputs"),
-                           ("gradient_checkpointing", "gradient_checkpointing")):
+                           ("gradient_checkpointing", "gradient_checkpointing"),
+                           *((k, k) for k in ("zero_terminal_snr", "debiased_estimation_loss", "noise_offset_random_strength",
+                                              "scale_v_pred_loss_like_noise_pred", "ip_noise_gamma_random_strength"))):
             if a.get(flag) not in (None, "", False):
                 self.put(dest, _truthy(a[flag]), flag)
+        for key in ("loss_type", "huber_schedule"):  # kohya's choices are this engine's
+            if (v := self.get(key)) not in (None, ""):
+                self.put(key, str(v), key)
         self._network_args()
         self._learning_rates()
         self._optimizer()
