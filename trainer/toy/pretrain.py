@@ -49,6 +49,8 @@ class Recipe:
     images: int = 4000  # distinct pretraining scenes of the UNets
     vae_images: int = 1500  # distinct scenes of the VAE (every concept)
     uncond_rate: float = 0.1  # captions dropped so classifier-free guidance works
+    te_lr: float = 1e-3  # text encoders trained with the UNet (0: kept at their random init)
+    x0_weight_max: float = 20.0  # per-sample weight 1/alpha_bar (v-loss), capped (0: plain epsilon loss)
 
 
 def _deterministic(seed: int) -> torch.Generator:
@@ -159,15 +161,20 @@ def train_unet(base: BaseModel, recipe: Recipe, say: Callable[[str], None] = log
         sf = float(base.vae.config.scaling_factor)
         lat = torch.cat([base.vae.encode(data[i:i + 64]).latent_dist.mean for i in range(0, len(data), 64)]) * sf
     del data
-    hidden, pooled = _conditions(base, [s.caption() for s in scenes])
-    if base.is_sdxl:  # the SDXL pipeline's empty negative prompt is all zeros (force_zeros_for_empty_prompt)
-        u_hidden, u_pooled = torch.zeros_like(hidden[:1]), torch.zeros_like(pooled[:1])
-    else:
-        u_hidden, u_pooled = _conditions(base, [""])
+    captions = [s.caption() for s in scenes]
+    train_te = recipe.te_lr > 0
+    hidden, pooled = (None, None) if train_te else _conditions(base, captions)
+    u_hidden = None if train_te else _conditions(base, [""])[0]
     time_ids = torch.tensor([[64, 64, 0, 0, 64, 64]], dtype=torch.float32)
     sched = base.noise_scheduler
     unet = base.unet.train().requires_grad_(True)
-    opt = torch.optim.AdamW(unet.parameters(), lr=recipe.unet_lr, weight_decay=0.0)
+    groups = [{"params": list(unet.parameters()), "lr": recipe.unet_lr}]
+    if train_te:  # random text encoders over bytes do not tell colour words apart well enough: learn them too
+        for te in base.text_encoders:
+            te.train().requires_grad_(True)
+            groups.append({"params": list(te.parameters()), "lr": recipe.te_lr})
+    params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
     lr_at = torch.optim.lr_scheduler.LambdaLR(  # short warm-up, cosine decay to 10%
         opt, lambda s: min(1.0, (s + 1) / 50) * (0.55 + 0.45 * np.cos(np.pi * s / recipe.unet_steps)))
     t0 = time.time()
@@ -175,20 +182,36 @@ def train_unet(base: BaseModel, recipe: Recipe, say: Callable[[str], None] = log
         idx = torch.randint(0, len(lat), (recipe.unet_batch,), generator=gen)
         x0 = lat[idx]
         drop = torch.rand(len(idx), generator=gen) < recipe.uncond_rate
-        h = torch.where(drop[:, None, None], u_hidden, hidden[idx])
+        if train_te:  # a dropped caption is the empty prompt (the SDXL pipeline's zeros are set below)
+            h, p = encode_text(base, ["" if d else captions[i] for d, i in zip(drop.tolist(), idx.tolist(),
+                                                                               strict=True)], "cpu")
+        else:
+            h, p = hidden[idx], (pooled[idx] if pooled is not None else None)
+        if base.is_sdxl:  # the SDXL pipeline's empty negative prompt is all zeros (force_zeros_for_empty_prompt)
+            h, p = h * ~drop[:, None, None], p * ~drop[:, None]
+        elif not train_te:
+            h = torch.where(drop[:, None, None], u_hidden, h)
         noise = torch.randn(x0.shape, generator=gen)
         ts = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=gen)
         kw = {}
-        if pooled is not None:
-            kw["added_cond_kwargs"] = {"text_embeds": torch.where(drop[:, None], u_pooled, pooled[idx]),
-                                       "time_ids": time_ids.expand(len(idx), 6)}
+        if p is not None:
+            kw["added_cond_kwargs"] = {"text_embeds": p, "time_ids": time_ids.expand(len(idx), 6)}
         pred = unet(sched.add_noise(x0, noise, ts), ts, encoder_hidden_states=h, **kw).sample
-        loss = (pred - noise).pow(2).mean()
+        mse = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+        if recipe.x0_weight_max > 0:
+            # The epsilon loss gives almost no signal at high noise, where the layout and colours (what the prompt
+            # says) are decided; the v-loss weight 1/alpha_bar there makes the UNet learn to read the prompt.
+            w = (1.0 / sched.alphas_cumprod[ts]).clamp(max=recipe.x0_weight_max)
+            loss = (w * mse).sum() / w.sum()
+        else:
+            loss = mse.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         lr_at.step()
         if step % 50 == 0 or step == recipe.unet_steps - 1:
             say(f"{base.name} unet step {step}: loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+    for te in base.text_encoders:
+        te.eval().requires_grad_(False)
     unet.eval().requires_grad_(False)
