@@ -3,8 +3,8 @@ the UNet of an SD1.5-shaped and an SDXL-shaped base, in the layouts of the built
 ``tiny-sdxl``) so the files load through the same single-file code as any real checkpoint.
 
 Reproducible: one thread, ``torch.use_deterministic_algorithms``, every draw from a seeded generator; the same
-seed on the same CPU gives the same weights. The text encoders keep the tiny models' seeded random init (the
-UNet learns to read them); the VAE sees every concept (it is an image codec), the UNets never see the reserved
+seed on the same CPU gives the same weights. The text encoders start from the tiny models' seeded random init and
+learn with the UNet (``Recipe.te_lr``); the VAE sees every concept (it is an image codec), the UNets never see the reserved
 ones (``trainer.toy.world.RESERVED_SHAPES`` / ``RESERVED_PATTERNS``).
 """
 
