@@ -40,7 +40,7 @@ from bot.interactions import (
 )
 from bot.lorafile import base_model_arch
 from bot.options import Seed
-from bot.plan import card_bytes, plan_line
+from bot.plan import submit_plan_line
 from bot.specs import (
     OPTIMIZERS,
     SCHEDULERS,
@@ -553,9 +553,7 @@ class Train(commands.Cog):
 
 def _memory_plan_line(bot: LoraforgeBot, spec: TrainSpec) -> str:
     """"\n" + the memory plan's summary ("" when the card is unknown); refuses a job that cannot fit the GPU."""
-    card = card_bytes(bot.config.workers.gpu_memory_gib, getattr(bot.scheduler, "workers", []))
-    line = plan_line(spec, card, bot.config.models_dir)
-    return f"\n{line}" if line else ""
+    return submit_plan_line(bot, spec)
 
 
 def _default_output_name(dataset_name: str) -> str:

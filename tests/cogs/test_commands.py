@@ -363,3 +363,31 @@ async def test_train_refuses_a_job_that_cannot_fit_the_gpu(fake_discord, bot_fac
         assert "Queued job" in text, text
         assert "Memory plan: ~" in text and "SDXL 1024 batch 1, with gradient checkpointing" in text
         assert "fits the 8.0 GB card" in text
+
+
+async def test_retrain_checks_the_memory_plan_again(fake_discord, bot_factory):
+    """A job queued for a 24 GB card is refused on /retrain once the card is 8 GB, with the plan's advice."""
+    import shutil
+
+    from trainer.format.checkpoint import CONFIGS_DIR
+
+    fake = fake_discord
+    bot = bot_factory(workers={"gpu_memory_gib": 24})
+    shutil.copytree(CONFIGS_DIR / "sdxl", bot.config.models_dir / "real-sdxl")
+    async with fake.running(bot, gateway=False):
+        await make_dataset(fake, bot)
+        big = {"dataset": "cats", "base_model": "real-sdxl", "resolution": 1024, "batch_size": 8, "steps": 2}
+        rec = await run_command(fake, bot, "train", big, user="bob")
+        assert "Queued job **#1**" in answer(rec), answer(rec)
+        await bot.scheduler.wait_for_job(1, 30)
+        await bot.progress.wait_idle(1, 20)
+        bot.config.workers.gpu_memory_gib = 8  # the worker now has a smaller card
+        rec = await run_command(fake, bot, "retrain", {"id": 1}, user="bob")
+        text = answer(rec)
+        assert "run out of GPU memory" in text and "SDXL 1024 batch 8 needs ~" in text, text
+        assert "your card has 8.0 GB" in text and "Nothing was queued" in text
+        assert [j.id for j in await bot.repo.list_jobs()] == [1]
+        bot.config.workers.gpu_memory_gib = 48
+        rec = await run_command(fake, bot, "retrain", {"id": 1}, user="bob")
+        assert "Queued job **#2**" in answer(rec) and "Memory plan: ~" in answer(rec), answer(rec)
+        await bot.scheduler.wait_for_job(2, 30)

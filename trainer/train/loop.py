@@ -138,11 +138,14 @@ class Trainer:
         for m in [self.base.unet, self.base.vae, *self.base.text_encoders]:
             m.to(self.device)  # BaseModel.to(dtype=None) makes diffusers warn about dtypes
         self.train_te = spec.network.train_text_encoder
+        gc, gc_why = pr.choose_gradient_checkpointing(spec, self.base.arch, self.device, self.models_dir)
         self.gradient_checkpointing, self.attention = pr.setup_modes(
-            self.base, spec.network.train_unet, self.train_te, spec.gradient_checkpointing, self.device, spec.xformers)
+            self.base, spec.network.train_unet, self.train_te, gc, self.device, spec.xformers)
         self.log(pr.resolution_summary(self.device, spec.mixed_precision, self.mixed_precision,
                                        spec.gradient_checkpointing, self.gradient_checkpointing, self.base.arch,
-                                       self.attention))
+                                       self.attention, gc_why))
+        if gc_why:
+            self.log(gc_why)  # "gradient checkpointing on: SDXL 1024 batch 1 needs ~12 GB without it; card 10 GB"
         te_lr = spec.network.text_encoder_lr or spec.optimizer.lr
         groups = list(self.network.param_groups(spec.optimizer.lr, te_lr))
         self.params = [p for g in groups for p in g["params"]]
