@@ -193,6 +193,8 @@ class _Translator:
                     self.put("network.conv_dim", int(_num(v)), "network_args conv_dim")  # type: ignore[arg-type]
                 else:
                     self.put("network.conv_alpha", float(_num(v)), "network_args conv_alpha")  # type: ignore[arg-type]
+            elif k in ("rank_dropout", "module_dropout") and _num(v) is not None:
+                self.put(f"network.{k}", float(_num(v)), f"network_args {k}")  # type: ignore[arg-type]
             else:
                 rest.append(item)
         self.used.add("network_args")

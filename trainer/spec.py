@@ -92,7 +92,9 @@ class NetworkSpec(_Strict):
     train_text_encoder: bool = False
     text_encoder_lr: float | None = Field(None, gt=0, le=1.0)
     blocks: str | None = None  # e.g. "OUT03-OUT05,MID"; None: every block
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)  # kohya's network_dropout: on the rank-r activations
+    rank_dropout: float = Field(0.0, ge=0.0, lt=1.0)  # kohya's: whole ranks per sample, rescaled by 1/(1-p)
+    module_dropout: float = Field(0.0, ge=0.0, lt=1.0)  # kohya's: a layer's whole LoRA skipped for a step
 
     @property
     def resolved_alpha(self) -> float:
