@@ -60,11 +60,11 @@ def test_fp16_overflow_step_is_skipped_not_fatal(tmp_path: Path, dataset: Path, 
 
 def test_fp16_divergence_fails_after_skipped_steps_in_a_row(tmp_path: Path, dataset: Path, make_spec,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    from trainer.train import loop
+    from trainer.train import health
 
     _fp16_with_scaler(monkeypatch)
     _overflow_at(monkeypatch, lambda s: s >= 1)
-    monkeypatch.setattr(loop, "MAX_SKIPPED_IN_A_ROW", 3)
+    monkeypatch.setattr(health, "MAX_SKIPPED_IN_A_ROW", 3)
     spec = make_spec(dataset, steps=10, mixed_precision="fp16")
     with pytest.raises(JobFailed) as e:
         Trainer(spec, tmp_path / "job").run()

@@ -45,13 +45,11 @@ from trainer.train import noise as N
 from trainer.train import outputs as out
 from trainer.train import precision as pr
 from trainer.train import state as st
+from trainer.train.health import RunHealth, scaled_step
 from trainer.train.optim import build_optimizer, build_scheduler, current_lrs
 
 SampleHook = Callable[[int, Any], Sequence[str | os.PathLike[str]]]
 PROGRESS_EVERY_S = 0.5  # at most ~2 progress events a second
-# fp16: GradScaler skips a step whose gradients overflowed and halves the loss scale; that many in a row is no
-# longer a scale being found but a run that diverged.
-MAX_SKIPPED_IN_A_ROW = 25
 
 
 def _create_network(base: Any, spec: TrainSpec) -> Any:
@@ -87,15 +85,17 @@ class Trainer:
         self.sample_hook = sample_hook
         self.step = 0
         self.resumed_from = 0
-        self.loss_history: list[list[float]] = []
+        self.health = RunHealth(spec.optimizer.lr)  # step losses, fp16 skipped steps, divergence checks
         self.samples: list[str] = []
         self.intermediate: list[str] = []
         self.last_state_step = -1
         self.scaler: torch.amp.GradScaler | None = None
-        self.skipped_steps = 0  # fp16 steps GradScaler skipped (inf/NaN gradients)
         self.te_offloaded = False  # text encoders moved off the GPU once their outputs were cached
-        self._pending: list[tuple[int, torch.Tensor]] = []  # (step, loss on the device) not read yet
-        self.skipped_in_a_row = 0
+
+    @property
+    def loss_history(self) -> list[list[float]]:
+        """[step, loss] of every step read so far (fp16 skipped steps have none)."""
+        return self.health.history
 
     def log(self, message: str, level: str = "info") -> None:
         self.emit(event("log", level=level, message=message))
@@ -157,11 +157,11 @@ class Trainer:
                            self.lr_scheduler, self.scaler)
         if s is not None:
             self.step = self.resumed_from = self.last_state_step = s.step
-            self.loss_history = [list(x) for x in s.loss_history]
+            self.health.history = [list(x) for x in s.loss_history]
             self.samples = list(s.extra.get("samples", []))
             self.intermediate = list(s.extra.get("intermediate", []))
-            self.skipped_steps = int(s.extra.get("skipped_steps", 0))
-            self.skipped_in_a_row = int(s.extra.get("skipped_in_a_row", 0))
+            self.health.skipped_steps = int(s.extra.get("skipped_steps", 0))
+            self.health.skipped_in_a_row = int(s.extra.get("skipped_in_a_row", 0))
             self.log(st.resume_note(self.device, s.step))
         if self.prepare_base is not None:
             self.prepare_base(self.base)
@@ -183,7 +183,7 @@ class Trainer:
             raise
 
     def save_state(self) -> Path:
-        self._check_finite_weights()
+        self.health.check_weights(self.params, self.step)
         s = st.TrainState(
             step=self.step, network=self.network.network_state(), optimizer=self.optimizer.state_dict(),
             scheduler=self.lr_scheduler.state_dict(), scaler=self.scaler.state_dict() if self.scaler else None,
@@ -192,8 +192,8 @@ class Trainer:
                   "epoch": self.data.order.epoch_of(self.step * self.spec.grad_accum)},
             loss_history=self.loss_history,
             extra={"optimizer_layout": st.optimizer_layout(self.optimizer), "samples": self.samples,
-                   "intermediate": self.intermediate, "skipped_steps": self.skipped_steps,
-                   "skipped_in_a_row": self.skipped_in_a_row},
+                   "intermediate": self.intermediate, "skipped_steps": self.health.skipped_steps,
+                   "skipped_in_a_row": self.health.skipped_in_a_row},
             spec_fingerprint=self.spec_fp, data_fingerprint=self.data_fp,
         )
         path = st.save_state(self.job_dir, s)
@@ -249,8 +249,7 @@ class Trainer:
 
     def train_step(self) -> torch.Tensor | None:
         """One optimizer step; its mean loss as a 0-d tensor on the device, or None when fp16 overflowed and
-        GradScaler skipped the step. The value is read later, with others (`_flush_losses`): float() here would
-        make the CPU wait for the GPU every micro-step."""
+        GradScaler skipped the step. The value is read later, with others (`RunHealth.flush`)."""
         spec = self.spec
         torch.manual_seed(derive_seed(spec.seed, "global", self.step))  # dropout and anything else global
         total = torch.zeros((), device=self.device)
@@ -264,60 +263,18 @@ class Trainer:
                 self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.params, spec.optimizer.max_grad_norm)
         self.last_lr = current_lrs(self.optimizer)[0]  # the rate this step used (the schedule moves on below)
-        skipped = False
-        if self.scaler:
-            scale = self.scaler.get_scale()
-            self.scaler.step(self.optimizer)  # skips the update when the gradients hold inf/NaN
-            self.scaler.update()
-            skipped = self.scaler.get_scale() < scale  # update() lowers the scale exactly when it skipped
-        else:
-            self.optimizer.step()
+        skipped = scaled_step(self.optimizer, self.scaler)
         if not skipped:
             self.lr_scheduler.step()  # a skipped step does not move the schedule on
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        if skipped:
-            self._skipped_step()
-            return None
-        self.skipped_in_a_row = 0
-        return total / spec.grad_accum
-
-    def _skipped_step(self) -> None:
-        self.skipped_steps += 1
-        self.skipped_in_a_row += 1
+        if not skipped:
+            return total / spec.grad_accum
+        self.health.skipped(self.step)
         assert self.scaler is not None
-        if self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
-            raise JobFailed(
-                f"training diverged: fp16 overflowed (inf/NaN gradients) {self.skipped_in_a_row} steps in a row, up "
-                f"to step {self.step}, and every one was skipped. Lower the learning rate (now "
-                f"{self.spec.optimizer.lr:g}) or use bf16 (RTX 30xx / A100 and newer) or fp32. Nothing was saved "
-                "after the last good step.", reason="nan")
         self.log(f"step {self.step} skipped: fp16 overflow (inf/NaN gradients); the loss scale drops to "
                  f"{self.scaler.get_scale():g} and the learning-rate schedule waits", "warning")
-
-    def _flush_losses(self) -> None:
-        """Read the pending step losses off the device in one go (one sync); without GradScaler a non-finite loss
-        is divergence and fails the job before anything is saved."""
-        if not self._pending:
-            return
-        values = torch.stack([t for _, t in self._pending]).tolist()
-        pending, self._pending = self._pending, []
-        for (step, _), value in zip(pending, values, strict=True):
-            if not math.isfinite(value):
-                raise JobFailed(
-                    f"loss became NaN at step {step}; lower the learning rate (now {self.spec.optimizer.lr:g}) or "
-                    "use bf16/fp32 instead of fp16. Nothing was saved after this step.", reason="nan")
-            self.loss_history.append([step, value])
-
-    def _check_finite_weights(self) -> None:
-        self._flush_losses()
-        for p in self.params:
-            if not torch.isfinite(p.detach()).all():
-                raise JobFailed(
-                    f"the LoRA weights became NaN/inf at step {self.step}; lower the learning rate (now "
-                    f"{self.spec.optimizer.lr:g}) or use bf16/fp32 instead of fp16. Nothing was saved.",
-                    reason="nan",
-                )
+        return None
 
     # -- outputs --
 
@@ -328,14 +285,14 @@ class Trainer:
         return md
 
     def save_lora(self, name: str) -> Path:
-        self._check_finite_weights()
+        self.health.check_weights(self.params, self.step)
         path = self.out_dir / f"{name}.safetensors"
         out.save_lora(self.network, path, self.metadata(self.step), pr.SAVE_DTYPES[self.spec.save_precision])
         self.emit(event("file", kind="lora", path=str(path), step=self.step))
         return path
 
     def save_loss(self) -> dict[str, str]:
-        self._flush_losses()
+        self.health.flush()
         if not self.loss_history:
             return {}
         js, png = out.save_loss(self.loss_history, self.out_dir, f"{self.spec.output_name}: loss")
@@ -351,7 +308,7 @@ class Trainer:
             self.base, network, prompts, self.job_dir / "samples", step))
         if not self.sample_hook and not prompts:
             return
-        self._flush_losses()  # no time spent rendering a run that already diverged
+        self.health.flush()  # no time spent rendering a run that already diverged
         modes = {id(m): m.training for m in [self.base.unet, *self.base.text_encoders]}
         self.text_encoders_to(self.device)
         try:
@@ -410,11 +367,11 @@ class Trainer:
                 self.cancel()
             loss = self.train_step()
             if loss is not None:
-                self._pending.append((self.step, loss))
+                self.health.stepped(self.step, loss)
             now = time.monotonic()
             if now - last_emit >= PROGRESS_EVERY_S or self.step == spec.steps:
                 last_emit = now
-                self._flush_losses()  # the one GPU sync for the losses: at progress-event cadence
+                self.health.flush()  # the one GPU sync for the losses: at progress-event cadence
                 sps = (self.step - s0) / max(now - t0, 1e-9)
                 window = [v for _, v in self.loss_history[-SMOOTH_WINDOW:]] or [math.nan]
                 raw = self.loss_history[-1][1] if self.loss_history else math.nan
@@ -441,7 +398,7 @@ class Trainer:
             "first_loss": losses[0] if losses else None,
             "final_loss": sum(losses[-SMOOTH_WINDOW:]) / len(losses[-SMOOTH_WINDOW:]) if losses else None,
             "device": str(self.device), "prediction_type": self.prediction_type,
-            "lora_bytes": lora.stat().st_size, "skipped_steps": self.skipped_steps,
+            "lora_bytes": lora.stat().st_size, "skipped_steps": self.health.skipped_steps,
         }
         self.emit(event("finished", outputs=outputs, summary=summary))
         return outputs
