@@ -193,6 +193,8 @@ class _Translator:
                     self.put("network.conv_dim", int(_num(v)), "network_args conv_dim")  # type: ignore[arg-type]
                 else:
                     self.put("network.conv_alpha", float(_num(v)), "network_args conv_alpha")  # type: ignore[arg-type]
+            elif k in ("rank_dropout", "module_dropout") and _num(v) is not None:
+                self.put(f"network.{k}", float(_num(v)), f"network_args {k}")  # type: ignore[arg-type]
             else:
                 rest.append(item)
         self.used.add("network_args")
@@ -446,7 +448,9 @@ def translate(args: dict[str, Any], base_dir: Path = Path("."), for_bot: bool = 
     ``for_bot``: the images come from a dataset, and a model path keeps only its file name."""
     if not looks_like_kohya(args):
         raise KohyaImportError("no kohya settings found (network_dim, learning_rate, train_data_dir, ...)")
-    return _Translator(args, base_dir, for_bot).run()
+    out = _Translator(args, base_dir, for_bot).run()
+    out.values["imported_from"] = "kohya"  # kohya's own semantics where they differ (prior_loss_form auto)
+    return out
 
 
 def import_kohya(path: Path, for_bot: bool = False) -> KohyaImport:

@@ -92,7 +92,9 @@ class NetworkSpec(_Strict):
     train_text_encoder: bool = False
     text_encoder_lr: float | None = Field(None, gt=0, le=1.0)
     blocks: str | None = None  # e.g. "OUT03-OUT05,MID"; None: every block
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)  # kohya's network_dropout: on the rank-r activations
+    rank_dropout: float = Field(0.0, ge=0.0, lt=1.0)  # kohya's: whole ranks per sample, rescaled by 1/(1-p)
+    module_dropout: float = Field(0.0, ge=0.0, lt=1.0)  # kohya's: a layer's whole LoRA skipped for a step
 
     @property
     def resolved_alpha(self) -> float:
@@ -261,6 +263,10 @@ class TrainSpec(_Strict):
     huber_c: float = Field(0.1, gt=0, le=10)
     huber_scale: float = Field(1.0, gt=0, le=10)
     prior_loss_weight: float = Field(1.0, ge=0, le=100)
+    # how a batch mixing instance and class images is averaged (docs/training-options.md); auto: kohya's when
+    # the job came from a kohya config, else diffusers'
+    prior_loss_form: Literal["auto", "kohya", "diffusers"] = "auto"
+    imported_from: Literal["kohya"] | None = None  # set by `trainer import-kohya`
     save_every_n_steps: int = Field(0, ge=0)  # intermediate LoRA files; 0: only the final one
     state_every_n_steps: int = Field(50, ge=1)  # full training state for resume
     preset: str | None = None  # informational: the preset this spec was resolved from
@@ -282,6 +288,12 @@ class TrainSpec(_Strict):
         elif self.difference is not None:
             raise ValueError("a [difference] section needs mode = 'difference'")
         return self
+
+    @property
+    def resolved_prior_loss_form(self) -> str:
+        if self.prior_loss_form != "auto":
+            return self.prior_loss_form
+        return "kohya" if self.imported_from == "kohya" else "diffusers"
 
     def pass2_spec(self) -> TrainSpec:
         """This spec with the pass-2 overrides applied: every pass-2 field defaults to pass 1's."""

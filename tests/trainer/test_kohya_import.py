@@ -126,3 +126,5 @@ def test_loss_and_noise_options_keep_kohyas_names() -> None:
     assert {k: out.values[k] for k in args} == args
     spec = parse_job({**out.values, "concepts": [{"image_dir": "x"}]})
     assert spec.huber_schedule == "exponential" and spec.max_timestep == 900
+    # a job from a kohya config averages prior-preservation batches as kohya does
+    assert out.values["imported_from"] == "kohya" and spec.resolved_prior_loss_form == "kohya"

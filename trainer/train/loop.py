@@ -59,7 +59,8 @@ def _create_network(base: Any, spec: TrainSpec) -> Any:
     # seed= makes the init a function of the spec alone (the network forks the global RNG for it)
     return LoraNetwork.create(base, net.dim, net.resolved_alpha, conv_dim=net.conv_dim,
                               conv_alpha=net.resolved_conv_alpha, train_text_encoder=net.train_text_encoder,
-                              blocks=net.blocks, dropout=net.dropout, seed=spec.seed, train_unet=net.train_unet)
+                              blocks=net.blocks, dropout=net.dropout, seed=spec.seed, train_unet=net.train_unet,
+                              rank_dropout=net.rank_dropout, module_dropout=net.module_dropout)
 
 
 class Trainer:
