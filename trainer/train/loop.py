@@ -91,6 +91,7 @@ class Trainer:
         self.last_state_step = -1
         self.scaler: torch.amp.GradScaler | None = None
         self.te_offloaded = False  # text encoders moved off the GPU once their outputs were cached
+        self.extensions: list[dict[str, int]] = []  # resumes that changed `steps` (recorded in the state)
 
     @property
     def loss_history(self) -> list[list[float]]:
@@ -157,8 +158,12 @@ class Trainer:
         self.spec_fp = st.spec_fingerprint(spec)
         self.data_fp = dataset_fingerprint(self.items)
         s = st.resume_into(self.job_dir, self.spec_fp, self.data_fp, self.network, self.optimizer,
-                           self.lr_scheduler, self.scaler)
+                           self.lr_scheduler, self.scaler, st.spec_fields(spec))
         if s is not None:
+            self.extensions = list(s.extra.get("extensions", []))
+            saved_steps = s.extra.get("spec_fields", {}).get("steps", spec.steps)
+            if saved_steps != spec.steps:
+                self.replan(s.step, saved_steps)
             self.step = self.resumed_from = self.last_state_step = s.step
             self.health.history = [list(x) for x in s.loss_history]
             self.samples = list(s.extra.get("samples", []))
@@ -168,6 +173,17 @@ class Trainer:
             self.log(st.resume_note(self.device, s.step))
         if self.prepare_base is not None:
             self.prepare_base(self.base)
+
+    def replan(self, at_step: int, old_total: int) -> None:
+        """A resume with a different `steps`: continue to the new total, the schedule re-planned over it."""
+        if at_step > self.spec.steps:
+            raise st.StateError(f"the saved training state is at step {at_step}, past steps = {self.spec.steps}; "
+                                f"set steps to {at_step} or more to continue it, or start over with a new --out folder")
+        st.replan_schedule(self.lr_scheduler, self.optimizer)
+        self.extensions.append({"at_step": at_step, "from_steps": old_total, "to_steps": self.spec.steps})
+        lr = current_lrs(self.optimizer)[0]
+        self.log(f"run re-planned at step {at_step}: {old_total} -> {self.spec.steps} steps; the learning-rate "
+                 f"schedule ({self.spec.optimizer.scheduler}) now spans {self.spec.steps} steps (lr now {lr:.3g})")
 
     def prepare_class_images(self) -> list[list[Path] | None]:
         """Class images per concept (None: no prior preservation), generating the missing ones; they are kept
@@ -196,7 +212,8 @@ class Trainer:
             loss_history=self.loss_history,
             extra={"optimizer_layout": st.optimizer_layout(self.optimizer), "samples": self.samples,
                    "intermediate": self.intermediate, "skipped_steps": self.health.skipped_steps,
-                   "skipped_in_a_row": self.health.skipped_in_a_row},
+                   "skipped_in_a_row": self.health.skipped_in_a_row, "spec_fields": st.spec_fields(self.spec),
+                   "extensions": self.extensions},
             spec_fingerprint=self.spec_fp, data_fingerprint=self.data_fp,
         )
         path = st.save_state(self.job_dir, s)
@@ -396,7 +413,8 @@ class Trainer:
         outputs = self.outputs(lora)
         losses = [v for _, v in self.loss_history]
         summary = {
-            "steps": self.step, "resumed_from": self.resumed_from, "elapsed_s": time.monotonic() - t_start,
+            "steps": self.step, "resumed_from": self.resumed_from, "steps_this_run": self.step - self.resumed_from,
+            "elapsed_s": time.monotonic() - t_start,
             "steps_per_s": (self.step - s0) / max(time.monotonic() - t0, 1e-9),
             "first_loss": losses[0] if losses else None,
             "final_loss": sum(losses[-SMOOTH_WINDOW:]) / len(losses[-SMOOTH_WINDOW:]) if losses else None,
