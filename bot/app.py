@@ -37,7 +37,8 @@ log = logging.getLogger("loraforge.bot")
 
 REFUSED_TOKEN = ("Discord refused the token: reset it in the Developer Portal (Bot > Reset Token) and set "
                  "LORAFORGE_TOKEN")
-HTTP_CONNECTIONS = 32  # concurrent requests to Discord; more wait for a free kept-alive connection
+PUBLISH_WAIT_S = 20.0  # how long a start waits for the commands to be published before going on
+HTTP_CONNECTIONS = 100  # concurrent requests to Discord; more wait for a free kept-alive connection
 COGS = ("cogs.datasets", "cogs.train", "cogs.jobs", "cogs.models", "cogs.admin", "cogs.me", "cogs.merge",
         "cogs.preview")
 
@@ -96,6 +97,7 @@ class LoraforgeBot(commands.Bot):
         self.ack_gate = AckGate()
         self._remove_listener: Any = None
         self._service_task: asyncio.Task[None] | None = None
+        self._publish_task: asyncio.Task[None] | None = None
 
     # -- the parts cogs use
 
@@ -135,9 +137,8 @@ class LoraforgeBot(commands.Bot):
 
     async def login(self, token: str) -> None:
         # A bounded pool of kept-alive connections to Discord. discord.py's default opens a new connection
-        # for every concurrent request: a burst of 500 commands means 500 TCP (TLS) handshakes before the
-        # 500 deferrals, and acknowledgements then take seconds. Reused connections ack them in well
-        # under one (docs/benchmarks-ack.md). Made here, inside the running loop, as aiohttp requires.
+        # for every concurrent request: the first burst of 500 commands meant 500 TCP (TLS) handshakes before
+        # the 500 deferrals (docs/benchmarks-ack.md). Made here, inside the running loop, as aiohttp requires.
         if self.http.connector is discord.utils.MISSING:
             self.http.connector = aiohttp.TCPConnector(limit=HTTP_CONNECTIONS)
         await super().login(token)
@@ -152,7 +153,11 @@ class LoraforgeBot(commands.Bot):
         if self.config.discord.api_url != DISCORD_API:
             await self._follow_gateway()
         if self.config.discord.publish_commands_on_start:
-            await publish_if_changed(self)
+            # Usually one quick request; a rate-limited one must not hold the start up.
+            self._publish_task = asyncio.create_task(self._publish(), name="publish-commands")
+            _, pending = await asyncio.wait({self._publish_task}, timeout=PUBLISH_WAIT_S)
+            if pending:
+                log.warning("publishing the slash commands is slow (rate limited?); the bot starts meanwhile")
         self.add_dynamic_items(CancelButton)
         d = self.config.discord
         secret = self.config.link_secret() or await asyncio.to_thread(load_secret, None, None, self.files.root)
@@ -168,6 +173,12 @@ class LoraforgeBot(commands.Bot):
                       d.http_host, d.http_port, e)
             self.file_server = None
         self._service_task = asyncio.create_task(self._start_service(), name="service-start")
+
+    async def _publish(self) -> None:
+        try:
+            await publish_if_changed(self)
+        except Exception:  # noqa: BLE001 - the bot serves the commands Discord already has
+            log.exception("publishing the slash commands failed; run `python -m bot sync` to try again")
 
     async def _follow_gateway(self) -> None:
         """A Discord-compatible server names its own gateway; discord.py would dial Discord's."""
@@ -188,6 +199,8 @@ class LoraforgeBot(commands.Bot):
             self.service_ready.set()
 
     async def close(self) -> None:
+        if self._publish_task is not None and not self._publish_task.done():
+            self._publish_task.cancel()
         await self.progress.close()
         if self._service_task is not None and not self._service_task.done():
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):

@@ -96,6 +96,8 @@ def summary_text(summary: dict[str, Any]) -> str:
     rank, conv = s.pop("rank", None), s.pop("conv_rank", None)
     if rank is not None:
         parts.append(f"rank {rank}" + (f", conv rank {conv}" if conv else ""))
+    if (merge := _merge_part(s)) is not None:
+        parts.append(merge)
     if (cells := s.pop("cells", None)) is not None:
         parts.append("1 image" if cells == 1 else f"{cells} images")
     if device := s.pop("device", None):
@@ -108,6 +110,28 @@ def summary_text(summary: dict[str, Any]) -> str:
         shown = v if isinstance(v, bool | str) else (sig(v) if isinstance(v, float) else v)
         parts.append(f"{k.replace('_', ' ')} {shown}")
     return " \u00b7 ".join(str(p) for p in parts)
+
+
+def percent(v: Any) -> str | None:
+    """A fraction as a percentage to two significant digits; "0.0%" below 0.005%."""
+    f = _float(v)
+    if f is None or not math.isfinite(f):
+        return None
+    return "0.0%" if abs(100 * f) < 0.005 else f"{sig(100 * f)}%"
+
+
+def _merge_part(s: dict[str, Any]) -> str | None:
+    """An SVD merge's loss against the exact weighted sum, overall and per block (pops its keys)."""
+    err, energy = percent(s.pop("relative_error", None)), percent(s.pop("retained_energy", None))
+    blocks, clamped = s.pop("block_error", None), s.pop("clamped_modules", None)
+    if err is None:
+        return None
+    text = f"merge error {err} of the exact weighted sum" + (f" (energy kept {energy})" if energy else "")
+    if clamped:
+        text += f", {clamped} module(s) clamped"
+    if isinstance(blocks, dict) and blocks:
+        text += "; per block: " + ", ".join(f"{b} {percent(v)}" for b, v in blocks.items())
+    return text
 
 
 def _float(v: Any) -> float | None:

@@ -68,7 +68,7 @@ def find_command(tree: app_commands.CommandTree, data: dict[str, Any]) -> tuple[
     gid = data.get("guild_id")
     name = str(data.get("name", ""))
     cmd: Any = None
-    if gid:
+    if gid and str(gid).isdigit():
         cmd = tree.get_command(name, guild=discord.Object(int(gid)))
     if cmd is None:
         cmd = tree.get_command(name)

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
-import hashlib
 import json
 import logging
 import time
@@ -26,26 +24,22 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from bot import queue_policy
-from bot.config import Config, is_listed_base_model, list_base_models
+from bot import admission, queue_policy
+from bot.admission import QuotaError as QuotaError  # re-exported: callers catch it from here
+from bot.artifacts import record_artifact
+from bot.config import Config
 from bot.diskguard import DiskGuard
-from bot.humanize import format_duration
 from bot.listeners import Event, Listener, Listeners
-from bot.quotas import EXEMPT_EVENT, WAIT_EVENT, QuotaGate, storage_refusal
+from bot.quotas import EXEMPT_EVENT, WAIT_EVENT, QuotaGate
 from bot.workers import OOM_MESSAGE, WorkerHandle, WorkerStartError, looks_like_oom
 from storage import queries, retention
 from storage.files import FileStore, write_bytes_atomic
-from storage.repo import ARTIFACT_KINDS, IllegalTransitionError, Job, NotFoundError, Repo
-from trainer.spec import SpecError, from_json, parse_job, to_json, to_toml
+from storage.repo import IllegalTransitionError, Job, NotFoundError, Repo
+from trainer.spec import SpecError, from_json, to_toml
 
 log = logging.getLogger(__name__)
 
-DAY_S = 24 * 3600.0
 PROGRESS_PERSIST_S = 1.0  # progress rows in job_events at most this often per job (listeners get all)
-
-
-class QuotaError(Exception):
-    """A submission refused by a limit; ``str()`` is a message to show the user as is."""
 
 
 @dataclass
@@ -60,17 +54,6 @@ class _Run:
     progress: dict[str, Any] = field(default_factory=dict)
     stalled: str | None = None  # set by the watchdog: the job fails with this message
     killer: asyncio.Task[None] | None = None
-
-
-def _file_info(path: Path) -> tuple[int, str | None]:
-    """(bytes, sha256) of a file; directories count their bytes and have no hash. Blocking."""
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()), None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return path.stat().st_size, h.hexdigest()
 
 
 class Scheduler:
@@ -229,36 +212,6 @@ class Scheduler:
     def _user_lock(self, owner_id: int) -> asyncio.Lock:
         return self._user_locks.setdefault(owner_id, asyncio.Lock())
 
-    def _validate(self, kind: str, spec: BaseModel | dict[str, Any] | str, is_admin: bool) -> str:
-        """The stored spec JSON. A str is an already-resolved spec (retrain) and is kept byte for byte."""
-        if isinstance(spec, str):
-            model, spec_json = from_json(spec), spec
-        else:
-            if isinstance(spec, dict):
-                spec = parse_job({**spec, "kind": spec.get("kind", kind)})
-            model, spec_json = spec, to_json(spec)
-        if getattr(model, "kind", None) != kind:
-            raise SpecError([("kind", f"the spec is a {getattr(model, 'kind', '?')!r} job, not {kind!r}")])
-        base = getattr(model, "base_model", None)
-        if base and not is_admin and not is_listed_base_model(str(base), self.config.models_dir):
-            # A user's option or job file must not make a worker open an arbitrary path on this machine.
-            names = [n for n, _ in list_base_models(self.config.models_dir)]
-            raise SpecError([("base_model", f"{str(base)[:80]!r} is not a base model of this server; choose one of "
-                                            f"{', '.join(names[:20])} (see /models)")])
-        if kind == "train" and not is_admin:
-            lim = self.config.limits
-            if model.steps > lim.max_steps:  # type: ignore[attr-defined]
-                raise QuotaError(
-                    f"{model.steps} steps is over this server's limit of {lim.max_steps}; "  # type: ignore[attr-defined]
-                    "choose fewer steps"
-                )
-            if model.data.resolution > lim.max_resolution:  # type: ignore[attr-defined]
-                raise QuotaError(
-                    f"resolution {model.data.resolution} is over this server's limit of "  # type: ignore[attr-defined]
-                    f"{lim.max_resolution}; choose a smaller resolution"
-                )
-        return spec_json
-
     async def submit(
         self,
         owner_id: int,
@@ -275,35 +228,13 @@ class Scheduler:
         Only admins may set ``priority`` (others get 0); admins are exempt from quotas.
         ``events`` (type, payload) and ``thread_id`` are recorded before the job can be dispatched, so
         whatever reads them at delivery (upload limits, destinations) can never be outrun by a fast job."""
-        spec_json = self._validate(kind, spec, is_admin)
-        lim = self.config.limits
+        spec_json = admission.validate_spec(self.config, kind, spec, is_admin)
         # Count-then-insert must not interleave for one user, or 200 concurrent /train calls
         # could all see "2 queued" and all get in.
         async with self._user_lock(owner_id):
             if not is_admin:
-                if refusal := await storage_refusal(self.repo, owner_id, self.config):
-                    raise QuotaError(refusal)
-                queued = await self.repo.count_jobs(owner_id, ["queued"])
-                if queued >= lim.max_queued_per_user:
-                    raise QuotaError(
-                        f"You already have {queued} job(s) waiting in the queue; the limit is "
-                        f"{lim.max_queued_per_user}. A slot frees up as soon as one of them starts "
-                        "(or cancel one with /cancel)."
-                    )
-                if lim.daily_gpu_minutes_per_user > 0:
-                    now = self._clock()
-                    used = await self.repo.gpu_seconds_since(owner_id, now - DAY_S)
-                    if used >= lim.daily_gpu_minutes_per_user * 60:
-                        oldest = await queries.quota_window_start(self.repo.db, owner_id, now - DAY_S)
-                        frees = (oldest or now) + DAY_S
-                        when = dt.datetime.fromtimestamp(frees, dt.UTC).strftime("%H:%M UTC")
-                        raise QuotaError(
-                            f"You have used {used / 60:.0f} of your {lim.daily_gpu_minutes_per_user:.0f} GPU "
-                            f"minutes for the last 24 hours. Time starts freeing up at {when} "
-                            f"(in about {format_duration(frees - now)})."
-                        )
-                    if refusal := await self.quotas.too_big(kind, json.loads(spec_json)):
-                        raise QuotaError(refusal)
+                await admission.check_limits(self.repo, self.config, self.quotas, owner_id, kind, spec_json,
+                                             self._clock())
             job = await self.repo.create_job(
                 kind, owner_id, spec_json, guild_id, channel_id, priority if is_admin else 0  # type: ignore[arg-type]
             )
@@ -503,37 +434,12 @@ class Scheduler:
             if persist:
                 run.last_persisted_progress = now
         elif t in ("sample", "file"):
-            await self._add_artifact(job_id, ev)
+            await record_artifact(self.repo, self.files, job_id, ev)
         elif t == "failed":
             prog["error"] = ev.get("error")
         prog["updated_at"] = self._clock()
         await queries.set_progress_and_heartbeat(self.repo.db, job_id, prog)
         await self._record(job_id, ev, persist=persist)
-
-    async def _add_artifact(self, job_id: int, ev: Event) -> None:
-        kind = "sample" if ev.get("type") == "sample" else str(ev.get("kind") or "")
-        raw = ev.get("path")
-        if kind == "state" or not raw:
-            return  # resume state is internal, rewritten every N steps; not a deliverable
-        if kind not in ARTIFACT_KINDS:
-            log.warning("job %s: unknown artifact kind %r (%s)", job_id, kind, raw)
-            return
-        path = Path(raw)
-        try:
-            size, sha = await asyncio.to_thread(_file_info, path)
-        except OSError as e:
-            log.warning("job %s: artifact %s unreadable: %s", job_id, path, e)
-            return
-        try:
-            stored = self.files.relative(path)
-        except ValueError:
-            stored = str(path)  # outside data_dir (e.g. a models folder); keep it absolute
-        meta = {k: v for k, v in ev.items() if k not in ("type", "kind", "path")}
-        # A resumed run may write the same file again: keep one row per content.
-        for a in await self.repo.list_artifacts(job_id, kind):
-            if a.path == stored and a.sha256 == sha:
-                return
-        await self.repo.add_artifact(job_id, kind, stored, size, sha, meta or None)  # type: ignore[arg-type]
 
     async def _finish(self, job_id: int, state: str, error: str | None) -> None:
         try:

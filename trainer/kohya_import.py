@@ -1,7 +1,7 @@
 """kohya sd-scripts settings -> a job spec: what has an equivalent is translated, the rest is listed.
 
-The three forms kohya users have are read by trainer.kohya_read: a training config (TOML/JSON), a dataset config
-(also one named by ``dataset_config``) and a command line. ``import_kohya(path)`` -> ``KohyaImport`` (the spec values, what was translated, not needed, not translated).
+trainer.kohya_read reads a training config (TOML/JSON), a dataset config (also one named by ``dataset_config``) or a
+command line; ``import_kohya(path)`` -> ``KohyaImport`` (spec values; translated, not needed, not translated).
 
 Torch-free: the bot uses it for a kohya config attached as ``/train job_file:``.
 """
@@ -110,6 +110,9 @@ class _Translator:
                                 ("gradient_accumulation_steps", "grad_accum", int),
                                 ("min_snr_gamma", "min_snr_gamma", float), ("noise_offset", "noise_offset", float),
                                 ("prior_loss_weight", "prior_loss_weight", float), ("huber_c", "huber_c", float),
+                                *((k, k, float) for k in ("huber_scale", "v_pred_like_loss", "ip_noise_gamma",
+                                                          "multires_noise_discount", "adaptive_noise_scale")),
+                                *((k, k, int) for k in ("min_timestep", "max_timestep", "multires_noise_iterations")),
                                 ("network_dropout", "network.dropout", float),
                                 ("lr_scheduler_num_cycles", "optimizer.num_cycles", int),
                                 ("lr_scheduler_power", "optimizer.power", float),
@@ -129,9 +132,14 @@ class _Translator:
         for flag, dest in (("enable_bucket", "data.bucketing"), ("flip_aug", "data.random_flip"),
                            ("shuffle_caption", "data.shuffle_tags"), ("cache_latents", "data.cache_latents"),
                            ("cache_text_encoder_outputs", "data.cache_text_encoder_outputs"),
-                           ("gradient_checkpointing", "gradient_checkpointing")):
+                           ("gradient_checkpointing", "gradient_checkpointing"),
+                           *((k, k) for k in ("zero_terminal_snr", "debiased_estimation_loss", "noise_offset_random_strength",
+                                              "scale_v_pred_loss_like_noise_pred", "ip_noise_gamma_random_strength"))):
             if a.get(flag) not in (None, "", False):
                 self.put(dest, truthy(a[flag]), flag)
+        for key in ("loss_type", "huber_schedule"):  # kohya's choices are this engine's
+            if (v := self.get(key)) not in (None, ""):
+                self.put(key, str(v), key)
         self._network_args()
         self._learning_rates()
         self._optimizer()
@@ -158,6 +166,8 @@ class _Translator:
                     self.put("network.conv_dim", int(num(v)), "network_args conv_dim")  # type: ignore[arg-type]
                 else:
                     self.put("network.conv_alpha", float(num(v)), "network_args conv_alpha")  # type: ignore[arg-type]
+            elif k in ("rank_dropout", "module_dropout") and num(v) is not None:
+                self.put(f"network.{k}", float(num(v)), f"network_args {k}")  # type: ignore[arg-type]
             else:
                 rest.append(item)
         self.used.add("network_args")
@@ -427,7 +437,9 @@ def translate(args: dict[str, Any], base_dir: Path = Path("."), for_bot: bool = 
     ``for_bot``: the images come from a dataset, and a model path keeps only its file name."""
     if not looks_like_kohya(args):
         raise KohyaImportError("no kohya settings found (network_dim, learning_rate, train_data_dir, ...)")
-    return _Translator(args, base_dir, for_bot).run()
+    out = _Translator(args, base_dir, for_bot).run()
+    out.values["imported_from"] = "kohya"  # kohya's own semantics where they differ (prior_loss_form auto)
+    return out
 
 
 def import_kohya(path: Path, for_bot: bool = False) -> KohyaImport:

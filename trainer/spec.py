@@ -92,7 +92,9 @@ class NetworkSpec(_Strict):
     train_text_encoder: bool = False
     text_encoder_lr: float | None = Field(None, gt=0, le=1.0)
     blocks: str | None = None  # e.g. "OUT03-OUT05,MID"; None: every block
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)  # kohya's network_dropout: on the rank-r activations
+    rank_dropout: float = Field(0.0, ge=0.0, lt=1.0)  # kohya's: whole ranks per sample, rescaled by 1/(1-p)
+    module_dropout: float = Field(0.0, ge=0.0, lt=1.0)  # kohya's: a layer's whole LoRA skipped for a step
 
     @property
     def resolved_alpha(self) -> float:
@@ -118,7 +120,7 @@ class OptimizerSpec(_Strict):
     scheduler: Literal[
         "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
     ] = "cosine"
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int | float = Field(0, ge=0)  # a fraction below 1 is that share of the steps (kohya's reading)
     num_cycles: int = Field(1, ge=1, le=1000)  # cosine_with_restarts
     power: float = Field(1.0, gt=0, le=10.0)  # polynomial
     max_grad_norm: float | None = Field(1.0, gt=0)
@@ -127,6 +129,19 @@ class OptimizerSpec(_Strict):
     @classmethod
     def _name(cls, v: Any) -> Any:
         return _canonical(v, OPTIMIZERS)
+
+    @field_validator("warmup_steps")
+    @classmethod
+    def _warmup(cls, v: int | float) -> int | float:
+        if isinstance(v, float) and v >= 1:
+            if not v.is_integer():
+                raise ValueError("warmup_steps is a whole number of steps, or a fraction below 1 (0.1 = 10% of steps)")
+            return int(v)
+        return v
+
+    def resolved_warmup(self, total_steps: int) -> int:
+        """kohya: int(fraction x steps) for a fraction, else the steps as given."""
+        return int(self.warmup_steps * total_steps) if isinstance(self.warmup_steps, float) else self.warmup_steps
 
     @field_validator("scheduler", mode="before")
     @classmethod
@@ -225,18 +240,45 @@ class TrainSpec(_Strict):
     # SD1.x/SD2.x on a GPU (SD1.5 at 512 px with half-precision weights and cached latents fits 8 GB, and
     # checkpointing costs ~35% more compute) and off on CPU. True/False force it.
     gradient_checkpointing: bool | None = None
+    # Attention: PyTorch SDPA (torch >= 2 picks flash / memory-efficient kernels itself, as fast and as lean as
+    # xformers). True uses xformers' memory-efficient attention on a GPU when it is installed (opt-in).
+    xformers: bool = False
     seed: int = Field(1111, ge=0, le=2**32 - 1)
     min_snr_gamma: float | None = Field(None, gt=0, le=100)
     noise_offset: float = Field(0.0, ge=0.0, le=1.0)
-    loss_type: Literal["l2", "l1", "huber"] = "l2"
+    noise_offset_random_strength: bool = False
+    adaptive_noise_scale: float | None = Field(None, ge=-1.0, le=1.0)  # + this x |latent mean|; needs noise_offset
+    multires_noise_iterations: int | None = Field(None, ge=1, le=20)
+    multires_noise_discount: float = Field(0.3, gt=0.0, le=1.0)
+    ip_noise_gamma: float | None = Field(None, gt=0.0, le=1.0)
+    ip_noise_gamma_random_strength: bool = False
+    min_timestep: int | None = Field(None, ge=0, le=999)
+    max_timestep: int | None = Field(None, ge=1, le=1000)
+    zero_terminal_snr: bool = False
+    scale_v_pred_loss_like_noise_pred: bool = False
+    v_pred_like_loss: float | None = Field(None, gt=0.0, le=10.0)
+    debiased_estimation_loss: bool = False
+    loss_type: Literal["l2", "l1", "huber", "smooth_l1"] = "l2"
+    huber_schedule: Literal["snr", "exponential", "constant"] = "snr"
     huber_c: float = Field(0.1, gt=0, le=10)
+    huber_scale: float = Field(1.0, gt=0, le=10)
     prior_loss_weight: float = Field(1.0, ge=0, le=100)
+    # how a batch mixing instance and class images is averaged (docs/training-options.md); auto: kohya's when
+    # the job came from a kohya config, else diffusers'
+    prior_loss_form: Literal["auto", "kohya", "diffusers"] = "auto"
+    imported_from: Literal["kohya"] | None = None  # set by `trainer import-kohya`
     save_every_n_steps: int = Field(0, ge=0)  # intermediate LoRA files; 0: only the final one
     state_every_n_steps: int = Field(50, ge=1)  # full training state for resume
     preset: str | None = None  # informational: the preset this spec was resolved from
 
     @model_validator(mode="after")
     def _checks(self) -> TrainSpec:
+        if self.adaptive_noise_scale is not None and not self.noise_offset:
+            raise ValueError("adaptive_noise_scale adds to noise_offset: set noise_offset too (e.g. 0.05)")
+        if (self.min_timestep or 0) > (self.max_timestep or 1000):
+            raise ValueError(f"min_timestep ({self.min_timestep}) must not exceed max_timestep ({self.max_timestep})")
+        if self.huber_schedule == "exponential" and self.huber_c >= 1 and self.loss_type in ("huber", "smooth_l1"):
+            raise ValueError("huber_schedule 'exponential' decays from huber_scale to huber_c: huber_c must be below 1")
         if self.network.blocks is not None:
             self.network.blocks = self.network.blocks.strip() or None
         if self.mode == "difference":
@@ -246,6 +288,12 @@ class TrainSpec(_Strict):
         elif self.difference is not None:
             raise ValueError("a [difference] section needs mode = 'difference'")
         return self
+
+    @property
+    def resolved_prior_loss_form(self) -> str:
+        if self.prior_loss_form != "auto":
+            return self.prior_loss_form
+        return "kohya" if self.imported_from == "kohya" else "diffusers"
 
     def pass2_spec(self) -> TrainSpec:
         """This spec with the pass-2 overrides applied: every pass-2 field defaults to pass 1's."""
@@ -292,6 +340,9 @@ class MergeSpec(_Strict):
     inputs: list[MergeInput] = Field(min_length=1, max_length=16)
     rank: int | Literal["auto"] = "auto"
     conv_rank: int | Literal["auto"] = "auto"
+    # "auto": exact where the rank allows, clamped only where fp16 storage would overflow; true: kohya's
+    # svd_merge_lora.py clamp of both factors to their `clamp_quantile` quantile; false: never clamped.
+    clamp: bool | Literal["auto"] = "auto"
     clamp_quantile: float | None = Field(0.99, gt=0, le=1.0)
     base_model: str | None = None  # checked for compatibility; required for a checkpoint merge or a grid
     into_checkpoint: bool = False

@@ -82,7 +82,25 @@ DESCRIPTIONS: dict[tuple[str, str], str] = {
     ("TrainSpec", "min_snr_gamma"): "Min-SNR loss weighting (5 is usual); unset: off",
     ("TrainSpec", "noise_offset"): "adds this much per-channel offset noise (darker darks, brighter lights); 0: off",
     ("TrainSpec", "loss_type"): "the denoising loss",
-    ("TrainSpec", "huber_c"): "the Huber loss's threshold (loss_type huber)",
+    ("TrainSpec", "huber_c"): "the Huber c (loss_type huber or smooth_l1); with huber_schedule snr/exponential, "
+                              "the value at the noisiest timestep",
+    ("TrainSpec", "huber_schedule"): "kohya's Huber c per timestep: snr (from ~0.95 at t=0 to huber_c at t=999), "
+                                     "exponential (huber_scale to huber_c x huber_scale), constant (huber_c x huber_scale)",
+    ("TrainSpec", "huber_scale"): "scales the exponential and constant Huber schedules",
+    ("TrainSpec", "noise_offset_random_strength"): "each step's offset is uniform in [0, noise_offset)",
+    ("TrainSpec", "multires_noise_iterations"): "multires (pyramid) noise with this many levels (6-10 is usual); "
+                                                "unset: off",
+    ("TrainSpec", "multires_noise_discount"): "each coarser multires level is damped by this factor",
+    ("TrainSpec", "ip_noise_gamma"): "input perturbation noise in the UNet input only (0.1 is usual); unset: off",
+    ("TrainSpec", "ip_noise_gamma_random_strength"): "each step's input perturbation is uniform in [0, ip_noise_gamma)",
+    ("TrainSpec", "min_timestep"): "the smallest timestep trained (unset: 0)",
+    ("TrainSpec", "max_timestep"): "timesteps are drawn below this (unset: 1000); equal to min_timestep: only that one",
+    ("TrainSpec", "zero_terminal_snr"): "rescale the noise schedule so the last timestep is pure noise (for v-prediction)",
+    ("TrainSpec", "scale_v_pred_loss_like_noise_pred"): "weigh the loss by snr/(snr+1), as an epsilon model's loss is",
+    ("TrainSpec", "v_pred_like_loss"): "add this share of a v-prediction-like loss; unset: off",
+    ("TrainSpec", "debiased_estimation_loss"): "weigh the loss by 1/sqrt(snr) (v-prediction: 1/(snr+1))",
+    ("MergeSpec", "clamp"): "auto: exact where the rank allows, clamped only where fp16 storage would overflow; "
+                            "true: kohya's clamp at clamp_quantile; false: never",
     ("TrainSpec", "prior_loss_weight"): "weight of the class-image (prior preservation) loss",
     ("Concept", "image_dir"): "the folder of training images (same-name .txt files are their captions)",
     ("Concept", "instance_prompt"): "the prompt with the trigger word, e.g. \"chibi scs girl\"",
@@ -127,7 +145,7 @@ DESCRIPTIONS: dict[tuple[str, str], str] = {
     ("MergeSpec", "inputs"): "the LoRAs to merge (see `[[inputs]]`)",
     ("MergeSpec", "rank"): "the merged LoRA's rank; auto: the largest input rank",
     ("MergeSpec", "conv_rank"): "the merged LoRA's conv rank; auto: the largest input conv rank",
-    ("MergeSpec", "clamp_quantile"): "clamp the SVD factors at this quantile (as kohya does); unset: no clamping",
+    ("MergeSpec", "clamp_quantile"): "the quantile kohya's clamp (clamp = true) cuts both SVD factors at",
     ("MergeSpec", "into_checkpoint"): "bake the LoRAs into base_model and write a checkpoint instead of a LoRA",
     ("MergeSpec", "half"): "write the result in fp16",
     ("MergeSpec", "output_name"): "the output file's name, without extension",
@@ -167,6 +185,9 @@ EXAMPLE_VALUES: dict[str, str] = {
     "copier": 'copier = "runs/difference/outputs/copier.safetensors"', "merge_rank": "merge_rank = 8",
     "base_model": 'base_model = "tiny-sd15"', "grid": "[grid] (see below)",
     "block_weights": "block_weights = { MID = 0.0, OUT05 = 0.5 }",
+    "adaptive_noise_scale": "adaptive_noise_scale = 0.01", "multires_noise_iterations": "multires_noise_iterations = 6",
+    "ip_noise_gamma": "ip_noise_gamma = 0.1", "min_timestep": "min_timestep = 100", "max_timestep": "max_timestep = 900",
+    "v_pred_like_loss": "v_pred_like_loss = 0.1",
 }
 
 

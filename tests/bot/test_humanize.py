@@ -28,5 +28,9 @@ def test_train_summary_reads_as_a_sentence_not_raw_floats() -> None:
 def test_merge_and_preview_summaries() -> None:
     assert summary_text({"inputs": 2, "arch": "sd1", "rank": 8, "conv_rank": 4, "seconds": 3.14159}) == (
         "took 3s \u00b7 2 input(s) \u00b7 rank 8, conv rank 4")
+    text = summary_text({"inputs": 2, "rank": 4, "relative_error": 0.01234, "retained_energy": 0.99985,
+                         "block_error": {"TE": 0.0, "IN01": 0.05, "OUT03": 0.001234}, "clamped_modules": 0})
+    assert text == ("2 input(s) \u00b7 rank 4 \u00b7 merge error 1.2% of the exact weighted sum (energy kept 100%); "
+                    "per block: TE 0.0%, IN01 5.0%, OUT03 0.12%"), text
     assert summary_text({"seconds": 0.4, "cells": 18}) == "took 0s \u00b7 18 images"
     assert summary_text({"odd_value": 0.123456, "flag": True}) == "odd value 0.12 \u00b7 flag True"

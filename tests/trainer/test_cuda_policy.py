@@ -6,6 +6,8 @@ floating-point weights) and then left on the CPU; the setup of a real Trainer ru
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -196,3 +198,77 @@ def test_runner_frees_gpu_memory_after_the_failure_is_dropped(tmp_path: Path, da
     assert freed_with_model_alive == [False]  # freed once, and only after the model could be collected
     assert e.value.__cause__ is None and e.value.__context__ is None  # nothing chains back to the engine's frames
     assert e.value.reason == {"oom": "oom", "nan": "nan", "bug": "error"}[error]
+
+
+def test_step_losses_are_read_at_progress_cadence_not_every_micro_step(tmp_path: Path, dataset: Path, make_spec,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """float(loss) makes the CPU wait for the GPU: the loop reads the losses in one go when it reports."""
+    from trainer.train import loop
+    from trainer.train import losses as losses_mod
+
+    loss_storages: set[int] = set()
+    reads: list[str] = []
+    real_loss = losses_mod.weighted_loss
+
+    def weighted_loss(*a: Any, **k: Any) -> torch.Tensor:
+        out = real_loss(*a, **k)
+        loss_storages.add(out.untyped_storage().data_ptr())
+        return out
+
+    def counting(name: str) -> Any:
+        real = getattr(torch.Tensor, name)
+
+        def read(t: torch.Tensor, *a: Any, **k: Any) -> Any:
+            if t.untyped_storage().data_ptr() in loss_storages:
+                reads.append(name)
+            return real(t, *a, **k)
+
+        return read
+
+    monkeypatch.setattr(losses_mod, "weighted_loss", weighted_loss)
+    for name in ("__float__", "item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    monkeypatch.setattr(loop, "PROGRESS_EVERY_S", 3600.0)  # one progress event: the last step
+    events: list[dict[str, Any]] = []
+    spec = make_spec(dataset, steps=4, grad_accum=2)
+    Trainer(spec, tmp_path / "job", events.append).run()
+    assert len(loss_storages) == 8 and reads == []  # 8 micro-steps, none read on its own
+    history = json.loads((tmp_path / "job" / "outputs" / "loss.json").read_text())
+    assert history["steps"] == [1, 2, 3, 4] and all(math.isfinite(v) and v > 0 for v in history["loss"])
+    progress = [e for e in events if e["type"] == "progress"]
+    assert progress[-1]["step"] == 4 and progress[-1]["loss_raw"] == history["loss"][-1]
+
+
+def test_xformers_is_opt_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    import types
+
+    from trainer.spec import TrainSpec
+    from trainer.train.precision import enable_fast_attention
+
+    monkeypatch.setitem(sys.modules, "xformers", types.ModuleType("xformers"))  # "installed"
+
+    class UNet:
+        calls = 0
+
+        def enable_xformers_memory_efficient_attention(self) -> None:
+            UNet.calls += 1
+
+    cuda = torch.device("cuda")
+    assert TrainSpec.model_fields["xformers"].default is False
+    assert enable_fast_attention(UNet(), cuda) == "PyTorch SDPA" and UNet.calls == 0  # the default: SDPA
+    assert enable_fast_attention(UNet(), cuda, use_xformers=True) == "xformers memory-efficient attention"
+    assert UNet.calls == 1
+    assert "needs a GPU" in enable_fast_attention(UNet(), torch.device("cpu"), use_xformers=True)
+    monkeypatch.setitem(sys.modules, "xformers", None)  # not installed: said, and SDPA runs
+    assert "not installed" in enable_fast_attention(UNet(), cuda, use_xformers=True) and UNet.calls == 1
+
+
+def test_resume_says_what_it_reproduces_on_each_device() -> None:
+    from trainer.train.state import resume_note
+
+    cpu, cuda = resume_note(torch.device("cpu"), 4), resume_note(torch.device("cuda"), 4)
+    for note in (cpu, cuda):
+        assert note.startswith("resumed from step 4") and "same data order" in note and "RNG states" in note
+    assert "bit-exact" in cpu and "bit-exact" not in cuda
+    assert "not bit-deterministic" in cuda and "not bit for bit" in cuda

@@ -60,11 +60,11 @@ def test_fp16_overflow_step_is_skipped_not_fatal(tmp_path: Path, dataset: Path, 
 
 def test_fp16_divergence_fails_after_skipped_steps_in_a_row(tmp_path: Path, dataset: Path, make_spec,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    from trainer.train import loop
+    from trainer.train import health
 
     _fp16_with_scaler(monkeypatch)
     _overflow_at(monkeypatch, lambda s: s >= 1)
-    monkeypatch.setattr(loop, "MAX_SKIPPED_IN_A_ROW", 3)
+    monkeypatch.setattr(health, "MAX_SKIPPED_IN_A_ROW", 3)
     spec = make_spec(dataset, steps=10, mixed_precision="fp16")
     with pytest.raises(JobFailed) as e:
         Trainer(spec, tmp_path / "job").run()
@@ -85,9 +85,12 @@ def test_fp16_resume_restores_the_loss_scale(tmp_path: Path, dataset: Path, make
     s = stop_after(4)
     with pytest.raises(JobCancelled):
         Trainer(spec, tmp_path / "job", s.sink, s.stop).run()
-    resumed = Trainer(spec, tmp_path / "job")
+    events: list[dict[str, Any]] = []
+    resumed = Trainer(spec, tmp_path / "job", events.append)
     res_w = load_file(resumed.run()["lora"])
     assert resumed.resumed_from == 4
+    notes = [e["message"] for e in events if e["type"] == "log" and "resumed from step 4" in e["message"]]
+    assert len(notes) == 1 and "same data order" in notes[0] and "bit-exact" in notes[0]  # what a resume keeps
     assert resumed.scaler.get_scale() == full.scaler.get_scale() == 2.0**15
     assert resumed.lr_scheduler.last_epoch == full.lr_scheduler.last_epoch == 5
     assert all(torch.equal(res_w[k], full_w[k]) for k in full_w)

@@ -116,3 +116,21 @@ def test_train_job_file_takes_a_kohya_config() -> None:
     assert read_job_attachment("job.toml", job) == ({"base_model": "tiny-sd15", "steps": 5}, "")
     values, note = read_job_attachment("run.sh", (DATA / "train_network.sh").read_bytes())
     assert values["optimizer"]["name"] == "AdamW8bit" and "Imported" in note
+
+
+def test_loss_and_noise_options_keep_kohyas_names() -> None:
+    from trainer.kohya_import import translate
+    from trainer.spec import parse_job
+
+    args = {"loss_type": "smooth_l1", "huber_schedule": "exponential", "huber_c": 0.2, "huber_scale": 1.5,
+            "min_timestep": 100, "max_timestep": 900, "zero_terminal_snr": True, "debiased_estimation_loss": True,
+            "scale_v_pred_loss_like_noise_pred": True, "v_pred_like_loss": 0.1, "multires_noise_iterations": 6,
+            "multires_noise_discount": 0.3, "noise_offset": 0.05, "adaptive_noise_scale": 0.01,
+            "noise_offset_random_strength": True, "ip_noise_gamma": 0.1, "ip_noise_gamma_random_strength": True}
+    out = translate({**args, "network_dim": 8})
+    assert not out.untranslated, out.untranslated
+    assert {k: out.values[k] for k in args} == args
+    spec = parse_job({**out.values, "concepts": [{"image_dir": "x"}]})
+    assert spec.huber_schedule == "exponential" and spec.max_timestep == 900
+    # a job from a kohya config averages prior-preservation batches as kohya does
+    assert out.values["imported_from"] == "kohya" and spec.resolved_prior_loss_form == "kohya"

@@ -21,10 +21,13 @@ VARIANTS = {
     "adamw-te-accum": {"optimizer": {"name": "AdamW", "lr": 5e-3, "scheduler": "cosine", "warmup_steps": 2},
                        "network": {"train_text_encoder": True, "text_encoder_lr": 1e-3}, "grad_accum": 2},
     # uncached latents (seeded VAE samples), random flips, dropout, batches straddling epochs (3 images,
-    # batch 2), Prodigy's extra group state, min-SNR and noise offset
+    # batch 2), Prodigy's extra group state, min-SNR and noise offset, kohya's three dropouts, multires and
+    # input-perturbation noise (every random draw must repeat after a resume)
     "prodigy-flip-dropout": {"optimizer": {"name": "Prodigy", "lr": 1.0, "scheduler": "linear"},
-                             "network": {"dropout": 0.1, "conv_dim": 2, "conv_alpha": 1}, "batch_size": 2,
-                             "min_snr_gamma": 5.0, "noise_offset": 0.05,
+                             "network": {"dropout": 0.1, "rank_dropout": 0.2, "module_dropout": 0.2, "conv_dim": 2,
+                                         "conv_alpha": 1}, "batch_size": 2,
+                             "min_snr_gamma": 5.0, "noise_offset": 0.05, "multires_noise_iterations": 3,
+                             "ip_noise_gamma": 0.1, "loss_type": "huber",
                              "data": {"resolution": 64, "cache_latents": False, "random_flip": True}},
 }
 

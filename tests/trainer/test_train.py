@@ -367,12 +367,18 @@ def test_runner_records_spec_and_events(tmp_path: Path, dataset: Path, make_spec
 
 def test_cpu_precision_and_checkpointing_paths(tmp_path: Path, dataset: Path, make_spec) -> None:
     """bf16 autocast on CPU, fp16 (trains fp32 on CPU, says so), gradient checkpointing with TE training,
-    uncached latents, huber loss, min-SNR, noise offset, accumulation: every path runs and stays finite."""
+    uncached latents, huber loss (kohya's snr schedule), min-SNR, kohya's noise options (adaptive offset, multires,
+    input perturbation, timestep range, zero terminal SNR) and loss weightings, fractional warmup, accumulation:
+    every path runs and stays finite."""
     events: list[dict[str, Any]] = []
     spec = make_spec(dataset, steps=2, mixed_precision="bf16", gradient_checkpointing=True, grad_accum=2,
                      network={"train_text_encoder": True, "text_encoder_lr": 5e-3}, loss_type="huber",
                      min_snr_gamma=5.0, noise_offset=0.05, sample={"prompts": [{"prompt": "x"}], "every_n_steps": 2},
-                     data={"resolution": 64, "cache_latents": False, "random_flip": True})
+                     data={"resolution": 64, "cache_latents": False, "random_flip": True},
+                     adaptive_noise_scale=0.01, noise_offset_random_strength=True, multires_noise_iterations=4,
+                     ip_noise_gamma=0.1, ip_noise_gamma_random_strength=True, min_timestep=500, max_timestep=1000,
+                     zero_terminal_snr=True, scale_v_pred_loss_like_noise_pred=True, v_pred_like_loss=0.1,
+                     debiased_estimation_loss=True, optimizer={"lr": 1e-3, "warmup_steps": 0.5})
     dtypes: set[torch.dtype] = set()
 
     def hook(step: int, network: Any) -> list[Path]:
@@ -387,6 +393,9 @@ def test_cpu_precision_and_checkpointing_paths(tmp_path: Path, dataset: Path, ma
 
     md = read_kohya(Path(out["lora"])).metadata
     assert md["ss_mixed_precision"] == "bf16" and md["ss_gradient_checkpointing"] == "True"  # explicit values
+    assert md["ss_zero_terminal_snr"] == "True" and md["ss_huber_schedule"] == "snr"
+    assert md["ss_text_encoder_lr"] == "0.005" and md["ss_lr_warmup_steps"] == "0.5"
+    assert all(math.isfinite(e["loss"]) for e in events if e["type"] == "progress" and "loss" in e)
     events.clear()
     train(make_spec(dataset, steps=1, mixed_precision="fp16", loss_type="l1"), tmp_path / "b",
           on_event=events.append)

@@ -14,6 +14,7 @@ import torch
 from trainer import atomic
 from trainer.events import EventSink, JobFailed, StopCheck, event, never_stop, null_sink
 from trainer.format.kohya import KohyaLora, LoraFileError, delta_weight, read_kohya, resolve_lora_path
+from trainer.network.merge_quality import MergeQuality, quality_text
 from trainer.network.patch import as_kohya
 from trainer.network.svd_merge import MergeError, check_same_arch, resolve_ranks, svd_merge_to_file
 from trainer.network.targets import check_compatible, target_layer
@@ -184,12 +185,18 @@ def run_merge_job(spec: MergeSpec, job_dir: Path, on_event: EventSink = null_sin
                 on_event(event("phase", name="svd merge", current=done, total=total))
 
         items = [(lo, inp.ratio, inp.block_weights) for lo, inp in zip(loras, spec.inputs, strict=True)]
+        quality = MergeQuality()
         try:
             svd_merge_to_file(items, out, spec.rank, spec.conv_rank, spec.clamp_quantile, arch, spec.output_name,
                               dtype=torch.float16 if spec.half else torch.float32, device=device,
-                              should_stop=should_stop, on_module=tick)
+                              should_stop=should_stop, on_module=tick, clamp=spec.clamp, quality=quality)
         except MergeError as e:
             raise JobFailed(str(e), reason="bad_input") from e
+        q = quality.as_dict()
+        on_event(event("log", level="info", message=quality_text(q)))
+        summary.update(relative_error=q["relative_error"], retained_energy=q["retained_energy"],
+                       block_error={b: f["relative_error"] for b, f in q["blocks"].items()},
+                       clamped_modules=q["clamped_modules"])
         on_event(event("file", kind="lora", path=str(out)))
         outputs["lora"] = str(out)
         r, cr = resolve_ranks(loras, spec.rank, spec.conv_rank)

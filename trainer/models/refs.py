@@ -51,6 +51,11 @@ def find_model(ref: str, models_dir: str | os.PathLike[str] | None = None) -> Pa
     return None
 
 
+def _shipped_toy() -> list[str]:
+    """The toy bases whose files are there (a checkout whose bases were not re-created yet offers none)."""
+    return [n for n in TOY_BASES if toy_base_path(n).is_file()]
+
+
 def locate_model(ref: str, models_dir: str | os.PathLike[str] | None = None) -> Path | None:
     """The path of a base model named by a user, None for a built-in tiny model. A pickle checkpoint by that name is
     returned too (to be refused by name, see ``refuse_pickle``). Raises ModelRefError when the name names nothing."""
@@ -71,7 +76,7 @@ def locate_model(ref: str, models_dir: str | os.PathLike[str] | None = None) -> 
     if path is None:
         where = f" or in the models folder {models_dir}" if models_dir is not None else ""
         raise ModelRefError(
-            f"base model {ref!r} not found as a path{where}; use a built-in model ({', '.join((*TOY_BASES, *TINY_NAMES))}), "
+            f"base model {ref!r} not found as a path{where}; use a built-in model ({', '.join((*_shipped_toy(), *TINY_NAMES))}), "
             "a diffusers folder, or a single-file .safetensors checkpoint")
     return path
 

@@ -3,7 +3,9 @@
 SVD merge per module (facts.md 1):
     W = sum_i ratio_i * block_weight_i * (alpha_i / r_i) * up_i @ down_i      (float32; 3x3 convs flattened)
     k = min(rank, in_channels, out_channels);  U, S, Vh = svd(W);  up = U[:, :k] diag(S[:k]);  down = Vh[:k]
-    clamp up and down to the `clamp_quantile` quantile of their joined values;  alpha = k.
+    alpha = k;  kohya (clamp = true): clamp up and down to the `clamp_quantile` quantile of their joined values.
+By default (clamp = "auto") nothing is clamped but what fp16 storage cannot hold (merge_quality.fit_fp16): with
+rank >= rank(W) the result is then the exact weighted sum, where kohya's clamp moves weights by 5-26%.
 
 W is never formed. It is B @ A with B = [c_i * up_i] (out x R) and A = [down_i] (R x in), R = sum of input
 ranks, so QR(B) = Qb Rb and QR(A^T) = Qa Ra give W = Qb (Rb Ra^T) Qa^T: the SVD of the R x R core yields the
@@ -35,10 +37,12 @@ from trainer.format.kohya import (
     save_kohya,
 )
 from trainer.format.metadata import network_metadata, spec_architecture
+from trainer.network.merge_quality import MergeQuality, fit_fp16, product_diff_sq
 from trainer.network.patch import as_kohya
 from trainer.network.targets import block_of_kohya_name, block_slots
 
 Rank = int | Literal["auto"]
+Clamp = bool | Literal["auto"]
 MergeInputLike = tuple[Any, float, Mapping[str, float] | None] | tuple[Any, float]
 
 TORCH_QUANTILE_MAX = 1 << 24  # torch.quantile refuses larger inputs
@@ -134,23 +138,25 @@ def canonical_signs(u: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, to
 
 
 def truncated_svd_lowrank(b: torch.Tensor, a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-k SVD of W = b @ a (b: out x R, a: R x in) without forming W.  Needs k <= R <= min(out, in)."""
+    """Top-k SVD of W = b @ a (b: out x R, a: R x in) without forming W.  Needs k <= R <= min(out, in).
+    Returns (U[:, :k], all R singular values, Vh[:k])."""
     qb, rb = torch.linalg.qr(b)      # out x R, R x R
     qa, ra = torch.linalg.qr(a.T)    # in x R,  R x R
     uc, s, vhc = torch.linalg.svd(rb @ ra.T)
-    return qb @ uc[:, :k], s[:k], vhc[:k] @ qa.T
+    return qb @ uc[:, :k], s, vhc[:k] @ qa.T
 
 
 def truncated_svd_dense(w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
-    return u[:, :k], s[:k], vh[:k]
+    return u[:, :k], s, vh[:k]
 
 
-def merge_module(terms: Sequence[tuple[float, torch.Tensor, torch.Tensor]], k: int,
-                 clamp_quantile: float | None = 0.99, device: torch.device | str | None = None,
-                 method: Literal["auto", "lowrank", "dense"] = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """SVD-merge one module. terms: (coefficient c_i = ratio * block weight * alpha/r, up_i, down_i) with up/down
-    already flattened to 2-D. Returns (up [out, k], down [k, in]) in float32, clamped."""
+def svd_factors(terms: Sequence[tuple[float, torch.Tensor, torch.Tensor]], k: int,
+                device: torch.device | str | None = None, method: Literal["auto", "lowrank", "dense"] = "auto",
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The unclamped rank-k factors of one module's weighted sum. terms: (c_i = ratio * block weight * alpha/r,
+    up_i, down_i), flattened to 2-D. Returns (B, A, up [out, k], down [k, in], all singular values), float32,
+    with W = B @ A the exact weighted sum."""
     dev = torch.device(device) if device is not None else terms[0][1].device
     b = torch.cat([c * up.to(dev, torch.float32) for c, up, _ in terms], dim=1)
     a = torch.cat([down.to(dev, torch.float32) for _, _, down in terms], dim=0)
@@ -162,8 +168,16 @@ def merge_module(terms: Sequence[tuple[float, torch.Tensor, torch.Tensor]], k: i
     else:
         u, s, vh = truncated_svd_lowrank(b, a, k)
     u, vh = canonical_signs(u, vh)
-    up = u * s[None, :]
-    return clamp_factors(up, vh, clamp_quantile)
+    return b, a, u * s[None, :k], vh, s
+
+
+def merge_module(terms: Sequence[tuple[float, torch.Tensor, torch.Tensor]], k: int,
+                 clamp_quantile: float | None = 0.99, device: torch.device | str | None = None,
+                 method: Literal["auto", "lowrank", "dense"] = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """kohya's merge of one module: rank-k factors (up [out, k], down [k, in], float32) clamped to the
+    `clamp_quantile` quantile (None: unclamped)."""
+    _, _, up, down, _ = svd_factors(terms, k, device, method)
+    return clamp_factors(up, down, clamp_quantile)
 
 
 def resolve_ranks(loras: Sequence[KohyaLora], rank: Rank, conv_rank: Rank) -> tuple[int, int]:
@@ -181,15 +195,22 @@ def svd_merge(loras: Sequence[MergeInputLike], rank: Rank = "auto", conv_rank: R
               clamp_quantile: float | None = 0.99, arch: str | None = None,
               device: torch.device | str | None = None, method: Literal["auto", "lowrank", "dense"] = "auto",
               should_stop: StopCheck = never_stop,
-              on_module: Any = None) -> dict[str, torch.Tensor]:
-    """Merge LoRAs into one kohya state dict (float32) — kohya's svd_merge_lora.py result.
+              on_module: Any = None, *, clamp: Clamp = "auto", dtype: torch.dtype = torch.float32,
+              quality: MergeQuality | None = None) -> dict[str, torch.Tensor]:
+    """Merge LoRAs into one kohya state dict (float32 tensors, holding values exact in `dtype`).
 
     loras: (path | state dict | KohyaLora, ratio[, block weights {"IN04": 0.5, ...} or None]).
     A module missing from an input gets nothing from it. Block weights scale each module's contribution by
     the weight of its block (blocks not named keep 1.0). Mixing architectures raises MergeError.
+    clamp: True = kohya's svd_merge_lora.py (both factors clamped to the `clamp_quantile` quantile of their
+    values); "auto" = no outlier clamp, only what fp16 storage needs (merge_quality.fit_fp16); False = none.
+    With rank >= the rank of the weighted sum and no clamp, the merge is the exact weighted sum.
+    `quality`, when given, is filled with each module's retained energy and relative error.
     """
     inputs, arch = _normalize_inputs(loras, arch)
     r, cr = resolve_ranks([i.lora for i in inputs], rank, conv_rank)
+    if quality is not None:
+        quality.arch = arch
     names = sorted({n for i in inputs for n in i.lora.modules})
     _check_shapes(inputs, names)
     out: dict[str, torch.Tensor] = {}
@@ -211,10 +232,22 @@ def svd_merge(loras: Sequence[MergeInputLike], rank: Rank = "auto", conv_rank: R
         out_ch, in_ch = ref.up.shape[0], ref.down.shape[1]
         k = min(cr if ref.kind == "conv3x3" else r, in_ch, out_ch)
         if terms:
-            up, down = merge_module(terms, k, clamp_quantile, device, method)
+            b, a, up, down, s = svd_factors(terms, k, device, method)
+            clamped = False
+            if clamp is True and clamp_quantile is not None and clamp_quantile < 1.0:
+                up, down = clamp_factors(up, down, clamp_quantile)
+                clamped = True
+            elif clamp == "auto" and dtype == torch.float16:
+                up, down, clamped = fit_fp16(up, down)
+            up, down = up.to(dtype).float(), down.to(dtype).float()  # measured as stored
+            if quality is not None:
+                s2 = s.double() ** 2
+                quality.add(name, float(s2.sum()), product_diff_sq(b, a, up, down), float(s2[:k].sum()), clamped)
         else:  # every contribution weighted to zero: an exact zero delta of the right shape
             up = torch.zeros(out_ch, k)
             down = torch.zeros(k, ref.down.flatten(1).shape[1])
+            if quality is not None:
+                quality.add(name, 0.0, 0.0, 0.0, False)
         if ref.down.dim() == 4:
             up = up.reshape(out_ch, k, 1, 1)
             down = down.reshape(k, in_ch, *ref.down.shape[2:])
@@ -255,15 +288,16 @@ def _check_shapes(inputs: Sequence[_Input], names: Sequence[str]) -> None:
 
 def dense_reference_merge(loras: Sequence[MergeInputLike], rank: Rank = "auto", conv_rank: Rank = "auto",
                           clamp_quantile: float | None = 0.99, arch: str | None = None) -> dict[str, torch.Tensor]:
-    """Straightforward kohya-style merge (dense W, full SVD) for tests and benchmarks."""
-    return svd_merge(loras, rank, conv_rank, clamp_quantile, arch, method="dense")
+    """Straightforward kohya merge (dense W, full SVD, kohya's clamp) for tests and benchmarks."""
+    return svd_merge(loras, rank, conv_rank, clamp_quantile, arch, method="dense", clamp=True)
 
 
 # --- metadata and saving --------------------------------------------------------------------------
 
 def merge_metadata(inputs: Sequence[tuple[str, float, Mapping[str, float] | None]], arch: str, rank: int,
                    conv_rank: int | None, clamp_quantile: float | None, output_name: str,
-                   source_metadata: Sequence[Mapping[str, str]] = ()) -> dict[str, str]:
+                   source_metadata: Sequence[Mapping[str, str]] = (), clamp: Clamp = "auto",
+                   quality: MergeQuality | None = None) -> dict[str, str]:
     """kohya ss_* metadata for a merged LoRA plus `loraforge_merge` (what went in, at which ratios)."""
     md: dict[str, str] = {
         **network_metadata(arch, rank, rank, conv_rank or 0, conv_rank or 0),
@@ -280,7 +314,9 @@ def merge_metadata(inputs: Sequence[tuple[str, float, Mapping[str, float] | None
         "method": "svd",
         "rank": rank,
         "conv_rank": conv_rank,
-        "clamp_quantile": clamp_quantile,
+        "clamp": clamp,
+        "clamp_quantile": clamp_quantile if clamp is True else None,
+        "quality": quality.as_dict() if quality is not None else None,
         "inputs": [
             {"name": Path(str(p)).name, "ratio": ratio, "block_weights": dict(bw) if bw else None,
              "sshs_model_hash": (source_metadata[n].get("sshs_model_hash") if n < len(source_metadata) else None)}
@@ -294,18 +330,21 @@ def svd_merge_to_file(loras: Sequence[MergeInputLike], out_path: str | os.PathLi
                       conv_rank: Rank = "auto", clamp_quantile: float | None = 0.99, arch: str | None = None,
                       output_name: str | None = None, dtype: torch.dtype = torch.float16,
                       device: torch.device | str | None = None, should_stop: StopCheck = never_stop,
-                      on_module: Any = None) -> Path:
-    """svd_merge, then write a kohya file (atomic, with sshs hashes and merge metadata)."""
+                      on_module: Any = None, *, clamp: Clamp = "auto",
+                      quality: MergeQuality | None = None) -> Path:
+    """svd_merge, then write a kohya file (atomic, with sshs hashes and merge metadata, which records the
+    merge's retained energy and relative error; pass `quality` to get them too)."""
     items = [(as_kohya(it[0]), float(it[1]), (it[2] if len(it) > 2 else None)) for it in loras]  # type: ignore[misc]
-    tensors = svd_merge(items, rank, conv_rank, clamp_quantile, arch, device, should_stop=should_stop,
-                        on_module=on_module)
     arch = check_same_arch([lo for lo, _, _ in items], arch)
+    quality = quality if quality is not None else MergeQuality()
+    tensors = svd_merge(items, rank, conv_rank, clamp_quantile, arch, device, should_stop=should_stop,
+                        on_module=on_module, clamp=clamp, dtype=dtype, quality=quality)
     r, cr = resolve_ranks([lo for lo, _, _ in items], rank, conv_rank)
     has_conv = any(m.kind == "conv3x3" for lo, _, _ in items for m in lo.modules.values())
     names = [(lo.source or f"input{n + 1}", ratio, bw) for n, (lo, ratio, bw) in enumerate(items)]
     out_path = Path(out_path)
     md = merge_metadata(names, arch, r, cr if has_conv else None, clamp_quantile, output_name or out_path.stem,
-                        [lo.metadata for lo, _, _ in items])
+                        [lo.metadata for lo, _, _ in items], clamp, quality)
     cast = {k: (v if k.endswith(".alpha") else v.to(dtype)) for k, v in tensors.items()}
     save_kohya(out_path, cast, md)
     return out_path

@@ -40,9 +40,25 @@ def draw(base, prompts: Sequence[str], seeds: Sequence[int], steps: int = STEPS,
                                                                                                  strict=True)]
 
 
-def prompt_following(base, n: int = 24, seed: int = 0) -> tuple[float, list[Followed]]:
+def prompt_following(base, n: int = 24, seed: int = 0, steps: int = STEPS, cfg: float = CFG
+                     ) -> tuple[float, list[Followed]]:
     """The share of samples whose figure and figure colour are what the prompt asked for."""
     scenes = prompt_scenes(n, seed)
-    imgs = draw(base, [s.caption() for s in scenes], list(range(seed, seed + n)))
+    imgs = draw(base, [s.caption() for s in scenes], list(range(seed, seed + n)), steps, cfg)
     res = [Followed(s, read(i)) for s, i in zip(scenes, imgs, strict=True)]
     return sum(r.shape_and_colour for r in res) / n, res
+
+
+def write_dataset(folder, scenes: Sequence[Scene], trigger: str | None = None):
+    """Training images of the scenes (img_i.png) with their captions (img_i.txt; a reserved concept is named by the
+    trigger word)."""
+    from pathlib import Path
+
+    from trainer.toy.world import render
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, s in enumerate(scenes):
+        render(s).save(folder / f"img_{i}.png")
+        (folder / f"img_{i}.txt").write_text(s.caption(trigger))
+    return folder

@@ -40,10 +40,10 @@ LAYOUTS = {"sd15": "tiny-sd15", "sdxl": "tiny-sdxl"}
 @dataclass(frozen=True)
 class Recipe:
     seed: int = 0
-    vae_steps: int = 500
+    vae_steps: int = 1200
     vae_batch: int = 8
-    vae_lr: float = 2e-3
-    unet_steps: int = 900
+    vae_lr: float = 4e-3
+    unet_steps: int = 700
     unet_batch: int = 32
     unet_lr: float = 1e-3
     images: int = 4000  # distinct pretraining scenes of the UNets
@@ -84,8 +84,12 @@ def train_vae(vae: torch.nn.Module, recipe: Recipe, say: Callable[[str], None] =
     rng = random.Random(recipe.seed + 1)
     scenes = [sample_scene(rng, FIGURES + RESERVED_SHAPES, PATTERNS + RESERVED_PATTERNS) for _ in range(recipe.vae_images)]
     data = pixels(scenes)
+    with torch.no_grad():  # start nearly deterministic: unit posterior noise would drown the young latents
+        vae.quant_conv.bias[vae.config.latent_channels:] = -6.0
     vae.train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
+    lr_at = torch.optim.lr_scheduler.LambdaLR(  # cosine to 10%: a high rate finds the shapes, a low one the colours
+        opt, lambda s: 0.55 + 0.45 * np.cos(np.pi * s / recipe.vae_steps))
     t0 = time.time()
     for step in range(recipe.vae_steps):
         idx = torch.randint(0, len(data), (recipe.vae_batch,), generator=gen)
@@ -98,6 +102,7 @@ def train_vae(vae: torch.nn.Module, recipe: Recipe, say: Callable[[str], None] =
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        lr_at.step()
         if step % 50 == 0 or step == recipe.vae_steps - 1:
             say(f"vae step {step}: loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
     vae.eval().requires_grad_(False)

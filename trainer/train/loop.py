@@ -17,8 +17,9 @@ step (difference training applies its frozen copier there); `extra_metadata` is 
 Determinism (exact resume): nothing here draws from a global RNG stream that carries over between steps.
 Step s (micro-batch a) draws its noise, noise offset and timesteps from a generator seeded with
 (seed, s, a); the global torch seed is reset to (seed, s) at the start of each step for anything else
-(network dropout); the data order is a function of (seed, epoch). So a run resumed from a state saved at
-step k ends with exactly the weights of a run that was never interrupted.
+(network dropout); the data order is a function of (seed, epoch). So on CPU a run resumed from a state saved
+at step k ends with exactly the weights of a run that was never interrupted; on a GPU the inputs are the same but
+the kernels are not bit-deterministic (README, "What a resume reproduces"; the resume is logged saying which).
 """
 
 from __future__ import annotations
@@ -40,16 +41,15 @@ from trainer.events import EventSink, JobCancelled, JobFailed, StopCheck, event,
 from trainer.infer.loss_plot import SMOOTH_WINDOW
 from trainer.spec import TrainSpec
 from trainer.train import losses as L
+from trainer.train import noise as N
 from trainer.train import outputs as out
 from trainer.train import precision as pr
 from trainer.train import state as st
+from trainer.train.health import RunHealth, scaled_step
 from trainer.train.optim import build_optimizer, build_scheduler, current_lrs
 
 SampleHook = Callable[[int, Any], Sequence[str | os.PathLike[str]]]
 PROGRESS_EVERY_S = 0.5  # at most ~2 progress events a second
-# fp16: GradScaler skips a step whose gradients overflowed and halves the loss scale; that many in a row is no
-# longer a scale being found but a run that diverged.
-MAX_SKIPPED_IN_A_ROW = 25
 
 
 def _create_network(base: Any, spec: TrainSpec) -> Any:
@@ -59,7 +59,8 @@ def _create_network(base: Any, spec: TrainSpec) -> Any:
     # seed= makes the init a function of the spec alone (the network forks the global RNG for it)
     return LoraNetwork.create(base, net.dim, net.resolved_alpha, conv_dim=net.conv_dim,
                               conv_alpha=net.resolved_conv_alpha, train_text_encoder=net.train_text_encoder,
-                              blocks=net.blocks, dropout=net.dropout, seed=spec.seed, train_unet=net.train_unet)
+                              blocks=net.blocks, dropout=net.dropout, seed=spec.seed, train_unet=net.train_unet,
+                              rank_dropout=net.rank_dropout, module_dropout=net.module_dropout)
 
 
 class Trainer:
@@ -84,14 +85,17 @@ class Trainer:
         self.sample_hook = sample_hook
         self.step = 0
         self.resumed_from = 0
-        self.loss_history: list[list[float]] = []
+        self.health = RunHealth(spec.optimizer.lr)  # step losses, fp16 skipped steps, divergence checks
         self.samples: list[str] = []
         self.intermediate: list[str] = []
         self.last_state_step = -1
         self.scaler: torch.amp.GradScaler | None = None
-        self.skipped_steps = 0  # fp16 steps GradScaler skipped (inf/NaN gradients)
         self.te_offloaded = False  # text encoders moved off the GPU once their outputs were cached
-        self.skipped_in_a_row = 0
+
+    @property
+    def loss_history(self) -> list[list[float]]:
+        """[step, loss] of every step read so far (fp16 skipped steps have none)."""
+        return self.health.history
 
     def log(self, message: str, level: str = "info") -> None:
         self.emit(event("log", level=level, message=message))
@@ -113,8 +117,11 @@ class Trainer:
             raise JobFailed(str(e), reason="bad_input") from None
         self.prediction_type = (spec.prediction_type if spec.prediction_type != "auto"
                                 else self.base.prediction_type)
-        self.noise_scheduler = DDPMScheduler.from_config(self.base.noise_scheduler.config,
-                                                          prediction_type=self.prediction_type)
+        self.noise_scheduler = N.training_scheduler(self.base.noise_scheduler.config, self.prediction_type,
+                                                    spec.zero_terminal_snr)
+        # kohya weighs by the SNR of the schedule before any zero-terminal-SNR rescale (finite at t = 999)
+        self.snr_table = L.snr(DDPMScheduler.from_config(self.base.noise_scheduler.config).alphas_cumprod,
+                               torch.arange(self.noise_scheduler.config.num_train_timesteps))
         self.precision = pr.resolve_precision(spec.mixed_precision, self.device)
         self.mixed_precision, self.scaler = self.precision.mixed_precision, self.precision.scaler
         if self.precision.note:
@@ -133,7 +140,7 @@ class Trainer:
             m.to(self.device)  # BaseModel.to(dtype=None) makes diffusers warn about dtypes
         self.train_te = spec.network.train_text_encoder
         self.gradient_checkpointing, self.attention = pr.setup_modes(
-            self.base, spec.network.train_unet, self.train_te, spec.gradient_checkpointing, self.device)
+            self.base, spec.network.train_unet, self.train_te, spec.gradient_checkpointing, self.device, spec.xformers)
         self.log(pr.resolution_summary(self.device, spec.mixed_precision, self.mixed_precision,
                                        spec.gradient_checkpointing, self.gradient_checkpointing, self.base.arch,
                                        self.attention))
@@ -150,11 +157,12 @@ class Trainer:
                            self.lr_scheduler, self.scaler)
         if s is not None:
             self.step = self.resumed_from = self.last_state_step = s.step
-            self.loss_history = [list(x) for x in s.loss_history]
+            self.health.history = [list(x) for x in s.loss_history]
             self.samples = list(s.extra.get("samples", []))
             self.intermediate = list(s.extra.get("intermediate", []))
-            self.skipped_steps = int(s.extra.get("skipped_steps", 0))
-            self.skipped_in_a_row = int(s.extra.get("skipped_in_a_row", 0))
+            self.health.skipped_steps = int(s.extra.get("skipped_steps", 0))
+            self.health.skipped_in_a_row = int(s.extra.get("skipped_in_a_row", 0))
+            self.log(st.resume_note(self.device, s.step))
         if self.prepare_base is not None:
             self.prepare_base(self.base)
 
@@ -175,7 +183,7 @@ class Trainer:
             raise
 
     def save_state(self) -> Path:
-        self._check_finite_weights()
+        self.health.check_weights(self.params, self.step)
         s = st.TrainState(
             step=self.step, network=self.network.network_state(), optimizer=self.optimizer.state_dict(),
             scheduler=self.lr_scheduler.state_dict(), scaler=self.scaler.state_dict() if self.scaler else None,
@@ -184,8 +192,8 @@ class Trainer:
                   "epoch": self.data.order.epoch_of(self.step * self.spec.grad_accum)},
             loss_history=self.loss_history,
             extra={"optimizer_layout": st.optimizer_layout(self.optimizer), "samples": self.samples,
-                   "intermediate": self.intermediate, "skipped_steps": self.skipped_steps,
-                   "skipped_in_a_row": self.skipped_in_a_row},
+                   "intermediate": self.intermediate, "skipped_steps": self.health.skipped_steps,
+                   "skipped_in_a_row": self.health.skipped_in_a_row},
             spec_fingerprint=self.spec_fp, data_fingerprint=self.data_fp,
         )
         path = st.save_state(self.job_dir, s)
@@ -222,9 +230,11 @@ class Trainer:
         b = self.data.batch(m)
         gen = generator(spec.seed, "step", step, micro)
         latents = L.batch_latents(b, self.base, self.device, gen)
-        noise = L.make_noise(latents.shape, gen, spec.noise_offset).to(self.device)
-        ts = L.sample_timesteps(len(b), self.noise_scheduler.config.num_train_timesteps, gen).to(self.device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, ts)
+        nopts = N.NoiseOptions.from_spec(spec)
+        noise = N.make_noise(latents.shape, gen, latents=latents, opts=nopts).to(self.device)
+        ts = N.sample_timesteps(len(b), self.noise_scheduler.config.num_train_timesteps, gen, spec.min_timestep,
+                                spec.max_timestep).to(self.device)
+        noisy = N.noisy_latents(self.noise_scheduler, latents, noise, ts, gen, nopts)
         target = L.target_for(self.noise_scheduler, latents, noise, ts, self.prediction_type)
         with self._autocast():
             if b.encoder_hidden_states is not None:
@@ -234,25 +244,18 @@ class Trainer:
                 with torch.set_grad_enabled(self.train_te):
                     hidden, pooled = encode_text(self.base, b.captions, self.device)
             pred = L.unet_forward(self.base, noisy, ts, hidden, pooled, b.add_time_ids)
-        per = L.per_sample_loss(pred, target, spec.loss_type, spec.huber_c)
-        return L.weighted_loss(per, ts, self.noise_scheduler, self.prediction_type, spec.min_snr_gamma,
-                             b.loss_weight)
+        return L.step_loss(pred, target, ts, self.noise_scheduler, self.snr_table, self.prediction_type,
+                           L.LossOptions.from_spec(spec), b.loss_weight)
 
-    def train_step(self) -> float | None:
-        """One optimizer step; its mean loss, or None when fp16 overflowed and GradScaler skipped the step."""
+    def train_step(self) -> torch.Tensor | None:
+        """One optimizer step; its mean loss as a 0-d tensor on the device, or None when fp16 overflowed and
+        GradScaler skipped the step. The value is read later, with others (`RunHealth.flush`)."""
         spec = self.spec
         torch.manual_seed(derive_seed(spec.seed, "global", self.step))  # dropout and anything else global
-        total = 0.0
+        total = torch.zeros((), device=self.device)
         for micro in range(spec.grad_accum):
             loss = self.micro_step_loss(self.step, micro)
-            value = float(loss.detach())
-            if not math.isfinite(value) and self.scaler is None:  # under GradScaler: a skipped step, below
-                raise JobFailed(
-                    f"loss became NaN at step {self.step + 1}; lower the learning rate (now "
-                    f"{spec.optimizer.lr:g}) or use bf16/fp32 instead of fp16. Nothing was saved after this step.",
-                    reason="nan",
-                )
-            total += value
+            total += loss.detach().float()
             scaled = loss / spec.grad_accum
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
         if spec.optimizer.max_grad_norm:
@@ -260,45 +263,18 @@ class Trainer:
                 self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.params, spec.optimizer.max_grad_norm)
         self.last_lr = current_lrs(self.optimizer)[0]  # the rate this step used (the schedule moves on below)
-        skipped = False
-        if self.scaler:
-            scale = self.scaler.get_scale()
-            self.scaler.step(self.optimizer)  # skips the update when the gradients hold inf/NaN
-            self.scaler.update()
-            skipped = self.scaler.get_scale() < scale  # update() lowers the scale exactly when it skipped
-        else:
-            self.optimizer.step()
+        skipped = scaled_step(self.optimizer, self.scaler)
         if not skipped:
             self.lr_scheduler.step()  # a skipped step does not move the schedule on
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        if skipped:
-            self._skipped_step()
-            return None
-        self.skipped_in_a_row = 0
-        return total / spec.grad_accum
-
-    def _skipped_step(self) -> None:
-        self.skipped_steps += 1
-        self.skipped_in_a_row += 1
+        if not skipped:
+            return total / spec.grad_accum
+        self.health.skipped(self.step)
         assert self.scaler is not None
-        if self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
-            raise JobFailed(
-                f"training diverged: fp16 overflowed (inf/NaN gradients) {self.skipped_in_a_row} steps in a row, up "
-                f"to step {self.step}, and every one was skipped. Lower the learning rate (now "
-                f"{self.spec.optimizer.lr:g}) or use bf16 (RTX 30xx / A100 and newer) or fp32. Nothing was saved "
-                "after the last good step.", reason="nan")
         self.log(f"step {self.step} skipped: fp16 overflow (inf/NaN gradients); the loss scale drops to "
                  f"{self.scaler.get_scale():g} and the learning-rate schedule waits", "warning")
-
-    def _check_finite_weights(self) -> None:
-        for p in self.params:
-            if not torch.isfinite(p.detach()).all():
-                raise JobFailed(
-                    f"the LoRA weights became NaN/inf at step {self.step}; lower the learning rate (now "
-                    f"{self.spec.optimizer.lr:g}) or use bf16/fp32 instead of fp16. Nothing was saved.",
-                    reason="nan",
-                )
+        return None
 
     # -- outputs --
 
@@ -309,13 +285,14 @@ class Trainer:
         return md
 
     def save_lora(self, name: str) -> Path:
-        self._check_finite_weights()
+        self.health.check_weights(self.params, self.step)
         path = self.out_dir / f"{name}.safetensors"
         out.save_lora(self.network, path, self.metadata(self.step), pr.SAVE_DTYPES[self.spec.save_precision])
         self.emit(event("file", kind="lora", path=str(path), step=self.step))
         return path
 
     def save_loss(self) -> dict[str, str]:
+        self.health.flush()
         if not self.loss_history:
             return {}
         js, png = out.save_loss(self.loss_history, self.out_dir, f"{self.spec.output_name}: loss")
@@ -331,6 +308,7 @@ class Trainer:
             self.base, network, prompts, self.job_dir / "samples", step))
         if not self.sample_hook and not prompts:
             return
+        self.health.flush()  # no time spent rendering a run that already diverged
         modes = {id(m): m.training for m in [self.base.unet, *self.base.text_encoders]}
         self.text_encoders_to(self.device)
         try:
@@ -389,10 +367,11 @@ class Trainer:
                 self.cancel()
             loss = self.train_step()
             if loss is not None:
-                self.loss_history.append([self.step, loss])
+                self.health.stepped(self.step, loss)
             now = time.monotonic()
             if now - last_emit >= PROGRESS_EVERY_S or self.step == spec.steps:
                 last_emit = now
+                self.health.flush()  # the one GPU sync for the losses: at progress-event cadence
                 sps = (self.step - s0) / max(now - t0, 1e-9)
                 window = [v for _, v in self.loss_history[-SMOOTH_WINDOW:]] or [math.nan]
                 raw = self.loss_history[-1][1] if self.loss_history else math.nan
@@ -419,7 +398,7 @@ class Trainer:
             "first_loss": losses[0] if losses else None,
             "final_loss": sum(losses[-SMOOTH_WINDOW:]) / len(losses[-SMOOTH_WINDOW:]) if losses else None,
             "device": str(self.device), "prediction_type": self.prediction_type,
-            "lora_bytes": lora.stat().st_size, "skipped_steps": self.skipped_steps,
+            "lora_bytes": lora.stat().st_size, "skipped_steps": self.health.skipped_steps,
         }
         self.emit(event("finished", outputs=outputs, summary=summary))
         return outputs

@@ -1,13 +1,17 @@
 """The loss maths of one training step, and the fixed-noise evaluation loss.
 
-Per-sample l2/l1/pseudo-Huber loss, min-SNR-gamma weighting, noise (with offset) and timesteps drawn from a
-seeded generator, the epsilon / v-prediction target, and the UNet call with SDXL's extra conditioning. Each piece
-is a plain function so tests can check it alone.
+Per-sample l2/l1/pseudo-Huber/smooth-l1 loss with kohya's Huber schedules, the SNR-based weightings kohya
+offers (min-SNR-gamma, scale_v_pred_loss_like_noise_pred, v_pred_like_loss, debiased estimation), the epsilon /
+v-prediction target, and the UNet call with SDXL's extra conditioning. Noise and timesteps: trainer.train.noise.
+Each piece is a plain function so tests can check it alone, against kohya sd-scripts' formulas
+(library/train_util.py, library/custom_train_functions.py) on identical inputs.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -17,15 +21,21 @@ from diffusers import DDPMScheduler
 from trainer.data.encode import encode_pixels, encode_text
 from trainer.data.seeds import generator
 from trainer.events import JobFailed
+from trainer.train.noise import make_noise, sample_timesteps
+
+__all__ = ["make_noise", "sample_timesteps"]  # re-exported: older callers import them from here
 
 if TYPE_CHECKING:
     from trainer.data.dataset import Batch, TrainData
 
 
-def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str = "l2", huber_c: float = 0.1
-                    ) -> torch.Tensor:
-    """Mean loss per sample, [b], in float32."""
+def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str = "l2",
+                    huber_c: float | torch.Tensor = 0.1) -> torch.Tensor:
+    """Mean loss per sample, [b], in float32 (kohya's conditional_loss, then the mean over all but the batch).
+    huber_c: one value or one per sample (a Huber schedule)."""
     pred, target = pred.float(), target.float()
+    if isinstance(huber_c, torch.Tensor):
+        huber_c = huber_c.float().to(pred.device).view(-1, *([1] * (pred.ndim - 1)))
     if loss_type == "l2":
         loss = F.mse_loss(pred, target, reduction="none")
     elif loss_type == "l1":
@@ -33,14 +43,94 @@ def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str = "
     elif loss_type == "huber":
         # kohya's pseudo-Huber: quadratic near 0, linear far away, scaled so both ends match l2/l1 shapes.
         loss = 2 * huber_c * (torch.sqrt((pred - target) ** 2 + huber_c**2) - huber_c)
+    elif loss_type == "smooth_l1":
+        # kohya's smooth_l1: the same curve without the factor c, so its far end is l1 for any c.
+        loss = 2 * (torch.sqrt((pred - target) ** 2 + huber_c**2) - huber_c)
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}")
     return loss.mean(dim=list(range(1, loss.ndim)))
 
 
+def huber_threshold(timesteps: torch.Tensor, schedule: str, huber_c: float, huber_scale: float,
+                    alphas_cumprod: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:
+    """kohya's get_huber_threshold_if_needed: the per-sample Huber c.
+    constant: c * scale;  exponential: scale * exp(ln(c) t / T) (scale at t=0, c * scale at t=T);
+    snr: (1 - c) / (1 + sigma_t)^2 + c with sigma_t = sqrt((1 - abar_t) / abar_t) (~0.95 at t=0, ~c at t=999)."""
+    t = timesteps.cpu()
+    if schedule == "constant":
+        return torch.full((t.shape[0],), huber_c * huber_scale)
+    if schedule == "exponential":
+        alpha = -math.log(huber_c) / num_train_timesteps
+        return torch.exp(-alpha * t) * huber_scale
+    if schedule == "snr":
+        ac = torch.index_select(alphas_cumprod.cpu(), 0, t)
+        sigmas = ((1.0 - ac) / ac) ** 0.5
+        return (1 - huber_c) / (1 + sigmas) ** 2 + huber_c
+    raise ValueError(f"unknown huber_schedule {schedule!r}")
+
+
 def snr(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     ac = alphas_cumprod.to(timesteps.device)[timesteps].float()
     return ac / (1 - ac)
+
+
+def snr_scale(snr_t: torch.Tensor) -> torch.Tensor:
+    """kohya's get_snr_scale: snr / (snr + 1), snr capped at 1000 (t = 0 would be inf)."""
+    snr_t = torch.clamp(snr_t, max=1000.0)
+    return snr_t / (snr_t + 1)
+
+
+def debiased_weight(snr_t: torch.Tensor, prediction_type: str = "epsilon") -> torch.Tensor:
+    """kohya's apply_debiased_estimation (arXiv 2310.08442): 1/sqrt(snr); v-prediction 1/(snr + 1); snr capped
+    at 1000."""
+    snr_t = torch.clamp(snr_t, max=1000.0)
+    return 1 / (snr_t + 1) if prediction_type == "v_prediction" else 1 / torch.sqrt(snr_t)
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """The loss options of a training spec, kohya's names."""
+
+    loss_type: str = "l2"
+    huber_c: float = 0.1
+    huber_schedule: str = "snr"
+    huber_scale: float = 1.0
+    min_snr_gamma: float | None = None
+    scale_v_pred_loss_like_noise_pred: bool = False
+    v_pred_like_loss: float | None = None
+    debiased_estimation_loss: bool = False
+
+    @classmethod
+    def from_spec(cls, spec: object) -> LossOptions:
+        return cls(**{f: getattr(spec, f) for f in cls.__dataclass_fields__})
+
+
+def step_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, scheduler: DDPMScheduler,
+              snr_table: torch.Tensor, prediction_type: str, opts: LossOptions,
+              loss_weight: torch.Tensor | None) -> torch.Tensor:
+    """kohya's loss of one step (train_network.process_batch + post_process_loss), in its order:
+    per-sample loss (Huber c from the schedule) -> per-sample weights -> min-SNR -> scale_v_pred_loss_like_noise_pred
+    -> v_pred_like_loss -> debiased estimation -> batch mean.
+    snr_table: SNR per timestep of the schedule BEFORE any zero-terminal-SNR rescale (kohya computes all_snr
+    first), so the weights stay finite at the last timestep; the Huber 'snr' schedule uses `scheduler`'s own."""
+    c: float | torch.Tensor = opts.huber_c
+    if opts.loss_type in ("huber", "smooth_l1"):
+        c = huber_threshold(timesteps, opts.huber_schedule, opts.huber_c, opts.huber_scale,
+                            scheduler.alphas_cumprod, scheduler.config.num_train_timesteps)
+    loss = per_sample_loss(pred, target, opts.loss_type, c)
+    if loss_weight is not None:
+        loss = loss * loss_weight.to(loss)
+    snr_t = snr_table.to(loss.device)[timesteps.to(loss.device)].float()
+    if opts.min_snr_gamma:
+        clipped = torch.clamp(snr_t, max=opts.min_snr_gamma)
+        loss = loss * (clipped / (snr_t + 1) if prediction_type == "v_prediction" else clipped / snr_t)
+    if opts.scale_v_pred_loss_like_noise_pred:
+        loss = loss * snr_scale(snr_t)
+    if opts.v_pred_like_loss:
+        loss = loss + loss / snr_scale(snr_t) * opts.v_pred_like_loss
+    if opts.debiased_estimation_loss:
+        loss = loss * debiased_weight(snr_t, prediction_type)
+    return loss.mean()
 
 
 def min_snr_weight(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float,
@@ -49,18 +139,6 @@ def min_snr_weight(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma:
     s = snr(alphas_cumprod, timesteps)
     clipped = torch.clamp(s, max=gamma)
     return clipped / (s + 1) if prediction_type == "v_prediction" else clipped / s
-
-
-def make_noise(shape: Sequence[int], gen: torch.Generator, noise_offset: float = 0.0) -> torch.Tensor:
-    noise = torch.randn(tuple(shape), generator=gen)
-    if noise_offset:
-        # A per-channel constant shift teaches the model to change the image's overall brightness.
-        noise = noise + noise_offset * torch.randn((shape[0], shape[1], 1, 1), generator=gen)
-    return noise
-
-
-def sample_timesteps(batch: int, num_train_timesteps: int, gen: torch.Generator) -> torch.Tensor:
-    return torch.randint(0, num_train_timesteps, (batch,), generator=gen, dtype=torch.long)
 
 
 def target_for(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,

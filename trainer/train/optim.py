@@ -103,7 +103,7 @@ def build_optimizer(spec: OptimizerSpec, params: Iterable[Any]) -> tuple[torch.o
 
 def resolve_scheduler_name(spec: OptimizerSpec) -> str:
     # diffusers' "constant" ignores warmup; a user who asked for warmup gets it.
-    if spec.scheduler == "constant" and spec.warmup_steps > 0:
+    if spec.scheduler == "constant" and spec.warmup_steps:
         return "constant_with_warmup"
     return spec.scheduler
 
@@ -112,11 +112,12 @@ def build_scheduler(spec: OptimizerSpec, optimizer: torch.optim.Optimizer, total
                     ) -> tuple[LRScheduler, list[str]]:
     """diffusers' schedule for `total_steps` optimizer steps (one per training step, after accumulation)."""
     notes = []
-    if spec.warmup_steps >= total_steps and spec.scheduler != "constant":
-        notes.append(f"warmup_steps ({spec.warmup_steps}) >= steps ({total_steps}): the learning rate never "
+    warmup = spec.resolved_warmup(total_steps)
+    if warmup >= total_steps and spec.scheduler != "constant":
+        notes.append(f"warmup_steps ({warmup}) >= steps ({total_steps}): the learning rate never "
                      "reaches its set value")
     name = resolve_scheduler_name(spec)
-    kwargs: dict[str, Any] = {"num_warmup_steps": spec.warmup_steps, "num_training_steps": total_steps}
+    kwargs: dict[str, Any] = {"num_warmup_steps": warmup, "num_training_steps": total_steps}
     if name == "cosine_with_restarts":
         kwargs["num_cycles"] = spec.num_cycles
     if name == "polynomial":

@@ -1,11 +1,12 @@
 """Device and precision policy: where a job runs, the dtype it computes in, and how the frozen base is stored.
 
-"auto" (the default) resolves on the device the job runs on (bf16 on a GPU with native bf16, compute
-capability 8.0+, else fp16 with a GradScaler; fp32 on CPU); gradient checkpointing None resolves to on for SDXL on a GPU only; the UNet uses xformers on a GPU
-when it is installed, else PyTorch SDPA. Mixed precision "bf16" autocasts to bfloat16 (CPU and GPU). "fp16"
-autocasts to float16 with a GradScaler on a GPU; on CPU, where float16 autocast is slow and GradScaler buys
-nothing, an fp16 job trains in fp32 and says so. On a GPU the frozen base weights are stored in the autocast
-dtype (half the memory); the LoRA weights, their gradients and the optimizer state stay float32.
+"auto" (the default) resolves on the device the job runs on: bf16 on a GPU with native bf16 (compute capability
+8.0+), else fp16 with a GradScaler; fp32 on CPU. Gradient checkpointing None resolves to on for SDXL on a GPU only.
+The UNet uses PyTorch SDPA, or xformers when the spec asks for it (`xformers = true`). Mixed precision "bf16"
+autocasts to bfloat16 (CPU and GPU). "fp16" autocasts to float16 with a GradScaler on a GPU; on CPU, where float16
+autocast is slow and GradScaler buys nothing, an fp16 job trains in fp32 and says so. On a GPU the frozen base
+weights are stored in the autocast dtype (half the memory); the LoRA weights, their gradients and the optimizer
+state stay float32.
 """
 
 from __future__ import annotations
@@ -99,16 +100,18 @@ def cast_frozen_weights(modules: Iterable[torch.nn.Module], precision: Precision
                 p.data = p.data.to(precision.autocast_dtype)
 
 
-def enable_fast_attention(unet: Any, device: torch.device) -> str:
-    """xformers' memory-efficient attention on a GPU when xformers is installed, else PyTorch SDPA
-    (diffusers' default). Returns a short description of what the UNet uses."""
+def enable_fast_attention(unet: Any, device: torch.device, use_xformers: bool = False) -> str:
+    """PyTorch SDPA (diffusers' default), or xformers' memory-efficient attention when asked for (`xformers = true`)
+    on a GPU with xformers installed. Returns a short description of what the UNet uses."""
     sdpa = "PyTorch SDPA" if hasattr(F, "scaled_dot_product_attention") else "PyTorch attention"
-    if device.type != "cuda":
+    if not use_xformers:
         return sdpa
+    if device.type != "cuda":
+        return f"{sdpa} (xformers needs a GPU)"
     try:
         import xformers  # noqa: F401
     except Exception:  # noqa: BLE001 - not installed, or broken against this torch
-        return sdpa
+        return f"{sdpa} (xformers was asked for but is not installed or does not import)"
     try:
         unet.enable_xformers_memory_efficient_attention()
     except Exception as e:  # noqa: BLE001 - a mismatched xformers build: keep SDPA
@@ -117,7 +120,7 @@ def enable_fast_attention(unet: Any, device: torch.device) -> str:
 
 
 def setup_modes(base: Any, train_unet: bool, train_te: bool, requested_gc: bool | None,
-                device: torch.device) -> tuple[bool, str]:
+                device: torch.device, use_xformers: bool = False) -> tuple[bool, str]:
     """Train/eval modes, gradient checkpointing and attention; returns (checkpointing on, attention used)."""
     base.unet.train(train_unet)
     for te in base.text_encoders:
@@ -129,7 +132,7 @@ def setup_modes(base: Any, train_unet: bool, train_te: bool, requested_gc: bool 
         if train_te:
             for te in base.text_encoders:
                 te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return gc, enable_fast_attention(base.unet, device)
+    return gc, enable_fast_attention(base.unet, device, use_xformers)
 
 
 def resolution_summary(device: torch.device, requested_mp: str, mixed_precision: str, requested_gc: bool | None,

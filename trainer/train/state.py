@@ -37,7 +37,7 @@ STATE_VERSION = 1
 KEEP = 2
 # Spec fields that do not change the training trajectory: a state stays valid when only these differ.
 _NOT_FINGERPRINTED = {"output_name", "sample", "save_every_n_steps", "state_every_n_steps", "preset",
-                      "save_precision"}
+                      "save_precision", "xformers"}
 
 
 class StateError(JobFailed):
@@ -255,6 +255,16 @@ def load_latest_state(job_dir: Path, spec_fp: str | None = None, data_fp: str | 
 def optimizer_layout(optimizer: torch.optim.Optimizer) -> list[list[list[int]]]:
     """Shapes of the parameters per group: a state is only loaded into an optimizer with the same layout."""
     return [[list(p.shape) for p in g["params"]] for g in optimizer.param_groups]
+
+
+def resume_note(device: torch.device, step: int) -> str:
+    """What a resume at `step` reproduces on `device`, for the job's log (README: "What a resume reproduces")."""
+    same = (f"resumed from step {step}: the same data order, captions, flips, noise and timesteps as an uninterrupted "
+            "run (every draw is seeded from seed and step), with the optimizer, schedule and RNG states restored")
+    if device.type == "cpu":
+        return same + "; on CPU the final weights are bit-exact"
+    return (same + f"; on {device.type} the kernels are not bit-deterministic, so the final weights match an "
+            "uninterrupted run closely but not bit for bit (as two runs with the same seed do)")
 
 
 def resume_into(job_dir: Path, spec_fp: str, data_fp: str, network: Any, optimizer: torch.optim.Optimizer,
