@@ -102,6 +102,8 @@ class _Translator:
         if (v := self.get("pretrained_model_name_or_path")) is not None:
             # On Discord a path on the user's disk means nothing: its file name is looked up in the bot's list.
             self.put("base_model", Path(str(v)).name if self.for_bot else str(v), "pretrained_model_name_or_path")
+        if (v := self.get("network_weights")) is not None:  # start from an existing LoRA
+            self.put("init_lora", Path(str(v)).name if self.for_bot else str(v), "network_weights")
         if (v := self.get("output_name")) is not None:
             self.put("output_name", re.sub(r"[^A-Za-z0-9_.\- ]", "_", str(v)).lstrip("._- ") or "lora", "output_name")
         for key, dest, conv in (("network_dim", "network.dim", int), ("network_alpha", "network.alpha", float),

@@ -222,6 +222,9 @@ class TrainSpec(_Strict):
     output_name: FileName = "lora"
     concepts: list[Concept] = Field(default_factory=list)
     network: NetworkSpec = Field(default_factory=NetworkSpec)
+    # Start from an existing kohya LoRA (kohya's network_weights): a path, or a file name in the models folder.
+    # Its architecture and ranks must match this job's network (network.dim, conv_dim, text encoder).
+    init_lora: str | None = Field(None, min_length=1, max_length=500)
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     data: DataSpec = Field(default_factory=DataSpec)
     sample: SampleSpec = Field(default_factory=SampleSpec)

@@ -134,3 +134,10 @@ def test_loss_and_noise_options_keep_kohyas_names() -> None:
     assert spec.huber_schedule == "exponential" and spec.max_timestep == 900
     # a job from a kohya config averages prior-preservation batches as kohya does
     assert out.values["imported_from"] == "kohya" and spec.resolved_prior_loss_form == "kohya"
+
+
+def test_network_weights_become_init_lora() -> None:
+    from trainer.kohya_import import translate
+
+    out = translate({"network_dim": 8, "network_weights": "/loras/first.safetensors"})
+    assert out.values["init_lora"] == "/loras/first.safetensors" and "network_weights" not in out.untranslated

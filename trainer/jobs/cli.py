@@ -195,6 +195,8 @@ def _print_event(ev: dict[str, Any]) -> None:
 OPTION_FIELDS: dict[str, tuple[str, str]] = {
     "base": ("base_model", "base model: tiny-sd15, a models-dir name, a .safetensors file or a diffusers folder"),
     "steps": ("steps", "optimizer steps"),
+    "init_lora": ("init_lora", "start from this LoRA (kohya's network_weights): a .safetensors path or a models-dir "
+                               "name; its ranks must match --dim"),
     "dim": ("network.dim", "network rank"),
     "alpha": ("network.alpha", "network alpha (default: dim)"),
     "conv_dim": ("network.conv_dim", "LoCon conv rank (0: plain LoRA)"),

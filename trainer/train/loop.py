@@ -171,6 +171,10 @@ class Trainer:
             self.health.skipped_steps = int(s.extra.get("skipped_steps", 0))
             self.health.skipped_in_a_row = int(s.extra.get("skipped_in_a_row", 0))
             self.log(st.resume_note(self.device, s.step))
+        elif spec.init_lora:  # a resumed run already holds the weights it started from
+            from trainer.train.init_lora import load_init_lora
+
+            self.log(load_init_lora(self.network, self.base, spec.init_lora, self.models_dir))
         if self.prepare_base is not None:
             self.prepare_base(self.base)
 
