@@ -52,7 +52,7 @@ def test_train_from_options_alone(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr[-2000:]
     lora = out / "outputs" / "opts.safetensors"
     assert lora.is_file() and f"LoRA: {lora}" in r.stdout
-    assert "step 3/3" in r.stdout and "smoothed" in r.stdout and "it/s" in r.stdout and "eta" in r.stdout
+    assert "step 3/3" in r.stdout and "smoothed" in r.stdout and "steps/s" in r.stdout and "eta" in r.stdout
     assert "\r" not in r.stdout  # not a terminal: plain lines, no redrawn bar
     assert "precision fp32 (auto on cpu)" in r.stdout  # what the auto defaults resolved to
     assert "gemm_4bit" not in r.stderr and "torchvision" not in r.stderr  # library notices nobody can act on
@@ -101,7 +101,7 @@ def test_progress_bar_redraws_on_a_terminal() -> None:
     pr({"type": "log", "level": "info", "message": "done"})
     text = buf.getvalue()
     assert text.count("\r[") == 2 and "[" + "#" * 24 + "] step 2/2" in text
-    assert "loss 0.4000  smoothed 0.5000  lr 1.00e-03  2.00 it/s  eta 0:00" in text
+    assert "loss 0.4000  smoothed 0.5000  lr 1.00e-03  2.00 steps/s  eta 0:00" in text
     assert text.endswith("\n[info] done\n")  # the bar's line is closed before other output
 
 

@@ -148,6 +148,9 @@ def test_more_steps_extend_a_finished_run(tmp_path: Path, dataset: Path, make_sp
     assert f"lr now {lr * 0.5 * (1 + math.cos(math.pi * 4 / 6)):.3g}" in replanned[0]  # cosine at 4 of 6, not of 4
     summary = events[-1]["summary"]
     assert summary["steps"] == 6 and summary["resumed_from"] == 4 and summary["steps_this_run"] == 2
+    # one speed figure: the summary repeats the bar's (and the bot's) last steps/s, not a figure of its own
+    last = [e for e in events if e["type"] == "progress"][-1]
+    assert last["step"] == 6 and summary["steps_per_s"] == last["steps_per_s"] > 0
     assert json.loads(Path(out["loss_history"]).read_text())["steps"] == [1, 2, 3, 4, 5, 6]
     saved = st.load_latest_state(tmp_path / "job")
     assert saved is not None and saved.extra["extensions"] == [{"at_step": 4, "from_steps": 4, "to_steps": 6}]

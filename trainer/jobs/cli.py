@@ -143,7 +143,7 @@ class ProgressPrinter:
     def progress_text(ev: dict[str, Any]) -> str:
         raw = ev.get("loss_raw", ev.get("loss", float("nan")))
         return (f"step {ev['step']}/{ev['total']}  loss {raw:.4f}  smoothed {ev.get('loss', float('nan')):.4f}"
-                f"  lr {ev.get('lr') or 0:.2e}  {ev.get('steps_per_s') or 0:.2f} it/s"
+                f"  lr {ev.get('lr') or 0:.2e}  {ev.get('steps_per_s') or 0:.2f} steps/s"
                 f"  eta {_fmt_time(ev.get('eta_s'))}")
 
     def __call__(self, ev: dict[str, Any]) -> None:
@@ -179,7 +179,7 @@ class ProgressPrinter:
                 steps = (f"{ran} steps in this run (resumed at step {sm['resumed_from']}; {sm['steps']} in total)"
                          if sm.get("resumed_from") else f"{sm['steps']} steps")
                 self._line(f"finished: {steps} in {_fmt_time(sm.get('elapsed_s'))} "
-                           f"({sm.get('steps_per_s') or 0:.2f} it/s on {sm.get('device', '?')})")
+                           f"({sm.get('steps_per_s') or 0:.2f} steps/s on {sm.get('device', '?')})")
             else:
                 self._line("finished")
         elif t == "cancelled":

@@ -385,7 +385,9 @@ class Trainer:
             self.log(f"resuming from step {self.resumed_from} (the newest state could not be read)", "warning")
         self.cache()
         self.emit(event("phase", name="training", current=self.step, total=spec.steps))
-        t0, s0, last_emit = time.monotonic(), self.step, 0.0
+        # The one speed figure (bar, bot, summary): steps run in this run / seconds since training began (model
+        # loading and caching excluded; in-loop saves and samples included). The summary repeats the last one.
+        t0, s0, last_emit, sps = time.monotonic(), self.step, 0.0, 0.0
         while self.step < spec.steps:
             if self.should_stop():
                 self.cancel()
@@ -419,7 +421,7 @@ class Trainer:
         summary = {
             "steps": self.step, "resumed_from": self.resumed_from, "steps_this_run": self.step - self.resumed_from,
             "elapsed_s": time.monotonic() - t_start,
-            "steps_per_s": (self.step - s0) / max(time.monotonic() - t0, 1e-9),
+            "steps_per_s": sps,
             "first_loss": losses[0] if losses else None,
             "final_loss": sum(losses[-SMOOTH_WINDOW:]) / len(losses[-SMOOTH_WINDOW:]) if losses else None,
             "device": str(self.device), "prediction_type": self.prediction_type,
