@@ -239,9 +239,9 @@ class TrainSpec(_Strict):
     # Explicit values behave as written ("fp16" on CPU trains in fp32 and says so).
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     save_precision: Literal["fp16", "bf16", "fp32"] = "fp16"
-    # None (auto): on for SDXL on a GPU (the UNet's activations at 1024 px do not fit 10 GB without it); off for
-    # SD1.x/SD2.x on a GPU (SD1.5 at 512 px with half-precision weights and cached latents fits 8 GB, and
-    # checkpointing costs ~35% more compute) and off on CPU. True/False force it.
+    # None (auto): on a GPU the memory plan decides (trainer.plan.choose_auto): on only when the job would not fit
+    # the card without it (it costs ~35% more compute), e.g. SDXL at 1024 px on 10 GB; when no plan can be made,
+    # on for SDXL only. Off on CPU. True/False force it.
     gradient_checkpointing: bool | None = None
     # Attention: PyTorch SDPA (torch >= 2 picks flash / memory-efficient kernels itself, as fast and as lean as
     # xformers). True uses xformers' memory-efficient attention on a GPU when it is installed (opt-in).
