@@ -220,6 +220,28 @@ async def test_train_thread_progress_throttled_and_delivery(fake_discord, bot, m
     assert "Settings:" in final.content and "steps `60`" in final.content
 
 
+async def test_live_preview_shows_in_the_progress_message_and_goes_at_the_end(fake_discord, bot, monkeypatch):
+    fake = fake_discord
+    await make_dataset(fake, bot)
+    monkeypatch.setenv("STUB_STEP_S", "0.05")
+    await run_command(fake, bot, "train", {"dataset": "cats", "steps": 60, "output_name": "slow-live"}, user="bob")
+    job = await bot.scheduler.wait_for_job(1, 30)
+    assert job.state == "succeeded"
+    await bot.progress.wait_idle(1, 20)
+    thread_id = next(iter(fake.threads))
+    progress = fake.message(job.message_id)
+    shown = [h for h in progress.history if h.get("attachments")]
+    assert shown, "no live preview was ever attached to the progress message"
+    # each attached picture is the engine's latest preview, named as such, with the step it shows in the text
+    assert all([a["filename"] for a in h["attachments"]] == ["live-preview.png"] for h in shown)
+    assert all("Live preview: sampling step" in h["content"] for h in shown)
+    steps = [int(h["content"].split("sampling step ")[1].split("/")[0]) for h in shown]
+    assert steps == sorted(steps) and len(set(steps)) == len(steps)  # a new picture per edit, never an old one
+    # at the end the preview is gone (the real sample and results are posted below) and the text says so
+    assert progress.attachments == [] and "Live preview" not in progress.content
+    assert any(m.content.startswith("Sample at step") for m in fake.channel_messages(thread_id))
+
+
 async def test_progress_message_has_cancel_button_and_cancel_command(fake_discord, bot, monkeypatch):
     fake = fake_discord
     await make_dataset(fake, bot)

@@ -204,14 +204,15 @@ def test_step_losses_are_read_at_progress_cadence_not_every_micro_step(tmp_path:
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """float(loss) makes the CPU wait for the GPU: the loop reads the losses in one go when it reports."""
     from trainer.train import loop
-    from trainer.train import losses as losses_mod
 
     loss_storages: set[int] = set()
+    kept: list[torch.Tensor] = []
     reads: list[str] = []
-    real_loss = losses_mod.weighted_loss
+    real_loss = Trainer.micro_step_loss
 
-    def weighted_loss(*a: Any, **k: Any) -> torch.Tensor:
-        out = real_loss(*a, **k)
+    def micro_step_loss(self: Trainer, step: int, micro: int) -> torch.Tensor:
+        out = real_loss(self, step, micro)
+        kept.append(out.detach())  # alive to the end: no other tensor can take its storage's address
         loss_storages.add(out.untyped_storage().data_ptr())
         return out
 
@@ -225,7 +226,7 @@ def test_step_losses_are_read_at_progress_cadence_not_every_micro_step(tmp_path:
 
         return read
 
-    monkeypatch.setattr(losses_mod, "weighted_loss", weighted_loss)
+    monkeypatch.setattr(Trainer, "micro_step_loss", micro_step_loss)
     for name in ("__float__", "item", "tolist"):
         monkeypatch.setattr(torch.Tensor, name, counting(name))
     monkeypatch.setattr(loop, "PROGRESS_EVERY_S", 3600.0)  # one progress event: the last step
