@@ -47,6 +47,7 @@ from trainer.train import precision as pr
 from trainer.train import state as st
 from trainer.train.health import RunHealth, scaled_step
 from trainer.train.optim import build_optimizer, build_scheduler, current_lrs
+from trainer.train.tblog import TensorBoardLog
 
 SampleHook = Callable[[int, Any], Sequence[str | os.PathLike[str]]]
 PROGRESS_EVERY_S = 0.5  # at most ~2 progress events a second
@@ -385,6 +386,7 @@ class Trainer:
             self.log(f"resuming from step {self.resumed_from} (the newest state could not be read)", "warning")
         self.cache()
         self.emit(event("phase", name="training", current=self.step, total=spec.steps))
+        tb = TensorBoardLog(self.out_dir / "tensorboard", self.step, SMOOTH_WINDOW)  # only with `tensorboard`
         # The one speed figure (bar, bot, summary): steps run in this run / seconds since training began (model
         # loading and caching excluded; in-loop saves and samples included). The summary repeats the last one.
         t0, s0, last_emit, sps = time.monotonic(), self.step, 0.0, 0.0
@@ -398,6 +400,7 @@ class Trainer:
             if now - last_emit >= PROGRESS_EVERY_S or self.step == spec.steps:
                 last_emit = now
                 self.health.flush()  # the one GPU sync for the losses: at progress-event cadence
+                tb.write(self.loss_history, self.last_lr)
                 sps = (self.step - s0) / max(now - t0, 1e-9)
                 window = [v for _, v in self.loss_history[-SMOOTH_WINDOW:]] or [math.nan]
                 raw = self.loss_history[-1][1] if self.loss_history else math.nan
@@ -411,6 +414,7 @@ class Trainer:
             n = spec.sample.every_n_steps
             if n and spec.sample.prompts and self.step % n == 0 and self.step < spec.steps:
                 self.run_samples()
+        tb.close()
         if self.last_state_step != self.step:
             self.save_state()  # a crash while writing outputs resumes straight to them
         lora = self.save_lora(spec.output_name)
