@@ -25,6 +25,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -428,6 +429,8 @@ class StopOnSignal:
               file=sys.stderr, flush=True)
 
     def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is not threading.main_thread():
+            return self  # signal handlers can only be set from the main thread (main() called from a thread)
         for sig in self.SIGNALS:
             self._old[sig] = signal.signal(sig, self._handle)
         return self
