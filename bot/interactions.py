@@ -348,9 +348,10 @@ def read_job_attachment(name: str, data: bytes) -> tuple[dict[str, Any], str]:
         result = import_kohya_text(name, text, for_bot=True)
     except KohyaImportError as e:
         raise InvalidInput(f"`{name}` looks like a kohya config, but: {e}.") from None
-    skipped = [*result.untranslated, *(f"{k} (not needed)" for k in result.not_needed)]
+    # Names only (a Discord message is short); `python -m trainer import-kohya` gives the reasons.
+    skipped = list(dict.fromkeys(u.split(" ", 1)[0].rstrip(":") for u in result.untranslated))
     note = f"\nImported {len(result.translated)} settings from the kohya config `{name}`"
-    note += f"; not translated: {clip('; '.join(skipped), 300)}" if skipped else "."
+    note += f"; not translated: {clip(', '.join(skipped), 300)}." if skipped else "."
     return result.values, note
 
 

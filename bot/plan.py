@@ -35,3 +35,11 @@ def plan_line(spec: TrainSpec, card: int | None, models_dir: Path | None = None)
     if plan.fits is False:
         raise InvalidInput(f"This job would run out of GPU memory: {plan.message()}", "Nothing was queued.")
     return plan.summary()
+
+
+def submit_plan_line(bot: Any, spec: TrainSpec) -> str:
+    """"\n" + the plan's summary for a job about to be queued by `bot` (/train, /retrain; "" when the card is
+    unknown); raises InvalidInput when the job cannot fit the GPU."""
+    card = card_bytes(bot.config.workers.gpu_memory_gib, getattr(bot.scheduler, "workers", []))
+    line = plan_line(spec, card, bot.config.models_dir)
+    return f"\n{line}" if line else ""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import io
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -70,6 +71,7 @@ class JobReporter:
         self.wake.set()
         self.ended = asyncio.Event()  # set on the terminal event: cuts the throttle wait short
         self.edits = 0
+        self.live_shown: tuple[Any, ...] | None = None  # the live preview now attached to the progress message
         self.failures = 0  # consecutive failed passes of the loop (retried with backoff)
         self.task: asyncio.Task[None] | None = None
 
@@ -107,6 +109,8 @@ class JobReporter:
             st["quota_wait"] = event.get("message")
         elif t == "sample":
             self.samples.append(event)
+        elif t == "preview":  # a live preview of the image being sampled (trainer.infer.live)
+            st["live"] = {k: event.get(k) for k in ("path", "step", "total", "label")}
         elif t == "file" and event.get("kind") == "image" and event.get("phase") == COPIER_CHECK:
             # posted between the passes, not kept for the final post
             self.samples.append({**event, "type": COPIER_CHECK})
@@ -253,7 +257,9 @@ class JobReporter:
         mid = job.message_id
         if mid and time.time() - discord.utils.snowflake_time(int(mid)).timestamp() < self.hub.fresh_after_s:
             try:
-                await dest.get_partial_message(int(mid)).edit(content=text, view=view)
+                live = self._live_attachment(job)
+                extra: dict[str, Any] = {} if live is False else {"attachments": [] if live is None else [live]}
+                await dest.get_partial_message(int(mid)).edit(content=text, view=view, **extra)
                 self.edits += 1
                 return
             except discord.NotFound:
@@ -270,6 +276,27 @@ class JobReporter:
             await bot.repo.set_job_message(job.id, message_id=new_id)
             if not posted:  # made before a restart: show what is current now
                 await dest.get_partial_message(int(new_id)).edit(content=text, view=view)
+
+    def _live_attachment(self, job: Any) -> discord.File | None | bool:
+        """What the progress message's attachments become: a new live preview (File), none (None: the job ended or
+        moved on, so the preview goes), or unchanged (False)."""
+        live = self.state.get("live")
+        if job.is_terminal or job.state != "running" or not live:
+            if self.live_shown is None:
+                return False
+            self.live_shown = None
+            self.state.pop("live", None)
+            return None
+        key = (live.get("path"), live.get("step"), live.get("label"))
+        path = self.hub.results.resolve_path(job.id, live.get("path"))
+        if key == self.live_shown or path is None:
+            return False
+        try:
+            data = path.read_bytes()  # read now: the engine replaces the file with the next preview
+        except OSError:
+            return False
+        self.live_shown = key
+        return discord.File(io.BytesIO(data), filename="live-preview.png")
 
     async def _post_sample(self, job: Any, ev: dict[str, Any]) -> None:
         path = self.hub.results.resolve_path(job.id, ev.get("path"))

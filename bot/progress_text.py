@@ -162,6 +162,9 @@ def render(job: Any, st: dict[str, Any]) -> str:
             if st.get("phase_total"):
                 ph += f" ({st.get('phase_current', 0)}/{st['phase_total']})"
             lines.append(ph)
+    if (live := st.get("live")) and state == "running":  # the picture forming, attached to this message
+        what = f" \u00b7 {live['label']}" if live.get("label") else ""
+        lines.append(f"Live preview: sampling step {live.get('step')}/{live.get('total')}{what}")
     if st.get("resumed_from"):
         lines.append(f"Resumed from step {st['resumed_from']}.")
     if state == "succeeded":

@@ -254,6 +254,12 @@ class WorkerHandle:
                     await self.on_message(self, msg)
                 except Exception:  # noqa: BLE001 - one bad message must not kill the reader
                     log.exception("%s: handling %s failed", self.id, msg.get("type"))
+        except asyncio.CancelledError:
+            # The event loop is going away with the worker still running (no shutdown() came): take the
+            # process down with it, or the wait below would hang the loop's shutdown for good.
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            raise
         finally:
             rc = await self.proc.wait()
             self.exit_reason = describe_exit(rc, self.log_tail())

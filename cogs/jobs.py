@@ -15,6 +15,8 @@ from discord.ext import commands
 from bot.errors import InvalidInput, reply
 from bot.interactions import announce_job, cancel_job, clip, ensure_deferred, format_duration, spec_summary
 from bot.options import JobId
+from bot.plan import submit_plan_line
+from bot.specs import TrainSpec
 
 if TYPE_CHECKING:
     from bot.app import LoraforgeBot
@@ -165,9 +167,19 @@ class Jobs(commands.Cog):
         if checkpoint:
             # The same rules as /merge into_checkpoint: admins only, delivered by link (gigabytes).
             bot.access.require_admin(interaction)
+        plan = ""
+        if old is not None and old.kind == "train":
+            # The card may have changed since the first run (another worker, a new gpu_memory_gib): check again.
+            try:
+                spec = TrainSpec.model_validate(old.spec)
+            except ValueError:
+                spec = None  # a spec this version no longer reads: the engine says what is wrong with it
+            if spec is not None:
+                plan = submit_plan_line(bot, spec)
         job = await bot.scheduler.retrain(id, interaction.user.id, bot.access.is_admin(interaction),
                                           guild_id=interaction.guild_id, channel_id=interaction.channel_id)
         await announce_job(interaction, job, title=f"{job.spec.get('output_name', job.kind)} (retrain of #{id})",
+                           summary=plan.strip(),
                            meta={"link_only": True} if checkpoint else None)
 
 

@@ -38,9 +38,9 @@ from bot.interactions import (
     spec_summary,
     submit_job,
 )
-from bot.lorafile import base_model_arch
+from bot.lorafile import ARCH_NAMES, base_model_arch
 from bot.options import Seed
-from bot.plan import card_bytes, plan_line
+from bot.plan import submit_plan_line
 from bot.specs import (
     OPTIMIZERS,
     SCHEDULERS,
@@ -393,6 +393,7 @@ class Train(commands.Cog):
         sample_prompt="Render this prompt with the LoRA at the end",
         output_name="File name of the LoRA",
         job_file="A TOML job file for every other setting, or a kohya sd-scripts config or command line",
+        init_lora="Continue from this LoRA (.safetensors, same base architecture; its rank sets dim)",
     )
     @app_commands.autocomplete(dataset=_dataset_ac, base_model=base_model_choices)
     @app_commands.choices(optimizer=OPTIMIZER_CHOICES, scheduler=SCHEDULER_CHOICES, mode=MODE_CHOICES)
@@ -423,6 +424,7 @@ class Train(commands.Cog):
         sample_prompt: str | None = None,
         output_name: str | None = None,
         job_file: discord.Attachment | None = None,
+        init_lora: discord.Attachment | None = None,
     ) -> None:
         bot = self.bot
         bot.access.require_trainer(interaction)
@@ -444,6 +446,9 @@ class Train(commands.Cog):
         }
         attached = original is not None or target is not None
         if choose_mode(mode, chosen_preset, attached, file_values) == "difference":
+            if init_lora is not None:
+                raise InvalidInput("`init_lora` continues a standard training; a difference job starts from scratch.",
+                                   "Leave out `init_lora`, or train in mode:standard.")
             await self._train_difference(interaction, dataset, original, target, options, file_values,
                                          chosen_preset, class_prompt)
             return
@@ -463,6 +468,7 @@ class Train(commands.Cog):
             for c in spec.concepts:
                 c.instance_prompt = " ".join(w for w in words if w)
                 c.class_prompt = words[1] or None  # the regularization prompt for prior preservation
+        await _attach_init_lora(bot, spec, init_lora, dim is not None)
         plan = _memory_plan_line(bot, spec)
         await submit_job(interaction, kind="train", spec=spec, title=f"{spec.output_name} on {ds.name}",
                          summary=f"Settings: {spec_summary(spec.model_dump(mode='json'))}{plan}{imported}")
@@ -551,11 +557,40 @@ class Train(commands.Cog):
                          summary=f"Settings: {spec_summary(spec.model_dump(mode='json'))}{plan}")
 
 
+async def _attach_init_lora(bot: LoraforgeBot, spec: TrainSpec, attachment: discord.Attachment | None,
+                            dim_given: bool) -> None:
+    """`init_lora:`: the job starts from the attached LoRA, checked here from its header (architecture against
+    the base model, rank against dim; the worker checks again with torch) and stored content-addressed. A path in a
+    job file names a file on the server, which is not the user's to choose: refused."""
+    if attachment is None:
+        if spec.init_lora:
+            raise InvalidInput("`init_lora` in a job file names a file on the server, which cannot be used here.",
+                               "Attach the LoRA with the `init_lora` option instead.")
+        return
+    from cogs.merge import fetch_attached_loras, save_uploads  # cogs.merge imports this module
+
+    item = (await fetch_attached_loras([attachment]))[0]
+    info = item.info
+    arch = base_model_arch(spec.base_model, bot.config.models_dir)
+    if info.arch and arch and info.arch != arch and {info.arch, arch} != {"sd1", "sd2"}:
+        raise InvalidInput(f"`{info.name}` is a LoRA for {info.arch_name}, but the base model `{spec.base_model}` is "
+                           f"{ARCH_NAMES.get(arch, arch)}.", "Pick a base model of the LoRA's kind. Nothing was queued.")
+    if info.rank and info.rank != spec.network.dim:
+        if dim_given:
+            raise InvalidInput(f"`{info.name}` has rank {info.rank}, but dim is {spec.network.dim}.",
+                               f"Use dim:{info.rank} (or leave dim out) to continue from it. Nothing was queued.")
+        spec.network.dim = info.rank  # continuing a LoRA: its rank is the job's
+    if info.conv_rank and info.conv_rank != spec.network.conv_dim:
+        spec.network.conv_dim = info.conv_rank
+    if any(m.startswith("lora_te") for m in info.modules):
+        spec.network.train_text_encoder = True
+    await save_uploads(bot, [item])
+    spec.init_lora = str(item.path)
+
+
 def _memory_plan_line(bot: LoraforgeBot, spec: TrainSpec) -> str:
     """"\n" + the memory plan's summary ("" when the card is unknown); refuses a job that cannot fit the GPU."""
-    card = card_bytes(bot.config.workers.gpu_memory_gib, getattr(bot.scheduler, "workers", []))
-    line = plan_line(spec, card, bot.config.models_dir)
-    return f"\n{line}" if line else ""
+    return submit_plan_line(bot, spec)
 
 
 def _default_output_name(dataset_name: str) -> str:

@@ -59,6 +59,24 @@ def _check_states(states: Iterable[str]) -> list[str]:
     return out
 
 
+def _job_filter(owner_id: int | None, states: Iterable[str] | None,
+                kind: str | None = None) -> tuple[list[str], list[Any]] | None:
+    """(conditions, parameters) selecting jobs by owner, states and kind; None when ``states`` is empty (no job)."""
+    where: list[str] = []
+    params: list[Any] = []
+    if owner_id is not None:
+        where.append("owner_id = ?")
+        params.append(owner_id)
+    if states is not None:
+        st = _check_states(states)
+        if not st:
+            return None
+        where.append(f"state IN ({_placeholders(st)})")
+        params.extend(st)
+    if kind is not None:
+        where.append("kind = ?")
+        params.append(kind)
+    return where, params
 
 
 class Repo(DatasetRows):
@@ -123,19 +141,10 @@ class Repo(DatasetRows):
         limit: int | None = None,
     ) -> list[Job]:
         """Default order is queue order: priority DESC, created_at, id. ``newest_first`` for /jobs."""
-        where, params = [], []
-        if owner_id is not None:
-            where.append("owner_id = ?")
-            params.append(owner_id)
-        if states is not None:
-            st = _check_states(states)
-            if not st:
-                return []
-            where.append(f"state IN ({_placeholders(st)})")
-            params.extend(st)
-        if kind is not None:
-            where.append("kind = ?")
-            params.append(kind)
+        filt = _job_filter(owner_id, states, kind)
+        if filt is None:
+            return []
+        where, params = filt
         sql = _select_all("jobs", where)
         sql += (
             " ORDER BY created_at DESC, id DESC"
@@ -147,16 +156,10 @@ class Repo(DatasetRows):
         return [_job(r) for r in await self.db.fetchall(sql, params)]
 
     async def count_jobs(self, owner_id: int | None = None, states: Iterable[str] | None = None) -> int:
-        where, params = [], []
-        if owner_id is not None:
-            where.append("owner_id = ?")
-            params.append(owner_id)
-        if states is not None:
-            st = _check_states(states)
-            if not st:
-                return 0
-            where.append(f"state IN ({_placeholders(st)})")
-            params.extend(st)
+        filt = _job_filter(owner_id, states)
+        if filt is None:
+            return 0
+        where, params = filt
         sql = "SELECT COUNT(*) FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
         row = await self.db.fetchone(sql, params)
         return int(row[0]) if row else 0

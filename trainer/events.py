@@ -7,6 +7,7 @@ Every event has a "type"; the others fields by type:
 - report:   text (a human-readable dataset report), warnings (list of str)
 - progress: step, total, loss, lr, steps_per_s, eta_s
 - sample:   path, step, prompt
+- preview:  path, step, total, label (a live preview of the image being sampled: trainer.infer.live)
 - file:     kind ("lora" | "state" | "grid" | "plot" | "checkpoint" | "image" | "sample"), path, step (optional)
 - log:      level, message
 - finished: outputs (dict kind -> path or list of paths), summary (dict)

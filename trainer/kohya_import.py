@@ -1,7 +1,7 @@
 """kohya sd-scripts settings -> a job spec: what has an equivalent is translated, the rest is listed.
 
-The three forms kohya users have are read by trainer.kohya_read: a training config (TOML/JSON), a dataset config
-(also one named by ``dataset_config``) and a command line. ``import_kohya(path)`` -> ``KohyaImport`` (the spec values, what was translated, not needed, not translated).
+trainer.kohya_read reads a training config (TOML/JSON), a dataset config (also one named by ``dataset_config``) or a
+command line; ``import_kohya(path)`` -> ``KohyaImport`` (spec values; translated, not needed, not translated).
 
 Torch-free: the bot uses it for a kohya config attached as ``/train job_file:``.
 """
@@ -17,13 +17,18 @@ from typing import Any
 
 from trainer.kohya_read import (
     KohyaImportError,
+    concepts_from_train_data_dir,
+    count_images,
     looks_like_kohya,
+    num,
     read_kohya_file,
     read_kohya_text,
+    read_sample_prompts,
+    resolution_side,
+    truthy,
 )
 from trainer.spec import OPTIMIZERS, SCHEDULERS
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 KOHYA_DEFAULT_STEPS = 1600  # train_network.py's --max_train_steps default
 # Settings the engine handles itself: translating them is not needed, so they are not reported as lost.
 NOT_NEEDED = {
@@ -55,37 +60,6 @@ class KohyaImport:
         if self.untranslated:
             lines.append("not translated: " + "; ".join(self.untranslated))
         return "\n".join(lines)
-
-
-def _resolution(v: Any) -> tuple[int, str]:
-    """kohya's resolution (512, "512", "512,512", [768, 512]) -> a side for the engine, and a note if not square."""
-    if isinstance(v, int | float):
-        return int(v), ""
-    parts = [int(float(p)) for p in (v if isinstance(v, list) else str(v).split(","))]
-    if len(parts) == 1 or parts[0] == parts[1]:
-        return parts[0], ""
-    side = int(round(math.sqrt(parts[0] * parts[1]) / 8)) * 8
-    return side, f"{parts[0]}x{parts[1]} trains at {side} px squares of the same area (buckets: data.bucketing)"
-
-
-def _count_images(folder: Path) -> int:
-    try:
-        return sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    except OSError:
-        return 0
-
-
-def _concepts_from_train_data_dir(root: Path) -> list[dict[str, Any]]:
-    """kohya's DreamBooth folders: ``<N>_<words>`` subfolders, N repeats, the words the prompt of uncaptioned images."""
-    out = []
-    if not root.is_dir():
-        return out
-    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
-        m = re.match(r"^(\d+)_(.*)$", sub.name)
-        if m:
-            out.append({"image_dir": str(sub), "repeats": max(1, int(m.group(1))),
-                        "instance_prompt": m.group(2).strip(), "caption_mode": "caption_only"})
-    return out
 
 
 class _Translator:
@@ -125,10 +99,11 @@ class _Translator:
 
     def run(self) -> KohyaImport:
         a = self.args
-        num = _num
         if (v := self.get("pretrained_model_name_or_path")) is not None:
             # On Discord a path on the user's disk means nothing: its file name is looked up in the bot's list.
             self.put("base_model", Path(str(v)).name if self.for_bot else str(v), "pretrained_model_name_or_path")
+        if (v := self.get("network_weights")) is not None:  # start from an existing LoRA
+            self.put("init_lora", Path(str(v)).name if self.for_bot else str(v), "network_weights")
         if (v := self.get("output_name")) is not None:
             self.put("output_name", re.sub(r"[^A-Za-z0-9_.\- ]", "_", str(v)).lstrip("._- ") or "lora", "output_name")
         for key, dest, conv in (("network_dim", "network.dim", int), ("network_alpha", "network.alpha", float),
@@ -163,7 +138,7 @@ class _Translator:
                            *((k, k) for k in ("zero_terminal_snr", "debiased_estimation_loss", "noise_offset_random_strength",
                                               "scale_v_pred_loss_like_noise_pred", "ip_noise_gamma_random_strength"))):
             if a.get(flag) not in (None, "", False):
-                self.put(dest, _truthy(a[flag]), flag)
+                self.put(dest, truthy(a[flag]), flag)
         for key in ("loss_type", "huber_schedule"):  # kohya's choices are this engine's
             if (v := self.get(key)) not in (None, ""):
                 self.put(key, str(v), key)
@@ -188,11 +163,13 @@ class _Translator:
         for item in self.args.get("network_args") or []:
             k, _, v = str(item).partition("=")
             k = k.strip()
-            if k in ("conv_dim", "conv_alpha") and _num(v) is not None:
+            if k in ("conv_dim", "conv_alpha") and num(v) is not None:
                 if k == "conv_dim":
-                    self.put("network.conv_dim", int(_num(v)), "network_args conv_dim")  # type: ignore[arg-type]
+                    self.put("network.conv_dim", int(num(v)), "network_args conv_dim")  # type: ignore[arg-type]
                 else:
-                    self.put("network.conv_alpha", float(_num(v)), "network_args conv_alpha")  # type: ignore[arg-type]
+                    self.put("network.conv_alpha", float(num(v)), "network_args conv_alpha")  # type: ignore[arg-type]
+            elif k in ("rank_dropout", "module_dropout") and num(v) is not None:
+                self.put(f"network.{k}", float(num(v)), f"network_args {k}")  # type: ignore[arg-type]
             else:
                 rest.append(item)
         self.used.add("network_args")
@@ -207,16 +184,16 @@ class _Translator:
             self.skip("network_module", "only networks.lora (LoRA, LoCon with conv_dim) has an equivalent")
 
     def _learning_rates(self) -> None:
-        lr = _num(self.get("learning_rate"))
-        unet_lr = _num(self.get("unet_lr"))
-        te_lr = _num(self.get("text_encoder_lr"))
+        lr = num(self.get("learning_rate"))
+        unet_lr = num(self.get("unet_lr"))
+        te_lr = num(self.get("text_encoder_lr"))
         if unet_lr:  # kohya: unet_lr wins over learning_rate for the UNet
             self.put("optimizer.lr", unet_lr, "unet_lr")
             self.used.add("learning_rate")
         elif lr:
             self.put("optimizer.lr", lr, "learning_rate")
-        unet_only = _truthy(self.args.get("network_train_unet_only", False))
-        te_only = _truthy(self.args.get("network_train_text_encoder_only", False))
+        unet_only = truthy(self.args.get("network_train_unet_only", False))
+        te_only = truthy(self.args.get("network_train_text_encoder_only", False))
         self.used |= {"network_train_unet_only", "network_train_text_encoder_only", "unet_lr", "text_encoder_lr"}
         # kohya trains the text encoder too unless told not to (or given text_encoder_lr = 0).
         train_te = not unet_only and te_lr != 0
@@ -231,7 +208,7 @@ class _Translator:
 
     def _optimizer(self) -> None:
         name = self.get("optimizer_type")
-        if name is None and _truthy(self.args.get("use_8bit_adam", False)):
+        if name is None and truthy(self.args.get("use_8bit_adam", False)):
             name = "AdamW8bit"
             self.used.add("use_8bit_adam")
         if name is not None:
@@ -244,16 +221,16 @@ class _Translator:
         for item in self.args.get("optimizer_args") or []:
             k, _, v = str(item).partition("=")
             k = k.strip()
-            if k == "weight_decay" and _num(v) is not None:
-                self.put("optimizer.weight_decay", _num(v), "optimizer_args weight_decay")
+            if k == "weight_decay" and num(v) is not None:
+                self.put("optimizer.weight_decay", num(v), "optimizer_args weight_decay")
             elif k == "betas":
-                betas = [_num(x) for x in v.strip("()[] ").split(",")]
+                betas = [num(x) for x in v.strip("()[] ").split(",")]
                 if len(betas) == 2 and None not in betas:
                     self.put("optimizer.betas", betas, "optimizer_args betas")
                 else:
                     rest.append(item)
-            elif k in ("eps",) and _num(v) is not None:
-                self.put("optimizer.eps", _num(v), "optimizer_args eps")
+            elif k in ("eps",) and num(v) is not None:
+                self.put("optimizer.eps", num(v), "optimizer_args eps")
             else:
                 rest.append(item)
         self.used.add("optimizer_args")
@@ -265,7 +242,7 @@ class _Translator:
                 self.put("optimizer.scheduler", str(sched).lower(), "lr_scheduler")
             else:
                 self.skip("lr_scheduler", f"choose one of {', '.join(SCHEDULERS)}")
-        if (v := _num(self.get("max_grad_norm"))) is not None:
+        if (v := num(self.get("max_grad_norm"))) is not None:
             self.put("optimizer.max_grad_norm", v if v > 0 else None, "max_grad_norm")
 
     def _precision(self) -> None:
@@ -282,7 +259,7 @@ class _Translator:
                 self.put("save_precision", value, "save_precision")
             else:
                 self.skip("save_precision", "float, fp16 or bf16")
-        if _truthy(self.args.get("v_parameterization", False)):
+        if truthy(self.args.get("v_parameterization", False)):
             self.put("prediction_type", "v_prediction", "v_parameterization")
 
     def _data(self) -> None:
@@ -293,7 +270,7 @@ class _Translator:
             self.used.add("caption_extension")
         if (v := self.get("resolution")) is not None:
             try:
-                side, note = _resolution(v)
+                side, note = resolution_side(v)
                 self.put("data.resolution", side, "resolution")
                 if note:
                     self.out.untranslated.append(f"resolution = {v!r} ({note})")
@@ -302,7 +279,7 @@ class _Translator:
         concepts: list[dict[str, Any]] = []
         if (d := self.get("train_data_dir")) is not None:
             root = self.path(d)
-            concepts = _concepts_from_train_data_dir(root)
+            concepts = concepts_from_train_data_dir(root)
             if concepts:
                 self.put("concepts", concepts, "train_data_dir")
             elif self.for_bot:
@@ -361,14 +338,14 @@ class _Translator:
                                 ("max_bucket_reso", "data.bucket_max_side", int),
                                 ("bucket_reso_steps", "data.bucket_step", int),
                                 ("caption_dropout_rate", "data.caption_dropout", float)):
-            if key in self.args and key not in self.used and _num(self.args[key]) is not None:
-                self.put(dest, conv(_num(self.args[key])), key)
+            if key in self.args and key not in self.used and num(self.args[key]) is not None:
+                self.put(dest, conv(num(self.args[key])), key)
         for flag, dest in (("enable_bucket", "data.bucketing"), ("flip_aug", "data.random_flip"),
                            ("shuffle_caption", "data.shuffle_tags")):
             if flag in self.args and flag not in self.used:
-                self.put(dest, _truthy(self.args[flag]), flag)
+                self.put(dest, truthy(self.args[flag]), flag)
         if "resolution" in self.args and "resolution" not in self.used:
-            side, note = _resolution(self.args["resolution"])
+            side, note = resolution_side(self.args["resolution"])
             self.put("data.resolution", side, "resolution")
             if note:
                 self.out.untranslated.append(f"resolution ({note})")
@@ -379,9 +356,35 @@ class _Translator:
             else:
                 self.skip("caption_extension", "captions are read from same-name .txt files: rename them")
 
+    def _samples(self, per_epoch: int | None) -> None:
+        """sample_prompts (kohya's text file) -> [[sample.prompts]]; sample_every_n_steps/_epochs -> every_n_steps."""
+        if (f := self.get("sample_prompts")) is None:
+            return
+        path = self.path(f)
+        if not path.is_file() or path.suffix.lower() != ".txt":
+            self.skip("sample_prompts", f"{path} is not a .txt prompt file here: add [[sample.prompts]] to the job")
+            return
+        prompts, left = read_sample_prompts(path)
+        sampler = SAMPLERS.get(str(self.get("sample_sampler") or "ddim").lower())
+        if sampler:
+            self.used.add("sample_sampler")
+            prompts = [{**p, "sampler": sampler} for p in prompts]
+        self.put("sample.prompts", prompts, "sample_prompts", f" ({len(prompts)} prompts)")
+        if left:
+            self.out.untranslated.append(f"sample prompt options {sorted(set(left))!r}")
+        every = num(self.get("sample_every_n_steps"))
+        every_epochs = num(self.get("sample_every_n_epochs"))
+        if every_epochs and per_epoch:  # kohya: the epochs setting wins
+            self.put("sample.every_n_steps", int(every_epochs) * per_epoch, "sample_every_n_epochs")
+            self.used.add("sample_every_n_steps")
+        elif every:
+            self.put("sample.every_n_steps", int(every), "sample_every_n_steps")
+        if every_epochs and not per_epoch:
+            self.skip("sample_every_n_epochs", "the images could not be counted here: set sample.every_n_steps")
+
     def _steps_per_epoch(self) -> int | None:
         concepts = self.out.values.get("concepts") or []
-        images = sum(_count_images(Path(c["image_dir"])) * int(c.get("repeats", 1)) for c in concepts)
+        images = sum(count_images(Path(c["image_dir"])) * int(c.get("repeats", 1)) for c in concepts)
         if not images:
             return None
         batch = int(self.out.values.get("batch_size", 1)) * int(self.out.values.get("grad_accum", 1))
@@ -389,8 +392,8 @@ class _Translator:
 
     def _steps(self) -> None:
         per_epoch = self._steps_per_epoch()
-        epochs = _num(self.get("max_train_epochs"))
-        steps = _num(self.get("max_train_steps"))
+        epochs = num(self.get("max_train_epochs"))
+        steps = num(self.get("max_train_steps"))
         if epochs:
             if per_epoch:
                 self.put("steps", int(epochs) * per_epoch, "max_train_epochs", f" ({int(epochs)} x {per_epoch} steps)")
@@ -404,7 +407,7 @@ class _Translator:
                 self.out.values["steps"] = KOHYA_DEFAULT_STEPS
                 self.out.translated.append(f"(no max_train_steps) -> steps = {KOHYA_DEFAULT_STEPS}, kohya's default")
         for key in ("save_every_n_epochs", "save_every_n_steps"):
-            n = _num(self.get(key))
+            n = num(self.get(key))
             if not n:
                 self.used.add(key)
                 continue
@@ -414,31 +417,21 @@ class _Translator:
                 self.put("save_every_n_steps", int(n) * per_epoch, key, f" ({int(n)} x {per_epoch} steps)")
             else:
                 self.skip(key, "the images could not be counted here: set save_every_n_steps")
+        self._samples(per_epoch)
         total = int(self.out.values.get("steps", KOHYA_DEFAULT_STEPS))
-        if (w := _num(self.get("lr_warmup_steps"))) is not None:
+        if (w := num(self.get("lr_warmup_steps"))) is not None:
             self.put("optimizer.warmup_steps", int(w * total) if 0 < w < 1 else int(w), "lr_warmup_steps")
-        if (w := _num(self.get("lr_warmup_percent"))) is not None and w > 0:
+        if (w := num(self.get("lr_warmup_percent"))) is not None and w > 0:
             self.put("optimizer.warmup_steps", int(w / 100 * total), "lr_warmup")
+
+
+# kohya's --sample_sampler names -> ours (the others have no equivalent and are reported).
+SAMPLERS = {"euler": "euler", "k_euler": "euler", "euler_a": "euler_a", "k_euler_a": "euler_a", "ddim": "ddim",
+            "dpmsolver++": "dpmpp_2m"}
 
 
 def _flatten_dataset(cfg: dict[str, Any]) -> dict[str, Any]:
     return {"general": cfg.get("general") or {}, "datasets": cfg.get("datasets") or []}
-
-
-def _num(v: Any) -> float | int | None:
-    if isinstance(v, bool) or v is None:
-        return None
-    if isinstance(v, int | float):
-        return v
-    try:
-        f = float(str(v).strip().strip("\"'"))
-    except ValueError:
-        return None
-    return int(f) if f.is_integer() and "." not in str(v) and "e" not in str(v).lower() else f
-
-
-def _truthy(v: Any) -> bool:
-    return v is True or str(v).strip().lower() in ("true", "1", "yes")
 
 
 def translate(args: dict[str, Any], base_dir: Path = Path("."), for_bot: bool = False) -> KohyaImport:
@@ -446,7 +439,9 @@ def translate(args: dict[str, Any], base_dir: Path = Path("."), for_bot: bool = 
     ``for_bot``: the images come from a dataset, and a model path keeps only its file name."""
     if not looks_like_kohya(args):
         raise KohyaImportError("no kohya settings found (network_dim, learning_rate, train_data_dir, ...)")
-    return _Translator(args, base_dir, for_bot).run()
+    out = _Translator(args, base_dir, for_bot).run()
+    out.values["imported_from"] = "kohya"  # kohya's own semantics where they differ (prior_loss_form auto)
+    return out
 
 
 def import_kohya(path: Path, for_bot: bool = False) -> KohyaImport:

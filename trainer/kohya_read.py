@@ -8,6 +8,7 @@ Torch-free (the bot reads attached files with it).
 from __future__ import annotations
 
 import json
+import math
 import re
 import shlex
 import tomllib
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from trainer.spec import SpecError, load_toml_text
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 # Keys whose presence tells a kohya file from a job file (no job-file field has these names).
 MARKERS = {"network_dim", "network_alpha", "network_module", "pretrained_model_name_or_path", "train_data_dir",
@@ -119,3 +122,82 @@ def is_kohya_text(name: str, text: str) -> bool:
         return looks_like_kohya(flatten(tomllib.loads(text)))
     except tomllib.TOMLDecodeError:
         return False
+
+
+def resolution_side(v: Any) -> tuple[int, str]:
+    """kohya's resolution (512, "512", "512,512", [768, 512]) -> a side for the engine, and a note if not square."""
+    if isinstance(v, int | float):
+        return int(v), ""
+    parts = [int(float(p)) for p in (v if isinstance(v, list) else str(v).split(","))]
+    if len(parts) == 1 or parts[0] == parts[1]:
+        return parts[0], ""
+    side = int(round(math.sqrt(parts[0] * parts[1]) / 8)) * 8
+    return side, f"{parts[0]}x{parts[1]} trains at {side} px squares of the same area (buckets: data.bucketing)"
+
+
+def count_images(folder: Path) -> int:
+    try:
+        return sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    except OSError:
+        return 0
+
+
+def concepts_from_train_data_dir(root: Path) -> list[dict[str, Any]]:
+    """kohya's DreamBooth folders: ``<N>_<words>`` subfolders, N repeats, the words the prompt of uncaptioned images."""
+    out = []
+    if not root.is_dir():
+        return out
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        m = re.match(r"^(\d+)_(.*)$", sub.name)
+        if m:
+            out.append({"image_dir": str(sub), "repeats": max(1, int(m.group(1))),
+                        "instance_prompt": m.group(2).strip(), "caption_mode": "caption_only"})
+    return out
+
+
+def num(v: Any) -> float | int | None:
+    if isinstance(v, bool) or v is None:
+        return None
+    if isinstance(v, int | float):
+        return v
+    try:
+        f = float(str(v).strip().strip("\"'"))
+    except ValueError:
+        return None
+    return int(f) if f.is_integer() and "." not in str(v) and "e" not in str(v).lower() else f
+
+
+def truthy(v: Any) -> bool:
+    return v is True or str(v).strip().lower() in ("true", "1", "yes")
+
+
+SAMPLE_OPTIONS = {"n": ("negative_prompt", str), "w": ("width", int), "h": ("height", int), "d": ("seed", int),
+                  "l": ("cfg", float), "s": ("steps", int)}
+
+
+def read_sample_prompts(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """kohya's --sample_prompts text file: one prompt a line with ``--n negative --w 512 --h 512 --d seed --l cfg
+    --s steps``. Returns (the [[sample.prompts]] values, the options that have no equivalent)."""
+    prompts: list[dict[str, Any]] = []
+    left: list[str] = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        text, *options = re.split(r"\s+--(?=\w\b)", " " + line)
+        prompt: dict[str, Any] = {"prompt": text.strip()}
+        for opt in options:
+            key, _, value = opt.partition(" ")
+            if key in SAMPLE_OPTIONS and value.strip():
+                name, conv = SAMPLE_OPTIONS[key]
+                try:
+                    prompt[name] = conv(value.strip())
+                except ValueError:
+                    left.append(f"--{opt}")
+            else:
+                left.append(f"--{opt}")
+        for side in ("width", "height"):  # the engine renders multiples of 8 from 64 px
+            if side in prompt:
+                prompt[side] = max(64, prompt[side] // 8 * 8)
+        prompts.append(prompt)
+    return prompts, left

@@ -92,7 +92,9 @@ class NetworkSpec(_Strict):
     train_text_encoder: bool = False
     text_encoder_lr: float | None = Field(None, gt=0, le=1.0)
     blocks: str | None = None  # e.g. "OUT03-OUT05,MID"; None: every block
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)  # kohya's network_dropout: on the rank-r activations
+    rank_dropout: float = Field(0.0, ge=0.0, lt=1.0)  # kohya's: whole ranks per sample, rescaled by 1/(1-p)
+    module_dropout: float = Field(0.0, ge=0.0, lt=1.0)  # kohya's: a layer's whole LoRA skipped for a step
 
     @property
     def resolved_alpha(self) -> float:
@@ -220,6 +222,9 @@ class TrainSpec(_Strict):
     output_name: FileName = "lora"
     concepts: list[Concept] = Field(default_factory=list)
     network: NetworkSpec = Field(default_factory=NetworkSpec)
+    # Start from an existing kohya LoRA (kohya's network_weights): a path, or a file name in the models folder.
+    # Its architecture and ranks must match this job's network (network.dim, conv_dim, text encoder).
+    init_lora: str | None = Field(None, min_length=1, max_length=500)
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     data: DataSpec = Field(default_factory=DataSpec)
     sample: SampleSpec = Field(default_factory=SampleSpec)
@@ -234,9 +239,9 @@ class TrainSpec(_Strict):
     # Explicit values behave as written ("fp16" on CPU trains in fp32 and says so).
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     save_precision: Literal["fp16", "bf16", "fp32"] = "fp16"
-    # None (auto): on for SDXL on a GPU (the UNet's activations at 1024 px do not fit 10 GB without it); off for
-    # SD1.x/SD2.x on a GPU (SD1.5 at 512 px with half-precision weights and cached latents fits 8 GB, and
-    # checkpointing costs ~35% more compute) and off on CPU. True/False force it.
+    # None (auto): on a GPU the memory plan decides (trainer.plan.choose_auto): on only when the job would not fit
+    # the card without it (it costs ~35% more compute), e.g. SDXL at 1024 px on 10 GB; when no plan can be made,
+    # on for SDXL only. Off on CPU. True/False force it.
     gradient_checkpointing: bool | None = None
     # Attention: PyTorch SDPA (torch >= 2 picks flash / memory-efficient kernels itself, as fast and as lean as
     # xformers). True uses xformers' memory-efficient attention on a GPU when it is installed (opt-in).
@@ -261,6 +266,10 @@ class TrainSpec(_Strict):
     huber_c: float = Field(0.1, gt=0, le=10)
     huber_scale: float = Field(1.0, gt=0, le=10)
     prior_loss_weight: float = Field(1.0, ge=0, le=100)
+    # how a batch mixing instance and class images is averaged (docs/training-options.md); auto: kohya's when
+    # the job came from a kohya config, else diffusers'
+    prior_loss_form: Literal["auto", "kohya", "diffusers"] = "auto"
+    imported_from: Literal["kohya"] | None = None  # set by `trainer import-kohya`
     save_every_n_steps: int = Field(0, ge=0)  # intermediate LoRA files; 0: only the final one
     state_every_n_steps: int = Field(50, ge=1)  # full training state for resume
     preset: str | None = None  # informational: the preset this spec was resolved from
@@ -282,6 +291,12 @@ class TrainSpec(_Strict):
         elif self.difference is not None:
             raise ValueError("a [difference] section needs mode = 'difference'")
         return self
+
+    @property
+    def resolved_prior_loss_form(self) -> str:
+        if self.prior_loss_form != "auto":
+            return self.prior_loss_form
+        return "kohya" if self.imported_from == "kohya" else "diffusers"
 
     def pass2_spec(self) -> TrainSpec:
         """This spec with the pass-2 overrides applied: every pass-2 field defaults to pass 1's."""

@@ -220,6 +220,28 @@ async def test_train_thread_progress_throttled_and_delivery(fake_discord, bot, m
     assert "Settings:" in final.content and "steps `60`" in final.content
 
 
+async def test_live_preview_shows_in_the_progress_message_and_goes_at_the_end(fake_discord, bot, monkeypatch):
+    fake = fake_discord
+    await make_dataset(fake, bot)
+    monkeypatch.setenv("STUB_STEP_S", "0.05")
+    await run_command(fake, bot, "train", {"dataset": "cats", "steps": 60, "output_name": "slow-live"}, user="bob")
+    job = await bot.scheduler.wait_for_job(1, 30)
+    assert job.state == "succeeded"
+    await bot.progress.wait_idle(1, 20)
+    thread_id = next(iter(fake.threads))
+    progress = fake.message(job.message_id)
+    shown = [h for h in progress.history if h.get("attachments")]
+    assert shown, "no live preview was ever attached to the progress message"
+    # each attached picture is the engine's latest preview, named as such, with the step it shows in the text
+    assert all([a["filename"] for a in h["attachments"]] == ["live-preview.png"] for h in shown)
+    assert all("Live preview: sampling step" in h["content"] for h in shown)
+    steps = [int(h["content"].split("sampling step ")[1].split("/")[0]) for h in shown]
+    assert steps == sorted(steps) and len(set(steps)) == len(steps)  # a new picture per edit, never an old one
+    # at the end the preview is gone (the real sample and results are posted below) and the text says so
+    assert progress.attachments == [] and "Live preview" not in progress.content
+    assert any(m.content.startswith("Sample at step") for m in fake.channel_messages(thread_id))
+
+
 async def test_progress_message_has_cancel_button_and_cancel_command(fake_discord, bot, monkeypatch):
     fake = fake_discord
     await make_dataset(fake, bot)
@@ -363,3 +385,31 @@ async def test_train_refuses_a_job_that_cannot_fit_the_gpu(fake_discord, bot_fac
         assert "Queued job" in text, text
         assert "Memory plan: ~" in text and "SDXL 1024 batch 1, with gradient checkpointing" in text
         assert "fits the 8.0 GB card" in text
+
+
+async def test_retrain_checks_the_memory_plan_again(fake_discord, bot_factory):
+    """A job queued for a 24 GB card is refused on /retrain once the card is 8 GB, with the plan's advice."""
+    import shutil
+
+    from trainer.format.checkpoint import CONFIGS_DIR
+
+    fake = fake_discord
+    bot = bot_factory(workers={"gpu_memory_gib": 24})
+    shutil.copytree(CONFIGS_DIR / "sdxl", bot.config.models_dir / "real-sdxl")
+    async with fake.running(bot, gateway=False):
+        await make_dataset(fake, bot)
+        big = {"dataset": "cats", "base_model": "real-sdxl", "resolution": 1024, "batch_size": 8, "steps": 2}
+        rec = await run_command(fake, bot, "train", big, user="bob")
+        assert "Queued job **#1**" in answer(rec), answer(rec)
+        await bot.scheduler.wait_for_job(1, 30)
+        await bot.progress.wait_idle(1, 20)
+        bot.config.workers.gpu_memory_gib = 8  # the worker now has a smaller card
+        rec = await run_command(fake, bot, "retrain", {"id": 1}, user="bob")
+        text = answer(rec)
+        assert "run out of GPU memory" in text and "SDXL 1024 batch 8 needs ~" in text, text
+        assert "your card has 8.0 GB" in text and "Nothing was queued" in text
+        assert [j.id for j in await bot.repo.list_jobs()] == [1]
+        bot.config.workers.gpu_memory_gib = 48
+        rec = await run_command(fake, bot, "retrain", {"id": 1}, user="bob")
+        assert "Queued job **#2**" in answer(rec) and "Memory plan: ~" in answer(rec), answer(rec)
+        await bot.scheduler.wait_for_job(2, 30)

@@ -366,3 +366,33 @@ async def test_merge_of_foreign_loras_grids_on_the_servers_base(fake_discord: An
     assert "`my-sd15.safetensors` for the check grid" in text and "only SD" in text, text
     job = await bot.repo.get_job(job_id_of(text))
     assert job.spec["base_model"] == "my-sd15.safetensors" and job.spec["grid"] is not None
+
+
+async def test_train_init_lora_starts_from_an_attached_lora(fake_discord: Any, bot: Any,
+                                                            lora_files: dict[str, bytes]):
+    """/train init_lora: checked against the base model's architecture and dim before queueing; the job's spec
+    names the stored upload, with the LoRA's rank and text-encoder layers."""
+    from cogkit import add_images
+
+    fake = fake_discord
+    rec = await run_command(fake, bot, "dataset", {"name": "cats", **add_images(fake, 3)}, user="bob",
+                            subcommand="create")
+    assert "added" in answer(rec), answer(rec)
+    base = {"dataset": "cats", "steps": 2}
+    rec = await run_command(fake, bot, "train", {**base, "init_lora": attach(fake, lora_files, "xl.safetensors")},
+                            user="bob")
+    assert "`xl.safetensors` is a LoRA for SDXL" in answer(rec) and "Nothing was queued" in answer(rec), answer(rec)
+    rec = await run_command(fake, bot, "train", {**base, "dim": 8,
+                                                 "init_lora": attach(fake, lora_files, "front.safetensors")}, user="bob")
+    assert "has rank 4, but dim is 8" in answer(rec) and "dim:4" in answer(rec), answer(rec)
+    job_file = fake.add_attachment("job.toml", b'init_lora = "/srv/someone-else/secret.safetensors"\n')
+    rec = await run_command(fake, bot, "train", {**base, "job_file": job_file}, user="bob")
+    assert "names a file on the server" in answer(rec), answer(rec)  # only an attachment can be continued
+    assert await bot.repo.list_jobs() == []
+    rec = await run_command(fake, bot, "train", {**base, "init_lora": attach(fake, lora_files, "front.safetensors")},
+                            user="bob")
+    assert "Queued job **#1**" in answer(rec), answer(rec)
+    spec = (await bot.repo.get_job(1)).spec
+    assert Path(spec["init_lora"]).read_bytes() == lora_files["front.safetensors"]
+    assert spec["network"]["dim"] == 4 and spec["network"]["train_text_encoder"] is True
+    await bot.scheduler.wait_for_job(1, 30)

@@ -7,6 +7,7 @@ tests (tests/cogs, the ack-latency benchmark) both start it as ``worker_cmd``. I
 Behaviour per job from the spec's output_name prefix:
   "fast"  (default) started, `steps` progress events at once, a sample, a lora, grid and plot, finished
   "slow"  like fast, sleeping STUB_STEP_S (default 0.05 s) per step; cancellable between steps
+  "...live..."  also writes a live preview (live/preview.png + a "preview" event) at every step
   "big"   like fast but the lora is 64 KiB of random bytes (for the size-limit tests)
   "fail"  started, a few steps, then failed with reason "nan"
   "stall" started, then nothing (ignores cancel) - for the stall watchdog
@@ -110,6 +111,11 @@ def run(cmd: dict) -> None:
             time.sleep(step_s)
         ev(job_id, type="progress", step=s, total=steps, loss=1.0 / s, lr=1e-4, steps_per_s=20.0,
            eta_s=(steps - s) * max(step_s, 0.001))
+        if "live" in name:  # a live preview of the picture forming, as trainer.infer.live writes it
+            live = job_dir / "live" / "preview.png"
+            live.parent.mkdir(parents=True, exist_ok=True)
+            live.write_bytes(png(rgb=(min(255, 10 * s), 40, 40)))
+            ev(job_id, type="preview", path=str(live), step=s, total=steps, label="seed 1111")
         if s % 5 == 0:
             state.parent.mkdir(parents=True, exist_ok=True)
             state.write_text(str(s))

@@ -52,7 +52,7 @@ def test_train_from_options_alone(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr[-2000:]
     lora = out / "outputs" / "opts.safetensors"
     assert lora.is_file() and f"LoRA: {lora}" in r.stdout
-    assert "step 3/3" in r.stdout and "smoothed" in r.stdout and "it/s" in r.stdout and "eta" in r.stdout
+    assert "step 3/3" in r.stdout and "smoothed" in r.stdout and "steps/s" in r.stdout and "eta" in r.stdout
     assert "\r" not in r.stdout  # not a terminal: plain lines, no redrawn bar
     assert "precision fp32 (auto on cpu)" in r.stdout  # what the auto defaults resolved to
     assert "gemm_4bit" not in r.stderr and "torchvision" not in r.stderr  # library notices nobody can act on
@@ -101,5 +101,39 @@ def test_progress_bar_redraws_on_a_terminal() -> None:
     pr({"type": "log", "level": "info", "message": "done"})
     text = buf.getvalue()
     assert text.count("\r[") == 2 and "[" + "#" * 24 + "] step 2/2" in text
-    assert "loss 0.4000  smoothed 0.5000  lr 1.00e-03  2.00 it/s  eta 0:00" in text
+    assert "loss 0.4000  smoothed 0.5000  lr 1.00e-03  2.00 steps/s  eta 0:00" in text
     assert text.endswith("\n[info] done\n")  # the bar's line is closed before other output
+
+
+def test_ctrl_c_saves_the_state_and_a_rerun_resumes_from_that_step(tmp_path: Path) -> None:
+    """SIGINT mid-run: the step reached is saved (not the last periodic state); rerunning with more steps
+    resumes from exactly there and reports this run's steps and the total."""
+    import json
+    import signal
+    import time
+
+    out = tmp_path / "job"
+    args = ["train", "--images", "examples/images", "--prompt", "chibi scs girl", "--base", "tiny-sd15",
+            "--resolution", "64", "--dim", "4", "--out", str(out), "--device", "cpu"]
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", *args, "--steps", "5000"], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    events = out / "events.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        lines = events.read_text().splitlines() if events.is_file() else []
+        if any(json.loads(x)["type"] == "progress" and json.loads(x)["step"] >= 2 for x in lines if x.strip()):
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    cancelled = [json.loads(x) for x in events.read_text().splitlines() if '"cancelled"' in x][-1]
+    step = cancelled["step"]
+    assert step >= 2 and f"stopped at step {step} of 5000" in stderr and f"--out {out} to resume" in stderr
+    assert (out / "state" / f"step-{step:08d}" / "state.json").is_file()  # no step lost (states are every 50)
+
+    r = _cli(*args, "--steps", str(step + 2))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"resuming from step {step}" in r.stdout
+    assert f"finished: 2 steps in this run (resumed at step {step}; {step + 2} in total)" in r.stdout
+    assert f"re-planned at step {step}: 5000 -> {step + 2} steps" in r.stdout

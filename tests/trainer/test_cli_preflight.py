@@ -56,6 +56,9 @@ def test_paths_and_base_are_checked_first(tmp_path: Path, capsys: pytest.Capture
     (models / "Stable-diffusion" / "old.ckpt").write_bytes(b"not read")
     line = _refused(capsys, "train", "--images", str(IMAGES), "--base", "old", "--models-dir", str(models), *common)
     assert "old.ckpt" in line and "pickle" in line
+    line = _refused(capsys, "train", "--images", str(IMAGES), "--init-lora", str(tmp_path / "first.safetensors"),
+                    *common)
+    assert line.startswith("error: init_lora: LoRA file") and "first.safetensors" in line and "not found" in line
     assert not out.exists()  # nothing was written
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -42,6 +43,8 @@ class CudaMoves:
         monkeypatch.setattr(nn.Module, "to", to)
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (8, 6))
+        # a 24 GB card (the memory plan of "auto" gradient checkpointing asks for its size)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a, **k: SimpleNamespace(total_memory=24 << 30))
 
 
 def _fake_render(base: Any, **kw: Any):
@@ -204,14 +207,15 @@ def test_step_losses_are_read_at_progress_cadence_not_every_micro_step(tmp_path:
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """float(loss) makes the CPU wait for the GPU: the loop reads the losses in one go when it reports."""
     from trainer.train import loop
-    from trainer.train import losses as losses_mod
 
     loss_storages: set[int] = set()
+    kept: list[torch.Tensor] = []
     reads: list[str] = []
-    real_loss = losses_mod.weighted_loss
+    real_loss = Trainer.micro_step_loss
 
-    def weighted_loss(*a: Any, **k: Any) -> torch.Tensor:
-        out = real_loss(*a, **k)
+    def micro_step_loss(self: Trainer, step: int, micro: int) -> torch.Tensor:
+        out = real_loss(self, step, micro)
+        kept.append(out.detach())  # alive to the end: no other tensor can take its storage's address
         loss_storages.add(out.untyped_storage().data_ptr())
         return out
 
@@ -225,7 +229,7 @@ def test_step_losses_are_read_at_progress_cadence_not_every_micro_step(tmp_path:
 
         return read
 
-    monkeypatch.setattr(losses_mod, "weighted_loss", weighted_loss)
+    monkeypatch.setattr(Trainer, "micro_step_loss", micro_step_loss)
     for name in ("__float__", "item", "tolist"):
         monkeypatch.setattr(torch.Tensor, name, counting(name))
     monkeypatch.setattr(loop, "PROGRESS_EVERY_S", 3600.0)  # one progress event: the last step
@@ -272,3 +276,43 @@ def test_resume_says_what_it_reproduces_on_each_device() -> None:
         assert note.startswith("resumed from step 4") and "same data order" in note and "RNG states" in note
     assert "bit-exact" in cpu and "bit-exact" not in cuda
     assert "not bit-deterministic" in cuda and "not bit for bit" in cuda
+
+
+@pytest.mark.parametrize("card", ["small", "big"])
+def test_auto_gradient_checkpointing_follows_the_memory_plan(tmp_path: Path, dataset: Path, make_spec, card: str,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU, "auto" checkpointing is on only when the plan says the job does not fit the card without it;
+    the choice and its reason are in the job's log."""
+    from trainer.plan import plan_job
+
+    spec = make_spec(dataset, steps=1, mixed_precision="bf16")
+    assert spec.gradient_checkpointing is None
+    without = plan_job(spec, gradient_checkpointing=False).total
+    with_gc = plan_job(spec, gradient_checkpointing=True).total
+    assert with_gc < without
+    size = (with_gc + without) // 2 if card == "small" else without * 4
+    CudaMoves(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a, **k: SimpleNamespace(total_memory=size))
+    logs: list[str] = []
+    tr = Trainer(spec, tmp_path / "job", device="cuda",
+                 on_event=lambda e: logs.append(e["message"]) if e["type"] == "log" else None)
+    tr.setup()
+    assert tr.gradient_checkpointing is (card == "small")
+    assert tr.base.unet.is_gradient_checkpointing is (card == "small")
+    word = "on" if card == "small" else "off"
+    why = [m for m in logs if m.startswith(f"gradient checkpointing {word}: ")]
+    assert why and "without it; card" in why[0], logs
+
+
+def test_auto_gradient_checkpointing_on_cpu_is_off_without_asking_the_card(monkeypatch: pytest.MonkeyPatch,
+                                                                           dataset: Path, make_spec) -> None:
+    from trainer.train.precision import choose_gradient_checkpointing
+
+    def no_card(*a: Any, **k: Any) -> Any:
+        raise AssertionError("the CPU path asked for a GPU's properties")
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", no_card)
+    spec = make_spec(dataset, steps=1)
+    assert choose_gradient_checkpointing(spec, "sdxl", torch.device("cpu")) == (False, None)
+    forced = make_spec(dataset, steps=1, gradient_checkpointing=True)
+    assert choose_gradient_checkpointing(forced, "sd1", torch.device("cuda")) == (True, None)

@@ -193,6 +193,19 @@ def test_prior_loss_is_instance_mean_plus_weighted_class_mean(tmp_path: Path, da
     assert torch.allclose(loss, expected, rtol=1e-6, atol=1e-7)
     assert torch.allclose(loss, prior.combine_losses(per, is_class, w), rtol=1e-6, atol=1e-7)
     assert not torch.allclose(loss, per.mean())  # it is not the plain batch mean
+    # kohya's form (prior_loss_form = "kohya", or "auto" for a job imported from a kohya config): each sample
+    # keeps its static weight (1 instance, prior_loss_weight class), then the plain batch mean
+    assert spec.resolved_prior_loss_form == "diffusers"
+    kohya_spec = spec.model_copy(update={"imported_from": "kohya"})
+    assert kohya_spec.resolved_prior_loss_form == "kohya"
+    assert spec.model_copy(update={"imported_from": "kohya", "prior_loss_form": "diffusers"}
+                           ).resolved_prior_loss_form == "diffusers"
+    t.data.prior_loss_form = kohya_spec.resolved_prior_loss_form
+    loss_k = t.micro_step_loss(m, 0)
+    per_k = seen[-1]
+    static = torch.where(is_class, torch.tensor(w), torch.tensor(1.0))
+    assert torch.allclose(loss_k, (per_k * static).mean(), rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(loss_k, prior.combine_losses(per_k, is_class, w))
 
 
 # --- aspect-ratio buckets ----------------------------------------------------------------------------

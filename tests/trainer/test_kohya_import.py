@@ -76,8 +76,14 @@ def test_a_config_file_in_sections_with_repeat_folders(kohya_dir: Path, tmp_path
     assert job["steps"] == 24 and job["save_every_n_steps"] == 12  # 4 images x 3 repeats / batch 2 = 6 an epoch
     assert job["data"]["bucketing"] is True and job["min_snr_gamma"] == 5.0 and job["seed"] == 42
     assert "not translated: clip_skip = 2" in report
+    # sample_prompts: kohya's prompt file (--n --w --h --d --l --s), every 2 epochs, k_euler_a
+    first, second = job["sample"]["prompts"]
+    assert first["prompt"].endswith("simple background") and first["negative_prompt"].startswith("low quality")
+    assert (first["width"], first["height"], first["seed"], first["cfg"], first["steps"]) == (768, 768, 1, 7.5, 28)
+    assert (second["width"], second["height"], second["sampler"]) == (576, 832, "euler_a")
+    assert job["sample"]["every_n_steps"] == 12
     _train(capsys, kohya_dir / "config_file.job.toml", tmp_path / "run2", "--set", "mixed_precision=no",
-           "--set", "data.bucketing=false")
+           "--set", "data.bucketing=false", "--set", "sample.prompts=[]")
     assert (tmp_path / "run2" / "outputs" / "scs-style v2.safetensors").is_file()
 
 
@@ -126,3 +132,12 @@ def test_loss_and_noise_options_keep_kohyas_names() -> None:
     assert {k: out.values[k] for k in args} == args
     spec = parse_job({**out.values, "concepts": [{"image_dir": "x"}]})
     assert spec.huber_schedule == "exponential" and spec.max_timestep == 900
+    # a job from a kohya config averages prior-preservation batches as kohya does
+    assert out.values["imported_from"] == "kohya" and spec.resolved_prior_loss_form == "kohya"
+
+
+def test_network_weights_become_init_lora() -> None:
+    from trainer.kohya_import import translate
+
+    out = translate({"network_dim": 8, "network_weights": "/loras/first.safetensors"})
+    assert out.values["init_lora"] == "/loras/first.safetensors" and "network_weights" not in out.untranslated

@@ -21,10 +21,13 @@ VARIANTS = {
     "adamw-te-accum": {"optimizer": {"name": "AdamW", "lr": 5e-3, "scheduler": "cosine", "warmup_steps": 2},
                        "network": {"train_text_encoder": True, "text_encoder_lr": 1e-3}, "grad_accum": 2},
     # uncached latents (seeded VAE samples), random flips, dropout, batches straddling epochs (3 images,
-    # batch 2), Prodigy's extra group state, min-SNR and noise offset
+    # batch 2), Prodigy's extra group state, min-SNR and noise offset, kohya's three dropouts, multires and
+    # input-perturbation noise (every random draw must repeat after a resume)
     "prodigy-flip-dropout": {"optimizer": {"name": "Prodigy", "lr": 1.0, "scheduler": "linear"},
-                             "network": {"dropout": 0.1, "conv_dim": 2, "conv_alpha": 1}, "batch_size": 2,
-                             "min_snr_gamma": 5.0, "noise_offset": 0.05,
+                             "network": {"dropout": 0.1, "rank_dropout": 0.2, "module_dropout": 0.2, "conv_dim": 2,
+                                         "conv_alpha": 1}, "batch_size": 2,
+                             "min_snr_gamma": 5.0, "noise_offset": 0.05, "multires_noise_iterations": 3,
+                             "ip_noise_gamma": 0.1, "loss_type": "huber",
                              "data": {"resolution": 64, "cache_latents": False, "random_flip": True}},
 }
 
@@ -66,6 +69,8 @@ def test_state_refused_for_other_settings(tmp_path: Path, dataset: Path, make_sp
     with pytest.raises(JobFailed) as e:
         train(other, tmp_path / "job")
     assert e.value.reason == "bad_state" and "different settings" in str(e.value)
+    assert "optimizer.lr (saved " in str(e.value) and "now 0.0001)" in str(e.value)  # names what differs
+    assert "network.dim" not in str(e.value)
     # output-only settings do not invalidate it
     same = make_spec(dataset, steps=4, state_every_n_steps=3, output_name="renamed", save_precision="bf16")
     out = train(same, tmp_path / "job")
@@ -127,3 +132,29 @@ def test_state_roundtrip_without_pickle(tmp_path: Path) -> None:
     assert st.load_latest_state(tmp_path, "abc").step == 9
     with pytest.raises(JobFailed, match="different settings"):
         st.load_latest_state(tmp_path, "other")
+
+
+def test_more_steps_extend_a_finished_run(tmp_path: Path, dataset: Path, make_spec) -> None:
+    """`--steps 6` after a 4-step run continues from step 4 with the cosine schedule re-planned over 6 steps;
+    fewer steps than the state holds are refused naming `steps`; the summary counts this run and the total."""
+    lr = 1e-3
+    opt = {"lr": lr, "scheduler": "cosine", "warmup_steps": 0}
+    train(make_spec(dataset, steps=4, optimizer=opt), tmp_path / "job")
+    events: list[dict[str, Any]] = []
+    out = train(make_spec(dataset, steps=6, optimizer=opt), tmp_path / "job", on_event=events.append)
+    assert events[0]["resumed_from"] == 4
+    replanned = [e["message"] for e in events if e["type"] == "log" and "re-planned" in e["message"]]
+    assert replanned and "4 -> 6 steps" in replanned[0]
+    assert f"lr now {lr * 0.5 * (1 + math.cos(math.pi * 4 / 6)):.3g}" in replanned[0]  # cosine at 4 of 6, not of 4
+    summary = events[-1]["summary"]
+    assert summary["steps"] == 6 and summary["resumed_from"] == 4 and summary["steps_this_run"] == 2
+    # one speed figure: the summary repeats the bar's (and the bot's) last steps/s, not a figure of its own
+    last = [e for e in events if e["type"] == "progress"][-1]
+    assert last["step"] == 6 and summary["steps_per_s"] == last["steps_per_s"] > 0
+    assert json.loads(Path(out["loss_history"]).read_text())["steps"] == [1, 2, 3, 4, 5, 6]
+    saved = st.load_latest_state(tmp_path / "job")
+    assert saved is not None and saved.extra["extensions"] == [{"at_step": 4, "from_steps": 4, "to_steps": 6}]
+    with pytest.raises(JobFailed, match="at step 6, past steps = 5"):
+        train(make_spec(dataset, steps=5, optimizer=opt), tmp_path / "job")
+    with pytest.raises(JobFailed, match=r"different settings: network\.dim \(saved 4, now 8\); steps"):
+        train(make_spec(dataset, steps=8, optimizer=opt, network={"dim": 8}), tmp_path / "job")

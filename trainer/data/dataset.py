@@ -195,8 +195,9 @@ class TrainData:
     draw of an instance image then goes through `captions.process_caption` (tag shuffling after the first
     `keep_tokens` tags, caption dropout) with `caption_rng(seed, epoch, position)`, so a resumed run draws
     the same captions. Class images always train with their class prompt as it is.
-    Prior preservation: a batch holding class images gets the per-sample weights of `prior.prior_weights`,
-    so the loop's weighted mean equals mean(instance) + prior_loss_weight * mean(class).
+    Prior preservation, diffusers' form: a batch holding class images gets the per-sample weights of
+    `prior.prior_weights`, so the loop's weighted mean equals mean(instance) + prior_loss_weight * mean(class);
+    kohya's form: each sample keeps its own weight (prior_loss_weight for class images), then the batch mean.
     """
 
     items: list[ImageItem]
@@ -213,6 +214,7 @@ class TrainData:
     keep_tokens: int = 0
     caption_dropout: float = 0.0
     prior_loss_weight: float = 1.0
+    prior_loss_form: str = "diffusers"  # or "kohya": per-sample weights, then the plain batch mean
     _latents: dict[tuple[int, bool], torch.Tensor] = field(default_factory=dict)
     _text: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
     _geometry: dict[int, Cropped] = field(default_factory=dict)
@@ -239,7 +241,8 @@ class TrainData:
                    batch_size=spec.batch_size, seed=spec.seed, random_flip=d.random_flip, bucketing=d.bucketing,
                    bucket_step=d.bucket_step, bucket_min_side=d.bucket_min_side, bucket_max_side=d.bucket_max_side,
                    trigger_word=d.trigger_word, shuffle_tags=d.shuffle_tags, keep_tokens=d.keep_tokens,
-                   caption_dropout=d.caption_dropout, prior_loss_weight=spec.prior_loss_weight)
+                   caption_dropout=d.caption_dropout, prior_loss_weight=spec.prior_loss_weight,
+                   prior_loss_form=spec.resolved_prior_loss_form)
 
     @property
     def latents_cached(self) -> bool:
@@ -327,7 +330,7 @@ class TrainData:
         return self.collate(samples)
 
     def loss_weights(self, samples: Sequence[Sample]) -> torch.Tensor:
-        if self.has_class:
+        if self.has_class and self.prior_loss_form == "diffusers":
             from trainer.train.prior import prior_weights
 
             return prior_weights(torch.tensor([s.is_class for s in samples]), self.prior_loss_weight)

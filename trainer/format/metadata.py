@@ -46,11 +46,13 @@ def spec_architecture(arch: Arch, v_prediction: bool | None = None) -> str:
 
 
 def network_metadata(arch: Arch, dim: int, alpha: float, conv_dim: int = 0, conv_alpha: float = 1.0,
-                     ) -> dict[str, str]:
-    """The ``ss_*`` fields every loader reads to apply a LoRA: base model version, network module, dims, args."""
+                     network_args: Mapping[str, float] | None = None) -> dict[str, str]:
+    """The ``ss_*`` fields every loader reads to apply a LoRA: base model version, network module, dims, args.
+    network_args: further kohya network args (rank_dropout, module_dropout), written as kohya does (strings)."""
     if arch not in BASE_MODEL_VERSION:
         raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(BASE_MODEL_VERSION)}")
     args = {"conv_dim": _num(conv_dim), "conv_alpha": _num(conv_alpha)} if conv_dim else {}
+    args.update({k: _num(v) for k, v in (network_args or {}).items() if v})
     return {
         "ss_v2": str(arch == "sd2"),
         "ss_base_model_version": BASE_MODEL_VERSION[arch],
@@ -66,7 +68,8 @@ def build_metadata(arch: Arch, dim: int, alpha: float, conv_dim: int = 0, conv_a
                    training: Mapping[str, Any] | None = None, title: str | None = None,
                    v_parameterization: bool | None = None, train_unet: bool = True,
                    train_text_encoder: bool = False, date: _dt.datetime | None = None,
-                   author: str | None = None, description: str | None = None) -> dict[str, str]:
+                   author: str | None = None, description: str | None = None,
+                   network_args: Mapping[str, float] | None = None) -> dict[str, str]:
     """kohya `ss_*` and Stability `modelspec.*` metadata, every value a string.
 
     `training` adds ss_* entries (key given with or without the ss_ prefix; dicts/lists become JSON),
@@ -76,7 +79,7 @@ def build_metadata(arch: Arch, dim: int, alpha: float, conv_dim: int = 0, conv_a
     w, h = _format_resolution(resolution)
     v_param = bool(v_parameterization) if v_parameterization is not None else arch == "sd2"
     md: dict[str, str] = {
-        **network_metadata(arch, dim, alpha, conv_dim, conv_alpha),
+        **network_metadata(arch, dim, alpha, conv_dim, conv_alpha, network_args),
         "ss_output_name": output_name,
         "ss_sd_model_name": base_model_name,
         "ss_resolution": f"({w}, {h})",

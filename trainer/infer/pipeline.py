@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from trainer.infer.live import LiveHook, step_callback
+
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -90,11 +92,17 @@ def decode_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
 
 
 def render_image(pipe, base: BaseModel, prompt: str, negative: str, seed: int, steps: int, cfg: float,
-                 width: int | None, height: int | None, sampler: str) -> Image.Image:
+                 width: int | None, height: int | None, sampler: str,
+                 live: LiveHook | None = None) -> Image.Image:
+    """One txt2img render. ``live(step, total, latents)`` sees the latents after each denoising step (a live
+    preview, ``trainer.infer.live``); it cannot change them."""
     size = native_size(base)
     pipe.scheduler = make_scheduler(sampler, base.noise_scheduler.config)
     gen = torch.Generator("cpu").manual_seed(int(seed))  # CPU generator: same image for a seed on any device
+    extra: dict[str, Any] = {}
+    if live is not None:
+        extra["callback_on_step_end"] = step_callback(live, int(steps))
     # The pipeline stops at the latents; the decode runs in float32 whatever the UNet's dtype or autocast.
     out = pipe(prompt=prompt, negative_prompt=negative or None, num_inference_steps=int(steps), guidance_scale=cfg,
-               width=width or size, height=height or size, generator=gen, output_type="latent")
+               width=width or size, height=height or size, generator=gen, output_type="latent", **extra)
     return pipe.image_processor.postprocess(decode_latents(base.vae, out.images), output_type="pil")[0]

@@ -21,12 +21,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from trainer.events import EventSink, JobCancelled, JobFailed, StopCheck, event, never_stop, null_sink  # noqa: E402
 from trainer.format.kohya import KohyaLora, LoraFileError, read_kohya, resolve_lora_path
 from trainer.infer.grid import save_png, strength_seed_grid  # noqa: E402
+from trainer.infer.live import LiveHook, LivePreview, latent_space  # noqa: E402
 from trainer.infer.pipeline import build_pipeline, render_image  # noqa: E402
 from trainer.models.base import BaseModel  # noqa: E402
 from trainer.models.load import load_base  # noqa: E402
 from trainer.network.patch import LoraSource, WeightPatcher, as_kohya  # noqa: E402
 from trainer.spec import GridSpec, PreviewSpec, SamplePrompt  # noqa: E402
 from trainer.train.precision import resolve_device  # noqa: E402
+
+LIVE_EVERY_S = 2.0  # a live preview at most this often while a preview job renders
 
 
 def _place(m: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
@@ -102,13 +105,13 @@ class Sampler:
     @torch.no_grad()
     def render(self, prompt: str, negative: str = "", seed: int = 1111, steps: int = 20, cfg: float = 7.0,
                width: int | None = None, height: int | None = None, sampler: str = "euler_a",
-               loras: Sequence[tuple[Any, float]] = ()) -> Image.Image:
+               loras: Sequence[tuple[Any, float]] = (), live: LiveHook | None = None) -> Image.Image:
         self.set_loras(loras)
-        return render_image(self.pipe, self.base, prompt, negative, seed, steps, cfg, width, height, sampler)
+        return render_image(self.pipe, self.base, prompt, negative, seed, steps, cfg, width, height, sampler, live)
 
     def render_grid(self, loras: Sequence[tuple[Any, float]], grid: GridSpec,
                     on_event: EventSink = null_sink, should_stop: StopCheck = never_stop,
-                    ) -> list[list[Image.Image]]:
+                    live: LivePreview | None = None) -> list[list[Image.Image]]:
         """images[seed][strength]: every LoRA at (its strength x the column's strength).
 
         Strength-major order, so each LoRA set is patched in once per column, not once per cell.
@@ -120,9 +123,11 @@ class Sampler:
             for r, seed in enumerate(seeds):
                 if should_stop():
                     raise JobCancelled()
+                if live is not None:
+                    live.label = f"strength {s:g}, seed {seed} ({done + 1} of {total})"
                 cells[r][c] = self.render(grid.prompt, grid.negative_prompt, seed, grid.steps, grid.cfg,
                                           grid.width, grid.height, grid.sampler,
-                                          [(src, w * s) for src, w in loras])
+                                          [(src, w * s) for src, w in loras], live)
                 done += 1
                 on_event(event("phase", name="rendering grid", current=done, total=total))
         return cells  # type: ignore[return-value]
@@ -182,8 +187,9 @@ def get_sampler(base_ref: str, models_dir: Path | None, device: str | None,
 
 
 def render_strength_grid_file(sampler: Sampler, loras: Sequence[tuple[Any, float]], grid: GridSpec, out_path: Path,
-                              on_event: EventSink = null_sink, should_stop: StopCheck = never_stop) -> Path:
-    cells = sampler.render_grid(loras, grid, on_event, should_stop)
+                              on_event: EventSink = null_sink, should_stop: StopCheck = never_stop,
+                              live: LivePreview | None = None) -> Path:
+    cells = sampler.render_grid(loras, grid, on_event, should_stop, live)
     img, _ = strength_seed_grid(cells, grid.strengths, grid.seeds, grid.prompt)
     return save_png(img, out_path)
 
@@ -208,17 +214,20 @@ def run_preview_job(spec: PreviewSpec, job_dir: Path, on_event: EventSink = null
     except (LoraFileError, OSError) as e:
         raise JobFailed(str(e), reason="bad_input") from e
     outputs: dict[str, Any] = {}
+    # A live preview in the job's progress message while it renders (the cheap latent decode, every few seconds).
+    live = LivePreview(Path(job_dir) / "live" / "preview.png", latent_space(sampler.base.arch), on_event,
+                       every_s=LIVE_EVERY_S)
     if len(grid.strengths) == 1 and len(grid.seeds) == 1:
         on_event(event("phase", name="rendering", current=0, total=1))
         s = grid.strengths[0]
         img = sampler.render(grid.prompt, grid.negative_prompt, grid.seeds[0], grid.steps, grid.cfg, grid.width,
-                             grid.height, grid.sampler, [(src, w * s) for src, w in loras])
+                             grid.height, grid.sampler, [(src, w * s) for src, w in loras], live)
         path = save_png(img, out_dir / f"{spec.output_name}.png")
         on_event(event("file", kind="image", path=str(path)))
         outputs["image"] = str(path)
     else:
         path = render_strength_grid_file(sampler, loras, grid, out_dir / f"{spec.output_name}_grid.png", on_event,
-                                         should_stop)
+                                         should_stop, live)
         on_event(event("file", kind="grid", path=str(path)))
         outputs["grid"] = str(path)
     summary = {"seconds": round(time.monotonic() - t0, 2), "cells": len(grid.strengths) * len(grid.seeds)}

@@ -23,7 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -142,7 +144,7 @@ class ProgressPrinter:
     def progress_text(ev: dict[str, Any]) -> str:
         raw = ev.get("loss_raw", ev.get("loss", float("nan")))
         return (f"step {ev['step']}/{ev['total']}  loss {raw:.4f}  smoothed {ev.get('loss', float('nan')):.4f}"
-                f"  lr {ev.get('lr') or 0:.2e}  {ev.get('steps_per_s') or 0:.2f} it/s"
+                f"  lr {ev.get('lr') or 0:.2e}  {ev.get('steps_per_s') or 0:.2f} steps/s"
                 f"  eta {_fmt_time(ev.get('eta_s'))}")
 
     def __call__(self, ev: dict[str, Any]) -> None:
@@ -174,8 +176,11 @@ class ProgressPrinter:
         elif t == "finished":
             sm = ev.get("summary") or {}
             if "steps" in sm:
-                self._line(f"finished: {sm['steps']} steps in {_fmt_time(sm.get('elapsed_s'))} "
-                           f"({sm.get('steps_per_s') or 0:.2f} it/s on {sm.get('device', '?')})")
+                ran = sm.get("steps_this_run", sm["steps"])
+                steps = (f"{ran} steps in this run (resumed at step {sm['resumed_from']}; {sm['steps']} in total)"
+                         if sm.get("resumed_from") else f"{sm['steps']} steps")
+                self._line(f"finished: {steps} in {_fmt_time(sm.get('elapsed_s'))} "
+                           f"({sm.get('steps_per_s') or 0:.2f} steps/s on {sm.get('device', '?')})")
             else:
                 self._line("finished")
         elif t == "cancelled":
@@ -191,6 +196,8 @@ def _print_event(ev: dict[str, Any]) -> None:
 OPTION_FIELDS: dict[str, tuple[str, str]] = {
     "base": ("base_model", "base model: tiny-sd15, a models-dir name, a .safetensors file or a diffusers folder"),
     "steps": ("steps", "optimizer steps"),
+    "init_lora": ("init_lora", "start from this LoRA (kohya's network_weights): a .safetensors path or a models-dir "
+                               "name; its ranks must match --dim"),
     "dim": ("network.dim", "network rank"),
     "alpha": ("network.alpha", "network alpha (default: dim)"),
     "conv_dim": ("network.conv_dim", "LoCon conv rank (0: plain LoRA)"),
@@ -372,16 +379,19 @@ def main(argv: list[str] | None = None) -> int:
 
         job_dir = args.job_dir or Path("runs") / f"{spec.output_name}-{time.strftime('%Y%m%d-%H%M%S')}"
         print(f"job folder: {job_dir}", flush=True)
+        resume = f"run the same command with --out {job_dir} to resume"
         try:
-            out = run_job(spec, job_dir, on_event=ProgressPrinter(), models_dir=args.models_dir, device=args.device)
-        except JobCancelled:
-            print("cancelled", file=sys.stderr)
+            with StopOnSignal() as stop:
+                out = run_job(spec, job_dir, on_event=ProgressPrinter(), should_stop=stop, models_dir=args.models_dir,
+                              device=args.device)
+        except JobCancelled as e:
+            print(f"{e}; {resume}", file=sys.stderr)
             return 130
         except JobFailed as e:
             print(f"failed: {e}", file=sys.stderr)
             return 1
-        except KeyboardInterrupt:
-            print(f"\ninterrupted; run the same command with --out {job_dir} to resume", file=sys.stderr)
+        except KeyboardInterrupt:  # a second Ctrl-C: nothing more was saved
+            print(f"\naborted; {resume} from the last saved state", file=sys.stderr)
             return 130
         if args.json:
             print(json.dumps(out, indent=2, default=str))
@@ -396,6 +406,38 @@ def main(argv: list[str] | None = None) -> int:
         for field, msg in e.problems:
             print(f"  {field or '(file)'}{_option_hint(field)}: {msg}", file=sys.stderr)
         return 2
+
+
+class StopOnSignal:
+    """Ctrl-C / SIGTERM during `train`: the engine finishes the current step, saves the LoRA and the full state
+    (so a rerun resumes from exactly that step) and stops; a second Ctrl-C aborts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict[int, Any] = {}
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step and saving the state (Ctrl-C again to abort without saving)",
+              file=sys.stderr, flush=True)
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is not threading.main_thread():
+            return self  # signal handlers can only be set from the main thread (main() called from a thread)
+        for sig in self.SIGNALS:
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 def _quiet_library_bars() -> None:

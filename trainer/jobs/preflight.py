@@ -76,6 +76,14 @@ def check_base(spec: Any, models_dir: Path | None) -> None:
             refuse_pickle(path)
     except ModelRefError as e:
         raise PreflightError(str(e)) from None
+    if init := getattr(spec, "init_lora", None):
+        from trainer.events import JobFailed
+        from trainer.format.kohya import resolve_lora_path
+
+        try:
+            resolve_lora_path(init, models_dir)
+        except JobFailed as e:
+            raise PreflightError(f"init_lora: {e}") from None
 
 
 def check_device(device: str | None) -> str:

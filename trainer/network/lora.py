@@ -15,6 +15,7 @@ import re
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
@@ -33,6 +34,8 @@ from trainer.format.kohya import (
     save_kohya,
 )
 from trainer.models.base import BaseModel
+from trainer.network.dropout import Dropouts
+from trainer.network.dropout import install as install_dropout
 from trainer.network.targets import Target, check_compatible, lora_targets, parse_blocks
 
 ADAPTER = "loraforge"
@@ -121,6 +124,8 @@ class LoraNetwork:
         self.dim, self.alpha, self.conv_dim, self.conv_alpha = dim, alpha, conv_dim, conv_alpha
         self.trainable = trainable
         self.multiplier = 1.0
+        self.dropouts = Dropouts()
+        self._hooks: list[Any] = []
         self._removed = False
 
     # --- construction ---------------------------------------------------------------------------
@@ -129,12 +134,14 @@ class LoraNetwork:
     def create(cls, base: BaseModel, dim: int, alpha: float, conv_dim: int = 0, conv_alpha: float = 1.0,
                train_text_encoder: bool = False, blocks: str | Sequence[str] | None = None,
                dropout: float = 0.0, seed: int | None = None, train_unet: bool = True,
-               dtype: torch.dtype = torch.float32, adapter: str = ADAPTER) -> LoraNetwork:
+               dtype: torch.dtype = torch.float32, adapter: str = ADAPTER, rank_dropout: float = 0.0,
+               module_dropout: float = 0.0) -> LoraNetwork:
         """A trainable network: kohya's module set, down kaiming-uniform, up zero (output starts unchanged).
 
         conv_dim > 0 adds LoCon (resnets, down/upsamplers); 3x3 convs get conv_dim/conv_alpha.
         `blocks` limits training to block slots ("OUT03-OUT05,MID"; BASE = text encoders).
         LoRA weights are kept in `dtype` (fp32 by default, as kohya does; peft casts inputs to it).
+        dropout / rank_dropout / module_dropout: kohya's LoRAModule semantics (trainer.network.dropout).
         """
         if dim <= 0:
             raise ValueError(f"dim must be >= 1, got {dim}")
@@ -142,8 +149,7 @@ class LoraNetwork:
             raise ValueError("alpha and conv_alpha must be > 0")
         if conv_dim < 0:
             raise ValueError(f"conv_dim must be >= 0, got {conv_dim}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        drops = Dropouts(dropout, rank_dropout, module_dropout)  # validates the ranges
         chosen = parse_blocks(blocks, base.arch)
         targets = lora_targets(base.unet, base.text_encoders, base.arch, conv=conv_dim > 0, train_unet=train_unet,
                                train_te=train_text_encoder, blocks=chosen)
@@ -156,8 +162,12 @@ class LoraNetwork:
         with rng:
             if seed is not None:
                 torch.manual_seed(seed)
-            net = cls._build(base, adapter, targets, specs, dropout, trainable=True, dtype=dtype)
+            # peft's own dropout (on the layer input) stays off: kohya's runs on the rank-r activations instead
+            net = cls._build(base, adapter, targets, specs, 0.0, trainable=True, dtype=dtype)
         net.dim, net.alpha, net.conv_dim, net.conv_alpha = dim, float(alpha), conv_dim, float(conv_alpha)
+        net.dropouts = drops
+        for slot in net.slots.values():
+            net._hooks += install_dropout(slot.layer, adapter, drops)
         return net
 
     @classmethod
@@ -299,6 +309,8 @@ class LoraNetwork:
         """Unload: drop this adapter; layers with no adapter left become the original base modules again."""
         if self._removed:
             return
+        for h in self._hooks:
+            h.remove()
         for s in self.slots.values():
             model = _model_of(self.base, s.target.model)
             layer = s.layer

@@ -47,6 +47,7 @@ from trainer.train import precision as pr
 from trainer.train import state as st
 from trainer.train.health import RunHealth, scaled_step
 from trainer.train.optim import build_optimizer, build_scheduler, current_lrs
+from trainer.train.tblog import TensorBoardLog
 
 SampleHook = Callable[[int, Any], Sequence[str | os.PathLike[str]]]
 PROGRESS_EVERY_S = 0.5  # at most ~2 progress events a second
@@ -59,7 +60,8 @@ def _create_network(base: Any, spec: TrainSpec) -> Any:
     # seed= makes the init a function of the spec alone (the network forks the global RNG for it)
     return LoraNetwork.create(base, net.dim, net.resolved_alpha, conv_dim=net.conv_dim,
                               conv_alpha=net.resolved_conv_alpha, train_text_encoder=net.train_text_encoder,
-                              blocks=net.blocks, dropout=net.dropout, seed=spec.seed, train_unet=net.train_unet)
+                              blocks=net.blocks, dropout=net.dropout, seed=spec.seed, train_unet=net.train_unet,
+                              rank_dropout=net.rank_dropout, module_dropout=net.module_dropout)
 
 
 class Trainer:
@@ -90,6 +92,7 @@ class Trainer:
         self.last_state_step = -1
         self.scaler: torch.amp.GradScaler | None = None
         self.te_offloaded = False  # text encoders moved off the GPU once their outputs were cached
+        self.extensions: list[dict[str, int]] = []  # resumes that changed `steps` (recorded in the state)
 
     @property
     def loss_history(self) -> list[list[float]]:
@@ -138,11 +141,14 @@ class Trainer:
         for m in [self.base.unet, self.base.vae, *self.base.text_encoders]:
             m.to(self.device)  # BaseModel.to(dtype=None) makes diffusers warn about dtypes
         self.train_te = spec.network.train_text_encoder
+        gc, gc_why = pr.choose_gradient_checkpointing(spec, self.base.arch, self.device, self.models_dir)
         self.gradient_checkpointing, self.attention = pr.setup_modes(
-            self.base, spec.network.train_unet, self.train_te, spec.gradient_checkpointing, self.device, spec.xformers)
+            self.base, spec.network.train_unet, self.train_te, gc, self.device, spec.xformers)
         self.log(pr.resolution_summary(self.device, spec.mixed_precision, self.mixed_precision,
                                        spec.gradient_checkpointing, self.gradient_checkpointing, self.base.arch,
-                                       self.attention))
+                                       self.attention, gc_why))
+        if gc_why:
+            self.log(gc_why)  # "gradient checkpointing on: SDXL 1024 batch 1 needs ~12 GB without it; card 10 GB"
         te_lr = spec.network.text_encoder_lr or spec.optimizer.lr
         groups = list(self.network.param_groups(spec.optimizer.lr, te_lr))
         self.params = [p for g in groups for p in g["params"]]
@@ -153,8 +159,12 @@ class Trainer:
         self.spec_fp = st.spec_fingerprint(spec)
         self.data_fp = dataset_fingerprint(self.items)
         s = st.resume_into(self.job_dir, self.spec_fp, self.data_fp, self.network, self.optimizer,
-                           self.lr_scheduler, self.scaler)
+                           self.lr_scheduler, self.scaler, st.spec_fields(spec))
         if s is not None:
+            self.extensions = list(s.extra.get("extensions", []))
+            saved_steps = s.extra.get("spec_fields", {}).get("steps", spec.steps)
+            if saved_steps != spec.steps:
+                self.replan(s.step, saved_steps)
             self.step = self.resumed_from = self.last_state_step = s.step
             self.health.history = [list(x) for x in s.loss_history]
             self.samples = list(s.extra.get("samples", []))
@@ -162,8 +172,23 @@ class Trainer:
             self.health.skipped_steps = int(s.extra.get("skipped_steps", 0))
             self.health.skipped_in_a_row = int(s.extra.get("skipped_in_a_row", 0))
             self.log(st.resume_note(self.device, s.step))
+        elif spec.init_lora:  # a resumed run already holds the weights it started from
+            from trainer.train.init_lora import load_init_lora
+
+            self.log(load_init_lora(self.network, self.base, spec.init_lora, self.models_dir))
         if self.prepare_base is not None:
             self.prepare_base(self.base)
+
+    def replan(self, at_step: int, old_total: int) -> None:
+        """A resume with a different `steps`: continue to the new total, the schedule re-planned over it."""
+        if at_step > self.spec.steps:
+            raise st.StateError(f"the saved training state is at step {at_step}, past steps = {self.spec.steps}; "
+                                f"set steps to {at_step} or more to continue it, or start over with a new --out folder")
+        st.replan_schedule(self.lr_scheduler, self.optimizer)
+        self.extensions.append({"at_step": at_step, "from_steps": old_total, "to_steps": self.spec.steps})
+        lr = current_lrs(self.optimizer)[0]
+        self.log(f"run re-planned at step {at_step}: {old_total} -> {self.spec.steps} steps; the learning-rate "
+                 f"schedule ({self.spec.optimizer.scheduler}) now spans {self.spec.steps} steps (lr now {lr:.3g})")
 
     def prepare_class_images(self) -> list[list[Path] | None]:
         """Class images per concept (None: no prior preservation), generating the missing ones; they are kept
@@ -192,7 +217,8 @@ class Trainer:
             loss_history=self.loss_history,
             extra={"optimizer_layout": st.optimizer_layout(self.optimizer), "samples": self.samples,
                    "intermediate": self.intermediate, "skipped_steps": self.health.skipped_steps,
-                   "skipped_in_a_row": self.health.skipped_in_a_row},
+                   "skipped_in_a_row": self.health.skipped_in_a_row, "spec_fields": st.spec_fields(self.spec),
+                   "extensions": self.extensions},
             spec_fingerprint=self.spec_fp, data_fingerprint=self.data_fp,
         )
         path = st.save_state(self.job_dir, s)
@@ -360,7 +386,10 @@ class Trainer:
             self.log(f"resuming from step {self.resumed_from} (the newest state could not be read)", "warning")
         self.cache()
         self.emit(event("phase", name="training", current=self.step, total=spec.steps))
-        t0, s0, last_emit = time.monotonic(), self.step, 0.0
+        tb = TensorBoardLog(self.out_dir / "tensorboard", self.step, SMOOTH_WINDOW)  # only with `tensorboard`
+        # The one speed figure (bar, bot, summary): steps run in this run / seconds since training began (model
+        # loading and caching excluded; in-loop saves and samples included). The summary repeats the last one.
+        t0, s0, last_emit, sps = time.monotonic(), self.step, 0.0, 0.0
         while self.step < spec.steps:
             if self.should_stop():
                 self.cancel()
@@ -371,6 +400,7 @@ class Trainer:
             if now - last_emit >= PROGRESS_EVERY_S or self.step == spec.steps:
                 last_emit = now
                 self.health.flush()  # the one GPU sync for the losses: at progress-event cadence
+                tb.write(self.loss_history, self.last_lr)
                 sps = (self.step - s0) / max(now - t0, 1e-9)
                 window = [v for _, v in self.loss_history[-SMOOTH_WINDOW:]] or [math.nan]
                 raw = self.loss_history[-1][1] if self.loss_history else math.nan
@@ -384,6 +414,7 @@ class Trainer:
             n = spec.sample.every_n_steps
             if n and spec.sample.prompts and self.step % n == 0 and self.step < spec.steps:
                 self.run_samples()
+        tb.close()
         if self.last_state_step != self.step:
             self.save_state()  # a crash while writing outputs resumes straight to them
         lora = self.save_lora(spec.output_name)
@@ -392,8 +423,9 @@ class Trainer:
         outputs = self.outputs(lora)
         losses = [v for _, v in self.loss_history]
         summary = {
-            "steps": self.step, "resumed_from": self.resumed_from, "elapsed_s": time.monotonic() - t_start,
-            "steps_per_s": (self.step - s0) / max(time.monotonic() - t0, 1e-9),
+            "steps": self.step, "resumed_from": self.resumed_from, "steps_this_run": self.step - self.resumed_from,
+            "elapsed_s": time.monotonic() - t_start,
+            "steps_per_s": sps,
             "first_loss": losses[0] if losses else None,
             "final_loss": sum(losses[-SMOOTH_WINDOW:]) / len(losses[-SMOOTH_WINDOW:]) if losses else None,
             "device": str(self.device), "prediction_type": self.prediction_type,

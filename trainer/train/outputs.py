@@ -66,6 +66,7 @@ def training_metadata(spec: TrainSpec, arch: str, step: int, items: Sequence[Ima
         "num_train_images": sum(1 for it in items if not it.is_class),
         "num_reg_images": sum(1 for it in items if it.is_class) or None,
         "prior_loss_weight": spec.prior_loss_weight if has_class else None,
+        "prior_loss_form": spec.resolved_prior_loss_form if has_class else None,
         "enable_bucket": spec.data.bucketing, "prediction_type": prediction_type,
         "training_comment": f"trained with loraforge; preset {spec.preset}" if spec.preset else None,
     }
@@ -74,6 +75,7 @@ def training_metadata(spec: TrainSpec, arch: str, step: int, items: Sequence[Ima
         base_model_name=Path(spec.base_model).name, output_name=spec.output_name, resolution=spec.data.resolution,
         training=training, v_parameterization=prediction_type == "v_prediction",
         train_unet=net.train_unet, train_text_encoder=net.train_text_encoder,
+        network_args={"rank_dropout": net.rank_dropout, "module_dropout": net.module_dropout},
     )
 
 

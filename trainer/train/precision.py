@@ -1,7 +1,9 @@
 """Device and precision policy: where a job runs, the dtype it computes in, and how the frozen base is stored.
 
 "auto" (the default) resolves on the device the job runs on: bf16 on a GPU with native bf16 (compute capability
-8.0+), else fp16 with a GradScaler; fp32 on CPU. Gradient checkpointing None resolves to on for SDXL on a GPU only.
+8.0+), else fp16 with a GradScaler; fp32 on CPU. Gradient checkpointing None (auto) follows the memory plan on a GPU
+(`trainer.plan.choose_auto`: on only when the job would not fit the card without it), falls back to "on for SDXL"
+when no plan can be made, and is off on CPU.
 The UNet uses PyTorch SDPA, or xformers when the spec asks for it (`xformers = true`). Mixed precision "bf16"
 autocasts to bfloat16 (CPU and GPU). "fp16" autocasts to float16 with a GradScaler on a GPU; on CPU, where float16
 autocast is slow and GradScaler buys nothing, an fp16 job trains in fp32 and says so. On a GPU the frozen base
@@ -51,6 +53,28 @@ def resolve_gradient_checkpointing(requested: bool | None, arch: str, device: to
     if requested is not None:
         return bool(requested)
     return device.type == "cuda" and arch == "sdxl"
+
+
+def choose_gradient_checkpointing(spec: Any, arch: str, device: torch.device,
+                                  models_dir: Any = None) -> tuple[bool, str | None]:
+    """Gradient checkpointing for this job on `device`, and why when "auto" decided it (for the job's log).
+
+    On a GPU the memory plan decides against the card's size: checkpointing costs ~35% more compute, so it is on
+    only when the job would not fit without it. Without a plan (an architecture the plan cannot tell), today's rule."""
+    requested = spec.gradient_checkpointing
+    if requested is not None or device.type != "cuda":
+        return resolve_gradient_checkpointing(requested, arch, device), None
+    from trainer.plan import PlanError, choose_auto, gb, plan_job
+
+    card = torch.cuda.get_device_properties(device).total_memory
+    try:
+        on = bool(choose_auto(spec, card, models_dir=models_dir)["gradient_checkpointing"])
+        without = plan_job(spec, card_bytes=card, models_dir=models_dir, gradient_checkpointing=False)
+    except PlanError as e:
+        on = resolve_gradient_checkpointing(None, arch, device)
+        return on, f"gradient checkpointing {'on' if on else 'off'} (auto, {arch} on a GPU; no memory plan: {e})"
+    return on, (f"gradient checkpointing {'on' if on else 'off'}: {without.describe_job()} needs "
+                f"~{gb(without.total)} without it; card {gb(card)}")
 
 
 @dataclass
@@ -136,7 +160,7 @@ def setup_modes(base: Any, train_unet: bool, train_te: bool, requested_gc: bool 
 
 
 def resolution_summary(device: torch.device, requested_mp: str, mixed_precision: str, requested_gc: bool | None,
-                       gradient_checkpointing: bool, arch: str, attention: str) -> str:
+                       gradient_checkpointing: bool, arch: str, attention: str, gc_why: str | None = None) -> str:
     """One line saying what runs: precision, gradient checkpointing and attention, auto choices marked."""
     mp = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}[mixed_precision]
     if mixed_precision == "fp16" and device.type != "cuda":
@@ -145,5 +169,5 @@ def resolution_summary(device: torch.device, requested_mp: str, mixed_precision:
         mp += f" (auto on {device.type})"
     gc = "on" if gradient_checkpointing else "off"
     if requested_gc is None:
-        gc += f" (auto: {arch} on {device.type})"
+        gc += " (auto: by the memory plan)" if gc_why else f" (auto: {arch} on {device.type})"
     return f"device {device}; precision {mp}; gradient checkpointing {gc}; attention {attention}"

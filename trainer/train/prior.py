@@ -32,7 +32,9 @@ API:
   per-sample `loss_weight` (min-SNR weights can be multiplied in as well).
   kohya instead uses static weights (1 for instance, prior_loss_weight for class) and the batch mean;
   both agree whenever a batch is all-instance or all-class (always at batch_size 1) and differ only in
-  how a mixed batch is normalised.
+  how a mixed batch is normalised (diffusers' is ~2x kohya's for a half-and-half batch). The spec's
+  `prior_loss_form` picks one: "kohya", "diffusers", or "auto" (kohya's for a job imported from a kohya config,
+  else diffusers').
 """
 
 from __future__ import annotations

@@ -45,9 +45,40 @@ class StateError(JobFailed):
         super().__init__(message, reason="bad_state")
 
 
+# Fields a resume may change: `steps` extends (or re-plans) the run; the schedule is re-planned over the new total.
+EXTENDABLE = {"steps"}
+
+
+def spec_fields(spec: Any) -> dict[str, Any]:
+    """The spec's trajectory-relevant settings (stored in every state so a mismatch can name its fields)."""
+    return {k: v for k, v in spec.model_dump(mode="json").items() if k not in _NOT_FINGERPRINTED}
+
+
 def spec_fingerprint(spec: Any) -> str:
-    data = {k: v for k, v in spec.model_dump(mode="json").items() if k not in _NOT_FINGERPRINTED}
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(spec_fields(spec), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _flat(v: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(v, dict):
+        out: dict[str, Any] = {}
+        for k, x in v.items():
+            out.update(_flat(x, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: v}
+
+
+def differing_fields(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Dotted field -> (saved value, this job's value) for every setting that differs."""
+    a, b = _flat(saved), _flat(now)
+    return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
+
+
+def _conflict_message(job_dir: Path, diff: dict[str, tuple[Any, Any]]) -> str:
+    shown = "; ".join(f"{k} (saved {json.dumps(old)}, now {json.dumps(new)})" for k, (old, new) in list(diff.items())[:8])
+    more = f" and {len(diff) - 8} more" if len(diff) > 8 else ""
+    return (f"the saved training state in {state_root(job_dir)} was made with different settings: {shown}{more}. "
+            "Resume with the original values (only steps may change, to extend a run), or start over with a new "
+            "--out folder or by deleting the state folder")
 
 
 # --- lossless encoding of nested values ----------------------------------------------------------
@@ -222,8 +253,12 @@ def _read(folder: Path) -> TrainState:
     )
 
 
-def load_latest_state(job_dir: Path, spec_fp: str | None = None, data_fp: str | None = None) -> TrainState | None:
-    """The newest readable state (falling back to the previous one if the newest is damaged), or None."""
+def load_latest_state(job_dir: Path, spec_fp: str | None = None, data_fp: str | None = None,
+                      fields: dict[str, Any] | None = None) -> TrainState | None:
+    """The newest readable state (falling back to the previous one if the newest is damaged), or None.
+
+    A state of different settings is refused naming each differing field (when the state recorded them); one that
+    differs only in EXTENDABLE fields is returned (the caller re-plans the run)."""
     dirs = _step_dirs(state_root(job_dir))
     errors = []
     for folder in reversed(dirs):
@@ -234,7 +269,12 @@ def load_latest_state(job_dir: Path, spec_fp: str | None = None, data_fp: str | 
         except (OSError, ValueError, KeyError, SafetensorError) as e:
             errors.append(f"{folder.name}: {e}")
             continue
-        if spec_fp is not None and st.spec_fingerprint != spec_fp:
+        saved_fields = st.extra.get("spec_fields")
+        if spec_fp is not None and st.spec_fingerprint != spec_fp and fields is not None and saved_fields:
+            diff = differing_fields(saved_fields, fields)
+            if not diff.keys() <= EXTENDABLE:
+                raise StateError(_conflict_message(job_dir, diff))
+        elif spec_fp is not None and st.spec_fingerprint != spec_fp:
             raise StateError(
                 f"the saved training state in {state_root(job_dir)} belongs to different settings "
                 f"(spec fingerprint {st.spec_fingerprint}, this job {spec_fp}); resume with the original "
@@ -268,10 +308,11 @@ def resume_note(device: torch.device, step: int) -> str:
 
 
 def resume_into(job_dir: Path, spec_fp: str, data_fp: str, network: Any, optimizer: torch.optim.Optimizer,
-                lr_scheduler: Any, scaler: torch.amp.GradScaler | None) -> TrainState | None:
+                lr_scheduler: Any, scaler: torch.amp.GradScaler | None,
+                fields: dict[str, Any] | None = None) -> TrainState | None:
     """Load the newest valid state of `job_dir` into the network, optimizer, schedule, GradScaler and the RNGs;
     None when there is none. The caller takes the step, loss history and extras from the returned state."""
-    s = load_latest_state(job_dir, spec_fp, data_fp)
+    s = load_latest_state(job_dir, spec_fp, data_fp, fields)
     if s is None:
         return None
     if s.extra.get("optimizer_layout") not in (None, optimizer_layout(optimizer)):
@@ -284,4 +325,16 @@ def resume_into(job_dir: Path, spec_fp: str, data_fp: str, network: Any, optimiz
         scaler.load_state_dict(s.scaler)
     set_rng_states(s.rng)
     return s
+
+
+def replan_schedule(lr_scheduler: Any, optimizer: torch.optim.Optimizer) -> None:
+    """After a resume into a run of a different length: the schedule (built for the new total, its position
+    restored from the state) sets the rate of the next step from the new plan, not the old one."""
+    lambdas = getattr(lr_scheduler, "lr_lambdas", None)
+    if not lambdas:
+        return
+    lrs = [base * f(lr_scheduler.last_epoch) for f, base in zip(lambdas, lr_scheduler.base_lrs, strict=True)]
+    for g, lr in zip(optimizer.param_groups, lrs, strict=True):
+        g["lr"] = lr
+    lr_scheduler._last_lr = lrs
 
