@@ -363,15 +363,21 @@ async def test_job_delete_removes_rows_files_and_links(fake_discord, bot, monkey
     await bot.scheduler.wait_for_job(2, 30)
 
 
-async def test_train_refuses_a_job_that_cannot_fit_the_gpu(fake_discord, bot_factory):
+def _bot_with_full_size_sdxl(bot_factory, gpu_memory_gib: float):
+    """A bot whose card has ``gpu_memory_gib`` and whose models folder holds a full-size SDXL base as the bot sees
+    it: a diffusers folder's configs (the stub worker never loads weights)."""
     import shutil
 
     from trainer.format.checkpoint import CONFIGS_DIR
 
-    fake = fake_discord
-    bot = bot_factory(workers={"gpu_memory_gib": 8})
-    # A full-size SDXL base as the bot sees it: a diffusers folder's configs (the stub worker never loads weights).
+    bot = bot_factory(workers={"gpu_memory_gib": gpu_memory_gib})
     shutil.copytree(CONFIGS_DIR / "sdxl", bot.config.models_dir / "real-sdxl")
+    return bot
+
+
+async def test_train_refuses_a_job_that_cannot_fit_the_gpu(fake_discord, bot_factory):
+    fake = fake_discord
+    bot = _bot_with_full_size_sdxl(bot_factory, 8)
     async with fake.running(bot, gateway=False):
         await make_dataset(fake, bot)
         big = {"dataset": "cats", "base_model": "real-sdxl", "resolution": 1024, "batch_size": 8, "steps": 5}
@@ -389,13 +395,8 @@ async def test_train_refuses_a_job_that_cannot_fit_the_gpu(fake_discord, bot_fac
 
 async def test_retrain_checks_the_memory_plan_again(fake_discord, bot_factory):
     """A job queued for a 24 GB card is refused on /retrain once the card is 8 GB, with the plan's advice."""
-    import shutil
-
-    from trainer.format.checkpoint import CONFIGS_DIR
-
     fake = fake_discord
-    bot = bot_factory(workers={"gpu_memory_gib": 24})
-    shutil.copytree(CONFIGS_DIR / "sdxl", bot.config.models_dir / "real-sdxl")
+    bot = _bot_with_full_size_sdxl(bot_factory, 24)
     async with fake.running(bot, gateway=False):
         await make_dataset(fake, bot)
         big = {"dataset": "cats", "base_model": "real-sdxl", "resolution": 1024, "batch_size": 8, "steps": 2}
