@@ -305,10 +305,15 @@ class TrainSpec(_Strict):
             raise ValueError("huber_schedule 'exponential' decays from huber_scale to huber_c: huber_c must be below 1")
         if self.network.blocks is not None:
             self.network.blocks = self.network.blocks.strip() or None
+        if self.init_lora is not None and self.network.type != "lora":
+            raise ValueError(f"init_lora continues a plain LoRA/LoCon; network.type {self.network.type} starts "
+                             "from scratch: leave out init_lora or use type lora")
         if self.mode == "difference":
             if self.difference is None:
                 raise ValueError("mode 'difference' needs a [difference] section with at least one pair")
-            self.pass2_spec()  # validates the pass-2 overrides now, not after pass 1 has run
+            # the copier is applied to pass 2 as a peft LoRA adapter
+            if self.network.type != "lora" or self.pass2_spec().network.type != "lora":
+                raise ValueError("mode 'difference' trains LoRA/LoCon networks only: set network.type = 'lora'")
         elif self.difference is not None:
             raise ValueError("a [difference] section needs mode = 'difference'")
         return self
