@@ -300,3 +300,45 @@ def test_header_checks_and_refusals(tmp_path: Path) -> None:
     save_file(mixed, str(tmp_path / "mixed.safetensors"))
     with pytest.raises(LoraCheckError, match="mixes LoHa tensors with others"):
         inspect_file(tmp_path / "mixed.safetensors")
+
+
+@pytest.mark.parametrize(("algo", "model"), [("dora", "tiny-sdxl"), ("lokr", "tiny-sd15")])
+def test_merge_into_a_single_file_checkpoint_equals_the_applied_file(tmp_path: Path, algo: str, model: str) -> None:
+    """Baked into an A1111 single file (SGM keys, SDXL's stacked OpenCLIP q/k/v) = applied at runtime."""
+    from trainer.jobs.merge import merge_into_checkpoint
+    from trainer.models.single_file import materialize_tiny_single_file
+
+    ckpt = materialize_tiny_single_file(model)
+    base = load_base(ckpt)
+    net = _random_network(base, algo, 2, True)
+    path = tmp_path / "net.safetensors"
+    net.save(path, {}, torch.float32)
+    net.remove()
+    layers = {n: target_layer(base, t) for n, (t, _) in net.mods.items()}
+    WeightPatcher(base).apply([(read_kohya(path), 0.8)])
+    baked = load_base(merge_into_checkpoint(ckpt, [(read_kohya(path), 0.8)], tmp_path / "baked.safetensors"))
+    for n, (t, _) in net.mods.items():
+        assert torch.allclose(target_layer(baked, t).weight, layers[n].weight, atol=1e-5, rtol=1e-4), n
+
+
+def test_merge_job_says_it_converted(tmp_path: Path) -> None:
+    from bot.humanize import summary_text
+    from trainer.events import JobFailed
+    from trainer.jobs.merge import run_merge_job
+    from trainer.spec import parse_job
+
+    base = load_base("tiny-sd15")
+    for algo in ("lokr", "dora"):
+        net = _random_network(base, algo, 0, False)
+        net.save(tmp_path / f"{algo}.safetensors", {}, torch.float32)
+        net.remove()
+    spec = parse_job({"kind": "merge", "inputs": [{"path": str(tmp_path / "lokr.safetensors"), "ratio": 0.5}]})
+    events: list[dict[str, Any]] = []
+    out = run_merge_job(spec, tmp_path / "job", events.append)
+    assert read_kohya(out["lora"]).is_plain
+    text = summary_text(events[-1]["summary"])
+    assert "converted to LoRA by SVD" in text and "lokr.safetensors (LoKr)" in text, text
+    spec = parse_job({"kind": "merge", "inputs": [{"path": str(tmp_path / "dora.safetensors")}]})
+    with pytest.raises(JobFailed, match="DoRA") as err:
+        run_merge_job(spec, tmp_path / "job2")
+    assert err.value.reason == "bad_input"
