@@ -235,6 +235,11 @@ def test_state_checkpoint_and_runtime_control() -> None:
     with pytest.raises(LycorisStateError, match="do(es)? not match"):
         other.load_network_state({k: v for k, v in state.items() if not k.startswith(layer_name)})
     other.remove()
+    # the modules live beside the base's models: moving the base does not move them, network.to() does
+    moved = LycorisNetwork.create(base, "dora", 4, 2.0, seed=3)
+    base.unet.to("meta")
+    moved.to("meta")
+    assert {p.device.type for p in moved.trainable_parameters()} == {"meta"}
 
 
 def test_merge_converts_loha_to_lora_and_refuses_dora(tmp_path: Path) -> None:

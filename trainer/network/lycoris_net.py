@@ -167,6 +167,12 @@ class LycorisNetwork:
 
     # --- runtime control ------------------------------------------------------------------------
 
+    def to(self, device: torch.device | str) -> LycorisNetwork:
+        """Move the modules (they are not children of the base's models, so moving the base leaves them)."""
+        for _, mod in self.mods.values():
+            mod.to(device)
+        return self
+
     def set_multiplier(self, m: float) -> None:
         self._check()
         self.multiplier = float(m)

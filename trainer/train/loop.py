@@ -146,6 +146,8 @@ class Trainer:
         self.network = _create_network(self.base, spec)
         for m in [self.base.unet, self.base.vae, *self.base.text_encoders]:
             m.to(self.device)  # BaseModel.to(dtype=None) makes diffusers warn about dtypes
+        if hasattr(self.network, "to"):  # LyCORIS modules live beside the models (peft layers moved with them)
+            self.network.to(self.device)
         self.train_te = spec.network.train_text_encoder
         gc, gc_why = pr.choose_gradient_checkpointing(spec, self.base.arch, self.device, self.models_dir)
         self.gradient_checkpointing, self.attention = pr.setup_modes(
