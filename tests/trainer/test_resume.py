@@ -29,6 +29,8 @@ VARIANTS = {
                              "min_snr_gamma": 5.0, "noise_offset": 0.05, "multires_noise_iterations": 3,
                              "ip_noise_gamma": 0.1, "loss_type": "huber",
                              "data": {"resolution": 64, "cache_latents": False, "random_flip": True}},
+    # a LyCORIS network (DoRA: LoRA factors and the trained magnitude) saved and restored through the state
+    "dora": {"network": {"type": "dora"}},
 }
 
 

@@ -57,6 +57,12 @@ def _create_network(base: Any, spec: TrainSpec) -> Any:
     from trainer.network.lora import LoraNetwork
 
     net = spec.network
+    if net.type != "lora":
+        from trainer.network.lycoris_net import LycorisNetwork
+
+        return LycorisNetwork.create(base, net.type, net.dim, net.resolved_alpha, conv_dim=net.conv_dim,
+                                     conv_alpha=net.resolved_conv_alpha, train_text_encoder=net.train_text_encoder,
+                                     blocks=net.blocks, seed=spec.seed, train_unet=net.train_unet)
     # seed= makes the init a function of the spec alone (the network forks the global RNG for it)
     return LoraNetwork.create(base, net.dim, net.resolved_alpha, conv_dim=net.conv_dim,
                               conv_alpha=net.resolved_conv_alpha, train_text_encoder=net.train_text_encoder,
@@ -140,6 +146,8 @@ class Trainer:
         self.network = _create_network(self.base, spec)
         for m in [self.base.unet, self.base.vae, *self.base.text_encoders]:
             m.to(self.device)  # BaseModel.to(dtype=None) makes diffusers warn about dtypes
+        if hasattr(self.network, "to"):  # LyCORIS modules live beside the models (peft layers moved with them)
+            self.network.to(self.device)
         self.train_te = spec.network.train_text_encoder
         gc, gc_why = pr.choose_gradient_checkpointing(spec, self.base.arch, self.device, self.models_dir)
         self.gradient_checkpointing, self.attention = pr.setup_modes(

@@ -76,6 +76,7 @@ def training_metadata(spec: TrainSpec, arch: str, step: int, items: Sequence[Ima
         training=training, v_parameterization=prediction_type == "v_prediction",
         train_unet=net.train_unet, train_text_encoder=net.train_text_encoder,
         network_args={"rank_dropout": net.rank_dropout, "module_dropout": net.module_dropout},
+        network_type=net.type,
     )
 
 
