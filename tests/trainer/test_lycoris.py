@@ -283,6 +283,7 @@ def test_header_checks_and_refusals(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
     from bot.lorafile import LoraCheckError, inspect_file
+    from trainer.jobs.cli import describe_lora
 
     base = load_base("tiny-sd15")
     net = _random_network(base, "loha", 2, False)
@@ -290,6 +291,7 @@ def test_header_checks_and_refusals(tmp_path: Path) -> None:
     net.save(path, {"ss_base_model_version": "sd_v1"}, torch.float16)
     info = inspect_file(path)
     assert info.rank == 4 and info.conv_rank == 2 and info.arch == "sd1"
+    assert "LyCORIS LoHa for sd1" in describe_lora(read_kohya(path), path)  # `trainer inspect`
     tensors = file_modules(path)
     name = next(n for n in tensors if n.endswith("_conv1"))
     flat = {f"{n}.{p}": v for n, ps in tensors.items() for p, v in ps.items()}
