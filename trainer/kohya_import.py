@@ -448,10 +448,15 @@ class _Translator:
                 self.skip(key, "the images could not be counted here: set save_every_n_steps")
         self._samples(per_epoch)
         total = int(self.out.values.get("steps", KOHYA_DEFAULT_STEPS))
-        if (w := num(self.get("lr_warmup_steps"))) is not None:
-            self.put("optimizer.warmup_steps", int(w * total) if 0 < w < 1 else int(w), "lr_warmup_steps")
+        # kohya's int_or_float: "10%" and 0.1 are a share of the steps, kept as a fraction so that it follows a
+        # later change of steps (the spec resolves it as kohya does, int(fraction x steps)); 1 or more is steps
+        raw = self.get("lr_warmup_steps")
+        pct = isinstance(raw, str) and raw.strip().endswith("%")
+        if (w := num(raw.strip()[:-1] if pct else raw)) is not None:
+            w = w / 100 if pct else w
+            self.put("optimizer.warmup_steps", float(w) if 0 < w < 1 else int(w), "lr_warmup_steps")
         if (w := num(self.get("lr_warmup_percent"))) is not None and w > 0:
-            self.put("optimizer.warmup_steps", int(w / 100 * total), "lr_warmup")
+            self.put("optimizer.warmup_steps", w / 100 if w < 100 else total, "lr_warmup")
 
 
 # kohya's --sample_sampler names -> ours (the others have no equivalent and are reported).

@@ -291,6 +291,24 @@ async def test_checkpoint_merge_is_for_admins(fake_discord: Any, bot: Any, lora_
     assert await bot.repo.count_jobs() == 0
 
 
+async def test_merge_clamp_option_reaches_the_job(fake_discord: Any, bot: Any, lora_files: dict[str, bytes]):
+    """`clamp:kohya` asks for kohya's svd_merge_lora clamp (`clamp = true` in the job), the default stays auto;
+    a value no client offers (a raw interaction) is refused before anything is queued."""
+    fake = fake_discord
+    front = lambda: attach(fake, lora_files, "front.safetensors")  # noqa: E731
+    rec = await run_command(fake, bot, "merge", {"lora1": front(), "clamp": "kohya"}, user="alice")
+    assert "kohya's 0.99-quantile clamp" in answer(rec), answer(rec)
+    job = await finished(bot, job_id_of(answer(rec)), 30)
+    assert job.spec["clamp"] is True
+    rec = await run_command(fake, bot, "merge", {"lora1": front(), "clamp": "off"}, user="alice")
+    assert (await finished(bot, job_id_of(answer(rec)), 30)).spec["clamp"] is False
+    rec = await run_command(fake, bot, "merge", {"lora1": front()}, user="alice")
+    assert (await finished(bot, job_id_of(answer(rec)), 30)).spec["clamp"] == "auto"
+    text = await refusal(fake, bot, {"lora1": front(), "clamp": "sometimes"}, user="alice")
+    assert "`clamp` must be one of `auto`, `kohya`, `off`" in text
+    assert await bot.repo.count_jobs() == 3
+
+
 async def test_no_second_grid_when_the_train_job_made_one(fake_discord: Any, bot: Any):
     """The stub worker's train jobs deliver a grid themselves: the automatic one is not queued again."""
     from cogkit import add_images

@@ -143,6 +143,21 @@ def test_network_weights_become_init_lora() -> None:
     assert out.values["init_lora"] == "/loras/first.safetensors" and "network_weights" not in out.untranslated
 
 
+@pytest.mark.parametrize(("given", "kept"), [("0.1", 0.1), ("10%", 0.1), (0.05, 0.05), ("50", 50), (30, 30)])
+def test_lr_warmup_steps_as_kohya_reads_it(given: object, kept: float) -> None:
+    """kohya's int_or_float: below 1 (or "N%") a share of max_train_steps, kept as a share (200 -> 20 steps)."""
+    from trainer.kohya_import import translate
+    from trainer.spec import parse_job
+
+    out = translate({"network_dim": 8, "max_train_steps": 200, "lr_warmup_steps": given})
+    assert out.values["optimizer"]["warmup_steps"] == kept
+    spec = parse_job({**out.values, "concepts": [{"image_dir": "x"}]})
+    assert spec.optimizer.resolved_warmup(spec.steps) == (int(kept * 200) if kept < 1 else kept)
+    # the kohya_ss GUI's percent field is the same share
+    gui = translate({"network_dim": 8, "max_train_steps": 200, "lr_warmup": 10})
+    assert gui.values["optimizer"]["warmup_steps"] == 0.1
+
+
 def test_lycoris_network_module_sets_the_network_type() -> None:
     from trainer.kohya_import import translate
     from trainer.kohya_read import parse_command_line
