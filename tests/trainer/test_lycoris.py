@@ -277,6 +277,20 @@ def test_metadata_and_spec() -> None:
         NetworkSpec(type="ia3")
     with pytest.raises(ValueError, match="not available for network type loha"):
         NetworkSpec(type="loha", rank_dropout=0.1)
+    with pytest.raises(ValueError, match="factor 4 is for network type lokr only"):
+        NetworkSpec(type="loha", factor=4)
+    md = build_metadata("sd1", 8, 4, base_model_name="m", output_name="o", resolution=512, network_type="lokr",
+                        network_args={"factor": 4})
+    assert json.loads(md["ss_network_args"]) == {"algo": "lokr", "factor": "4"}  # as LyCORIS' users write it
+
+
+def test_lokr_factor_sets_the_small_kronecker_factor() -> None:
+    base = load_base("tiny-sd15")
+    net = LycorisNetwork.create(base, "lokr", 4, 2.0, factor=2, seed=0)
+    state = net.network_state()
+    w1 = {tuple(v.shape) for k, v in state.items() if k.endswith(".lokr_w1")}
+    assert w1 == {(2, 2)}, w1  # out and in split as 2 x (size / 2)
+    net.remove()
 
 
 def test_header_checks_and_refusals(tmp_path: Path) -> None:
