@@ -76,6 +76,14 @@ def lora_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     sd[k][0, 0] = float("nan")  # a diverged training run: only the worker (with torch) can see this
     save_kohya(d / "nan.safetensors", sd, md)
     out["nan.safetensors"] = (d / "nan.safetensors").read_bytes()
+    from trainer.format.metadata import build_metadata
+    from trainer.network.lycoris_net import LycorisNetwork
+
+    loha = LycorisNetwork.create(sd15, "loha", 4, 2.0, seed=6)  # a LyCORIS file (zero-initialised: fine here)
+    loha.save(d / "loha.safetensors", build_metadata("sd1", 4, 2.0, base_model_name="tiny-sd15",
+                                                      output_name="loha", resolution=64, network_type="loha"))
+    loha.remove()
+    out["loha.safetensors"] = (d / "loha.safetensors").read_bytes()
     sd, md = _random_lora(load_base("tiny-sdxl"), 4, 4, "xl", "tiny-sdxl")
     save_kohya(d / "xl.safetensors", sd, md)
     out["xl.safetensors"] = (d / "xl.safetensors").read_bytes()
@@ -403,6 +411,13 @@ async def test_train_init_lora_starts_from_an_attached_lora(fake_discord: Any, b
     rec = await run_command(fake, bot, "train", {**base, "dim": 8,
                                                  "init_lora": attach(fake, lora_files, "front.safetensors")}, user="bob")
     assert "has rank 4, but dim is 8" in answer(rec) and "dim:4" in answer(rec), answer(rec)
+    rec = await run_command(fake, bot, "train", {**base, "init_lora": attach(fake, lora_files, "loha.safetensors")},
+                            user="bob")
+    assert "continues a plain LoRA/LoCon (`loha.safetensors` is LoHa" in answer(rec), answer(rec)
+    rec = await run_command(fake, bot, "train", {**base, "network_type": "dora",
+                                                 "init_lora": attach(fake, lora_files, "front.safetensors")},
+                            user="bob")
+    assert "this job trains network type dora" in answer(rec) and "Nothing was queued" in answer(rec), answer(rec)
     job_file = fake.add_attachment("job.toml", b'init_lora = "/srv/someone-else/secret.safetensors"\n')
     rec = await run_command(fake, bot, "train", {**base, "job_file": job_file}, user="bob")
     assert "names a file on the server" in answer(rec), answer(rec)  # only an attachment can be continued

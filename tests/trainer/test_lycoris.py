@@ -304,7 +304,7 @@ def test_header_checks_and_refusals(tmp_path: Path) -> None:
     path = tmp_path / "loha.safetensors"
     net.save(path, {"ss_base_model_version": "sd_v1"}, torch.float16)
     info = inspect_file(path)
-    assert info.rank == 4 and info.conv_rank == 2 and info.arch == "sd1"
+    assert info.rank == 4 and info.conv_rank == 2 and info.arch == "sd1" and info.kind_name == "LoHa"
     assert "LyCORIS LoHa for sd1" in describe_lora(read_kohya(path), path)  # `trainer inspect`
     tensors = file_modules(path)
     name = next(n for n in tensors if n.endswith("_conv1"))
