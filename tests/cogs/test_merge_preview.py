@@ -79,11 +79,12 @@ def lora_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     from trainer.format.metadata import build_metadata
     from trainer.network.lycoris_net import LycorisNetwork
 
-    loha = LycorisNetwork.create(sd15, "loha", 4, 2.0, seed=6)  # a LyCORIS file (zero-initialised: fine here)
-    loha.save(d / "loha.safetensors", build_metadata("sd1", 4, 2.0, base_model_name="tiny-sd15",
-                                                      output_name="loha", resolution=64, network_type="loha"))
-    loha.remove()
-    out["loha.safetensors"] = (d / "loha.safetensors").read_bytes()
+    for algo in ("loha", "dora"):  # LyCORIS files (zero-initialised changes: fine for the checks here)
+        net = LycorisNetwork.create(sd15, algo, 4, 2.0, seed=6)
+        net.save(d / f"{algo}.safetensors", build_metadata("sd1", 4, 2.0, base_model_name="tiny-sd15",
+                                                           output_name=algo, resolution=64, network_type=algo))
+        net.remove()
+        out[f"{algo}.safetensors"] = (d / f"{algo}.safetensors").read_bytes()
     sd, md = _random_lora(load_base("tiny-sdxl"), 4, 4, "xl", "tiny-sdxl")
     save_kohya(d / "xl.safetensors", sd, md)
     out["xl.safetensors"] = (d / "xl.safetensors").read_bytes()
@@ -270,6 +271,8 @@ async def test_bad_files_are_refused_before_queueing(fake_discord: Any, bot: Any
     text = await refusal(fake, bot, {"lora1": a("front.safetensors"), "lora2": a("side.safetensors"),
                                      "ratios": "0.6,0.6,0.6"})
     assert "3 values for 2 LoRAs" in text
+    text = await refusal(fake, bot, {"lora1": a("front.safetensors"), "lora2": a("dora.safetensors")})
+    assert "`dora.safetensors` is a DoRA network" in text and "into_checkpoint" in text, text
     text = await refusal(fake, bot, {"lora1": a("front.safetensors"), "rank": "big"})
     assert "`rank`" in text
     text = await refusal(fake, bot, {"prompt": "chibi scs girl", "lora": a("xl.safetensors"),
