@@ -582,6 +582,10 @@ async def _attach_init_lora(bot: LoraforgeBot, spec: TrainSpec, attachment: disc
 
     item = (await fetch_attached_loras([attachment]))[0]
     info = item.info
+    if info.algos != {"lora"} or spec.network.type != "lora":
+        raise InvalidInput(f"`init_lora` continues a plain LoRA/LoCon (`{info.name}` is {info.kind_name}, this job "
+                           f"trains network type {spec.network.type}).",
+                           "Leave out `init_lora` to start a LyCORIS network from scratch. Nothing was queued.")
     arch = base_model_arch(spec.base_model, bot.config.models_dir)
     if info.arch and arch and info.arch != arch and {info.arch, arch} != {"sd1", "sd2"}:
         raise InvalidInput(f"`{info.name}` is a LoRA for {info.arch_name}, but the base model `{spec.base_model}` is "

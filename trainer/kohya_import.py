@@ -167,6 +167,8 @@ class _Translator:
             k = k.strip()
             if k in ("algo", "dora_wd", "wd_on_output"):
                 lyco[k] = v.strip()
+            elif k == "factor" and num(v) is not None:
+                self.put("network.factor", int(num(v)), "network_args factor")  # type: ignore[arg-type]
             elif k in ("conv_dim", "conv_alpha") and num(v) is not None:
                 if k == "conv_dim":
                     self.put("network.conv_dim", int(num(v)), "network_args conv_dim")  # type: ignore[arg-type]

@@ -101,6 +101,9 @@ class NetworkSpec(_Strict):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)  # kohya's network_dropout: on the rank-r activations
     rank_dropout: float = Field(0.0, ge=0.0, lt=1.0)  # kohya's: whole ranks per sample, rescaled by 1/(1-p)
     module_dropout: float = Field(0.0, ge=0.0, lt=1.0)  # kohya's: a layer's whole LoRA skipped for a step
+    # LoKr: LyCORIS' factor of the Kronecker split (-1: as square as the layer allows; e.g. 8 or 16 keeps the
+    # small factor that size). A dim that is too large for the layer makes LyCORIS use full matrices (alpha unused)
+    factor: int = Field(-1, ge=-1, le=1024)
 
     @property
     def resolved_alpha(self) -> float:
@@ -126,6 +129,8 @@ class NetworkSpec(_Strict):
     def _something_trains(self) -> NetworkSpec:
         if not self.train_unet and not self.train_text_encoder:
             raise ValueError("train_unet and train_text_encoder are both off: nothing would be trained")
+        if self.factor != -1 and (self.type != "lokr" or self.factor < 1):
+            raise ValueError(f"factor {self.factor} is for network type lokr only, and is -1 (automatic) or >= 1")
         if self.type != "lora" and (self.dropout or self.rank_dropout or self.module_dropout):
             raise ValueError(f"dropout, rank_dropout and module_dropout follow kohya's LoRA and are not available "
                              f"for network type {self.type}: set them to 0 or use type lora")

@@ -169,7 +169,9 @@ def test_lycoris_network_module_sets_the_network_type() -> None:
     line = ('accelerate launch train_network.py --network_module=lycoris.kohya --network_dim=8 '
             '--network_args "algo=lokr" "conv_dim=4" "factor=8"')
     t, lost = net_type(parse_command_line(line))
-    assert t == "lokr" and any("factor=8" in x for x in lost)  # LyCORIS args with no equivalent are reported
+    assert t == "lokr" and translate(parse_command_line(line)).values["network"]["factor"] == 8
+    line = line.replace('"factor=8"', '"decompose_both=True"')
+    assert any("decompose_both=True" in x for x in net_type(parse_command_line(line))[1])  # no equivalent: reported
     assert net_type({"network_module": "lycoris.kohya", "network_args": ["algo=locon", "dora_wd=True"]})[0] == "dora"
     assert net_type({"network_module": "lycoris.kohya", "network_args": ["algo=loha"]})[0] == "loha"
     assert net_type({"LoRA_type": "LyCORIS/LoHa"})[0] == "loha"

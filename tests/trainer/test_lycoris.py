@@ -277,19 +277,35 @@ def test_metadata_and_spec() -> None:
         NetworkSpec(type="ia3")
     with pytest.raises(ValueError, match="not available for network type loha"):
         NetworkSpec(type="loha", rank_dropout=0.1)
+    with pytest.raises(ValueError, match="factor 4 is for network type lokr only"):
+        NetworkSpec(type="loha", factor=4)
+    md = build_metadata("sd1", 8, 4, base_model_name="m", output_name="o", resolution=512, network_type="lokr",
+                        network_args={"factor": 4})
+    assert json.loads(md["ss_network_args"]) == {"algo": "lokr", "factor": "4"}  # as LyCORIS' users write it
+
+
+def test_lokr_factor_sets_the_small_kronecker_factor() -> None:
+    base = load_base("tiny-sd15")
+    net = LycorisNetwork.create(base, "lokr", 4, 2.0, factor=2, seed=0)
+    state = net.network_state()
+    w1 = {tuple(v.shape) for k, v in state.items() if k.endswith(".lokr_w1")}
+    assert w1 == {(2, 2)}, w1  # out and in split as 2 x (size / 2)
+    net.remove()
 
 
 def test_header_checks_and_refusals(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
     from bot.lorafile import LoraCheckError, inspect_file
+    from trainer.jobs.cli import describe_lora
 
     base = load_base("tiny-sd15")
     net = _random_network(base, "loha", 2, False)
     path = tmp_path / "loha.safetensors"
     net.save(path, {"ss_base_model_version": "sd_v1"}, torch.float16)
     info = inspect_file(path)
-    assert info.rank == 4 and info.conv_rank == 2 and info.arch == "sd1"
+    assert info.rank == 4 and info.conv_rank == 2 and info.arch == "sd1" and info.kind_name == "LoHa"
+    assert "LyCORIS LoHa for sd1" in describe_lora(read_kohya(path), path)  # `trainer inspect`
     tensors = file_modules(path)
     name = next(n for n in tensors if n.endswith("_conv1"))
     flat = {f"{n}.{p}": v for n, ps in tensors.items() for p, v in ps.items()}

@@ -63,8 +63,9 @@ class LycorisNetwork:
     def create(cls, base: BaseModel, algo: str, dim: int, alpha: float, conv_dim: int = 0, conv_alpha: float = 1.0,
                train_text_encoder: bool = False, blocks: str | Sequence[str] | None = None,
                seed: int | None = None, train_unet: bool = True,
-               dtype: torch.dtype = torch.float32) -> LycorisNetwork:
-        """A trainable network that starts as a no-op (LyCORIS' own initialisation). Weights kept in `dtype`."""
+               dtype: torch.dtype = torch.float32, factor: int = -1) -> LycorisNetwork:
+        """A trainable network that starts as a no-op (LyCORIS' own initialisation). Weights kept in `dtype`.
+        factor: LoKr's Kronecker split (LyCORIS' `factor`; -1 automatic)."""
         if algo not in ALGOS:
             raise ValueError(f"unknown LyCORIS algorithm {algo!r}; choose one of {', '.join(ALGOS)}")
         if dim <= 0 or conv_dim < 0:
@@ -79,6 +80,8 @@ class LycorisNetwork:
                              "(BASE is the text encoder)")
         module_class = _module_class(algo)
         extra: dict[str, Any] = {"weight_decompose": True, "wd_on_out": False} if algo == "dora" else {}
+        if algo == "lokr":
+            extra["factor"] = factor
         mods: dict[str, tuple[Target, nn.Module]] = {}
         rng = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
         with rng:

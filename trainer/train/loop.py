@@ -62,7 +62,8 @@ def _create_network(base: Any, spec: TrainSpec) -> Any:
 
         return LycorisNetwork.create(base, net.type, net.dim, net.resolved_alpha, conv_dim=net.conv_dim,
                                      conv_alpha=net.resolved_conv_alpha, train_text_encoder=net.train_text_encoder,
-                                     blocks=net.blocks, seed=spec.seed, train_unet=net.train_unet)
+                                     blocks=net.blocks, seed=spec.seed, train_unet=net.train_unet,
+                                     factor=net.factor)
     # seed= makes the init a function of the spec alone (the network forks the global RNG for it)
     return LoraNetwork.create(base, net.dim, net.resolved_alpha, conv_dim=net.conv_dim,
                               conv_alpha=net.resolved_conv_alpha, train_text_encoder=net.train_text_encoder,
