@@ -156,3 +156,15 @@ def test_lr_warmup_steps_as_kohya_reads_it(given: object, kept: float) -> None:
     # the kohya_ss GUI's percent field is the same share
     gui = translate({"network_dim": 8, "max_train_steps": 200, "lr_warmup": 10})
     assert gui.values["optimizer"]["warmup_steps"] == 0.1
+
+
+def test_masked_loss_and_conditioning_data_dir_become_mask_dir(tmp_path: Path) -> None:
+    """kohya's --masked_loss reads each subset's masks from its conditioning_data_dir (same file names)."""
+    from trainer.kohya_import import translate
+
+    cfg = {"datasets": [{"subsets": [{"image_dir": "img", "conditioning_data_dir": "masks"}]}]}
+    out = translate({"network_dim": 8, "masked_loss": True, **cfg}, tmp_path)
+    assert out.values["masked_loss"] is True and not out.untranslated, out.untranslated
+    assert out.values["concepts"][0]["mask_dir"] == str(tmp_path / "masks")
+    bot = translate({"network_dim": 8, "masked_loss": True, **cfg}, tmp_path, for_bot=True)
+    assert "masked_loss" not in bot.values and any("no mask folder" in u for u in bot.untranslated)
