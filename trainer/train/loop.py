@@ -280,7 +280,7 @@ class Trainer:
                     hidden, pooled = encode_text(self.base, b.captions, self.device)
             pred = L.unet_forward(self.base, noisy, ts, hidden, pooled, b.add_time_ids)
         return L.step_loss(pred, target, ts, self.noise_scheduler, self.snr_table, self.prediction_type,
-                           L.LossOptions.from_spec(spec), b.loss_weight)
+                           L.LossOptions.from_spec(spec), b.loss_weight, b.mask)
 
     def train_step(self) -> torch.Tensor | None:
         """One optimizer step; its mean loss as a 0-d tensor on the device, or None when fp16 overflowed and
