@@ -53,13 +53,14 @@ def test_steady_rate_leaves_out_startup_and_the_first_steps(stats) -> None:  # n
     assert fig["steps_per_s"] == pytest.approx(2.0)
     assert fig["first_step_s"] == pytest.approx(10.0)
     assert fig["wall_s"] == pytest.approx(40.0)
+    assert fig["tail_s"] == pytest.approx(140.0 - times[-1])
     assert fig["rss_mib"] == pytest.approx(2048)
     assert fig["trained_params"] == 7
 
 
 def test_ratios_goals_and_table(stats) -> None:  # noqa: ANN001
     def run(side: str, sps: float, wall: float, rss: float, ok: bool = True) -> dict:
-        return {"side": side, "ok": ok, "steps_per_s": sps, "first_step_s": wall / 2, "wall_s": wall,
+        return {"side": side, "ok": ok, "steps_per_s": sps, "first_step_s": wall / 2, "tail_s": 1.0, "wall_s": wall,
                 "rss_mib": rss, "trained_params": 100, "trained_tensors": 2}
 
     runs = [run("ours", 1.2, 60, 700), run("ours", 1.0, 50, 800), run("ours", 1.1, 55, 750),

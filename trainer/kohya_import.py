@@ -137,8 +137,11 @@ class _Translator:
                            ("cache_text_encoder_outputs", "data.cache_text_encoder_outputs"),
                            ("gradient_checkpointing", "gradient_checkpointing"),
                            *((k, k) for k in ("zero_terminal_snr", "debiased_estimation_loss", "noise_offset_random_strength",
-                                              "scale_v_pred_loss_like_noise_pred", "ip_noise_gamma_random_strength"))):
-            if a.get(flag) not in (None, "", False):
+                                              "scale_v_pred_loss_like_noise_pred", "ip_noise_gamma_random_strength",
+                                              "masked_loss"))):
+            if flag == "masked_loss" and self.for_bot and truthy(a.get(flag)):
+                self.skip(flag, "a Discord dataset has no mask folder")
+            elif a.get(flag) not in (None, "", False):
                 self.put(dest, truthy(a[flag]), flag)
         for key in ("loss_type", "huber_schedule"):  # kohya's choices are this engine's
             if (v := self.get(key)) not in (None, ""):
@@ -356,8 +359,13 @@ class _Translator:
             concepts.append({"image_dir": str(p if keep else base / p),
                              "instance_prompt": str(sub.get("class_tokens", "")),
                              "repeats": int(sub.get("num_repeats", 1)), "caption_mode": "caption_only"})
+            if (m := sub.get("conditioning_data_dir")) and not self.for_bot:  # the masks of --masked_loss
+                mp = Path(str(m))
+                concepts[-1]["mask_dir"] = str(mp if mp.is_absolute() or re.match(r"^[A-Za-z]:[\\/]", str(mp))
+                                               else base / mp)
             for k in sub:
-                if k not in ("image_dir", "class_tokens", "num_repeats", "is_reg") and sub[k] != ds.get(k):
+                if k not in ("image_dir", "class_tokens", "num_repeats", "is_reg", "conditioning_data_dir") \
+                        and sub[k] != ds.get(k):
                     self.out.untranslated.append(f"subset {k} = {sub[k]!r}")
         if concepts and not self.for_bot:
             self.put("concepts", concepts, "datasets.subsets")

@@ -81,6 +81,8 @@ class Concept(_Strict):
     # 0: no prior preservation for this concept.
     class_count: int | None = Field(None, ge=0, le=10000)
     repeats: int = Field(1, ge=1, le=1000)
+    # masked_loss: a folder with one mask per image under the image's name (kohya's conditioning_data_dir)
+    mask_dir: str | None = None
 
 
 NETWORK_TYPES = ("lora", "loha", "lokr", "dora")
@@ -287,6 +289,8 @@ class TrainSpec(_Strict):
     scale_v_pred_loss_like_noise_pred: bool = False
     v_pred_like_loss: float | None = Field(None, gt=0.0, le=10.0)
     debiased_estimation_loss: bool = False
+    # kohya's masked_loss: each image's loss weighted by its mask (concepts[].mask_dir; white learns, black not)
+    masked_loss: bool = False
     loss_type: Literal["l2", "l1", "huber", "smooth_l1"] = "l2"
     huber_schedule: Literal["snr", "exponential", "constant"] = "snr"
     huber_c: float = Field(0.1, gt=0, le=10)
@@ -308,6 +312,13 @@ class TrainSpec(_Strict):
             raise ValueError(f"min_timestep ({self.min_timestep}) must not exceed max_timestep ({self.max_timestep})")
         if self.huber_schedule == "exponential" and self.huber_c >= 1 and self.loss_type in ("huber", "smooth_l1"):
             raise ValueError("huber_schedule 'exponential' decays from huber_scale to huber_c: huber_c must be below 1")
+        with_masks = [i for i, c in enumerate(self.concepts) if c.mask_dir]
+        if self.masked_loss and not with_masks:
+            raise ValueError("masked_loss needs mask images: set mask_dir on the concepts (a folder with one mask "
+                             "per image under the image's name; white: learn, black: ignore)")
+        if with_masks and not self.masked_loss:
+            raise ValueError(f"concepts[{with_masks[0]}].mask_dir is set but masked_loss is off: set "
+                             "masked_loss = true to use the masks, or remove mask_dir")
         if self.network.blocks is not None:
             self.network.blocks = self.network.blocks.strip() or None
         if self.init_lora is not None and self.network.type != "lora":

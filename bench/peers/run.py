@@ -111,7 +111,7 @@ def needs_standin(python: str) -> bool:
 
 
 def run_once(side: str, a: argparse.Namespace, rnd: int, standin: dict[str, bool]) -> dict[str, Any]:
-    run_dir = (a.work / "runs" / f"{side}-r{rnd}").resolve()
+    run_dir = (a.work / "runs" / f"{a.model}-{a.resolution}" / f"{side}-r{rnd}").resolve()
     if run_dir.exists():
         subprocess.run(["rm", "-rf", str(run_dir)], check=True)
     run_dir.mkdir(parents=True)
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             run = run_once(side, a, rnd, standin)
             result["runs"].append(run)
             print(f"round {rnd} {side}: ok={run['ok']} steps/s={run.get('steps_per_s')} "
-                  f"first={run.get('first_step_s')} wall={run['wall_s']:.1f} rss={run['rss_mib']:.0f} MiB "
+                  f"first={run.get('first_step_s')} tail={run.get('tail_s')} wall={run['wall_s']:.1f} rss={run['rss_mib']:.0f} MiB "
                   f"params={run.get('trained_params')} load={run['load_before']:.2f}", flush=True)
             if not run["ok"]:
                 print(run.get("log_tail", ""), flush=True)

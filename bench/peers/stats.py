@@ -4,7 +4,8 @@ ratios against the engine, and the Markdown table. Kept apart from run.py so CI 
 A run's figures: ``steps`` (optimizer steps seen), ``steps_per_s`` (1 / median interval between consecutive steps
 3..N, so start-up, the first step's one-off work and the step-2 warm-up are excluded), ``first_step_s`` (process
 start -> the first optimizer step completed), ``wall_s`` (process start -> exit), ``rss_mib`` (peak RSS of the
-process), trained tensors/params (the first step's optimizer param groups).
+process), ``tail_s`` (the last optimizer step -> exit: saving the LoRA and whatever else a trainer does
+at the end), trained tensors/params (the first step's optimizer param groups).
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ def run_figures(recs: list[dict[str, Any]], t_start: float, t_end: float, rss_ki
     """One run's figures from its probe records and the runner's own clock and wait4() rusage."""
     out: dict[str, Any] = {"steps": len(recs), "wall_s": t_end - t_start, "rss_mib": rss_kib / 1024}
     if not recs:
-        return out | {"first_step_s": None, "steps_per_s": None}
+        return out | {"first_step_s": None, "steps_per_s": None, "tail_s": None}
     out["first_step_s"] = recs[0]["t"] - t_start
+    out["tail_s"] = t_end - recs[-1]["t"]
     times = [r["t"] for r in recs]
     intervals = [b - a for a, b in zip(times[STEADY_FROM - 2:-1], times[STEADY_FROM - 1:], strict=True)]
     out["steps_per_s"] = 1.0 / statistics.median(intervals) if intervals else None
@@ -59,7 +61,7 @@ def spread(values: list[float]) -> dict[str, float] | None:
     return {"min": min(vals), "median": statistics.median(vals), "max": max(vals), "n": len(vals)}
 
 
-METRICS = ("steps_per_s", "first_step_s", "wall_s", "rss_mib")
+METRICS = ("steps_per_s", "first_step_s", "tail_s", "wall_s", "rss_mib")
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -121,13 +123,13 @@ def _r(x: float | None, ok: bool | None = None) -> str:
 
 def markdown(summary: dict[str, Any], pairs: list[tuple[str, str]]) -> str:
     """The results table (median (min-max) over rounds) and, per (ours, peer) pair, the ratios and goals."""
-    lines = ["| side | rounds | trained params | steps/s | first step (s) | job wall (s) | peak RSS (MiB) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| side | rounds | trained params | steps/s | first step (s) | after last step (s) | job wall (s) "
+             "| peak RSS (MiB) |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for side, s in summary.items():
         params = f"{s['trained_params']:,} ({s['trained_tensors']} tensors)" if s["trained_params"] else "-"
         rounds = f"{s['rounds']}" + (f" (+{s['failed']} failed)" if s["failed"] else "")
         lines.append(f"| {side} | {rounds} | {params} | {_fmt(s['steps_per_s'], 3)} | {_fmt(s['first_step_s'], 1)} "
-                     f"| {_fmt(s['wall_s'], 1)} | {_fmt(s['rss_mib'], 0)} |")
+                     f"| {_fmt(s['tail_s'], 1)} | {_fmt(s['wall_s'], 1)} | {_fmt(s['rss_mib'], 0)} |")
     if pairs:
         lines += ["", "| ours vs peer | steps/s ratio (>= 1.10) | first-step speed-up | wall speed-up (>= 1.3) "
                       "| RSS ratio (<= 0.8) |", "| --- | ---: | ---: | ---: | ---: |"]

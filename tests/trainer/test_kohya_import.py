@@ -177,3 +177,15 @@ def test_lycoris_network_module_sets_the_network_type() -> None:
     assert net_type({"LoRA_type": "LyCORIS/LoHa"})[0] == "loha"
     t, lost = net_type({"network_module": "lycoris.kohya", "network_args": ["algo=ia3"]})
     assert t is None and any("algo=ia3 has no equivalent" in x for x in lost)
+
+
+def test_masked_loss_and_conditioning_data_dir_become_mask_dir(tmp_path: Path) -> None:
+    """kohya's --masked_loss reads each subset's masks from its conditioning_data_dir (same file names)."""
+    from trainer.kohya_import import translate
+
+    cfg = {"datasets": [{"subsets": [{"image_dir": "img", "conditioning_data_dir": "masks"}]}]}
+    out = translate({"network_dim": 8, "masked_loss": True, **cfg}, tmp_path)
+    assert out.values["masked_loss"] is True and not out.untranslated, out.untranslated
+    assert out.values["concepts"][0]["mask_dir"] == str(tmp_path / "masks")
+    bot = translate({"network_dim": 8, "masked_loss": True, **cfg}, tmp_path, for_bot=True)
+    assert "masked_loss" not in bot.values and any("no mask folder" in u for u in bot.untranslated)

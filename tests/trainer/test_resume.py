@@ -178,3 +178,25 @@ def test_a_state_from_before_a_new_setting_still_resumes(tmp_path: Path, make_sp
     assert st.load_latest_state(tmp_path, st.spec_fingerprint(spec), "d", now).step == 3
     with pytest.raises(JobFailed, match="network.type"):
         st.load_latest_state(tmp_path, "x", "d", changed)
+
+
+def test_a_cancelled_jobs_state_continues_in_another_job_folder(tmp_path: Path, dataset: Path, make_spec,
+                                                                 stop_after) -> None:
+    """The bot's /resume: a cancel saves the step reached; the new job's folder is seeded with that state (hard
+    links) and the engine continues there, leaving the cancelled job's state as it was."""
+    from bot.resume import saved_step, seed_state
+    from storage.files import FileStore
+
+    files = FileStore(tmp_path / "data")
+    spec = make_spec(dataset, steps=5, state_every_n_steps=50)
+    with pytest.raises(JobCancelled):
+        s = stop_after(3)
+        train(spec, files.make_job_dirs(1), on_event=s.sink, should_stop=s.stop)
+    assert saved_step(files, 1) == 3  # the cancel saved it (the periodic state is every 50 steps)
+    seed_state(files, 1, 2)
+    events: list[dict[str, Any]] = []
+    out = train(spec, files.make_job_dirs(2), on_event=events.append)
+    summary = events[-1]["summary"]
+    assert events[0]["resumed_from"] == 3 and summary["steps"] == 5 and summary["steps_this_run"] == 2
+    assert json.loads(Path(out["loss_history"]).read_text())["steps"] == [1, 2, 3, 4, 5]
+    assert saved_step(files, 1) == 3 and saved_step(files, 2) == 5

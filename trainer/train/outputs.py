@@ -41,6 +41,7 @@ def kohya_loss_metadata(spec: TrainSpec) -> dict[str, Any]:
         "min_timestep": spec.min_timestep, "max_timestep": spec.max_timestep,
         "v_pred_like_loss": spec.v_pred_like_loss,
         "scale_v_pred_loss_like_noise_pred": spec.scale_v_pred_loss_like_noise_pred or None,
+        "masked_loss": spec.masked_loss or None,
     }
     return md
 
