@@ -162,6 +162,24 @@ def test_more_steps_extend_a_finished_run(tmp_path: Path, dataset: Path, make_sp
         train(make_spec(dataset, steps=8, optimizer=opt, network={"dim": 8}), tmp_path / "job")
 
 
+def test_a_state_from_before_a_new_setting_still_resumes(tmp_path: Path, make_spec) -> None:
+    """A job running across an upgrade: its state lacks settings added since (e.g. network.type); at their
+    defaults they are the same run, so the state resumes; set to anything else they are a different run."""
+    spec = make_spec(tmp_path)
+    now = st.spec_fields(spec)
+    old = json.loads(json.dumps(now))
+    del old["network"]["type"], old["network"]["factor"]
+    assert st.differing_fields(old, now) == {}
+    changed = st.spec_fields(make_spec(tmp_path, network={"type": "lokr", "factor": 4}))
+    assert st.differing_fields(old, changed) == {"network.factor": (None, 4), "network.type": (None, "lokr")}
+    s = st.TrainState(step=3, network={}, optimizer={}, scheduler={}, scaler={}, rng=st.rng_states(),
+                      spec_fingerprint="before-the-upgrade", data_fingerprint="d", extra={"spec_fields": old})
+    st.save_state(tmp_path, s)
+    assert st.load_latest_state(tmp_path, st.spec_fingerprint(spec), "d", now).step == 3
+    with pytest.raises(JobFailed, match="network.type"):
+        st.load_latest_state(tmp_path, "x", "d", changed)
+
+
 def test_a_cancelled_jobs_state_continues_in_another_job_folder(tmp_path: Path, dataset: Path, make_spec,
                                                                  stop_after) -> None:
     """The bot's /resume: a cancel saves the step reached; the new job's folder is seeded with that state (hard

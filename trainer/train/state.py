@@ -17,6 +17,7 @@ the old state or the new one, never half of one. The latest two are kept.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import random
@@ -67,10 +68,21 @@ def _flat(v: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: v}
 
 
+@functools.cache
+def _default_fields() -> dict[str, Any]:
+    from trainer.spec import TrainSpec
+
+    return _flat({k: v for k, v in TrainSpec.model_construct().model_dump(mode="json").items()})
+
+
 def differing_fields(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """Dotted field -> (saved value, this job's value) for every setting that differs."""
+    """Dotted field -> (saved value, this job's value) for every setting that differs. A field the saved state
+    does not have (one added by a later version) at its default value is no difference: the run it saved is the
+    same run, and a job running across an upgrade still resumes."""
     a, b = _flat(saved), _flat(now)
-    return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
+    defaults = _default_fields()
+    return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys())
+            if a.get(k) != b.get(k) and not (k not in a and k in defaults and b.get(k) == defaults[k])}
 
 
 def _conflict_message(job_dir: Path, diff: dict[str, tuple[Any, Any]]) -> str:
