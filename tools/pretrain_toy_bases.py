@@ -35,8 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vae-from", type=Path, help="take the (already normalised) VAE of this toy checkpoint instead "
                     "of training one (saves the VAE stage; both bases share the VAE; --unet-steps 0 writes a file with only the VAE trained)")
     ap.add_argument("--check", type=int, default=24, help="prompts sampled to measure prompt following (0: none)")
+    ap.add_argument("--unet-from", type=Path, help="continue the UNet and text encoders of this toy checkpoint (its "
+                    "own VAE too) for --unet-steps more steps, with a fresh warm-up and cosine; needs one --only")
     ap.add_argument("--cfg", type=float, default=CFG, help="guidance scale of the prompt-following check")
     args = ap.parse_args(argv)
+    if args.unet_from and (not args.only or len(args.only) != 1):
+        ap.error("--unet-from continues one base: name it with --only sd15 or --only sdxl")
+    args.vae_from = args.vae_from or args.unet_from
     recipe = P.Recipe(**{f.name: getattr(args, f.name) for f in fields(P.Recipe)})
     t0 = time.time()
 
@@ -61,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     for layout in args.only or sorted(P.LAYOUTS):
         base = P.skeleton(layout, recipe.seed)
         base.vae.load_state_dict(vae_state.state_dict())
+        if args.unet_from:
+            done = load_base(args.unet_from)
+            base.unet.load_state_dict({k: v.float() for k, v in done.unet.state_dict().items()})
+            for te, te_done in zip(base.text_encoders, done.text_encoders, strict=True):
+                te.load_state_dict({k: v.float() for k, v in te_done.state_dict().items()})
         if recipe.unet_steps:
             P.train_unet(base, replace(recipe), say)
         path = save_single_file(base, args.out / f"toy-{layout}.safetensors", half=True,

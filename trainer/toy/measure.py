@@ -12,7 +12,7 @@ from trainer.toy.world import SHAPES, Scene, sample_scene
 
 SAMPLER = "euler"
 STEPS = 12
-CFG = 5.0
+CFG = 2.0  # the toy bases follow prompts best at 2 (docs/toy-world.md, Status)
 
 
 @dataclass(frozen=True)

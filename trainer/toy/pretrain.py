@@ -42,14 +42,14 @@ class Recipe:
     vae_steps: int = 1200
     vae_batch: int = 8
     vae_lr: float = 4e-3
-    unet_steps: int = 700
+    unet_steps: int = 1200
     unet_batch: int = 32
-    unet_lr: float = 1e-3
+    unet_lr: float = 2e-3
     images: int = 4000  # distinct pretraining scenes of the UNets
     vae_images: int = 1500  # distinct scenes of the VAE (every concept)
     uncond_rate: float = 0.1  # captions dropped so classifier-free guidance works
     te_lr: float = 1e-3  # text encoders trained with the UNet (0: kept at their random init)
-    x0_weight_max: float = 20.0  # per-sample weight 1/alpha_bar (v-loss), capped (0: plain epsilon loss)
+    x0_weight_max: float = 50.0  # per-sample weight 1/alpha_bar (v-loss), capped (0: plain epsilon loss)
 
 
 def _deterministic(seed: int) -> torch.Generator:
