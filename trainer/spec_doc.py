@@ -188,7 +188,8 @@ EXAMPLE_VALUES: dict[str, str] = {
     "adaptive_noise_scale": "adaptive_noise_scale = 0.01", "multires_noise_iterations": "multires_noise_iterations = 6",
     "ip_noise_gamma": "ip_noise_gamma = 0.1", "min_timestep": "min_timestep = 100", "max_timestep": "max_timestep = 900",
     "v_pred_like_loss": "v_pred_like_loss = 0.1", "init_lora": 'init_lora = "runs/first/outputs/lora.safetensors"',
-    "mask_dir": 'mask_dir = "images/masks"',
+    "mask_dir": 'mask_dir = "images/masks"', "validation_seed": "validation_seed = 42",
+    "validate_every_n_steps": "validate_every_n_steps = 100",
 }
 
 
