@@ -95,6 +95,7 @@ DESCRIPTIONS: dict[tuple[str, str], str] = {
     ("TrainSpec", "ip_noise_gamma_random_strength"): "each step's input perturbation is uniform in [0, ip_noise_gamma)",
     ("TrainSpec", "min_timestep"): "the smallest timestep trained (unset: 0)",
     ("TrainSpec", "max_timestep"): "timesteps are drawn below this (unset: 1000); equal to min_timestep: only that one",
+    ("TrainSpec", "validate_every_n_steps"): "steps between validation-loss measurements (needs validation_split)",
     ("TrainSpec", "zero_terminal_snr"): "rescale the noise schedule so the last timestep is pure noise (for v-prediction)",
     ("TrainSpec", "scale_v_pred_loss_like_noise_pred"): "weigh the loss by snr/(snr+1), as an epsilon model's loss is",
     ("TrainSpec", "v_pred_like_loss"): "add this share of a v-prediction-like loss; unset: off",
