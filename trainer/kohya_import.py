@@ -41,6 +41,7 @@ NOT_NEEDED = {
     "save_state": "the training state is always saved", "config_file": "", "caption_extension": "",
 }
 LORA_TYPES = ("Standard", "Kohya LoCon", "LoCon")  # kohya_ss GUI LoRA_type values this engine trains
+LYCORIS_GUI_TYPES = {"LyCORIS/LoHa": "loha", "LyCORIS/LoKr": "lokr"}  # ... and its LyCORIS ones
 # kohya_ss GUI JSON names -> sd-scripts names.
 ALIASES = {"optimizer": "optimizer_type", "epoch": "max_train_epochs", "max_resolution": "resolution",
            "lr_warmup": "lr_warmup_percent"}
@@ -165,10 +166,15 @@ class _Translator:
 
     def _network_args(self) -> None:
         rest = []
+        lyco: dict[str, str] = {}
         for item in self.args.get("network_args") or []:
             k, _, v = str(item).partition("=")
             k = k.strip()
-            if k in ("conv_dim", "conv_alpha") and num(v) is not None:
+            if k in ("algo", "dora_wd", "wd_on_output"):
+                lyco[k] = v.strip()
+            elif k == "factor" and num(v) is not None:
+                self.put("network.factor", int(num(v)), "network_args factor")  # type: ignore[arg-type]
+            elif k in ("conv_dim", "conv_alpha") and num(v) is not None:
                 if k == "conv_dim":
                     self.put("network.conv_dim", int(num(v)), "network_args conv_dim")  # type: ignore[arg-type]
                 else:
@@ -181,12 +187,37 @@ class _Translator:
         if rest:
             self.out.untranslated.append(f"network_args {rest!r}")
         lora_type = self.get("LoRA_type")
-        if lora_type is not None and lora_type not in LORA_TYPES:
-            self.skip("LoRA_type", f"only {', '.join(LORA_TYPES)} have an equivalent")
+        if lora_type in LYCORIS_GUI_TYPES:
+            self.put("network.type", LYCORIS_GUI_TYPES[lora_type], "LoRA_type")
+        elif lora_type is not None and lora_type not in LORA_TYPES:
+            self.skip("LoRA_type", f"only {', '.join((*LORA_TYPES, *LYCORIS_GUI_TYPES))} have an equivalent")
         self.used.add("LoRA_type")
         module = self.get("network_module")
-        if module not in (None, "networks.lora"):
-            self.skip("network_module", "only networks.lora (LoRA, LoCon with conv_dim) has an equivalent")
+        if module == "lycoris.kohya":
+            self._lycoris(lyco)
+        elif module not in (None, "networks.lora"):
+            self.skip("network_module", "only networks.lora (LoRA, LoCon with conv_dim) and lycoris.kohya (LoHa, "
+                                        "LoKr, DoRA) have an equivalent")
+        elif lyco:
+            self.out.untranslated.append(f"network_args {lyco!r} (LyCORIS args without --network_module "
+                                         "lycoris.kohya)")
+
+    def _lycoris(self, args: dict[str, str]) -> None:
+        """LyCORIS' --network_args algo / dora_wd (its defaults: algo lora, wd_on_output true)."""
+        self.used.add("network_module")
+        algo = (args.get("algo") or "lora").lower()
+        dora = truthy(args.get("dora_wd", "false"))
+        how = f" lycoris.kohya, network_args algo={algo}"
+        if algo in ("lora", "locon") and dora:
+            self.put("network.type", "dora", "network_module", how + " dora_wd=True (decomposed per input column, "
+                     "the form A1111 applies; LyCORIS' default is per output row)")
+        elif algo in ("loha", "lokr") and not dora:
+            self.put("network.type", algo, "network_module", how)
+        elif algo in ("lora", "locon"):
+            self.put("network.type", "lora", "network_module", how)
+        else:
+            self.skip("network_module", f"LyCORIS algo={algo}{' with dora_wd' if dora else ''} has no equivalent; "
+                                        "lora/locon (with or without dora_wd), loha and lokr do")
 
     def _learning_rates(self) -> None:
         lr = num(self.get("learning_rate"))

@@ -108,6 +108,8 @@ DESCRIPTIONS: dict[tuple[str, str], str] = {
     ("Concept", "class_prompt"): "prior preservation: the prompt of the class (e.g. \"a girl\"); unset: none",
     ("Concept", "class_dir"): "where class images are kept; missing ones are generated from class_prompt",
     ("Concept", "repeats"): "how often each image is seen per epoch (kohya's N_ folder prefix)",
+    ("NetworkSpec", "type"): "lora (LoRA/LoCon), or LyCORIS loha, lokr, dora (weight-decomposed LoRA); saved as "
+                              "LyCORIS writes them, loaded by A1111 and ComfyUI as they are",
     ("NetworkSpec", "dim"): "the LoRA rank of linear layers",
     ("NetworkSpec", "train_unet"): "train LoRA modules on the UNet",
     ("NetworkSpec", "train_text_encoder"): "train LoRA modules on the text encoder(s) too",

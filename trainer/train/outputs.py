@@ -79,7 +79,9 @@ def training_metadata(spec: TrainSpec, arch: str, step: int, items: Sequence[Ima
         base_model_name=Path(spec.base_model).name, output_name=spec.output_name, resolution=spec.data.resolution,
         training=training, v_parameterization=prediction_type == "v_prediction",
         train_unet=net.train_unet, train_text_encoder=net.train_text_encoder,
-        network_args={"rank_dropout": net.rank_dropout, "module_dropout": net.module_dropout},
+        network_args={"rank_dropout": net.rank_dropout, "module_dropout": net.module_dropout,
+                      "factor": net.factor if net.factor != -1 else 0},
+        network_type=net.type,
     )
 
 
