@@ -60,3 +60,14 @@ def test_validation_curve_fixed_noise_and_best_checkpoint(tmp_path: Path, make_s
     final = read_kohya(Path(outputs["lora"]))
     assert final.metadata["ss_validation_split"] == "0.25" and final.metadata["ss_num_validation_images"] == "1"
     assert trainer.validation.summary()["best_validation_step"] == best_step
+
+
+def test_the_plot_draws_the_validation_curve_and_its_best_step() -> None:
+    from trainer.infer.loss_plot import loss_figure
+
+    history = [[s, 0.5 - 0.004 * s] for s in range(1, 41)]
+    ax = loss_figure(history, validation=[[10, 0.41], [20, 0.37], [30, 0.39], [40, 0.44]]).axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels[2:] == ["validation loss (held-out images, fixed noise)", "best: step 20"]
+    [xs] = [line.get_xdata() for line in ax.get_lines() if line.get_label() == "best: step 20"]
+    assert list(xs) == [20.0]
