@@ -60,6 +60,14 @@ def test_validation_curve_fixed_noise_and_best_checkpoint(tmp_path: Path, make_s
     final = read_kohya(Path(outputs["lora"]))
     assert final.metadata["ss_validation_split"] == "0.25" and final.metadata["ss_num_validation_images"] == "1"
     assert trainer.validation.summary()["best_validation_step"] == best_step
+    try:  # TensorBoard, under kohya's tag (the optional extra; the test extra installs it)
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:
+        return
+    acc = EventAccumulator(str(tmp_path / "job" / "outputs" / "tensorboard"))
+    acc.Reload()
+    tb = acc.Scalars("loss/validation/step_average")
+    assert [e.step for e in tb] == steps and [e.value for e in tb] == pytest.approx(losses, rel=1e-6)
 
 
 def test_the_plot_draws_the_validation_curve_and_its_best_step() -> None:
