@@ -117,6 +117,8 @@ class _Translator:
                                                           "multires_noise_discount", "adaptive_noise_scale")),
                                 *((k, k, int) for k in ("min_timestep", "max_timestep", "multires_noise_iterations")),
                                 ("network_dropout", "network.dropout", float),
+                                ("validation_seed", "validation_seed", int),
+                                ("validate_every_n_steps", "validate_every_n_steps", int),
                                 ("lr_scheduler_num_cycles", "optimizer.num_cycles", int),
                                 ("lr_scheduler_power", "optimizer.power", float),
                                 ("keep_tokens", "data.keep_tokens", int),
@@ -458,6 +460,11 @@ class _Translator:
                 self.skip(key, "the images could not be counted here: set save_every_n_steps")
         self._samples(per_epoch)
         total = int(self.out.values.get("steps", KOHYA_DEFAULT_STEPS))
+        if (v := num(self.get("validation_split"))) is not None:  # kohya: a fraction of the images
+            if v > 0:
+                self.put("validation_split", float(v) if v < 1 else int(v), "validation_split")
+            else:
+                self.used.add("validation_split")
         # kohya's int_or_float: "10%" and 0.1 are a share of the steps, kept as a fraction so that it follows a
         # later change of steps (the spec resolves it as kohya does, int(fraction x steps)); 1 or more is steps
         raw = self.get("lr_warmup_steps")

@@ -300,9 +300,24 @@ class TrainSpec(_Strict):
     # the job came from a kohya config, else diffusers'
     prior_loss_form: Literal["auto", "kohya", "diffusers"] = "auto"
     imported_from: Literal["kohya"] | None = None  # set by `trainer import-kohya`
+    # kohya's validation_split: held-out instance images (a fraction below 1, or a count) whose fixed-noise loss
+    # is measured every validate_every_n_steps steps (unset: every tenth of the run) and at the end
+    validation_split: int | float = Field(0, ge=0)
+    validation_seed: int | None = Field(None, ge=0, le=2**32 - 1)  # which images are held out; unset: seed
+    validate_every_n_steps: int | None = Field(None, ge=1)
+    keep_best: bool = False  # also keep the LoRA of the lowest validation loss as <output_name>-best
     save_every_n_steps: int = Field(0, ge=0)  # intermediate LoRA files; 0: only the final one
     state_every_n_steps: int = Field(50, ge=1)  # full training state for resume
     preset: str | None = None  # informational: the preset this spec was resolved from
+
+    @field_validator("validation_split")
+    @classmethod
+    def _split(cls, v: int | float) -> int | float:
+        if isinstance(v, float) and v >= 1:
+            if not v.is_integer():
+                raise ValueError("validation_split is a fraction below 1 (0.1 = 10% of the images) or a whole count")
+            return int(v)
+        return v
 
     @model_validator(mode="after")
     def _checks(self) -> TrainSpec:
@@ -312,6 +327,8 @@ class TrainSpec(_Strict):
             raise ValueError(f"min_timestep ({self.min_timestep}) must not exceed max_timestep ({self.max_timestep})")
         if self.huber_schedule == "exponential" and self.huber_c >= 1 and self.loss_type in ("huber", "smooth_l1"):
             raise ValueError("huber_schedule 'exponential' decays from huber_scale to huber_c: huber_c must be below 1")
+        if self.keep_best and not self.validation_split:
+            raise ValueError("keep_best picks the LoRA by its validation loss: set validation_split too (e.g. 0.1)")
         with_masks = [i for i, c in enumerate(self.concepts) if c.mask_dir]
         if self.masked_loss and not with_masks:
             raise ValueError("masked_loss needs mask images: set mask_dir on the concepts (a folder with one mask "

@@ -95,6 +95,7 @@ DESCRIPTIONS: dict[tuple[str, str], str] = {
     ("TrainSpec", "ip_noise_gamma_random_strength"): "each step's input perturbation is uniform in [0, ip_noise_gamma)",
     ("TrainSpec", "min_timestep"): "the smallest timestep trained (unset: 0)",
     ("TrainSpec", "max_timestep"): "timesteps are drawn below this (unset: 1000); equal to min_timestep: only that one",
+    ("TrainSpec", "validate_every_n_steps"): "steps between validation-loss measurements (needs validation_split)",
     ("TrainSpec", "zero_terminal_snr"): "rescale the noise schedule so the last timestep is pure noise (for v-prediction)",
     ("TrainSpec", "scale_v_pred_loss_like_noise_pred"): "weigh the loss by snr/(snr+1), as an epsilon model's loss is",
     ("TrainSpec", "v_pred_like_loss"): "add this share of a v-prediction-like loss; unset: off",
@@ -190,7 +191,8 @@ EXAMPLE_VALUES: dict[str, str] = {
     "adaptive_noise_scale": "adaptive_noise_scale = 0.01", "multires_noise_iterations": "multires_noise_iterations = 6",
     "ip_noise_gamma": "ip_noise_gamma = 0.1", "min_timestep": "min_timestep = 100", "max_timestep": "max_timestep = 900",
     "v_pred_like_loss": "v_pred_like_loss = 0.1", "init_lora": 'init_lora = "runs/first/outputs/lora.safetensors"',
-    "mask_dir": 'mask_dir = "images/masks"',
+    "mask_dir": 'mask_dir = "images/masks"', "validation_seed": "validation_seed = 42",
+    "validate_every_n_steps": "validate_every_n_steps = 100",
 }
 
 

@@ -189,3 +189,12 @@ def test_masked_loss_and_conditioning_data_dir_become_mask_dir(tmp_path: Path) -
     assert out.values["concepts"][0]["mask_dir"] == str(tmp_path / "masks")
     bot = translate({"network_dim": 8, "masked_loss": True, **cfg}, tmp_path, for_bot=True)
     assert "masked_loss" not in bot.values and any("no mask folder" in u for u in bot.untranslated)
+
+
+def test_validation_settings_keep_kohyas_names() -> None:
+    from trainer.kohya_import import translate
+
+    out = translate({"network_dim": 8, "validation_split": "0.1", "validation_seed": 7, "validate_every_n_steps": 50})
+    assert (out.values["validation_split"], out.values["validation_seed"], out.values["validate_every_n_steps"]) \
+        == (0.1, 7, 50)
+    assert not out.untranslated, out.untranslated

@@ -27,8 +27,8 @@ def smooth_centered(values: Sequence[float], window: int = SMOOTH_WINDOW) -> lis
     return out
 
 
-def loss_figure(history: Sequence[Sequence[float]], title: str = "training loss", window: int = SMOOTH_WINDOW
-                ) -> Any:
+def loss_figure(history: Sequence[Sequence[float]], title: str = "training loss", window: int = SMOOTH_WINDOW,
+                validation: Sequence[Sequence[float]] | None = None) -> Any:
     """A matplotlib Figure (Agg, no display needed): raw loss grey, moving average blue, a legend naming both."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -43,21 +43,28 @@ def loss_figure(history: Sequence[Sequence[float]], title: str = "training loss"
                 label=f"moving average ({min(window, len(ys))} steps, centred)")
     elif pts:
         ax.plot(xs, ys, "o", color="#1e5ac8", label="loss per step")
+    val = [(float(s), float(v)) for s, v in validation or [] if math.isfinite(v)]
+    if val:  # held-out images at fixed noise: its minimum is the step to stop at
+        best = min(val, key=lambda p: p[1])
+        ax.plot([p[0] for p in val], [p[1] for p in val], "o-", color="#d2641e", linewidth=2,
+                label="validation loss (held-out images, fixed noise)")
+        ax.plot([best[0]], [best[1]], "*", color="#d2641e", markersize=14, label=f"best: step {best[0]:g}")
     ax.set_title(title)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))  # never a fractional step
     ax.grid(True, color="0.9")
-    if pts:
+    if pts or val:
         ax.legend(loc="upper right")
     fig.tight_layout()
     return fig
 
 
-def draw_loss_plot(history: Sequence[Sequence[float]], path: Path, title: str = "training loss") -> Path:
-    """Write the loss curve as an 800x450 PNG at `path`, atomically."""
+def draw_loss_plot(history: Sequence[Sequence[float]], path: Path, title: str = "training loss",
+                   validation: Sequence[Sequence[float]] | None = None) -> Path:
+    """Write the loss curve (and the validation loss, when there is one) as an 800x450 PNG at `path`, atomically."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    fig = loss_figure(history, title)
+    fig = loss_figure(history, title, validation=validation)
     FigureCanvasAgg(fig)
     return atomic.write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))

@@ -9,7 +9,8 @@ generated with the plain base model, before the network is attached: `trainer.tr
 is emitted (`trainer.data.report`), and latents / text-encoder outputs are cached (`trainer.data.cache`). The
 step's maths live in `trainer.train.losses`, the device and precision policy in `trainer.train.precision`,
 the files in `trainer.train.outputs` and the state in `trainer.train.state`. Samples (spec.sample) are
-rendered with the live network every N steps and at the end into job_dir/samples/ as `sample` events.
+rendered with the live network every N steps and at the end into job_dir/samples/ as `sample` events; the
+validation loss of held-out images (spec.validation_split) is measured by `trainer.train.validation`.
 
 Hooks: `prepare_base(base)` runs once the base is loaded and the network attached, before caching and the first
 step (difference training applies its frozen copier there); `extra_metadata` is added to every saved LoRA.
@@ -48,6 +49,7 @@ from trainer.train import state as st
 from trainer.train.health import RunHealth, scaled_step
 from trainer.train.optim import build_optimizer, build_scheduler, current_lrs
 from trainer.train.tblog import TensorBoardLog
+from trainer.train.validation import Validation, split_validation
 
 SampleHook = Callable[[int, Any], Sequence[str | os.PathLike[str]]]
 PROGRESS_EVERY_S = 0.5  # at most ~2 progress events a second
@@ -119,7 +121,7 @@ class Trainer:
         from trainer.models.base import ModelError
         from trainer.models.load import load_base
 
-        instance_items = scan_dataset(spec)  # bad folders fail before the model is loaded
+        instance_items, held = split_validation(spec, scan_dataset(spec), self.log)  # fails before the load
         self.concepts = resolve_class_counts(spec, instance_items)
         try:
             self.base = self._given_base or load_base(spec.base_model, self.models_dir)
@@ -132,6 +134,7 @@ class Trainer:
         # kohya weighs by the SNR of the schedule before any zero-terminal-SNR rescale (finite at t = 999)
         self.snr_table = L.snr(DDPMScheduler.from_config(self.base.noise_scheduler.config).alphas_cumprod,
                                torch.arange(self.noise_scheduler.config.num_train_timesteps))
+        self.validation = Validation(spec, held, self.noise_scheduler.config.num_train_timesteps)
         self.precision = pr.resolve_precision(spec.mixed_precision, self.device)
         self.mixed_precision, self.scaler = self.precision.mixed_precision, self.precision.scaler
         if self.precision.note:
@@ -181,6 +184,7 @@ class Trainer:
             self.intermediate = list(s.extra.get("intermediate", []))
             self.health.skipped_steps = int(s.extra.get("skipped_steps", 0))
             self.health.skipped_in_a_row = int(s.extra.get("skipped_in_a_row", 0))
+            self.validation.restore(s.extra.get("validation"))
             self.log(st.resume_note(self.device, s.step))
         elif spec.init_lora:  # a resumed run already holds the weights it started from
             from trainer.train.init_lora import load_init_lora
@@ -228,7 +232,7 @@ class Trainer:
             extra={"optimizer_layout": st.optimizer_layout(self.optimizer), "samples": self.samples,
                    "intermediate": self.intermediate, "skipped_steps": self.health.skipped_steps,
                    "skipped_in_a_row": self.health.skipped_in_a_row, "spec_fields": st.spec_fields(self.spec),
-                   "extensions": self.extensions},
+                   "extensions": self.extensions, "validation": self.validation.state()},
             spec_fingerprint=self.spec_fp, data_fingerprint=self.data_fp,
         )
         path = st.save_state(self.job_dir, s)
@@ -316,7 +320,7 @@ class Trainer:
     def metadata(self, step: int) -> dict[str, str]:
         md = out.training_metadata(self.spec, self.base.arch, step, self.items, self.mixed_precision,
                                    self.gradient_checkpointing, self.prediction_type)
-        md.update(self.extra_metadata)
+        md.update({**self.validation.metadata(), **self.extra_metadata})
         return md
 
     def save_lora(self, name: str) -> Path:
@@ -330,7 +334,8 @@ class Trainer:
         self.health.flush()
         if not self.loss_history:
             return {}
-        js, png = out.save_loss(self.loss_history, self.out_dir, f"{self.spec.output_name}: loss")
+        js, png = out.save_loss(self.loss_history, self.out_dir, f"{self.spec.output_name}: loss",
+                                self.validation.history)
         self.emit(event("file", kind="plot", path=str(png), step=self.step))
         return {"plot": str(png), "loss_history": str(js)}
 
@@ -371,6 +376,7 @@ class Trainer:
             res["samples"] = list(self.samples)
         if self.intermediate:
             res["intermediate"] = list(self.intermediate)
+        res.update(self.validation.outputs(self.out_dir))
         return res
 
     def cancel(self) -> None:
@@ -421,6 +427,8 @@ class Trainer:
                 self.emit(event("progress", step=self.step, total=spec.steps, loss=sum(window) / len(window),
                                 loss_raw=raw, lr=self.last_lr, steps_per_s=sps,
                                 eta_s=(spec.steps - self.step) / sps if sps > 0 else None))
+            if self.validation.due(self.step):  # before the state, so that a resume keeps it
+                self.validation.run(self)
             if spec.save_every_n_steps and self.step % spec.save_every_n_steps == 0 and self.step < spec.steps:
                 self.intermediate.append(str(self.save_lora(f"{spec.output_name}-step{self.step:08d}")))
             if self.step % spec.state_every_n_steps == 0 and self.step < spec.steps:
@@ -444,6 +452,7 @@ class Trainer:
             "final_loss": sum(losses[-SMOOTH_WINDOW:]) / len(losses[-SMOOTH_WINDOW:]) if losses else None,
             "device": str(self.device), "prediction_type": self.prediction_type,
             "lora_bytes": lora.stat().st_size, "skipped_steps": self.health.skipped_steps,
+            **self.validation.summary(),
         }
         self.emit(event("finished", outputs=outputs, summary=summary))
         return outputs

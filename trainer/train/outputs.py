@@ -69,6 +69,9 @@ def training_metadata(spec: TrainSpec, arch: str, step: int, items: Sequence[Ima
         "prior_loss_weight": spec.prior_loss_weight if has_class else None,
         "prior_loss_form": spec.resolved_prior_loss_form if has_class else None,
         "enable_bucket": spec.data.bucketing, "prediction_type": prediction_type,
+        "validation_split": spec.validation_split or None,
+        "validation_seed": spec.validation_seed if spec.validation_split else None,
+        "validate_every_n_steps": spec.validate_every_n_steps if spec.validation_split else None,
         "training_comment": f"trained with loraforge; preset {spec.preset}" if spec.preset else None,
     }
     return build_metadata(
@@ -82,12 +85,16 @@ def training_metadata(spec: TrainSpec, arch: str, step: int, items: Sequence[Ima
     )
 
 
-def save_loss(history: Sequence[Sequence[float]], out_dir: Path, title: str) -> tuple[Path, Path]:
-    """loss.json ({"steps": [...], "loss": [...]}) and loss.png; returns (json, png)."""
+def save_loss(history: Sequence[Sequence[float]], out_dir: Path, title: str,
+              validation: Sequence[Sequence[float]] | None = None) -> tuple[Path, Path]:
+    """loss.json ({"steps": [...], "loss": [...]}, plus "validation": {"steps", "loss"} with a held-out split)
+    and loss.png; returns (json, png)."""
     from trainer.infer.loss_plot import draw_loss_plot
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    js = atomic.write_text(out_dir / "loss.json", json.dumps({"steps": [int(s) for s, _ in history],
-                                                              "loss": [v for _, v in history]}))
-    png = draw_loss_plot(history, out_dir / "loss.png", title)
+    data: dict[str, Any] = {"steps": [int(s) for s, _ in history], "loss": [v for _, v in history]}
+    if validation:
+        data["validation"] = {"steps": [int(s) for s, _ in validation], "loss": [v for _, v in validation]}
+    js = atomic.write_text(out_dir / "loss.json", json.dumps(data))
+    png = draw_loss_plot(history, out_dir / "loss.png", title, validation)
     return js, png

@@ -45,6 +45,12 @@ class TensorBoardLog:
         self.last_step = max(self.last_step, newest)
         self.writer.flush()
 
+    def validation(self, step: int, loss: float) -> None:
+        """kohya's tag for the validation loss measured every N steps."""
+        if self.writer is not None:
+            self.writer.add_scalar("loss/validation/step_average", loss, int(step))
+            self.writer.flush()
+
     def samples(self, step: int, paths: list[str]) -> None:
         """Each rendered sample image, tagged by its prompt index, at `step`."""
         if self.writer is None:
