@@ -24,7 +24,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from bot import admission, queue_policy
+from bot import admission, queue_policy, resume
 from bot.admission import QuotaError as QuotaError  # re-exported: callers catch it from here
 from bot.artifacts import record_artifact
 from bot.config import Config
@@ -389,7 +389,8 @@ class Scheduler:
         self._runs[job.id] = run
         w.job_id = job.id  # reserve the worker while the job folder is prepared
         try:
-            job_dir = await asyncio.to_thread(self._prepare_job_dir, job)
+            source = await resume.continues_from(self.repo, job.id)  # /resume: the job whose state it continues
+            job_dir = await asyncio.to_thread(self._prepare_job_dir, job, source)
         except Exception as e:  # noqa: BLE001 - a broken job must not wedge the queue
             w.job_id = None
             self._runs.pop(job.id, None)
@@ -409,8 +410,10 @@ class Scheduler:
             return False
         return True
 
-    def _prepare_job_dir(self, job: Job) -> Path:
+    def _prepare_job_dir(self, job: Job, source: int | None = None) -> Path:
         job_dir = self.files.make_job_dirs(job.id)
+        if source is not None:
+            resume.seed_state(self.files, source, job.id)
         spec_path = self.files.job_spec_path(job.id)
         if not spec_path.exists():  # a resumed job keeps its first copy
             try:
