@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 ACTOR_PREFIX = "loraforge-job-"
 STATE_KEEP = 2  # newest state folders kept in the bot's copy of a job
+WAITING_NOTE_S = 30.0  # while an actor waits for a node, a "waiting" phase event this often
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 MessageHandler = Callable[[Any, dict[str, Any]], Awaitable[None]]
@@ -215,7 +216,7 @@ class RayCluster:
         return {"name": steps[-1].name, "ref": [ray.put(pack(steps[-1]))]}
 
     def node_job_dir(self, job_id: int) -> str:
-        return f"{self.cfg.node_cache_dir.rstrip('/')}/jobs/{job_id}"
+        return f"{self.cfg.node_cache_dir.rstrip('/')}/jobs/{self.cfg.namespace}/{job_id}"
 
 
 class RaySlot:
@@ -289,11 +290,15 @@ class RaySlot:
         node_spec, inputs = self.cluster.ship(spec)
         state = self.cluster.newest_state(job_dir)
         resources = {k: v for k, v in need.items() if k not in ("CPU", "GPU")}
+        ns = self.cluster.cfg.namespace
+        with contextlib.suppress(ValueError):
+            # An actor of this job left from an earlier run that could not be re-attached (the job was queued
+            # again, and the bot's copy of its state is the truth): it must not run on beside the new one.
+            _kill(ray.get_actor(actor_name(job_id), namespace=ns))
         actor = ray.remote(JobActor).options(
-            name=actor_name(job_id), namespace=self.cluster.cfg.namespace, lifetime="detached",
-            get_if_exists=True, max_concurrency=4, max_restarts=0,
+            name=actor_name(job_id), namespace=ns, lifetime="detached", max_concurrency=4, max_restarts=0,
             num_cpus=need.get("CPU", 0.0), num_gpus=need.get("GPU", 0.0), resources=resources or None,
-        ).remote(job_id, self.cluster.cfg.node_cache_dir)
+        ).remote(job_id, self.cluster.cfg.node_cache_dir, ns)
         device = "cuda" if need.get("GPU") else "cpu"
         models = f"{self.cluster.cfg.node_cache_dir.rstrip('/')}/models"
         return actor, actor.start.remote(node_spec, inputs, state, device, models)
@@ -342,8 +347,14 @@ class RaySlot:
         ack, unavailable = 0, 0
         node_dir = self.cluster.node_job_dir(job_id)
         if started is not None:
+            pending = asyncio.ensure_future(started)
+            while not (await asyncio.wait({pending}, timeout=WAITING_NOTE_S))[0]:
+                # No node is free yet (Ray holds the actor until one is): say so, which also tells the stall
+                # watchdog the job is alive.
+                await self.on_message(self, {"type": "event", "job_id": job_id, "event": {
+                    "type": "phase", "name": "waiting for a free Ray node"}})
             try:
-                info = await started
+                info = pending.result()
             except ray.exceptions.RayActorError as e:
                 return await self._lost(job_id, f"its Ray node died before the job began: {_first(e)}")
             except Exception as e:  # noqa: BLE001 - e.g. an input that would not unpack on the node

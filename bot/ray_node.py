@@ -102,10 +102,10 @@ class JobActor:
     """One job on one node. Created detached and named by job id (``loraforge-job-<id>``) by the bot; threaded
     (``max_concurrency``), so ``poll`` and ``cancel`` are answered while the engine runs."""
 
-    def __init__(self, job_id: int, cache_dir: str) -> None:
+    def __init__(self, job_id: int, cache_dir: str, namespace: str) -> None:
         self.job_id = job_id
         self.cache = Path(os.path.expanduser(cache_dir))
-        self.job_dir = self.cache / "jobs" / str(job_id)
+        self.job_dir = self.cache / "jobs" / namespace / str(job_id)  # two bots (namespaces) may share a node
         self.proc: subprocess.Popen[str] | None = None
         self.msgs: list[dict[str, Any]] = []
         self.seq = 0
@@ -131,12 +131,13 @@ class JobActor:
                 return self.info()
             for digest, item in inputs.items():
                 self._ensure_blob(digest, item)
+            # The bot's copy of the job is the truth: whatever an earlier run (or an earlier database's job of the
+            # same id) left here must not be resumed from.
+            shutil.rmtree(self.job_dir, ignore_errors=True)
             if state is not None:
                 import ray
 
-                root = self.job_dir / "state"
-                shutil.rmtree(root, ignore_errors=True)  # the bot's copy is the truth
-                unpack(ray.get(state["ref"][0]), root / state["name"], is_dir=True)
+                unpack(ray.get(state["ref"][0]), self.job_dir / "state" / state["name"], is_dir=True)
             self.job_dir.mkdir(parents=True, exist_ok=True)
             self._spawn(spec, device, models_dir)
             self.started = True

@@ -27,6 +27,7 @@ class LocalCluster:
         self.address = f"127.0.0.1:{self.port}"
         self.temp = Path(tempfile.mkdtemp(prefix="lfray", dir="/tmp"))  # short: Ray's socket paths are limited
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.args: dict[str, tuple[list[str], dict[str, float]]] = {}
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -37,10 +38,11 @@ class LocalCluster:
         return env
 
     def _start(self, name: str, args: list[str], resources: dict[str, float]) -> None:
+        self.args[name] = (args, resources)
         log = open(self.temp / f"{name}.log", "wb")  # noqa: SIM115 - the node process keeps it
         self.procs[name] = subprocess.Popen(
             [RAY, "start", *args, "--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0",
-             f"--resources={json.dumps(resources)}", "--object-store-memory=80000000", "--disable-usage-stats",
+             f"--resources={json.dumps({**resources, f'lf_{name}': 1.0})}",  # the marker tells which node is which "--object-store-memory=80000000", "--disable-usage-stats",
              "--block"],
             stdout=log, stderr=subprocess.STDOUT, env=self._env(), start_new_session=True)
         log.close()
@@ -50,6 +52,7 @@ class LocalCluster:
                              f"--temp-dir={self.temp}"], resources)
 
     def add_node(self, name: str, resources: dict[str, float]) -> None:
+        """Start it after connect(): a node gives up when the head's GCS does not answer within a minute."""
         self._start(name, [f"--address={self.address}"], resources)
 
     def connect(self, namespace: str = "loraforge") -> None:
@@ -65,7 +68,7 @@ class LocalCluster:
                     raise
                 time.sleep(1.0)
 
-    def wait_nodes(self, n: int, timeout: float = 120.0) -> list[dict[str, Any]]:
+    def wait_nodes(self, n: int, timeout: float = 300.0) -> list[dict[str, Any]]:
         import ray
 
         deadline = time.monotonic() + timeout
@@ -73,9 +76,20 @@ class LocalCluster:
             alive = [x for x in ray.nodes() if x.get("Alive")]
             if len(alive) == n:
                 return alive
+            for name, proc in list(self.procs.items()):
+                if proc.poll() is not None and name != "head":  # gave up on a slow head (a busy box): again
+                    self._start(name, *self.args[name])
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{len(alive)} live Ray node(s), wanted {n}; logs in {self.temp}")
             time.sleep(0.5)
+
+    def name_of(self, node_id: str) -> str | None:
+        import ray
+
+        for n in ray.nodes():
+            if n["NodeID"] == node_id:
+                return next((k[3:] for k in n["Resources"] if k.startswith("lf_")), None)
+        return None
 
     def kill_node(self, name: str) -> None:
         """kill -9 a node: its `ray start` process and the raylet and agents in its session."""

@@ -1,4 +1,4 @@
-"""The Ray executor (bot/ray_executor.py) on a real local cluster: a head node and a second node process, each with
+"""The Ray executor (bot/ray_executor.py) on a real local cluster: a head node and two more node processes, each with
 one CPU and a custom `vram_gb` standing in for a GPU, started once for this file. Real tiny trainings (tiny SD1.5 at
 64 px) through the fake Discord.
 
@@ -28,7 +28,6 @@ from cogkit import answer, run_command
 from raykit import LocalCluster
 
 from bot.demo import demo_images
-from bot.ray_executor import refusal, vram_needed_gb
 from bot.service import Service
 
 ray = pytest.importorskip("ray")
@@ -55,9 +54,10 @@ def cluster() -> Iterator[LocalCluster]:
     c = LocalCluster()
     try:
         c.start_head({"vram_gb": 4})
-        c.add_node("node2", {"vram_gb": 8})
         c.connect()
-        c.wait_nodes(2)
+        c.add_node("node2", {"vram_gb": 8})
+        c.add_node("node3", {"vram_gb": 8})  # the node test kills one of these two
+        c.wait_nodes(3)
         yield c
     finally:
         c.stop()
@@ -110,7 +110,7 @@ async def test_two_jobs_on_two_nodes_fair_order_results_once(fake_discord, bot_f
                     limits={"max_running_per_user": 1})
     async with fake.running(b, gateway=False):
         await asyncio.wait_for(b.service_ready.wait(), 120)
-        assert [w.id for w in b.scheduler.workers] == ["ray-0", "ray-1"]  # one slot per node (CPU-only cluster)
+        assert len(b.scheduler.workers) == len(ray.nodes())  # one slot per node (CPU-only cluster)
         await _dataset(fake, b, "bob")
         await _dataset(fake, b, "carol")
         bob1 = await _train(fake, b, "bob", 6)
@@ -156,22 +156,6 @@ async def test_job_no_node_can_hold_is_refused_naming_what_is_missing(fake_disco
                              "it needs)"), job.error
         await b.progress.wait_idle(1, 30)
         assert any("largest node offers 8" in m.content for m in fake.channel_messages(job.thread_id))
-
-
-def test_refusal_names_each_missing_resource() -> None:
-    nodes = [{"resources": {"CPU": 8.0, "GPU": 1.0, "vram_gb": 24.0}}, {"resources": {"CPU": 4.0, "vram_gb": 8.0}}]
-    assert refusal({"CPU": 1.0, "GPU": 1.0, "vram_gb": 9.0}, nodes) is None
-    assert refusal({"GPU": 2.0}, nodes) == ("no node of the Ray cluster can run this job: it needs 2 GPU(s) but the "
-                                            "largest node offers 1")
-    # each resource exists somewhere, never together on one node
-    assert "no single node" in str(refusal({"CPU": 6.0, "GPU": 1.0, "vram_gb": 24.0}, [
-        {"resources": {"CPU": 8.0, "vram_gb": 8.0}}, {"resources": {"CPU": 2.0, "GPU": 1.0, "vram_gb": 24.0}}]))
-    assert "no live node" in str(refusal({"CPU": 1.0}, []))
-    # SDXL at 1024 px batch 4 asks for more than an 8 GB node has; SD1.5 at 512 px fits it
-    sdxl = {"kind": "train", "base_model": "sdxl", "concepts": [{"image_dir": "/x"}], "batch_size": 4,
-            "data": {"resolution": 1024}}
-    sd15 = {"kind": "train", "base_model": "sd15", "concepts": [{"image_dir": "/x"}], "data": {"resolution": 512}}
-    assert 8 < vram_needed_gb(sdxl, None) <= 24 and vram_needed_gb(sd15, None) <= 8  # type: ignore[operator]
 
 
 def _ray_config(data: Path, executor: dict[str, Any]) -> Any:
@@ -227,8 +211,8 @@ async def test_bot_killed_9_reattaches_to_the_running_job(tmp_path: Path, execut
         await service.stop()
 
 
-async def test_node_killed_9_job_resumes_on_the_other_node(fake_discord, bot_factory, executor, cluster) -> None:
-    """Last in this file: it takes a node away (and brings a new one for whatever runs after)."""
+async def test_node_killed_9_job_resumes_on_another_node(fake_discord, bot_factory, executor, cluster) -> None:
+    """Two jobs run on two of the three nodes; the node of one that is not the head dies. Last in the file."""
     fake = fake_discord
     b = bot_factory(real_worker=True, executor=executor, discord={"trainer_role_ids": []})
     head = _head_id()
@@ -240,17 +224,17 @@ async def test_node_killed_9_job_resumes_on_the_other_node(fake_discord, bot_fac
         starts: list[tuple[int, int]] = []
         b.scheduler.add_listener(lambda job, ev: starts.append((job.id, ev.get("resumed_from", 0)))
                                  if ev.get("type") == "started" else None)
-        victim = None
+        victim, node = None, None
         deadline = time.monotonic() + 240
-        while victim is None:  # the job on the second node, once a saved state of it reached the bot
+        while victim is None:  # a job not on the head, once a saved state of it reached the bot
             for w in b.scheduler.workers:
                 j = w.job_id
                 if j is not None and w.node_id not in (None, head) and _state_steps(b.service.files.job_dir(j)):
-                    victim = j
-            assert time.monotonic() < deadline, "no job on the second node saved a state in time"
+                    victim, node = j, w.node_id
+            assert time.monotonic() < deadline, "no job off the head saved a state in time"
             await asyncio.sleep(0.2)
         saved = _state_steps(b.service.files.job_dir(victim))
-        cluster.kill_node("node2")
+        cluster.kill_node(str(cluster.name_of(node)))
         final = {j: await b.scheduler.wait_for_job(j, 400) for j in jobs}
         assert all(f.state == "succeeded" for f in final.values()), [(f.id, f.error) for f in final.values()]
         states = [e.payload for e in await b.repo.list_events(victim, types=["state"])]
@@ -260,5 +244,3 @@ async def test_node_killed_9_job_resumes_on_the_other_node(fake_discord, bot_fac
         assert final[victim].attempts == 2
         await b.progress.wait_idle(victim, 60)
         assert len(_results(fake, final[victim], "bob" if victim == jobs[0] else "carol")) == 1
-    cluster.add_node("node3", {"vram_gb": 8})
-    cluster.wait_nodes(2)
