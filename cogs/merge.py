@@ -297,6 +297,18 @@ def parse_rank(text: str | None, field: str) -> int | str:
     return int(t)
 
 
+# The merge job's `clamp` (trainer.spec.MergeSpec) by the names a user knows: kohya's clamp is `clamp = true`.
+CLAMPS: dict[str, bool | str] = {"auto": "auto", "kohya": True, "off": False}
+CLAMP_CHOICES = [app_commands.Choice(name=n, value=n) for n in CLAMPS]
+
+
+def parse_clamp(text: str | None) -> bool | str:
+    t = (text or "auto").strip().lower()
+    if t not in CLAMPS:  # a raw interaction can send anything
+        raise InvalidInput(f"`clamp` must be one of {', '.join(CLAMPS)} (got `{clip(t, 20)}`).")
+    return CLAMPS[t]
+
+
 # ---------------------------------------------------------------------------------- the command
 
 
@@ -319,7 +331,9 @@ class Merge(commands.Cog):
         output_name="File name of the result",
         into_checkpoint="Admins: merge into the base model and get a checkpoint (by link)",
         half="Save in fp16 (half the size)",
+        clamp="auto: exact, clamped only where fp16 would overflow; kohya: svd_merge_lora's 0.99-quantile clamp",
     )
+    @app_commands.choices(clamp=CLAMP_CHOICES)
     @app_commands.autocomplete(mine1=own_lora_choices, mine2=own_lora_choices, mine3=own_lora_choices,
                                base_model=base_model_choices)
     @expensive_cooldown
@@ -343,6 +357,7 @@ class Merge(commands.Cog):
         output_name: str | None = None,
         into_checkpoint: bool = False,
         half: bool = False,
+        clamp: str | None = None,
     ) -> None:
         bot = self.bot
         bot.access.require_trainer(interaction)
@@ -360,6 +375,11 @@ class Merge(commands.Cog):
         if len(inputs) > MAX_INPUTS:
             raise InvalidInput(f"{len(inputs)} LoRAs is too many; at most {MAX_INPUTS} can be merged at once.")
         arch = check_inputs(inputs)
+        dora = [i.label for i in inputs if "dora" in i.info.algos]
+        if dora and not into_checkpoint:
+            raise InvalidInput(f"{', '.join(dora)} is a DoRA network: its change depends on "
+                               "the base model's weights, so it cannot be merged into a LoRA.",
+                               "Merge it into a checkpoint (admins: `into_checkpoint`), or use it in /preview.")
         values = parse_float_list(ratios or "1", "ratios", *bounds(Ratio), max_n=MAX_INPUTS)
         if len(values) == 1:
             values = values * len(inputs)
@@ -391,6 +411,7 @@ class Merge(commands.Cog):
             "base_model": base,
             "into_checkpoint": into_checkpoint,
             "half": half,
+            "clamp": parse_clamp(clamp),
             "output_name": name,
             "grid": grid.model_dump() if grid is not None else None,
         }
@@ -405,6 +426,8 @@ class Merge(commands.Cog):
         spec = build()
         listing = ", ".join(f"{i.label} x{r:g}" for i, r in zip(inputs, values, strict=True))
         what = "checkpoint" if into_checkpoint else f"rank {spec.rank}"  # type: ignore[union-attr]
+        if spec.clamp is True:  # type: ignore[union-attr]
+            what += ", kohya's 0.99-quantile clamp"
         summary = clip(f"Merging {listing} -> `{name}.safetensors` ({what}).\n" + "\n".join(notes), 1200)
         # A checkpoint is gigabytes: delivered by signed link, never attached (read by bot.progress).
         await submit_job(interaction, kind="merge", spec=spec, title=f"merge: {name}", summary=summary,

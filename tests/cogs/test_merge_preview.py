@@ -76,6 +76,15 @@ def lora_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     sd[k][0, 0] = float("nan")  # a diverged training run: only the worker (with torch) can see this
     save_kohya(d / "nan.safetensors", sd, md)
     out["nan.safetensors"] = (d / "nan.safetensors").read_bytes()
+    from trainer.format.metadata import build_metadata
+    from trainer.network.lycoris_net import LycorisNetwork
+
+    for algo in ("loha", "dora"):  # LyCORIS files (zero-initialised changes: fine for the checks here)
+        net = LycorisNetwork.create(sd15, algo, 4, 2.0, seed=6)
+        net.save(d / f"{algo}.safetensors", build_metadata("sd1", 4, 2.0, base_model_name="tiny-sd15",
+                                                           output_name=algo, resolution=64, network_type=algo))
+        net.remove()
+        out[f"{algo}.safetensors"] = (d / f"{algo}.safetensors").read_bytes()
     sd, md = _random_lora(load_base("tiny-sdxl"), 4, 4, "xl", "tiny-sdxl")
     save_kohya(d / "xl.safetensors", sd, md)
     out["xl.safetensors"] = (d / "xl.safetensors").read_bytes()
@@ -262,6 +271,8 @@ async def test_bad_files_are_refused_before_queueing(fake_discord: Any, bot: Any
     text = await refusal(fake, bot, {"lora1": a("front.safetensors"), "lora2": a("side.safetensors"),
                                      "ratios": "0.6,0.6,0.6"})
     assert "3 values for 2 LoRAs" in text
+    text = await refusal(fake, bot, {"lora1": a("front.safetensors"), "lora2": a("dora.safetensors")})
+    assert "`dora.safetensors` is a DoRA network" in text and "into_checkpoint" in text, text
     text = await refusal(fake, bot, {"lora1": a("front.safetensors"), "rank": "big"})
     assert "`rank`" in text
     text = await refusal(fake, bot, {"prompt": "chibi scs girl", "lora": a("xl.safetensors"),
@@ -289,6 +300,24 @@ async def test_checkpoint_merge_is_for_admins(fake_discord: Any, bot: Any, lora_
     text = await refusal(fake, bot, {"lora1": attach(fake, lora_files, "front.safetensors")}, user="carol")
     assert "role" in text  # carol may not start jobs at all
     assert await bot.repo.count_jobs() == 0
+
+
+async def test_merge_clamp_option_reaches_the_job(fake_discord: Any, bot: Any, lora_files: dict[str, bytes]):
+    """`clamp:kohya` asks for kohya's svd_merge_lora clamp (`clamp = true` in the job), the default stays auto;
+    a value no client offers (a raw interaction) is refused before anything is queued."""
+    fake = fake_discord
+    front = lambda: attach(fake, lora_files, "front.safetensors")  # noqa: E731
+    rec = await run_command(fake, bot, "merge", {"lora1": front(), "clamp": "kohya"}, user="alice")
+    assert "kohya's 0.99-quantile clamp" in answer(rec), answer(rec)
+    job = await finished(bot, job_id_of(answer(rec)), 30)
+    assert job.spec["clamp"] is True
+    rec = await run_command(fake, bot, "merge", {"lora1": front(), "clamp": "off"}, user="alice")
+    assert (await finished(bot, job_id_of(answer(rec)), 30)).spec["clamp"] is False
+    rec = await run_command(fake, bot, "merge", {"lora1": front()}, user="alice")
+    assert (await finished(bot, job_id_of(answer(rec)), 30)).spec["clamp"] == "auto"
+    text = await refusal(fake, bot, {"lora1": front(), "clamp": "sometimes"}, user="alice")
+    assert "`clamp` must be one of `auto`, `kohya`, `off`" in text
+    assert await bot.repo.count_jobs() == 3
 
 
 async def test_no_second_grid_when_the_train_job_made_one(fake_discord: Any, bot: Any):
@@ -385,6 +414,13 @@ async def test_train_init_lora_starts_from_an_attached_lora(fake_discord: Any, b
     rec = await run_command(fake, bot, "train", {**base, "dim": 8,
                                                  "init_lora": attach(fake, lora_files, "front.safetensors")}, user="bob")
     assert "has rank 4, but dim is 8" in answer(rec) and "dim:4" in answer(rec), answer(rec)
+    rec = await run_command(fake, bot, "train", {**base, "init_lora": attach(fake, lora_files, "loha.safetensors")},
+                            user="bob")
+    assert "continues a plain LoRA/LoCon (`loha.safetensors` is LoHa" in answer(rec), answer(rec)
+    rec = await run_command(fake, bot, "train", {**base, "network_type": "dora",
+                                                 "init_lora": attach(fake, lora_files, "front.safetensors")},
+                            user="bob")
+    assert "this job trains network type dora" in answer(rec) and "Nothing was queued" in answer(rec), answer(rec)
     job_file = fake.add_attachment("job.toml", b'init_lora = "/srv/someone-else/secret.safetensors"\n')
     rec = await run_command(fake, bot, "train", {**base, "job_file": job_file}, user="bob")
     assert "names a file on the server" in answer(rec), answer(rec)  # only an attachment can be continued
