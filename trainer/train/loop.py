@@ -39,7 +39,7 @@ from trainer.data.dataset import TrainData, dataset_fingerprint
 from trainer.data.encode import encode_text
 from trainer.data.seeds import derive_seed, generator
 from trainer.events import EventSink, JobCancelled, JobFailed, StopCheck, event, never_stop, null_sink
-from trainer.infer.loss_plot import SMOOTH_WINDOW
+from trainer.infer.loss_plot import SMOOTH_WINDOW, prefetch_matplotlib
 from trainer.spec import TrainSpec
 from trainer.train import losses as L
 from trainer.train import noise as N
@@ -405,6 +405,7 @@ class Trainer:
         if self.resumed_from != announced:
             self.log(f"resuming from step {self.resumed_from} (the newest state could not be read)", "warning")
         self.cache()
+        prefetch_matplotlib()  # the loss plot at the end then does not wait seconds for its imports
         self.emit(event("phase", name="training", current=self.step, total=spec.steps))
         tb = self.tb = TensorBoardLog(self.out_dir / "tensorboard", self.step, SMOOTH_WINDOW)  # with `tensorboard`
         # The one speed figure (bar, bot, summary): steps run in this run / seconds since training began (model
