@@ -410,7 +410,7 @@ def test_sample_hook_every_n_steps_and_at_end(tmp_path: Path, dataset: Path, mak
         calls.append(step)
         assert network.trainable_parameters()  # the live network, at its current weights
         p = tmp_path / f"s{step}.png"
-        p.write_bytes(b"png")
+        Image.new("RGB", (8, 8)).save(p)  # a real picture: TensorBoard logs each sample as an image
         return [p]
 
     events: list[dict[str, Any]] = []
