@@ -292,10 +292,12 @@ class ResultFiles:
                 continue
         return None
 
-    async def result_files(self, job_id: int, outputs: dict[str, Any]) -> list[tuple[Path, str]]:
-        """(path, download name): the final LoRA/checkpoint first, then the LoRA of the lowest validation loss
-        (keep_best), grid, loss curve, images. ``outputs``: the engine's (the finished event's, after any
-        ``file`` events the reporter saw), possibly empty after a restart: the artifact rows fill in."""
+    async def result_files(self, job_id: int, outputs: dict[str, Any]
+                           ) -> tuple[list[tuple[Path, str]], Path | None]:
+        """((path, download name) list, the best LoRA or None): the final LoRA/checkpoint first, then the LoRA of
+        the lowest validation loss (keep_best), grid, loss curve, images. ``outputs``: the engine's (the finished
+        event's, after any ``file`` events the reporter saw), possibly empty after a restart: the artifact rows
+        fill in."""
         arts = await self.owner.repo.list_artifacts(job_id)
 
         def resolved(raw: Any) -> list[Path]:
@@ -324,7 +326,7 @@ class ResultFiles:
             for p in paths:
                 if p not in (q for q, _ in out):
                     out.append((p, p.name))
-        return out
+        return out, (best[-1] if best else None)
 
     async def difference_files(
         self, job_id: int, outputs: dict[str, Any]

@@ -45,3 +45,27 @@ async def test_a_restart_mid_run_still_delivers_the_final_lora_not_an_intermedia
         loras = [n for n in post.file_names if n.endswith(".safetensors")]
         assert loras == ["slow-inter.safetensors"], post.file_names
         assert post.file("slow-inter.safetensors") == b"stub lora " + str(job_id).encode()
+
+
+async def test_keep_best_delivers_the_best_lora_beside_the_final_one_and_says_which_is_which(fake_discord, bot):
+    fake = fake_discord
+    job_id = await _queue(fake, bot, "kb", b"validation_split = 1\nkeep_best = true\n", steps=6)
+    job = await bot.scheduler.wait_for_job(job_id, 30)
+    await bot.progress.wait_idle(job_id, 20)
+    [post] = [m for m in fake.channel_messages(job.thread_id) if "finished" in m.content]
+    assert post.file_names[:2] == ["kb.safetensors", "kb-best.safetensors"], post.file_names
+    assert post.file("kb-best.safetensors") == b"stub best lora " + str(job_id).encode()
+    assert post.file("kb.safetensors") == b"stub lora " + str(job_id).encode()
+    # the stub's validation: 0.1234567 at the end, lowest 0.0987654 at step 3 of 6
+    assert ("`kb-best.safetensors`: the LoRA with the lowest validation loss (step 3, validation loss 0.0988); "
+            "`kb.safetensors`: the LoRA after the last step (step 6, validation loss 0.123). Try both.") in post.content
+    assert "validation loss 0.12 (lowest 0.099 at step 3)" in post.content, post.content  # the summary line
+
+    # When the last step was the best, the -best file is the final one again: not posted twice.
+    job_id = await _queue(fake, bot, "kb1", b"validation_split = 1\nkeep_best = true\n", steps=1)
+    job = await bot.scheduler.wait_for_job(job_id, 30)
+    await bot.progress.wait_idle(job_id, 20)
+    [post] = [m for m in fake.channel_messages(job.thread_id) if "finished" in m.content]
+    assert [n for n in post.file_names if n.endswith(".safetensors")] == ["kb1.safetensors"], post.file_names
+    assert "The lowest validation loss was at the last step (step 1, validation loss 0.0988): " \
+           "`kb1.safetensors` is also the best LoRA." in post.content, post.content
