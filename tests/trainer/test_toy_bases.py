@@ -37,14 +37,20 @@ def test_a_missing_toy_base_says_how_to_recreate_it(monkeypatch: pytest.MonkeyPa
 
 
 def test_pretraining_is_reproducible(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The same seed gives the same weights (a few steps of each stage, twice)."""
+    """The same seed gives the same weights (a few steps of each stage, twice); refining the decoder leaves the
+    encoder, and so the latents a base's UNet learned, as they were."""
     from trainer.toy import pretrain as P
 
-    recipe = P.Recipe(vae_steps=2, vae_batch=2, unet_steps=2, unet_batch=2, images=8, vae_images=8)
+    recipe = P.Recipe(vae_steps=2, vae_batch=2, decoder_steps=2, unet_steps=2, unet_batch=2, images=8, vae_images=8)
 
     def run() -> dict[str, torch.Tensor]:
         base = P.skeleton("sd15")
         P.train_vae(base.vae, recipe, say=lambda _: None)
+        trained = {k: v.clone() for k, v in base.vae.state_dict().items()}
+        P.refine_decoder(base.vae, recipe, say=lambda _: None)
+        refined = base.vae.state_dict()
+        assert all(torch.equal(refined[k], v) for k, v in trained.items() if k.startswith(("encoder.", "quant_conv.")))
+        assert not torch.equal(refined["decoder.conv_out.weight"], trained["decoder.conv_out.weight"])
         P.train_unet(base, recipe, say=lambda _: None)
         return {**base.vae.state_dict(), **{f"unet.{k}": v for k, v in base.unet.state_dict().items()}}
 
