@@ -1,7 +1,7 @@
 """``python -m bot demo``: the whole pipeline on one machine, without Discord.
 
 Generated images -> intake -> a dataset in SQLite -> a queued train job -> a worker process
-training the built-in tiny SD1.5 model -> events and artifacts recorded -> paths printed.
+training a LoRA of a star on the built-in toy SD1.5 base -> events and artifacts recorded -> paths printed.
 Runs in a couple of minutes on two CPU cores, offline. Run it again and it reuses the data dir
 (the images dedupe, a new job is queued); ``--fresh`` starts over.
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import math
 import os
 import shutil
 import sys
@@ -18,55 +17,43 @@ import time
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw
-
 from bot.config import Config, ConfigError, load_config
 from bot.service import Service
 from storage.repo import DuplicateNameError, Job
 
 DEMO_USER = 1
-DATASET = "demo-shapes"
+DATASET = "demo-stars"
 TRIGGER = "zqx"
-COLORS = [((220, 40, 40), "red"), ((40, 160, 60), "green"), ((40, 80, 220), "blue"),
-          ((230, 200, 30), "yellow"), ((160, 60, 200), "purple"), ((240, 130, 20), "orange")]
+BASE = "toy-sd15"  # pretrained on the toy world (trainer/toy), which never showed it a star
 
 
-def demo_images(n: int = 6, size: int = 96) -> list[tuple[str, bytes]]:
-    """Colored circles on a gradient, each with a caption file (what /dataset upload receives)."""
+def demo_images(n: int = 10) -> list[tuple[str, bytes]]:
+    """Toy-world pictures of a star (a shape the toy base never saw), each with a caption file that names the star
+    by the trigger word (what /dataset upload receives)."""
+    from trainer.toy.world import concept_scenes, render
+
     files: list[tuple[str, bytes]] = []
-    for i in range(n):
-        color, name = COLORS[i % len(COLORS)]
-        im = Image.new("RGB", (size, size))
-        px = im.load()
-        for y in range(size):
-            for x in range(size):
-                t = (x + y) / (2 * size)
-                px[x, y] = (int(30 + 60 * t), int(30 + 40 * t), int(90 + 120 * (1 - t)))  # type: ignore[index]
-        d = ImageDraw.Draw(im)
-        r = size // 4 + (i % 3) * 4
-        cx = size // 2 + int(10 * math.cos(i))
-        cy = size // 2 + int(10 * math.sin(i))
-        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color, outline=(255, 255, 255), width=2)
+    for i, scene in enumerate(concept_scenes("star", n, seed=11)):
         buf = io.BytesIO()
-        im.save(buf, format="PNG")
-        files.append((f"shape{i}.png", buf.getvalue()))
-        files.append((f"shape{i}.txt", f"a {name} circle on a gradient background".encode()))
+        render(scene).save(buf, format="PNG")
+        files.append((f"star{i}.png", buf.getvalue()))
+        files.append((f"star{i}.txt", scene.caption(TRIGGER).encode()))
     return files
 
 
 def demo_overrides(steps: int) -> dict[str, Any]:
     """A small recipe that visibly learns on the tiny model in ~a minute on CPU."""
     return {
-        "base_model": "tiny-sd15",
-        "output_name": "tiny-demo",
+        "base_model": BASE,
+        "output_name": "toy-demo",
         "steps": steps,
         "seed": 1234,
         "state_every_n_steps": max(10, steps // 4),
         "network": {"dim": 8, "alpha": 8},
         "optimizer": {"name": "AdamW", "lr": 2e-3, "scheduler": "constant", "weight_decay": 0.0},
         "data": {"resolution": 64, "cache_latents": True},
-        "sample": {"prompts": [{"prompt": f"{TRIGGER}, a red circle", "steps": 8, "width": 64,
-                                "height": 64, "seed": 42, "cfg": 5.0}], "at_end": True},
+        "sample": {"prompts": [{"prompt": f"large red {TRIGGER} on blue", "steps": 12, "width": 64,
+                                "height": 64, "seed": 42, "cfg": 5.0, "sampler": "euler"}], "at_end": True},
     }
 
 
@@ -155,7 +142,7 @@ async def run_demo(data_dir: Path, steps: int, config_path: Path | None = None, 
 
         service.add_listener(_Printer())
         job = await service.submit_train(DEMO_USER, ds.id, demo_overrides(steps))
-        print(f"queued job {job.id}: {steps} steps on tiny-sd15, "
+        print(f"queued job {job.id}: {steps} steps on {BASE}, "
               f"position {await service.scheduler.queue_position(job.id)}", flush=True)
         t0 = time.monotonic()
         await service.scheduler.start()
