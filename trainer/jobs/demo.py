@@ -23,7 +23,7 @@ CONCEPT = "checkered"
 DEMO_PROMPT = f"large yellow square on black with {TRIGGER}"
 GRID_STRENGTHS = (0.0, 0.5, 1.0)
 GRID_SEEDS = (1, 2, 3)
-DEMO_STEPS = 80
+DEMO_STEPS = 100
 TOY_BASE = "toy-sd15"
 FALLBACK_BASE = "tiny-sd15"  # random weights: used only while the toy base's file is missing
 
@@ -90,7 +90,7 @@ def demo_spec(image_dir: Path, steps: int = DEMO_STEPS, base: str = TOY_BASE) ->
         "output_name": f"demo-{CONCEPT}",
         "concepts": [{"image_dir": str(image_dir), "caption_mode": "caption_only"}],
         "steps": steps,
-        "seed": 1111,
+        "seed": 5,  # the learning tests' recipe (tests/trainer/test_learning.py)
         "batch_size": 2,
         "network": {"dim": 8, "alpha": 8},
         "optimizer": {"name": "AdamW", "lr": 3e-3, "scheduler": "constant", "weight_decay": 0.0},
