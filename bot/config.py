@@ -133,11 +133,30 @@ class WorkersConfig(_Section):
         return v
 
 
+class ExecutorConfig(_Section):
+    """Where jobs run: ``local`` worker processes (the default, no Ray needed) or a Ray cluster (bot/ray_executor.py;
+    ``pip install -e '.[ray]'``). The scheduler stays the one source of truth either way."""
+
+    kind: Literal["local", "ray"] = "local"
+    # A Ray cluster address ("10.0.0.5:6379", "ray://host:10001"), or "local" to start one in this process.
+    address: str = "local"
+    namespace: str = Field("loraforge", min_length=1, max_length=100)
+    # Jobs running at once on the cluster; 0: as many as the cluster has GPUs (nodes, on a CPU-only cluster).
+    slots: int = Field(0, ge=0, le=10_000)
+    gpus_per_job: float = Field(1.0, ge=0, le=64)
+    cpus_per_job: float = Field(1.0, ge=0, le=256)
+    # On each node: the content-addressed input cache and the jobs' working folders. Keep it the same path on every
+    # node: a job resumed on another node then sees the same dataset paths (the engine's data fingerprint).
+    node_cache_dir: str = "/tmp/loraforge-ray"
+    poll_s: float = Field(1.0, gt=0, le=30)  # a long poll: how long an actor holds a poll open for events
+
+
 class Config(_Section):
     paths: PathsConfig = Field(default_factory=PathsConfig)
     discord: DiscordConfig = Field(default_factory=DiscordConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
 
     @property
     def data_dir(self) -> Path:

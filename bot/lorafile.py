@@ -23,6 +23,7 @@ from trainer.format.header import (
     check_lora_layout,
     dtypes_and_shapes,
     lora_arch,
+    module_algos,
     parse_header,
     quote,
     read_file_header,
@@ -42,6 +43,14 @@ class LoraInfo:
     modules: dict[str, tuple[str, list[int], list[int]]]  # module -> (kind, down shape, up shape)
     metadata: dict[str, str] = field(default_factory=dict)
     arch: str | None = None
+    algos: set[str] = field(default_factory=lambda: {"lora"})  # lora, loha, lokr; dora when any dora_scale
+
+    @property
+    def kind_name(self) -> str:
+        """"LoRA", or the LyCORIS kinds in it ("LoHa", "LoKr+DoRA"...)."""
+        names = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "dora": "DoRA"}
+        shown = [a for a in sorted(self.algos) if not (a == "lora" and "dora" in self.algos)]
+        return "+".join(names[a] for a in shown)
 
     @property
     def rank(self) -> int:
@@ -65,7 +74,8 @@ def inspect_header(header: Mapping[str, Any], meta: Mapping[str, str], name: str
     except HeaderError as e:
         raise LoraCheckError(str(e)) from None
     arch = lora_arch({m: (d, u) for m, (_, d, u) in modules.items()}, meta)
-    return LoraInfo(name=name, size=size, modules=dict(modules), metadata=dict(meta), arch=arch)
+    algos = set(module_algos(list(header)).values()) | ({"dora"} if any(k.endswith(".dora_scale") for k in header) else set())
+    return LoraInfo(name=name, size=size, modules=dict(modules), metadata=dict(meta), arch=arch, algos=algos)
 
 
 def inspect_bytes(data: bytes, name: str) -> LoraInfo:

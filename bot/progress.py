@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import discord
 
+from bot import resume
 from bot.delivery import ResultFiles, send_files, upload_limit
 from bot.errors import CODE_EDIT_CAP
 from bot.humanize import summary_text
@@ -363,10 +364,11 @@ class JobReporter:
             advice = FAILURE_ADVICE.get(str(reason), DEFAULT_ADVICE)
             return await dest.send(clip(f"{mention} job **#{job.id}** failed: {error}\n{advice}"),
                                    allowed_mentions=allowed, nonce=nonce)
-        return await dest.send(
-            f"{mention} job **#{job.id}** was cancelled. `/retrain {job.id}` starts it again.",
-            allowed_mentions=allowed, nonce=nonce,
-        )
+        saved = resume.saved_step(self.hub.bot.files, job.id) if job.kind == "train" else None
+        again = (f"Its training state at step {saved} is saved: `/resume {job.id}` continues from there, "
+                 f"`/retrain {job.id}` starts over." if saved else f"`/retrain {job.id}` starts it again.")
+        return await dest.send(f"{mention} job **#{job.id}** was cancelled. {again}", allowed_mentions=allowed,
+                               nonce=nonce)
 
     async def _deliver_success(
         self, job: Any, dest: discord.PartialMessageable, mention: str, allowed: discord.AllowedMentions, nonce: str

@@ -24,7 +24,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from bot import admission, queue_policy
+from bot import admission, queue_policy, resume
 from bot.admission import QuotaError as QuotaError  # re-exported: callers catch it from here
 from bot.artifacts import record_artifact
 from bot.config import Config
@@ -70,7 +70,11 @@ class Scheduler:
         self.files = files
         self.config = config
         self._clock = clock
-        if workers is None:
+        self.ray: Any = None  # the Ray cluster (bot/ray_executor.py) when executor.kind = "ray"
+        self._ray_slots = workers is None and config.executor.kind == "ray"  # made at start(): they ask the cluster
+        if self._ray_slots:
+            workers = []
+        elif workers is None:
             workers = [
                 WorkerHandle(
                     i, dev, config.worker_command(), Path(config.models_dir), files.root / "logs",
@@ -104,11 +108,19 @@ class Scheduler:
         of jobs that were running when the last process died (now queued again, to resume)."""
         self._stopping = False
         await retention.compact_finished_jobs(self.repo.db)
-        requeued = await self.repo.requeue_running_jobs()
+        adopted: list[int] = []
+        if self._ray_slots:
+            from bot.ray_executor import make_slots
+
+            self.ray, self.workers = await make_slots(self.config, self.files, self._on_message, self._on_exit)
+            await asyncio.gather(*(self._start_worker(w) for w in self.workers))
+            adopted = await self._adopt_running()
+        requeued = await self.repo.requeue_running_jobs(keep=adopted)
         for job_id in requeued:
             await self._record(job_id, {"type": "state", "state": "queued", "reason": "restart recovery"})
         self._started = True
-        await asyncio.gather(*(self._start_worker(w) for w in self.workers))
+        if not self._ray_slots:
+            await asyncio.gather(*(self._start_worker(w) for w in self.workers))
         self._spawn(self._dispatch_loop(), "dispatcher")
         self._spawn(self._watchdog_loop(), "stall-watchdog")
         self.kick()
@@ -126,10 +138,12 @@ class Scheduler:
         for run in list(self._runs.values()):
             with contextlib.suppress(IllegalTransitionError, NotFoundError):
                 await self.repo.add_gpu_seconds(run.job_id, time.monotonic() - run.started)
-                await self.repo.update_job_state(run.job_id, "queued", expected="running")
+                if not getattr(run.worker, "detaches", False):  # a Ray job runs on; the next start re-attaches
+                    await self.repo.update_job_state(run.job_id, "queued", expected="running")
         self._runs.clear()
         await asyncio.gather(
-            *(w.kill() if w.job_id is not None else w.shutdown() for w in self.workers),
+            *(w.kill() if w.job_id is not None and not getattr(w, "detaches", False) else w.shutdown()
+              for w in self.workers),
             return_exceptions=True,
         )
         await self.listeners.close()
@@ -152,6 +166,25 @@ class Scheduler:
             log.error("%s", e)
             if not self._stopping:
                 self._spawn(self._restart_worker(w), f"restart-{w.id}")
+
+    async def _adopt_running(self) -> list[int]:
+        """Ray: re-attach to the jobs still running on the cluster (a bot restart, even after kill -9), instead of
+        running them again. Returns their ids; the other ``running`` jobs are queued again by the caller."""
+        adopted: list[int] = []
+        free = [w for w in self.workers if w.idle]
+        for job in await self.repo.list_jobs(states=["running"]):
+            if not free:
+                break
+            w = free[0]
+            if await w.adopt(job.id, self.files.job_dir(job.id).resolve()):  # type: ignore[attr-defined]
+                free.pop(0)
+                self._runs[job.id] = _Run(job.id, w)
+                adopted.append(job.id)
+                await self._record(job.id, {"type": "state", "state": "running", "worker": w.id,
+                                            "device": w.device, "reason": "re-attached after restart"})
+                if job.cancel_requested:
+                    await w.cancel(job.id)
+        return adopted
 
     async def _restart_worker(self, w: WorkerHandle) -> None:
         n = self._restart_failures.get(w.id, 0)
@@ -356,7 +389,8 @@ class Scheduler:
         self._runs[job.id] = run
         w.job_id = job.id  # reserve the worker while the job folder is prepared
         try:
-            job_dir = await asyncio.to_thread(self._prepare_job_dir, job)
+            source = await resume.continues_from(self.repo, job.id)  # /resume: the job whose state it continues
+            job_dir = await asyncio.to_thread(self._prepare_job_dir, job, source)
         except Exception as e:  # noqa: BLE001 - a broken job must not wedge the queue
             w.job_id = None
             self._runs.pop(job.id, None)
@@ -376,8 +410,10 @@ class Scheduler:
             return False
         return True
 
-    def _prepare_job_dir(self, job: Job) -> Path:
+    def _prepare_job_dir(self, job: Job, source: int | None = None) -> Path:
         job_dir = self.files.make_job_dirs(job.id)
+        if source is not None:
+            resume.seed_state(self.files, source, job.id)
         spec_path = self.files.job_spec_path(job.id)
         if not spec_path.exists():  # a resumed job keeps its first copy
             try:
@@ -466,6 +502,10 @@ class Scheduler:
                 await self._finish(run.job_id, "failed", run.stalled)
             elif job.cancel_requested:
                 await self._finish(run.job_id, "cancelled", None)
+            elif getattr(w, "lost", None):  # its Ray node died: again to the queue, to resume from its saved state
+                with contextlib.suppress(IllegalTransitionError, NotFoundError):
+                    await self.repo.update_job_state(run.job_id, "queued", expected="running")
+                    await self._record(run.job_id, {"type": "state", "state": "queued", "reason": w.lost})
             else:
                 await self._finish(run.job_id, "failed", reason)
         w.job_id = None
@@ -539,6 +579,15 @@ class Scheduler:
     def worker_status(self) -> list[dict[str, Any]]:
         return [
             {"id": w.id, "device": w.device, "pid": w.pid, "alive": w.alive, "ready": w.ready,
-             "job_id": w.job_id, "log": str(w.log_path), "last_exit": w.exit_reason}
+             "job_id": w.job_id, "log": str(w.log_path), "last_exit": w.exit_reason,
+             "node": getattr(w, "node", None)}
             for w in self.workers
         ]
+
+    async def cluster_lines(self) -> list[str]:
+        """/admin status: the Ray cluster's nodes, GPUs, VRAM and jobs ([] with local workers)."""
+        if self.ray is None:
+            return []
+        from bot.ray_executor import cluster_lines
+
+        return await asyncio.to_thread(cluster_lines, self.ray, self.workers)  # type: ignore[arg-type]

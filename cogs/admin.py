@@ -67,10 +67,16 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Bot admini
         try:
             for w in bot.scheduler.worker_status():
                 state = f"busy with #{w['job_id']}" if w.get("job_id") else ("ready" if w.get("ready") else "starting/down")
-                lines.append(f"- `{w['id']}` on {w['device']}: {state}"
+                where = f" on node {w['node']}" if w.get("node") and w.get("job_id") else ""
+                lines.append(f"- `{w['id']}` on {w['device']}: {state}{where}"
                              + (f" (last exit: {w['last_exit']})" if w.get("last_exit") else ""))
         except Exception:  # noqa: BLE001 - status must show what it can
             lines.append("- (scheduler not started)")
+        try:
+            if cluster := await bot.scheduler.cluster_lines():
+                lines += ["**Ray cluster**", *cluster]
+        except Exception as e:  # noqa: BLE001 - an unreachable cluster is itself the news
+            lines.append(f"**Ray cluster**: unreachable ({type(e).__name__}: {str(e)[:200]})")
         with contextlib.suppress(Exception):
             if notice := bot.scheduler.disk.check():
                 lines.insert(0, f"**{notice}**")

@@ -1,4 +1,4 @@
-"""/jobs, /job show, /job delete, /cancel, /retrain: looking after queued, running and finished jobs.
+"""/jobs, /job show, /job delete, /cancel, /retrain, /resume: looking after queued, running and finished jobs.
 
 Only the owner or an admin sees a job's details, cancels, deletes or retrains it; for anyone else a job
 id looks like one that does not exist.
@@ -6,12 +6,15 @@ id looks like one that does not exist.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import TYPE_CHECKING, Any
 
 import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot import resume
 from bot.errors import InvalidInput, reply
 from bot.interactions import announce_job, cancel_job, clip, ensure_deferred, format_duration, spec_summary
 from bot.options import JobId
@@ -181,6 +184,28 @@ class Jobs(commands.Cog):
         await announce_job(interaction, job, title=f"{job.spec.get('output_name', job.kind)} (retrain of #{id})",
                            summary=plan.strip(),
                            meta={"link_only": True} if checkpoint else None)
+
+    @app_commands.command(name="resume", description="Continue a cancelled training job from the step it saved")
+    @app_commands.autocomplete(id=_job_ac)
+    @app_commands.describe(id="The job's number",
+                           steps="A new total number of steps (to train a finished job further)")
+    async def resume(self, interaction: discord.Interaction, id: JobId,  # noqa: A002
+                     steps: app_commands.Range[int, 1, 100000] | None = None) -> None:
+        bot = self.bot
+        bot.access.require_trainer(interaction)
+        await ensure_deferred(interaction, ephemeral=True)
+        old = await bot.repo.get_job(id)
+        bot.access.require_job_access(interaction, old)
+        saved = await asyncio.to_thread(resume.saved_step, bot.files, old.id)
+        spec = resume.continued_spec(old, saved, steps)
+        plan = ""
+        with contextlib.suppress(ValueError):  # a spec this version no longer reads: the engine says what is wrong
+            plan = submit_plan_line(bot, TrainSpec.model_validate(spec))
+        job = await bot.scheduler.submit(interaction.user.id, "train", spec, interaction.guild_id,
+                                         interaction.channel_id, is_admin=bot.access.is_admin(interaction),
+                                         events=[(resume.CONTINUES_EVENT, {"job_id": old.id, "step": saved})])
+        await announce_job(interaction, job, summary=plan.strip(),
+                           title=f"{spec.get('output_name', 'train')} (continues #{id} from step {saved})")
 
 
 async def setup(bot: LoraforgeBot) -> None:

@@ -375,6 +375,11 @@ class Merge(commands.Cog):
         if len(inputs) > MAX_INPUTS:
             raise InvalidInput(f"{len(inputs)} LoRAs is too many; at most {MAX_INPUTS} can be merged at once.")
         arch = check_inputs(inputs)
+        dora = [i.label for i in inputs if "dora" in i.info.algos]
+        if dora and not into_checkpoint:
+            raise InvalidInput(f"{', '.join(dora)} is a DoRA network: its change depends on "
+                               "the base model's weights, so it cannot be merged into a LoRA.",
+                               "Merge it into a checkpoint (admins: `into_checkpoint`), or use it in /preview.")
         values = parse_float_list(ratios or "1", "ratios", *bounds(Ratio), max_n=MAX_INPUTS)
         if len(values) == 1:
             values = values * len(inputs)

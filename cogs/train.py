@@ -105,6 +105,7 @@ def build_overrides(options: dict[str, Any], file_values: dict[str, Any]) -> dic
 
     put("base_model", options.get("base_model"))
     put("steps", options.get("steps"))
+    put("network.type", options.get("network_type"))
     put("network.dim", options.get("dim"))
     put("network.alpha", options.get("alpha"))
     put("network.conv_dim", options.get("conv_dim"))
@@ -127,6 +128,12 @@ def build_overrides(options: dict[str, Any], file_values: dict[str, Any]) -> dic
     return values
 
 
+NETWORK_CHOICES = [
+    app_commands.Choice(name="LoRA (LoCon with conv_dim)", value="lora"),
+    app_commands.Choice(name="LoHa (LyCORIS)", value="loha"),
+    app_commands.Choice(name="LoKr (LyCORIS)", value="lokr"),
+    app_commands.Choice(name="DoRA (LyCORIS, weight-decomposed LoRA)", value="dora"),
+]
 MODE_CHOICES = [
     app_commands.Choice(name="standard: learn the dataset's subject or style", value="standard"),
     app_commands.Choice(name="difference (copy-machine): learn only what changed from original to target",
@@ -381,6 +388,7 @@ class Train(commands.Cog):
         trigger_word="Overrides the dataset's trigger word (difference: the prompt of both passes)",
         class_prompt="Overrides the dataset's class prompt",
         steps="Training steps (difference: per pass)",
+        network_type="LoRA (default), or LyCORIS LoHa, LoKr, DoRA (load in A1111 and ComfyUI as they are)",
         dim="LoRA rank (network dim)",
         alpha="LoRA alpha (default: = dim)",
         conv_dim="LoCon rank for conv layers (0: plain LoRA)",
@@ -396,7 +404,8 @@ class Train(commands.Cog):
         init_lora="Continue from this LoRA (.safetensors, same base architecture; its rank sets dim)",
     )
     @app_commands.autocomplete(dataset=_dataset_ac, base_model=base_model_choices)
-    @app_commands.choices(optimizer=OPTIMIZER_CHOICES, scheduler=SCHEDULER_CHOICES, mode=MODE_CHOICES)
+    @app_commands.choices(optimizer=OPTIMIZER_CHOICES, scheduler=SCHEDULER_CHOICES, mode=MODE_CHOICES,
+                          network_type=NETWORK_CHOICES)
     @_options_decorator
     async def train(
         self,
@@ -410,6 +419,7 @@ class Train(commands.Cog):
         trigger_word: str | None = None,
         class_prompt: str | None = None,
         steps: app_commands.Range[int, 1, 200_000] | None = None,
+        network_type: str | None = None,
         dim: app_commands.Range[int, 1, 1024] | None = None,
         alpha: app_commands.Range[float, 0.0, 4096.0] | None = None,
         conv_dim: app_commands.Range[int, 0, 1024] | None = None,
@@ -438,7 +448,8 @@ class Train(commands.Cog):
             file_values, imported = read_job_attachment(*files[0])
         chosen_preset = preset or file_values.get("preset")
         options = {
-            "base_model": base_model, "steps": steps, "dim": dim, "alpha": alpha, "conv_dim": conv_dim,
+            "base_model": base_model, "steps": steps, "network_type": network_type, "dim": dim, "alpha": alpha,
+            "conv_dim": conv_dim,
             "conv_alpha": conv_alpha, "learning_rate": learning_rate, "optimizer": optimizer,
             "scheduler": scheduler, "batch_size": batch_size, "resolution": resolution, "seed": seed,
             "train_text_encoder": train_text_encoder, "sample_prompt": sample_prompt,
@@ -571,6 +582,10 @@ async def _attach_init_lora(bot: LoraforgeBot, spec: TrainSpec, attachment: disc
 
     item = (await fetch_attached_loras([attachment]))[0]
     info = item.info
+    if info.algos != {"lora"} or spec.network.type != "lora":
+        raise InvalidInput(f"`init_lora` continues a plain LoRA/LoCon (`{info.name}` is {info.kind_name}, this job "
+                           f"trains network type {spec.network.type}).",
+                           "Leave out `init_lora` to start a LyCORIS network from scratch. Nothing was queued.")
     arch = base_model_arch(spec.base_model, bot.config.models_dir)
     if info.arch and arch and info.arch != arch and {info.arch, arch} != {"sd1", "sd2"}:
         raise InvalidInput(f"`{info.name}` is a LoRA for {info.arch_name}, but the base model `{spec.base_model}` is "

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from storage.dataset_rows import DatasetRows
@@ -278,21 +278,25 @@ class Repo(DatasetRows):
         )
         return float(row[0]) if row else 0.0
 
-    async def requeue_running_jobs(self) -> list[int]:
+    async def requeue_running_jobs(self, keep: Sequence[int] = ()) -> list[int]:
         """Restart recovery: every ``running`` job goes back to ``queued`` (it resumes from its saved
-        state). Running jobs with a pending cancel are cancelled instead. Returns the requeued ids."""
+        state). Running jobs with a pending cancel are cancelled instead. Returns the requeued ids.
+        ``keep``: jobs left ``running`` (re-attached where they still run, e.g. on a Ray cluster)."""
         now = self._now()
+        kept = [int(k) for k in keep]
+        skip = f" AND id NOT IN ({', '.join('?' * len(kept))})" if kept else ""
         async with self.db.transaction() as conn:
             async with conn.execute(
-                "SELECT id FROM jobs WHERE state = 'running' AND cancel_requested = 0 ORDER BY id"
+                "SELECT id FROM jobs WHERE state = 'running' AND cancel_requested = 0" + skip + " ORDER BY id", kept
             ) as cur:
                 ids = [int(r[0]) for r in await cur.fetchall()]
             await conn.execute(
-                "UPDATE jobs SET state = 'cancelled', finished_at = ? WHERE state = 'running' AND cancel_requested = 1",
-                (now,),
+                "UPDATE jobs SET state = 'cancelled', finished_at = ? WHERE state = 'running' AND cancel_requested = 1"
+                + skip, (now, *kept),
             )
             await conn.execute(
-                "UPDATE jobs SET state = 'queued', worker_id = NULL, heartbeat_at = NULL WHERE state = 'running'"
+                "UPDATE jobs SET state = 'queued', worker_id = NULL, heartbeat_at = NULL WHERE state = 'running'" + skip,
+                kept,
             )
         return ids
 

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trainer.models.load import load_base  # noqa: E402
 from trainer.models.single_file import save_single_file  # noqa: E402
 from trainer.toy import pretrain as P  # noqa: E402
-from trainer.toy.measure import prompt_following  # noqa: E402
+from trainer.toy.measure import CFG, prompt_following  # noqa: E402
 from trainer.toy.world import FIGURES, PATTERNS, RESERVED_PATTERNS, RESERVED_SHAPES, sample_scene  # noqa: E402
 
 
@@ -33,8 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     for f in fields(P.Recipe):
         ap.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
     ap.add_argument("--vae-from", type=Path, help="take the (already normalised) VAE of this toy checkpoint instead "
-                    "of training one (saves ~8 min; both bases share the VAE)")
+                    "of training one (saves the VAE stage; both bases share the VAE; --unet-steps 0 writes a file with only the VAE trained)")
     ap.add_argument("--check", type=int, default=24, help="prompts sampled to measure prompt following (0: none)")
+    ap.add_argument("--cfg", type=float, default=CFG, help="guidance scale of the prompt-following check")
     args = ap.parse_args(argv)
     recipe = P.Recipe(**{f.name: getattr(args, f.name) for f in fields(P.Recipe)})
     t0 = time.time()
@@ -48,25 +49,27 @@ def main(argv: list[str] | None = None) -> int:
     norm_data = P.pixels(norm_scenes)
     P.ROUND_TRIP_SCENES[:] = norm_scenes[:64]
     vae_state = P.skeleton("sd15", recipe.seed).vae
-    if args.vae_from:
+    if args.vae_from:  # a toy checkpoint's VAE is normalised (and fp16-rounded) already
         vae_state.load_state_dict({k: v.float() for k, v in load_base(args.vae_from).vae.state_dict().items()})
     else:
         P.train_vae(vae_state, recipe, say)
-    say(f"VAE round trip: {P.round_trip_accuracy(vae_state, norm_data[:64]):.0%} of 64 scenes read back right")
+        P.normalize_latents(vae_state, norm_data)
+        P.round_to_half(vae_state)  # the UNets learn the latents of the VAE the files hold
+    say(f"VAE round trip: {P.round_trip_accuracy(vae_state, norm_data[:64]):.0%} of 64 scenes read back right; "
+        f"figure and colour of the prompt scenes: {P.prompt_scene_ceiling(vae_state):.0%}")
     args.out.mkdir(parents=True, exist_ok=True)
     for layout in args.only or sorted(P.LAYOUTS):
         base = P.skeleton(layout, recipe.seed)
         base.vae.load_state_dict(vae_state.state_dict())
-        if not args.vae_from:  # a toy checkpoint's VAE is normalised already
-            P.normalize_latents(base.vae, norm_data)
-        P.train_unet(base, replace(recipe), say)
+        if recipe.unet_steps:
+            P.train_unet(base, replace(recipe), say)
         path = save_single_file(base, args.out / f"toy-{layout}.safetensors", half=True,
                                 metadata={"modelspec.title": f"toy-{layout}", "loraforge.config": f"toy-{layout}",
                                           "loraforge.toy_recipe": repr(recipe)})
         say(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
         if args.check:
-            acc, res = prompt_following(load_base(path), n=args.check)
-            say(f"{layout}: figure and colour right in {acc:.0%} of {args.check} samples")
+            acc, res = prompt_following(load_base(path), n=args.check, cfg=args.cfg)
+            say(f"{layout}: figure and colour right in {acc:.0%} of {args.check} samples (cfg {args.cfg})")
             for r in res[:8]:
                 say(f"  {r.scene.caption()!r} -> {r.reading.colour} {r.reading.figure} on {r.reading.background}")
     return 0

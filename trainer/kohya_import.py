@@ -41,6 +41,7 @@ NOT_NEEDED = {
     "save_state": "the training state is always saved", "config_file": "", "caption_extension": "",
 }
 LORA_TYPES = ("Standard", "Kohya LoCon", "LoCon")  # kohya_ss GUI LoRA_type values this engine trains
+LYCORIS_GUI_TYPES = {"LyCORIS/LoHa": "loha", "LyCORIS/LoKr": "lokr"}  # ... and its LyCORIS ones
 # kohya_ss GUI JSON names -> sd-scripts names.
 ALIASES = {"optimizer": "optimizer_type", "epoch": "max_train_epochs", "max_resolution": "resolution",
            "lr_warmup": "lr_warmup_percent"}
@@ -136,8 +137,11 @@ class _Translator:
                            ("cache_text_encoder_outputs", "data.cache_text_encoder_outputs"),
                            ("gradient_checkpointing", "gradient_checkpointing"),
                            *((k, k) for k in ("zero_terminal_snr", "debiased_estimation_loss", "noise_offset_random_strength",
-                                              "scale_v_pred_loss_like_noise_pred", "ip_noise_gamma_random_strength"))):
-            if a.get(flag) not in (None, "", False):
+                                              "scale_v_pred_loss_like_noise_pred", "ip_noise_gamma_random_strength",
+                                              "masked_loss"))):
+            if flag == "masked_loss" and self.for_bot and truthy(a.get(flag)):
+                self.skip(flag, "a Discord dataset has no mask folder")
+            elif a.get(flag) not in (None, "", False):
                 self.put(dest, truthy(a[flag]), flag)
         for key in ("loss_type", "huber_schedule"):  # kohya's choices are this engine's
             if (v := self.get(key)) not in (None, ""):
@@ -160,10 +164,15 @@ class _Translator:
 
     def _network_args(self) -> None:
         rest = []
+        lyco: dict[str, str] = {}
         for item in self.args.get("network_args") or []:
             k, _, v = str(item).partition("=")
             k = k.strip()
-            if k in ("conv_dim", "conv_alpha") and num(v) is not None:
+            if k in ("algo", "dora_wd", "wd_on_output"):
+                lyco[k] = v.strip()
+            elif k == "factor" and num(v) is not None:
+                self.put("network.factor", int(num(v)), "network_args factor")  # type: ignore[arg-type]
+            elif k in ("conv_dim", "conv_alpha") and num(v) is not None:
                 if k == "conv_dim":
                     self.put("network.conv_dim", int(num(v)), "network_args conv_dim")  # type: ignore[arg-type]
                 else:
@@ -176,12 +185,37 @@ class _Translator:
         if rest:
             self.out.untranslated.append(f"network_args {rest!r}")
         lora_type = self.get("LoRA_type")
-        if lora_type is not None and lora_type not in LORA_TYPES:
-            self.skip("LoRA_type", f"only {', '.join(LORA_TYPES)} have an equivalent")
+        if lora_type in LYCORIS_GUI_TYPES:
+            self.put("network.type", LYCORIS_GUI_TYPES[lora_type], "LoRA_type")
+        elif lora_type is not None and lora_type not in LORA_TYPES:
+            self.skip("LoRA_type", f"only {', '.join((*LORA_TYPES, *LYCORIS_GUI_TYPES))} have an equivalent")
         self.used.add("LoRA_type")
         module = self.get("network_module")
-        if module not in (None, "networks.lora"):
-            self.skip("network_module", "only networks.lora (LoRA, LoCon with conv_dim) has an equivalent")
+        if module == "lycoris.kohya":
+            self._lycoris(lyco)
+        elif module not in (None, "networks.lora"):
+            self.skip("network_module", "only networks.lora (LoRA, LoCon with conv_dim) and lycoris.kohya (LoHa, "
+                                        "LoKr, DoRA) have an equivalent")
+        elif lyco:
+            self.out.untranslated.append(f"network_args {lyco!r} (LyCORIS args without --network_module "
+                                         "lycoris.kohya)")
+
+    def _lycoris(self, args: dict[str, str]) -> None:
+        """LyCORIS' --network_args algo / dora_wd (its defaults: algo lora, wd_on_output true)."""
+        self.used.add("network_module")
+        algo = (args.get("algo") or "lora").lower()
+        dora = truthy(args.get("dora_wd", "false"))
+        how = f" lycoris.kohya, network_args algo={algo}"
+        if algo in ("lora", "locon") and dora:
+            self.put("network.type", "dora", "network_module", how + " dora_wd=True (decomposed per input column, "
+                     "the form A1111 applies; LyCORIS' default is per output row)")
+        elif algo in ("loha", "lokr") and not dora:
+            self.put("network.type", algo, "network_module", how)
+        elif algo in ("lora", "locon"):
+            self.put("network.type", "lora", "network_module", how)
+        else:
+            self.skip("network_module", f"LyCORIS algo={algo}{' with dora_wd' if dora else ''} has no equivalent; "
+                                        "lora/locon (with or without dora_wd), loha and lokr do")
 
     def _learning_rates(self) -> None:
         lr = num(self.get("learning_rate"))
@@ -325,8 +359,13 @@ class _Translator:
             concepts.append({"image_dir": str(p if keep else base / p),
                              "instance_prompt": str(sub.get("class_tokens", "")),
                              "repeats": int(sub.get("num_repeats", 1)), "caption_mode": "caption_only"})
+            if (m := sub.get("conditioning_data_dir")) and not self.for_bot:  # the masks of --masked_loss
+                mp = Path(str(m))
+                concepts[-1]["mask_dir"] = str(mp if mp.is_absolute() or re.match(r"^[A-Za-z]:[\\/]", str(mp))
+                                               else base / mp)
             for k in sub:
-                if k not in ("image_dir", "class_tokens", "num_repeats", "is_reg") and sub[k] != ds.get(k):
+                if k not in ("image_dir", "class_tokens", "num_repeats", "is_reg", "conditioning_data_dir") \
+                        and sub[k] != ds.get(k):
                     self.out.untranslated.append(f"subset {k} = {sub[k]!r}")
         if concepts and not self.for_bot:
             self.put("concepts", concepts, "datasets.subsets")

@@ -31,7 +31,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainer.format.checkpoint import FULL_CONFIGS, TINY_CONFIGS, builtin_arch, file_arch, folder_arch
+from trainer.format.checkpoint import (
+    FULL_CONFIGS,
+    TINY_CONFIGS,
+    TOY_BASES,
+    builtin_arch,
+    file_arch,
+    folder_arch,
+)
 from trainer.models.refs import find_model
 from trainer.spec import TrainSpec
 
@@ -89,6 +96,8 @@ def model_config_name(base_model: str, arch: str | None = None, models_dir: Path
         if key is None:
             raise PlanError(f"unknown architecture {arch!r}; use sd15, sd2 or sdxl")
         return FULL_CONFIGS[key]  # type: ignore[index]
+    if base_model in TOY_BASES:  # the toy bases have their own configs (a 4x VAE: 4x the latent cells)
+        return base_model
     tiny = builtin_arch(base_model)
     if tiny is not None:
         return TINY_CONFIGS[tiny]
@@ -174,7 +183,7 @@ class MemoryPlan:
 
     def describe_job(self) -> str:
         s = self.settings
-        label = ARCH_LABEL.get(self.arch, self.arch) + (f" ({self.config})" if self.config.startswith("tiny") else "")
+        label = ARCH_LABEL.get(self.arch, self.arch) + (f" ({self.config})" if self.config.startswith(("tiny", "toy")) else "")
         return f"{label} {s.resolution} batch {s.batch}"
 
     def summary(self) -> str:
@@ -246,7 +255,7 @@ def plan_settings(spec: TrainSpec, config: str, s: Settings) -> MemoryPlan:
     p = t["params"]
     wb = s.weight_bytes
     act_bytes = 2 if wb == 2 else 4  # activations follow the compute dtype
-    latent_px = (s.resolution // 8) ** 2
+    latent_px = (s.resolution // t["vae_factor"]) ** 2  # 8 pixels per latent cell, 4 for the toy bases
     unet_w = p["unet"] * wb
     te_w = sum(p["text_encoders"]) * wb
     vae_w = p["vae"] * 4
@@ -281,13 +290,16 @@ def plan_settings(spec: TrainSpec, config: str, s: Settings) -> MemoryPlan:
                                                       int(t["vae_decode_per_pixel"] * latent_px))
     phases["training"] = train
     if s.samples:
-        sample_latent = s.sample_pixels // 64
+        sample_latent = s.sample_pixels // t["vae_factor"] ** 2
         keep = unet_w + lora_n * (4 + OPTIMIZER_STATE_BYTES[spec.optimizer.name]) + vae_w
         phases["samples"] = keep + max(te_w, int(t["unet_infer_per_pixel"] * sample_latent * 2),
                                        int(t["vae_decode_per_pixel"] * sample_latent))
     notes = []
     if spec.network.blocks:
         notes.append("block selection is not counted: the LoRA part is an upper bound")
+    if spec.network.type != "lora":  # LyCORIS rebuilds each layer's full weight change in every forward
+        notes.append(f"a {spec.network.type} network keeps a full-size weight change per trained layer for the "
+                     "backward pass, which this plan does not count: expect a higher peak than shown")
     return MemoryPlan(arch=arch, config=config, settings=s, parts=parts, phases=phases, notes=notes)
 
 

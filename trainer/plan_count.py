@@ -1,6 +1,6 @@
 """Counts behind the memory plan (``trainer.plan``), measured on the meta device: no weights, no GPU, seconds.
 
-For every config folder we ship (full-size sd15/sd2/sdxl and the tiny ones) it counts
+For every config folder we ship (full-size sd15/sd2/sdxl, the tiny and the toy ones) it counts
 
 - parameters of the UNet, the VAE and each text encoder (meta-device models built from the configs);
 - the LoRA "in + out" sums per UNet block and per text encoder (``trainer.network.targets.lora_targets``, the
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from trainer.format.checkpoint import CONFIGS_DIR, FULL_CONFIGS, TINY_CONFIGS
+from trainer.format.checkpoint import CONFIGS_DIR, FULL_CONFIGS, TINY_CONFIGS, TOY_BASES
 
 TABLE_PATH = Path(__file__).resolve().parent / "plan_table.json"
 # The resolution the activations are counted at (they are stored per latent pixel).
@@ -114,9 +114,15 @@ def _lora_sums(base: Any) -> dict[str, Any]:
     return {"unet_blocks": unet, "text_encoders": te_io}
 
 
+def vae_factor(vae: Any) -> int:
+    """Pixels per latent cell along a side: diffusers' vae_scale_factor (8 for real bases, 4 for the toy VAE)."""
+    return int(2 ** (len(vae.config.block_out_channels) - 1))
+
+
 def _unet_inputs(base: Any, batch: int, res: int, dtype: torch.dtype) -> tuple[tuple[Any, ...], dict[str, Any]]:
     meta = "meta"
-    lat = torch.zeros(batch, base.unet.config.in_channels, res // 8, res // 8, device=meta, dtype=dtype)
+    lat_side = res // vae_factor(base.vae)
+    lat = torch.zeros(batch, base.unet.config.in_channels, lat_side, lat_side, device=meta, dtype=dtype)
     hid = torch.zeros(batch, 77, base.unet.config.cross_attention_dim, device=meta, dtype=dtype)
     kw: dict[str, Any] = {"encoder_hidden_states": hid}
     if base.arch == "sdxl":
@@ -137,7 +143,9 @@ def count_config(folder: Path, res: int) -> dict[str, Any]:
         "params": {"unet": _n(base.unet), "vae": _n(base.vae), "text_encoders": [_n(t) for t in base.text_encoders]},
         "lora": _lora_sums(base),
     }
-    pixels = (res // 8) ** 2
+    factor = vae_factor(base.vae)
+    out["vae_factor"] = factor
+    pixels = (res // factor) ** 2
     bf16 = torch.bfloat16
     with _flash_attention_on_meta():
         # No-grad passes first (sampling, VAE), on the plain model.
@@ -148,7 +156,8 @@ def count_config(folder: Path, res: int) -> dict[str, Any]:
                 base.unet(*args, **kw)
             out["unet_infer_per_pixel"] = m.peak / (2 * pixels)
             with LiveBytes() as m:
-                base.vae.decode(torch.zeros(1, base.vae.config.latent_channels, res // 8, res // 8, device="meta"))
+                base.vae.decode(torch.zeros(1, base.vae.config.latent_channels, res // factor, res // factor,
+                                            device="meta"))
             out["vae_decode_per_pixel"] = m.peak / pixels
             with LiveBytes() as m:
                 base.vae.encode(torch.zeros(1, 3, res, res, device="meta"))
@@ -185,7 +194,7 @@ def count_all() -> dict[str, Any]:
     table: dict[str, Any] = {}
     for arch, name in FULL_CONFIGS.items():
         table[name] = count_config(CONFIGS_DIR / name, COUNT_RESOLUTION[arch])
-    for name in TINY_CONFIGS.values():
+    for name in (*TINY_CONFIGS.values(), *TOY_BASES):
         table[name] = count_config(CONFIGS_DIR / name, TINY_COUNT_RESOLUTION)
     return table
 

@@ -81,9 +81,17 @@ class Concept(_Strict):
     # 0: no prior preservation for this concept.
     class_count: int | None = Field(None, ge=0, le=10000)
     repeats: int = Field(1, ge=1, le=1000)
+    # masked_loss: a folder with one mask per image under the image's name (kohya's conditioning_data_dir)
+    mask_dir: str | None = None
+
+
+NETWORK_TYPES = ("lora", "loha", "lokr", "dora")
 
 
 class NetworkSpec(_Strict):
+    # lora: kohya's LoRA/LoCon (peft); loha, lokr, dora: LyCORIS' LoHa, LoKr and DoRA (lycoris-lora), saved as
+    # LyCORIS writes them (ss_network_module "lycoris.kohya"); dora is a LoRA with weight decomposition.
+    type: Literal["lora", "loha", "lokr", "dora"] = "lora"
     dim: int = Field(16, ge=1, le=1024)
     alpha: float | None = Field(None, gt=0, le=4096)  # None: alpha = dim
     conv_dim: int = Field(0, ge=0, le=1024)  # 0: plain LoRA; > 0: LoCon conv layers too
@@ -95,6 +103,9 @@ class NetworkSpec(_Strict):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)  # kohya's network_dropout: on the rank-r activations
     rank_dropout: float = Field(0.0, ge=0.0, lt=1.0)  # kohya's: whole ranks per sample, rescaled by 1/(1-p)
     module_dropout: float = Field(0.0, ge=0.0, lt=1.0)  # kohya's: a layer's whole LoRA skipped for a step
+    # LoKr: LyCORIS' factor of the Kronecker split (-1: as square as the layer allows; e.g. 8 or 16 keeps the
+    # small factor that size). A dim that is too large for the layer makes LyCORIS use full matrices (alpha unused)
+    factor: int = Field(-1, ge=-1, le=1024)
 
     @property
     def resolved_alpha(self) -> float:
@@ -104,10 +115,27 @@ class NetworkSpec(_Strict):
     def resolved_conv_alpha(self) -> float:
         return float(self.conv_alpha if self.conv_alpha is not None else max(self.conv_dim, 1))
 
+    @field_validator("type", mode="before")
+    @classmethod
+    def _type(cls, v: Any) -> Any:
+        if isinstance(v, str) and v.strip().lower() in ("locon", "networks.lora"):
+            return "lora"  # LoCon is a LoRA with conv_dim
+        if isinstance(v, str):
+            v = v.strip().lower()
+        if v not in NETWORK_TYPES:
+            raise ValueError(f"unknown network type {v!r}; choose one of {', '.join(NETWORK_TYPES)} "
+                             "(LoCon is lora with conv_dim > 0)")
+        return v
+
     @model_validator(mode="after")
     def _something_trains(self) -> NetworkSpec:
         if not self.train_unet and not self.train_text_encoder:
             raise ValueError("train_unet and train_text_encoder are both off: nothing would be trained")
+        if self.factor != -1 and (self.type != "lokr" or self.factor < 1):
+            raise ValueError(f"factor {self.factor} is for network type lokr only, and is -1 (automatic) or >= 1")
+        if self.type != "lora" and (self.dropout or self.rank_dropout or self.module_dropout):
+            raise ValueError(f"dropout, rank_dropout and module_dropout follow kohya's LoRA and are not available "
+                             f"for network type {self.type}: set them to 0 or use type lora")
         return self
 
 
@@ -261,6 +289,8 @@ class TrainSpec(_Strict):
     scale_v_pred_loss_like_noise_pred: bool = False
     v_pred_like_loss: float | None = Field(None, gt=0.0, le=10.0)
     debiased_estimation_loss: bool = False
+    # kohya's masked_loss: each image's loss weighted by its mask (concepts[].mask_dir; white learns, black not)
+    masked_loss: bool = False
     loss_type: Literal["l2", "l1", "huber", "smooth_l1"] = "l2"
     huber_schedule: Literal["snr", "exponential", "constant"] = "snr"
     huber_c: float = Field(0.1, gt=0, le=10)
@@ -282,12 +312,24 @@ class TrainSpec(_Strict):
             raise ValueError(f"min_timestep ({self.min_timestep}) must not exceed max_timestep ({self.max_timestep})")
         if self.huber_schedule == "exponential" and self.huber_c >= 1 and self.loss_type in ("huber", "smooth_l1"):
             raise ValueError("huber_schedule 'exponential' decays from huber_scale to huber_c: huber_c must be below 1")
+        with_masks = [i for i, c in enumerate(self.concepts) if c.mask_dir]
+        if self.masked_loss and not with_masks:
+            raise ValueError("masked_loss needs mask images: set mask_dir on the concepts (a folder with one mask "
+                             "per image under the image's name; white: learn, black: ignore)")
+        if with_masks and not self.masked_loss:
+            raise ValueError(f"concepts[{with_masks[0]}].mask_dir is set but masked_loss is off: set "
+                             "masked_loss = true to use the masks, or remove mask_dir")
         if self.network.blocks is not None:
             self.network.blocks = self.network.blocks.strip() or None
+        if self.init_lora is not None and self.network.type != "lora":
+            raise ValueError(f"init_lora continues a plain LoRA/LoCon; network.type {self.network.type} starts "
+                             "from scratch: leave out init_lora or use type lora")
         if self.mode == "difference":
             if self.difference is None:
                 raise ValueError("mode 'difference' needs a [difference] section with at least one pair")
-            self.pass2_spec()  # validates the pass-2 overrides now, not after pass 1 has run
+            # the copier is applied to pass 2 as a peft LoRA adapter
+            if self.network.type != "lora" or self.pass2_spec().network.type != "lora":
+                raise ValueError("mode 'difference' trains LoRA/LoCon networks only: set network.type = 'lora'")
         elif self.difference is not None:
             raise ValueError("a [difference] section needs mode = 'difference'")
         return self

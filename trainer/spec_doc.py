@@ -107,6 +107,8 @@ DESCRIPTIONS: dict[tuple[str, str], str] = {
     ("Concept", "class_prompt"): "prior preservation: the prompt of the class (e.g. \"a girl\"); unset: none",
     ("Concept", "class_dir"): "where class images are kept; missing ones are generated from class_prompt",
     ("Concept", "repeats"): "how often each image is seen per epoch (kohya's N_ folder prefix)",
+    ("NetworkSpec", "type"): "lora (LoRA/LoCon), or LyCORIS loha, lokr, dora (weight-decomposed LoRA); saved as "
+                              "LyCORIS writes them, loaded by A1111 and ComfyUI as they are",
     ("NetworkSpec", "dim"): "the LoRA rank of linear layers",
     ("NetworkSpec", "train_unet"): "train LoRA modules on the UNet",
     ("NetworkSpec", "train_text_encoder"): "train LoRA modules on the text encoder(s) too",
@@ -188,6 +190,7 @@ EXAMPLE_VALUES: dict[str, str] = {
     "adaptive_noise_scale": "adaptive_noise_scale = 0.01", "multires_noise_iterations": "multires_noise_iterations = 6",
     "ip_noise_gamma": "ip_noise_gamma = 0.1", "min_timestep": "min_timestep = 100", "max_timestep": "max_timestep = 900",
     "v_pred_like_loss": "v_pred_like_loss = 0.1", "init_lora": 'init_lora = "runs/first/outputs/lora.safetensors"',
+    "mask_dir": 'mask_dir = "images/masks"',
 }
 
 

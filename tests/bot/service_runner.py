@@ -32,6 +32,8 @@ def make_config(data_dir: Path) -> Config:
         "limits": {"max_queued_per_user": 50, "daily_gpu_minutes_per_user": 0, "stall_timeout_s": 300},
         "workers": {"devices": ["cpu"], "restart_backoff_s": 0.2, "worker_cmd": cmd,
                     "env_pass": ["STUB_STEP_S"]},
+        # the Ray executor tests (tests/cogs/test_ray.py) run this bot against their cluster
+        "executor": json.loads(os.environ.get("LORAFORGE_TEST_EXECUTOR") or "{}"),
     })
 
 

@@ -53,7 +53,7 @@ def make_config(tmp: Path, fake: Any, *, real_worker: bool = False, **sections: 
               "cancel_grace_s": 20, "cooldown_s": 0, **sections.pop("limits", {})}
     return config_from_dict({
         "paths": {"data_dir": str(tmp / "data"), "models_dir": str(tmp / "models")},
-        "discord": discord_cfg, "workers": workers, "limits": limits,
+        "discord": discord_cfg, "workers": workers, "limits": limits, **sections,
     })
 
 

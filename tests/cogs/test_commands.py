@@ -163,7 +163,8 @@ async def test_toml_job_file_and_options_override_it(fake_discord, bot):
 async def test_every_train_option_reaches_the_spec(fake_discord, bot):
     fake = fake_discord
     await make_dataset(fake, bot, class_prompt="cat")
-    opts = {"dataset": "cats", "base_model": "tiny-sdxl", "trigger_word": " scs cat ", "steps": 12, "dim": 16,
+    opts = {"dataset": "cats", "base_model": "tiny-sdxl", "trigger_word": " scs cat ", "steps": 12,
+            "network_type": "lokr", "dim": 16,
             "alpha": 8.0, "conv_dim": 8, "conv_alpha": 4.0, "learning_rate": 5e-5, "optimizer": "Lion",
             "scheduler": "cosine", "batch_size": 2, "resolution": 512, "seed": 1111, "train_text_encoder": True,
             "sample_prompt": " chibi scs cat ", "output_name": "fast-all"}
@@ -172,7 +173,7 @@ async def test_every_train_option_reaches_the_spec(fake_discord, bot):
     spec = (await bot.repo.list_jobs())[0].spec
     assert spec["base_model"] == "tiny-sdxl" and spec["steps"] == 12 and spec["seed"] == 1111
     net = spec["network"]
-    assert (net["dim"], net["alpha"], net["conv_dim"], net["conv_alpha"]) == (16, 8.0, 8, 4.0)
+    assert (net["type"], net["dim"], net["alpha"], net["conv_dim"], net["conv_alpha"]) == ("lokr", 16, 8.0, 8, 4.0)
     assert net["train_text_encoder"] is True
     opt = spec["optimizer"]
     assert (opt["name"], opt["lr"], opt["scheduler"]) == ("Lion", 5e-5, "cosine")

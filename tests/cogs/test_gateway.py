@@ -8,6 +8,8 @@ import asyncio
 
 from cogkit import add_images, answer
 
+from bot.resume import saved_step
+
 
 async def gw_command(fake, name, options=None, timeout=15.0, **kw):
     payload = fake.slash_command(name, options, **kw)
@@ -87,9 +89,8 @@ async def test_job_resumes_after_restart_and_is_delivered_once(fake_discord, bot
     async with fake.running(bot1):
         await asyncio.wait_for(bot1.service_ready.wait(), 30)
         job_id = await start_slow_job(fake, bot1, steps=80)
-        state = bot1.files.job_state_dir(job_id) / "step.txt"
-        await fake.wait_for(lambda: state.exists() and int(state.read_text()) >= 10, 15)
-    saved = int(state.read_text())
+        await fake.wait_for(lambda: (saved_step(bot1.files, job_id) or 0) >= 10, 15)
+    saved = saved_step(bot1.files, job_id)
 
     bot2 = bot_factory()
     async with fake.running(bot2):

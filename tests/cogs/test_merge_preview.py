@@ -76,6 +76,15 @@ def lora_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     sd[k][0, 0] = float("nan")  # a diverged training run: only the worker (with torch) can see this
     save_kohya(d / "nan.safetensors", sd, md)
     out["nan.safetensors"] = (d / "nan.safetensors").read_bytes()
+    from trainer.format.metadata import build_metadata
+    from trainer.network.lycoris_net import LycorisNetwork
+
+    for algo in ("loha", "dora"):  # LyCORIS files (zero-initialised changes: fine for the checks here)
+        net = LycorisNetwork.create(sd15, algo, 4, 2.0, seed=6)
+        net.save(d / f"{algo}.safetensors", build_metadata("sd1", 4, 2.0, base_model_name="tiny-sd15",
+                                                           output_name=algo, resolution=64, network_type=algo))
+        net.remove()
+        out[f"{algo}.safetensors"] = (d / f"{algo}.safetensors").read_bytes()
     sd, md = _random_lora(load_base("tiny-sdxl"), 4, 4, "xl", "tiny-sdxl")
     save_kohya(d / "xl.safetensors", sd, md)
     out["xl.safetensors"] = (d / "xl.safetensors").read_bytes()
@@ -262,6 +271,8 @@ async def test_bad_files_are_refused_before_queueing(fake_discord: Any, bot: Any
     text = await refusal(fake, bot, {"lora1": a("front.safetensors"), "lora2": a("side.safetensors"),
                                      "ratios": "0.6,0.6,0.6"})
     assert "3 values for 2 LoRAs" in text
+    text = await refusal(fake, bot, {"lora1": a("front.safetensors"), "lora2": a("dora.safetensors")})
+    assert "`dora.safetensors` is a DoRA network" in text and "into_checkpoint" in text, text
     text = await refusal(fake, bot, {"lora1": a("front.safetensors"), "rank": "big"})
     assert "`rank`" in text
     text = await refusal(fake, bot, {"prompt": "chibi scs girl", "lora": a("xl.safetensors"),
@@ -403,6 +414,13 @@ async def test_train_init_lora_starts_from_an_attached_lora(fake_discord: Any, b
     rec = await run_command(fake, bot, "train", {**base, "dim": 8,
                                                  "init_lora": attach(fake, lora_files, "front.safetensors")}, user="bob")
     assert "has rank 4, but dim is 8" in answer(rec) and "dim:4" in answer(rec), answer(rec)
+    rec = await run_command(fake, bot, "train", {**base, "init_lora": attach(fake, lora_files, "loha.safetensors")},
+                            user="bob")
+    assert "continues a plain LoRA/LoCon (`loha.safetensors` is LoHa" in answer(rec), answer(rec)
+    rec = await run_command(fake, bot, "train", {**base, "network_type": "dora",
+                                                 "init_lora": attach(fake, lora_files, "front.safetensors")},
+                            user="bob")
+    assert "this job trains network type dora" in answer(rec) and "Nothing was queued" in answer(rec), answer(rec)
     job_file = fake.add_attachment("job.toml", b'init_lora = "/srv/someone-else/secret.safetensors"\n')
     rec = await run_command(fake, bot, "train", {**base, "job_file": job_file}, user="bob")
     assert "names a file on the server" in answer(rec), answer(rec)  # only an attachment can be continued

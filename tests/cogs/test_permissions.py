@@ -25,7 +25,7 @@ async def test_others_jobs_are_invisible_and_untouchable(fake_discord, bot, monk
     # carol (no role) and a second trainer both get the same "no such job" answer
     dave = fake.add_user("dave", roles=[fake.role_ids["trainer"]])
     for who in ("carol", dave):
-        for cmd, sub, extra in (("cancel", None, {}), ("retrain", None, {}), ("job", "show", {}),
+        for cmd, sub, extra in (("cancel", None, {}), ("retrain", None, {}), ("resume", None, {}), ("job", "show", {}),
                                 ("job", "delete", {"confirm": True})):
             rec = await run_command(fake, bot, cmd, {"id": 1, **extra}, user=who, subcommand=sub)
             text = answer(rec)

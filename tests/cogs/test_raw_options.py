@@ -226,7 +226,7 @@ async def test_job_ids_that_cannot_exist_say_no_such_job(world, ref):
         rec = await run_command(fake, bot, "job", {"id": ref}, user="bob", subcommand=sub)
         assert "No job of yours" in answer(rec) and "`id`" in answer(rec), answer(rec)
         assert rec.original.ephemeral
-    for name in ("cancel", "retrain"):
+    for name in ("cancel", "retrain", "resume"):
         rec = await run_command(fake, bot, name, {"id": ref}, user="bob")
         assert "No job of yours" in answer(rec), answer(rec)
 

@@ -14,7 +14,8 @@ Behaviour per job from the spec's output_name prefix:
   "crash" started, then the process segfaults (SIGSEGV)
   "oom"   started, prints a CUDA OOM to stderr, exits 1
 A merge spec with ``into_checkpoint`` writes one "checkpoint" file (no lora, grid or plot), as the engine does.
-Resume: a job started again finds its state file (written every 5 steps) and reports resumed_from.
+Resume: a job started again finds its newest state (`state/step-<n>/state.json`, as the engine names them; written
+every 5 steps and on a cancel) and reports resumed_from.
 Every job id it starts is appended to $FAKE_WORKER_LOG (one line each), so tests can check that
 no job ran twice. With $STUB_DUMP_ENV set it writes its whole environment to stderr (its worker log).
 """
@@ -87,6 +88,12 @@ def die_early(name: str) -> None:
         os._exit(1)
 
 
+def save_state(job_dir: Path, step: int) -> None:
+    folder = job_dir / "state" / f"step-{step:08d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "state.json").write_text(json.dumps({"step": step}))
+
+
 def run(cmd: dict) -> None:
     job_id = int(cmd["job_id"])
     spec = cmd["spec"]
@@ -97,14 +104,15 @@ def run(cmd: dict) -> None:
     if os.environ.get("FAKE_WORKER_LOG"):
         with open(os.environ["FAKE_WORKER_LOG"], "a") as f:
             f.write(f"{job_id}\n")
-    state = job_dir / "state" / "step.txt"
-    start = int(state.read_text()) if state.exists() else 0
+    start = max((int(p.parent.name.split("-")[1]) for p in (job_dir / "state").glob("step-*/state.json")), default=0)
     ev(job_id, type="started", total_steps=steps, kind=spec.get("kind"), resumed_from=start)
     die_early(name)
     ev(job_id, type="phase", name="training")
     for s in range(start + 1, steps + 1):
         if job_id in cancelled:
-            ev(job_id, type="cancelled", outputs={})
+            if s - 1 > start:
+                save_state(job_dir, s - 1)  # as the engine does: a cancel keeps every step done
+            ev(job_id, type="cancelled", outputs={}, step=s - 1)
             send({"type": "done", "job_id": job_id, "state": "cancelled", "error": None})
             return
         if step_s:
@@ -117,8 +125,7 @@ def run(cmd: dict) -> None:
             live.write_bytes(png(rgb=(min(255, 10 * s), 40, 40)))
             ev(job_id, type="preview", path=str(live), step=s, total=steps, label="seed 1111")
         if s % 5 == 0:
-            state.parent.mkdir(parents=True, exist_ok=True)
-            state.write_text(str(s))
+            save_state(job_dir, s)
         if name.startswith("fail") and s >= 2:
             ev(job_id, type="failed", error="the loss became NaN at step 2", reason="nan")
             send({"type": "done", "job_id": job_id, "state": "failed", "error": "the loss became NaN at step 2"})

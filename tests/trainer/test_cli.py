@@ -137,3 +137,22 @@ def test_ctrl_c_saves_the_state_and_a_rerun_resumes_from_that_step(tmp_path: Pat
     assert f"resuming from step {step}" in r.stdout
     assert f"finished: 2 steps in this run (resumed at step {step}; {step + 2} in total)" in r.stdout
     assert f"re-planned at step {step}: 5000 -> {step + 2} steps" in r.stdout
+
+
+def test_sigterm_stops_and_saves_like_ctrl_c() -> None:
+    """`docker stop` / systemd send SIGTERM: the same stop-and-save as the first Ctrl-C (tested end to end above),
+    a second signal aborts, and the old handlers come back afterwards."""
+    import signal
+
+    import pytest
+
+    from trainer.jobs.cli import StopOnSignal
+
+    before = signal.getsignal(signal.SIGTERM)
+    with StopOnSignal() as stop:
+        assert not stop()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop()  # the loop's should_stop: finish the step, save the LoRA and state, exit 130
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -156,3 +156,36 @@ def test_lr_warmup_steps_as_kohya_reads_it(given: object, kept: float) -> None:
     # the kohya_ss GUI's percent field is the same share
     gui = translate({"network_dim": 8, "max_train_steps": 200, "lr_warmup": 10})
     assert gui.values["optimizer"]["warmup_steps"] == 0.1
+
+
+def test_lycoris_network_module_sets_the_network_type() -> None:
+    from trainer.kohya_import import translate
+    from trainer.kohya_read import parse_command_line
+
+    def net_type(args: dict) -> tuple[str | None, list[str]]:
+        out = translate({"network_dim": 8, **args})
+        return out.values.get("network", {}).get("type"), out.untranslated
+
+    line = ('accelerate launch train_network.py --network_module=lycoris.kohya --network_dim=8 '
+            '--network_args "algo=lokr" "conv_dim=4" "factor=8"')
+    t, lost = net_type(parse_command_line(line))
+    assert t == "lokr" and translate(parse_command_line(line)).values["network"]["factor"] == 8
+    line = line.replace('"factor=8"', '"decompose_both=True"')
+    assert any("decompose_both=True" in x for x in net_type(parse_command_line(line))[1])  # no equivalent: reported
+    assert net_type({"network_module": "lycoris.kohya", "network_args": ["algo=locon", "dora_wd=True"]})[0] == "dora"
+    assert net_type({"network_module": "lycoris.kohya", "network_args": ["algo=loha"]})[0] == "loha"
+    assert net_type({"LoRA_type": "LyCORIS/LoHa"})[0] == "loha"
+    t, lost = net_type({"network_module": "lycoris.kohya", "network_args": ["algo=ia3"]})
+    assert t is None and any("algo=ia3 has no equivalent" in x for x in lost)
+
+
+def test_masked_loss_and_conditioning_data_dir_become_mask_dir(tmp_path: Path) -> None:
+    """kohya's --masked_loss reads each subset's masks from its conditioning_data_dir (same file names)."""
+    from trainer.kohya_import import translate
+
+    cfg = {"datasets": [{"subsets": [{"image_dir": "img", "conditioning_data_dir": "masks"}]}]}
+    out = translate({"network_dim": 8, "masked_loss": True, **cfg}, tmp_path)
+    assert out.values["masked_loss"] is True and not out.untranslated, out.untranslated
+    assert out.values["concepts"][0]["mask_dir"] == str(tmp_path / "masks")
+    bot = translate({"network_dim": 8, "masked_loss": True, **cfg}, tmp_path, for_bot=True)
+    assert "masked_loss" not in bot.values and any("no mask folder" in u for u in bot.untranslated)

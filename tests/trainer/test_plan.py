@@ -82,6 +82,7 @@ def test_auto_settings_pick_the_cheapest_that_fits() -> None:
 
 def test_architecture_of_the_base_model() -> None:
     assert model_config_name("tiny-sdxl") == "tiny-sdxl"
+    assert model_config_name("toy-sd15") == "toy-sd15"  # its own config: a 4x VAE
     assert model_config_name("anything", arch="SD15") == "sd15"
     assert model_config_name(str(CONFIGS_DIR / "sdxl")) == "sdxl"  # a diffusers folder, by its configs
     with pytest.raises(PlanError, match="cannot tell the architecture"):
@@ -99,11 +100,12 @@ def test_table_matches_the_shipped_configs() -> None:
     config changes its parameter counts or LoRA widths, checked here on the meta device (the activation counts take
     a minute, so they are not recounted here)."""
     from trainer.models.base import meta_model
-    from trainer.plan_count import _lora_sums
+    from trainer.plan_count import _lora_sums, vae_factor
 
-    for name in ("tiny-sd15", "tiny-sdxl", "sd15"):
+    for name in ("tiny-sd15", "tiny-sdxl", "toy-sd15", "toy-sdxl", "sd15"):
         base = meta_model(CONFIGS_DIR / name)
         stored = table()[name]
+        assert stored["vae_factor"] == vae_factor(base.vae), name
         assert stored["params"]["unet"] == sum(p.numel() for p in base.unet.parameters()), name
         assert stored["params"]["text_encoders"] == [sum(p.numel() for p in t.parameters())
                                                      for t in base.text_encoders], name

@@ -29,6 +29,8 @@ VARIANTS = {
                              "min_snr_gamma": 5.0, "noise_offset": 0.05, "multires_noise_iterations": 3,
                              "ip_noise_gamma": 0.1, "loss_type": "huber",
                              "data": {"resolution": 64, "cache_latents": False, "random_flip": True}},
+    # a LyCORIS network (DoRA: LoRA factors and the trained magnitude) saved and restored through the state
+    "dora": {"network": {"type": "dora"}},
 }
 
 
@@ -158,3 +160,25 @@ def test_more_steps_extend_a_finished_run(tmp_path: Path, dataset: Path, make_sp
         train(make_spec(dataset, steps=5, optimizer=opt), tmp_path / "job")
     with pytest.raises(JobFailed, match=r"different settings: network\.dim \(saved 4, now 8\); steps"):
         train(make_spec(dataset, steps=8, optimizer=opt, network={"dim": 8}), tmp_path / "job")
+
+
+def test_a_cancelled_jobs_state_continues_in_another_job_folder(tmp_path: Path, dataset: Path, make_spec,
+                                                                 stop_after) -> None:
+    """The bot's /resume: a cancel saves the step reached; the new job's folder is seeded with that state (hard
+    links) and the engine continues there, leaving the cancelled job's state as it was."""
+    from bot.resume import saved_step, seed_state
+    from storage.files import FileStore
+
+    files = FileStore(tmp_path / "data")
+    spec = make_spec(dataset, steps=5, state_every_n_steps=50)
+    with pytest.raises(JobCancelled):
+        s = stop_after(3)
+        train(spec, files.make_job_dirs(1), on_event=s.sink, should_stop=s.stop)
+    assert saved_step(files, 1) == 3  # the cancel saved it (the periodic state is every 50 steps)
+    seed_state(files, 1, 2)
+    events: list[dict[str, Any]] = []
+    out = train(spec, files.make_job_dirs(2), on_event=events.append)
+    summary = events[-1]["summary"]
+    assert events[0]["resumed_from"] == 3 and summary["steps"] == 5 and summary["steps_this_run"] == 2
+    assert json.loads(Path(out["loss_history"]).read_text())["steps"] == [1, 2, 3, 4, 5]
+    assert saved_step(files, 1) == 3 and saved_step(files, 2) == 5

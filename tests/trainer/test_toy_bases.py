@@ -52,17 +52,41 @@ def test_pretraining_is_reproducible(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_a_toy_file_loads_with_its_own_config(tmp_path: Path) -> None:
-    """The toy layouts share the tiny UNets; the file's metadata picks the toy config (its VAE normalises all
-    channels together), through the same single-file loader as any checkpoint."""
+    """The file's metadata picks the toy config (a 4x VAE normalising all channels together, 16x16 latents at
+    64 px, word-level tokenizers), through the same single-file loader as any checkpoint; a re-saved toy model
+    (a merge) keeps saying it is one."""
+    from trainer.infer.pipeline import native_size
     from trainer.models.load import load_base
     from trainer.models.single_file import save_single_file
+    from trainer.plan_count import vae_factor
     from trainer.toy import pretrain as P
 
     base = P.skeleton("sd15")
     toy = save_single_file(base, tmp_path / "toy.safetensors", metadata={"loraforge.config": "toy-sd15"})
     loaded = load_base(toy)
     assert loaded.vae.config.norm_num_groups == 1 and loaded.extra["config"] == "toy-sd15"
+    assert vae_factor(loaded.vae) == 4 and native_size(loaded) == 64
     assert torch.equal(loaded.vae.decoder.conv_out.weight, base.vae.decoder.conv_out.weight)
     assert loaded.tokenizers[0]("red circle").input_ids == base.tokenizers[0]("red circle").input_ids
-    plain = load_base(save_single_file(base, tmp_path / "plain.safetensors"))
-    assert plain.vae.config.norm_num_groups == 4 and plain.extra["config"] == "tiny-sd15"
+    merged = load_base(save_single_file(loaded, tmp_path / "merged.safetensors"))
+    assert merged.extra["config"] == "toy-sd15"
+
+
+def test_toy_tokenizer_has_a_token_per_caption_word() -> None:
+    """Like CLIP's vocabulary for common words: every word of a toy caption is one token (a colour word is the
+    same token wherever it stands), any other word falls back to byte tokens; the tiny models keep bytes."""
+    from trainer.models.tokenizers import build_local_tokenizer, tokenizers_for
+    from trainer.toy import pretrain as P
+    from trainer.toy.world import CAPTION_WORDS, Scene
+
+    tok = tokenizers_for("sd1", "toy-sd15")[0]
+    for w in CAPTION_WORDS:
+        assert len(tok(w, add_special_tokens=False).input_ids) == 1, w
+    ids = tok(Scene("girl", "red", "green", "small", "stripes").caption()).input_ids
+    assert tok.convert_ids_to_tokens(ids)[1:-1] == ["small</w>", "chibi</w>", "girl</w>", "in</w>", "red</w>",
+                                                    "dress</w>", "on</w>", "green</w>", "with</w>", "stripes</w>"]
+    assert tok.convert_ids_to_tokens(tok("zqx", add_special_tokens=False).input_ids) == ["z", "q", "x</w>"]
+    assert tok("reds", add_special_tokens=False).input_ids != tok("red", add_special_tokens=False).input_ids
+    assert len(tokenizers_for("sd1", "tiny-sd15")[0]) == len(build_local_tokenizer()) == 514
+    sdxl = P.skeleton("sdxl")
+    assert [te.config.vocab_size for te in sdxl.text_encoders] == [len(tok), len(tok)]

@@ -55,6 +55,7 @@ class ImageItem:
     repeats: int = 1
     loss_weight: float = 1.0  # prior preservation gives class images prior_loss_weight
     is_class: bool = False
+    mask: Path | None = None  # masked loss: the mask image (trainer.data.masks)
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -97,8 +98,13 @@ def scan_concept(concept: Concept, index: int, trigger: str | None) -> list[Imag
             f"image folder {folder} has no images ({', '.join(IMAGE_EXTS)}); add some images to it",
             reason="bad_input",
         )
+    masks: list[Path | None] = [None] * len(images)
+    if concept.mask_dir:
+        from trainer.data.masks import find_masks
+
+        masks = list(find_masks(images, Path(concept.mask_dir).expanduser(), f"concepts[{index}]"))
     return [ImageItem(path=p, caption=build_caption(concept, read_caption_file(p), trigger), concept_index=index,
-                      repeats=concept.repeats) for p in images]
+                      repeats=concept.repeats, mask=m) for p, m in zip(images, masks, strict=True)]
 
 
 def scan_dataset(spec: TrainSpec) -> list[ImageItem]:
@@ -146,6 +152,8 @@ def dataset_fingerprint(items: Sequence[ImageItem]) -> str:
     for it in items:
         size = it.path.stat().st_size if it.path.exists() else -1
         h.update(f"{it.path}\0{size}\0{it.caption}\0{it.repeats}\0{it.loss_weight}\0{it.is_class}\n".encode())
+        if it.mask is not None:  # only then: fingerprints of mask-free data stay what they were
+            h.update(f"mask {it.mask}\0{it.mask.stat().st_size if it.mask.exists() else -1}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -163,6 +171,7 @@ class Sample:
     pixels: torch.Tensor | None = None  # [3, H, W] in [-1, 1] (when latents are not cached)
     latents: torch.Tensor | None = None  # [C, h, w], already scaled
     is_class: bool = False
+    mask: torch.Tensor | None = None  # [1, H, W] uint8 loss mask (masked loss)
 
 
 @dataclass
@@ -175,6 +184,7 @@ class Batch:
     encoder_hidden_states: torch.Tensor | None = None  # cached text outputs, when enabled
     pooled: torch.Tensor | None = None  # SDXL pooled text embeds (cached)
     add_time_ids: torch.Tensor | None = None  # SDXL [b, 6]: original size, crop top-left, target size
+    mask: torch.Tensor | None = None  # [b, 1, H, W] uint8 loss masks (255 where a sample has none)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -218,6 +228,7 @@ class TrainData:
     _latents: dict[tuple[int, bool], torch.Tensor] = field(default_factory=dict)
     _text: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
     _geometry: dict[int, Cropped] = field(default_factory=dict)
+    _masks: dict[tuple[int, bool], torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.has_class = any(it.is_class for it in self.items)
@@ -282,6 +293,7 @@ class TrainData:
         for i in range(len(self.items)):
             self._geometry[i] = self.cropped(i)
             self._geometry[i].image = None  # type: ignore[assignment]  # keep sizes, not pixels
+            self.mask_for(i, False)  # a broken mask fails now too
             if on_progress:
                 on_progress(i + 1, len(self.items))
 
@@ -289,6 +301,17 @@ class TrainData:
         c = self.cropped(index)
         img = ImageOps.mirror(c.image) if flipped else c.image
         return to_tensor(img), c
+
+    def mask_for(self, index: int, flipped: bool) -> torch.Tensor | None:
+        """The item's loss mask at its bucket size (kept: a byte per pixel), or None without one."""
+        it = self.items[index]
+        if it.mask is None:
+            return None
+        if (index, flipped) not in self._masks:
+            from trainer.data.masks import load_mask
+
+            self._masks[(index, flipped)] = load_mask(it.mask, it.path, self.bucket(index), flipped)
+        return self._masks[(index, flipped)]
 
     def cache_latents(self, vae, on_progress: Callable[[int, int], None] | None = None) -> None:
         """Encode every image once at its bucket size (both orientations when flipping)."""
@@ -320,10 +343,11 @@ class TrainData:
         if (index, flipped) in self._latents:
             g = self._geometry[index]
             return Sample(index, caption, g.original_size, g.crop_top_left, g.target_size, flipped,
-                          it.loss_weight, latents=self._latents[(index, flipped)], is_class=it.is_class)
+                          it.loss_weight, latents=self._latents[(index, flipped)], is_class=it.is_class,
+                          mask=self.mask_for(index, flipped))
         px, c = self.pixels(index, flipped)
         return Sample(index, caption, c.original_size, c.crop_top_left, c.target_size, flipped,
-                      it.loss_weight, pixels=px, is_class=it.is_class)
+                      it.loss_weight, pixels=px, is_class=it.is_class, mask=self.mask_for(index, flipped))
 
     def batch(self, micro_batch: int) -> Batch:
         samples = [self.sample(e, p, i) for e, p, i in self.order.positions(micro_batch)]
@@ -344,6 +368,9 @@ class TrainData:
             b.latents = torch.stack([s.latents for s in samples])  # type: ignore[misc]
         else:
             b.pixels = torch.stack([s.pixels for s in samples])  # type: ignore[misc]
+        if any(s.mask is not None for s in samples):  # a sample without a mask counts everywhere
+            b.mask = torch.stack([s.mask if s.mask is not None else torch.full((1, *s.target_size), 255,
+                                  dtype=torch.uint8) for s in samples])
         if self._text and all(c in self._text for c in captions_):
             b.encoder_hidden_states = torch.stack([self._text[c][0] for c in captions_])
             if self._text[captions_[0]][1] is not None:

@@ -12,7 +12,8 @@ text names the file and says what to do; callers with their own error class re-r
 Public API:
 - ``parse_header(head, size, name)``, ``read_file_header(path, name)``: checked (tensor entries, metadata).
 - ``pickle_refusal(name, what)``: the one message for pickled files (``.ckpt``/``.pt``/``torch.save``).
-- ``check_lora_layout(dtypes_shapes, where)``: kohya key names, dtypes, down/up pairs -> module -> (kind, down, up).
+- ``check_lora_layout(dtypes_shapes, where)``: kohya key names, dtypes, down/up pairs -> module -> (kind, down, up);
+  LyCORIS layers (LoHa, LoKr, DoRA: ``trainer.format.lyco_layout``) as the shapes a LoRA of that layer would have.
 - ``layer_kind``, ``diagnose_foreign``, ``lora_arch``; key helpers ``module_of``, ``is_lora_key``.
 """
 
@@ -25,6 +26,17 @@ import struct
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
+
+from trainer.format.lyco_layout import (
+    ALGO_NAMES,
+    DORA_PART,
+    LYCO_SUFFIXES,
+    Algo,
+    LycoLayoutError,
+    algo_of,
+    dora_fits,
+    module_layout,
+)
 
 Arch = Literal["sd1", "sd2", "sdxl"]
 Kind = Literal["linear", "conv1x1", "conv3x3"]
@@ -182,17 +194,32 @@ def dtypes_and_shapes(header: Mapping[str, Mapping[str, Any]]) -> dict[str, tupl
 # ----------------------------------------------------------------------------------- kohya layout
 
 
+SUFFIXES = (SUFFIX_DOWN, SUFFIX_UP, SUFFIX_ALPHA, *LYCO_SUFFIXES)
+
+
 def module_of(key: str) -> str:
-    """``<module>.lora_down.weight`` -> ``<module>`` (also for ``.lora_up.weight`` and ``.alpha``)."""
-    for s in (SUFFIX_DOWN, SUFFIX_UP, SUFFIX_ALPHA):
+    """``<module>.lora_down.weight`` -> ``<module>`` (also ``.lora_up.weight``, ``.alpha`` and LyCORIS parts)."""
+    for s in SUFFIXES:
         if key.endswith(s):
             return key[: -len(s)]
     return key
 
 
+def part_of(key: str) -> str:
+    """``<module>.hada_w1_a`` -> ``hada_w1_a``: the tensor's part name after the module name."""
+    return key[len(module_of(key)) + 1:]
+
+
 def is_lora_key(key: str) -> bool:
-    return key.startswith(PREFIXES) and key.endswith((SUFFIX_DOWN, SUFFIX_UP, SUFFIX_ALPHA)) \
-        and "." not in module_of(key)
+    return key.startswith(PREFIXES) and key.endswith(SUFFIXES) and "." not in module_of(key)
+
+
+def module_algos(keys: Sequence[str]) -> dict[str, Algo]:
+    """Module -> "lora" / "loha" / "lokr" from a file's (kohya/LyCORIS) keys."""
+    parts: dict[str, list[str]] = {}
+    for k in keys:
+        parts.setdefault(module_of(k), []).append(part_of(k))
+    return {m: algo_of(p) for m, p in parts.items()}
 
 
 def diagnose_foreign(keys: Sequence[str], where: str) -> str | None:
@@ -202,10 +229,10 @@ def diagnose_foreign(keys: Sequence[str], where: str) -> str | None:
            for k in keys):
         return (f"{where} is a full Stable Diffusion checkpoint (a base model), not a LoRA; use it as a base model "
                 "instead, or send the LoRA file.")
-    if "hada_w1" in joined or "lokr_w1" in joined or ".oft_" in joined:
-        return f"{where} is a LyCORIS LoHa/LoKr/OFT file; only LoRA and LoCon files are supported."
-    if "dora_scale" in joined:
-        return f"{where} is a DoRA LoRA (it has dora_scale); only plain LoRA/LoCon files are supported."
+    if ".oft_" in joined or ".lora_mid." in joined or ".ia3_" in joined or ".lokr_t1" in joined \
+            or ".on_input" in joined or ".a1.weight" in joined:
+        return (f"{where} is a LyCORIS network of a kind loraforge does not read (OFT, GLoRA, IA3 or a Tucker "
+                "LoCon); LoRA, LoCon, LoHa, LoKr and DoRA files are supported.")
     if any(".lora_A." in k or ".lora_B." in k or ".lora.down." in k or "_lora.down." in k for k in keys):
         return (f"{where} is a diffusers/PEFT-format LoRA (lora_A/lora_B keys), not a kohya file; "
                 "convert it to kohya format first.")
@@ -251,21 +278,38 @@ def check_lora_layout(tensors: Mapping[str, tuple[str, Sequence[int]]], where: s
         raise HeaderError(diagnose_foreign(keys, where) or (
             f"{where} is not a kohya LoRA: {len(foreign)} tensor(s) are not kohya LoRA parts, e.g. "
             f"{', '.join('`' + k + '`' for k in foreign[:3])}. A kohya LoRA holds only "
-            "<lora_unet_|lora_te_|lora_te1_|lora_te2_ name>.lora_down.weight / .lora_up.weight / .alpha (A1111 "
-            "refuses other files too): remove those tensors or re-export the LoRA."))
+            "<lora_unet_|lora_te_|lora_te1_|lora_te2_ name>.lora_down.weight / .lora_up.weight / .alpha, or the "
+            "LyCORIS LoHa/LoKr/DoRA parts (A1111 refuses other files too): remove those tensors or re-export it."))
     for k, (d, _) in tensors.items():
         if d not in FLOAT_DTYPES and not (k.endswith(SUFFIX_ALPHA) and d in INT_DTYPES):
             raise HeaderError(f"{where}: tensor `{k}` has dtype {d}; LoRA weights must be F16, BF16, F32 or F64 "
                               "(an alpha may also be an integer).")
     modules: dict[str, tuple[Kind, list[int], list[int]]] = {}
-    for m in sorted({module_of(k) for k in keys}):
-        d, u, a = tensors.get(m + SUFFIX_DOWN), tensors.get(m + SUFFIX_UP), tensors.get(m + SUFFIX_ALPHA)
-        if d is None or u is None:
-            missing = "lora_down.weight" if d is None else "lora_up.weight"
-            raise HeaderError(f"{where}: module `{m}` has no {missing}; the file is incomplete. Re-export it.")
-        if a is not None and math.prod(a[1]) != 1:
-            raise HeaderError(f"{where}: `{m}.alpha` has shape {list(a[1])}; alpha must be a single number.")
-        modules[m] = (layer_kind(m, d[1], u[1], where), list(d[1]), list(u[1]))
+    parts: dict[str, dict[str, list[int]]] = {}
+    for k, (_, shape) in tensors.items():
+        parts.setdefault(module_of(k), {})[part_of(k)] = list(shape)
+    for m in sorted(parts):
+        p = parts[m]
+        a = p.get("alpha")
+        if a is not None and math.prod(a) != 1:
+            raise HeaderError(f"{where}: `{m}.alpha` has shape {a}; alpha must be a single number.")
+        algo = algo_of(list(p))
+        if algo == "lora":
+            d, u = p.get("lora_down.weight"), p.get("lora_up.weight")
+            if d is None or u is None:
+                missing = "lora_down.weight" if d is None else "lora_up.weight"
+                raise HeaderError(f"{where}: module `{m}` has no {missing}; the file is incomplete. Re-export it.")
+            modules[m] = (layer_kind(m, d, u, where), d, u)
+        else:
+            try:
+                modules[m] = module_layout(m, p)[1]  # type: ignore[assignment]
+            except LycoLayoutError as e:
+                raise HeaderError(f"{where}: {ALGO_NAMES[algo]} module `{m}` {e}. Re-export it.") from None
+        dora = p.get(DORA_PART)
+        kind, d, u = modules[m]
+        if dora is not None and not dora_fits(dora, kind, d[1], u[0]):
+            raise HeaderError(f"{where}: `{m}.dora_scale` has shape {dora}, which fits neither the layer's input "
+                              f"({d[1]}) nor its output ({u[0]}). Re-export the DoRA file.")
     return modules
 
 

@@ -1,7 +1,7 @@
 """The kohya LoRA file: writing it atomically with its hashes, and reading it safely.
 
 A file holds, per module, `<name>.lora_down.weight`, `<name>.lora_up.weight` and `<name>.alpha` and nothing else
-(facts.md section 1). Files are read with safetensors only and checked header-first by ``trainer.format.header``
+(facts.md section 1); LyCORIS files (LoHa, LoKr, DoRA) hold their own parts instead (``trainer.format.lyco``). Files are read with safetensors only and checked header-first by ``trainer.format.header``
 (the parser the bot uses too, so both refuse a bad file in the same words): a bad upload costs a clear message and
 no memory. Metadata and hashes: ``trainer.format.metadata``. Which base module each LoRA module fits:
 ``trainer.network.targets.check_compatible``.
@@ -36,10 +36,14 @@ from trainer.format.header import (
     dtypes_and_shapes,
     is_lora_key,
     lora_arch,
+    module_of,
     parse_header,
+    part_of,
     quote,
     read_file_header,
 )
+from trainer.format.lyco import LycoModule, dora_change
+from trainer.format.lyco_layout import algo_of
 from trainer.format.metadata import file_model_hash, legacy_hash_of_bytes, model_hash_of_bytes
 
 if TYPE_CHECKING:
@@ -63,33 +67,75 @@ class LoraModule:
     up: torch.Tensor
     alpha: float
     kind: Kind
+    dora_scale: torch.Tensor | None = None  # DoRA (LyCORIS weight decomposition)
+    algo = "lora"
 
     @property
     def rank(self) -> int:
         return int(self.down.shape[0])
 
     @property
+    def in_features(self) -> int:
+        return int(self.down.shape[1])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.up.shape[0])
+
+    @property
     def scale(self) -> float:
         return self.alpha / self.rank
+
+    @property
+    def needs_base(self) -> bool:
+        """DoRA: the change depends on the base weight it is applied to."""
+        return self.dora_scale is not None
 
     def delta(self) -> torch.Tensor:
         return delta_weight(self.down, self.up, self.alpha, self.kind)
 
+    def delta_for(self, weight: torch.Tensor) -> torch.Tensor:
+        """The change at strength 1 that loaders add to `weight` (float32, weight's shape; DoRA included)."""
+        d = self.delta().reshape(weight.shape).to(weight.device)
+        return d if self.dora_scale is None else dora_change(self.dora_scale.to(weight.device), weight, d)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = {self.name + SUFFIX_DOWN: self.down, self.name + SUFFIX_UP: self.up,
+               self.name + SUFFIX_ALPHA: torch.tensor(float(self.alpha), dtype=torch.float32)}
+        if self.dora_scale is not None:
+            out[self.name + ".dora_scale"] = self.dora_scale
+        return out
+
+
+AnyModule = LoraModule | LycoModule
+
 
 @dataclass
 class KohyaLora:
-    modules: dict[str, LoraModule]
+    modules: dict[str, AnyModule]
     metadata: dict[str, str] = field(default_factory=dict)
     arch: Arch | None = None  # None: could not tell (e.g. tiny test models); check_compatible decides
     source: str = ""
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
-        for n, m in self.modules.items():
-            out[n + SUFFIX_DOWN] = m.down
-            out[n + SUFFIX_UP] = m.up
-            out[n + SUFFIX_ALPHA] = torch.tensor(float(m.alpha), dtype=torch.float32)
+        for m in self.modules.values():
+            out.update(m.state_dict())
         return out
+
+    @property
+    def algos(self) -> set[str]:
+        """"lora", "loha", "lokr" and "dora" (any layer with dora_scale) as found in the file."""
+        return {m.algo for m in self.modules.values()} | ({"dora"} if self.has_dora else set())
+
+    @property
+    def has_dora(self) -> bool:
+        return any(m.needs_base for m in self.modules.values())
+
+    @property
+    def is_plain(self) -> bool:
+        """Only LoRA/LoCon layers (lora_down/lora_up, no DoRA)."""
+        return self.algos == {"lora"}
 
 
 def delta_weight(down: torch.Tensor, up: torch.Tensor, alpha: float, kind: Kind | None = None) -> torch.Tensor:
@@ -127,7 +173,7 @@ def save_kohya(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor]
                metadata: Mapping[str, str]) -> str:
     """Write a kohya .safetensors atomically with sshs hashes; returns sshs_model_hash.
 
-    Only `<name>.lora_down.weight`, `<name>.lora_up.weight`, `<name>.alpha` keys are accepted.
+    Only kohya keys (`<name>.lora_down.weight`, `.lora_up.weight`, `.alpha`) and LyCORIS parts are accepted.
     """
     path = Path(path)
     bad = [k for k in tensors if not is_lora_key(k)]
@@ -210,18 +256,27 @@ def _checked(shapes: Mapping[str, tuple[str, list[int]]], md: dict[str, str], wh
         tensors = load()
     except Exception as e:  # safetensors' own checks, or an unreadable file
         raise LoraFileError(f"{where} could not be read as safetensors ({e}); re-download or re-save it") from e
-    modules: dict[str, LoraModule] = {}
-    for n, (kind, _, _) in layout.items():
-        down, up = tensors[n + SUFFIX_DOWN], tensors[n + SUFFIX_UP]
-        a = tensors.get(n + SUFFIX_ALPHA)
-        alpha = float(a.float().reshape(-1)[0]) if a is not None else float(down.shape[0])
-        for part, t in (("lora_down.weight", down), ("lora_up.weight", up)):
-            if not torch.isfinite(t).all():
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for k, t in tensors.items():
+        parts.setdefault(module_of(k), {})[part_of(k)] = t
+    modules: dict[str, AnyModule] = {}
+    for n, (kind, down_eq, up_eq) in layout.items():
+        p = parts[n]
+        for part, t in p.items():
+            if part != "alpha" and not torch.isfinite(t).all():
                 raise LoraFileError(f"{where}: {n}.{part} contains NaN or infinite values (training diverged?); "
                                     "this LoRA cannot be used — retrain with a lower learning rate")
-        if not math.isfinite(alpha):
+        a = p.pop("alpha", None)
+        alpha = float(a.float().reshape(-1)[0]) if a is not None else None
+        if alpha is not None and not math.isfinite(alpha):
             raise LoraFileError(f"{where}: {n}.alpha is not a finite number; re-export the LoRA")
-        modules[n] = LoraModule(n, down, up, alpha, kind)
+        dora = p.pop("dora_scale", None)
+        algo = algo_of(list(p))
+        if algo == "lora":
+            down, up = p["lora_down.weight"], p["lora_up.weight"]
+            modules[n] = LoraModule(n, down, up, alpha if alpha is not None else float(down.shape[0]), kind, dora)
+        else:
+            modules[n] = LycoModule(n, algo, p, alpha, kind, down_eq[0], down_eq[1], up_eq[0], dora)
     arch = lora_arch({n: (d, u) for n, (_, d, u) in layout.items()}, md)
     return KohyaLora(modules=modules, metadata=dict(md), arch=arch, source=source)
 

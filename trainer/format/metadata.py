@@ -45,18 +45,31 @@ def spec_architecture(arch: Arch, v_prediction: bool | None = None) -> str:
     return "stable-diffusion-v1"
 
 
+# What sd-scripts records for a LyCORIS network (`--network_module lycoris.kohya --network_args algo=...`):
+# the args as the user's strings; DoRA is algo lora with dora_wd, here on the input axis (what A1111 reads).
+LYCORIS_ARGS: dict[str, dict[str, str]] = {
+    "loha": {"algo": "loha"}, "lokr": {"algo": "lokr"},
+    "dora": {"algo": "lora", "dora_wd": "True", "wd_on_output": "False"},
+}
+
+
 def network_metadata(arch: Arch, dim: int, alpha: float, conv_dim: int = 0, conv_alpha: float = 1.0,
-                     network_args: Mapping[str, float] | None = None) -> dict[str, str]:
+                     network_args: Mapping[str, float] | None = None, network_type: str = "lora") -> dict[str, str]:
     """The ``ss_*`` fields every loader reads to apply a LoRA: base model version, network module, dims, args.
-    network_args: further kohya network args (rank_dropout, module_dropout), written as kohya does (strings)."""
+    network_args: further kohya network args (rank_dropout, module_dropout), written as kohya does (strings).
+    network_type loha/lokr/dora: ss_network_module "lycoris.kohya" with LyCORIS' algo args."""
     if arch not in BASE_MODEL_VERSION:
         raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(BASE_MODEL_VERSION)}")
-    args = {"conv_dim": _num(conv_dim), "conv_alpha": _num(conv_alpha)} if conv_dim else {}
+    if network_type != "lora" and network_type not in LYCORIS_ARGS:
+        raise ValueError(f"unknown network type {network_type!r}")
+    args = dict(LYCORIS_ARGS.get(network_type, {}))
+    if conv_dim:
+        args.update({"conv_dim": _num(conv_dim), "conv_alpha": _num(conv_alpha)})
     args.update({k: _num(v) for k, v in (network_args or {}).items() if v})
     return {
         "ss_v2": str(arch == "sd2"),
         "ss_base_model_version": BASE_MODEL_VERSION[arch],
-        "ss_network_module": "networks.lora",
+        "ss_network_module": "lycoris.kohya" if network_type != "lora" else "networks.lora",
         "ss_network_dim": _num(dim),
         "ss_network_alpha": _num(alpha),
         "ss_network_args": json.dumps(args),
@@ -69,7 +82,7 @@ def build_metadata(arch: Arch, dim: int, alpha: float, conv_dim: int = 0, conv_a
                    v_parameterization: bool | None = None, train_unet: bool = True,
                    train_text_encoder: bool = False, date: _dt.datetime | None = None,
                    author: str | None = None, description: str | None = None,
-                   network_args: Mapping[str, float] | None = None) -> dict[str, str]:
+                   network_args: Mapping[str, float] | None = None, network_type: str = "lora") -> dict[str, str]:
     """kohya `ss_*` and Stability `modelspec.*` metadata, every value a string.
 
     `training` adds ss_* entries (key given with or without the ss_ prefix; dicts/lists become JSON),
@@ -79,7 +92,7 @@ def build_metadata(arch: Arch, dim: int, alpha: float, conv_dim: int = 0, conv_a
     w, h = _format_resolution(resolution)
     v_param = bool(v_parameterization) if v_parameterization is not None else arch == "sd2"
     md: dict[str, str] = {
-        **network_metadata(arch, dim, alpha, conv_dim, conv_alpha, network_args),
+        **network_metadata(arch, dim, alpha, conv_dim, conv_alpha, network_args, network_type),
         "ss_output_name": output_name,
         "ss_sd_model_name": base_model_name,
         "ss_resolution": f"({w}, {h})",

@@ -65,14 +65,17 @@ def describe_lora(lora: Any, path: Path) -> str:
 
     mods = lora.modules.values()
     parts = Counter(name.split("_", 2)[1] if name.startswith("lora_te") else "unet" for name in lora.modules)
-    ranks = Counter((m.kind, m.rank, float(m.alpha)) for m in mods)
+    ranks = Counter((m.kind, m.rank, float(m.alpha if m.alpha is not None else m.rank)) for m in mods)
     meta = lora.metadata or {}
+    names = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "dora": "DoRA"}
+    kind = "kohya-format LoRA" if lora.is_plain else \
+        "LyCORIS " + "+".join(names[a] for a in sorted(lora.algos) if a != "lora" or "dora" not in lora.algos)
     lines = [
-        f"{path}: kohya-format LoRA for {lora.arch or 'an unknown architecture'}",
+        f"{path}: {kind} for {lora.arch or 'an unknown architecture'}",
         "modules: " + ", ".join(f"{n} {p}" for p, n in sorted(parts.items())) + f" ({len(lora.modules)} in all)",
         "rank/alpha: " + ", ".join(f"{k} r{r} a{a:g} x{n}" for (k, r, a), n in sorted(ranks.items())),
     ]
-    for key in ("ss_output_name", "ss_sd_model_name", "ss_base_model_version", "ss_network_dim",
+    for key in ("ss_output_name", "ss_sd_model_name", "ss_base_model_version", "ss_network_module", "ss_network_dim",
                 "ss_network_alpha", "ss_network_args", "ss_max_train_steps", "ss_optimizer", "ss_learning_rate"):
         if key in meta:
             lines.append(f"{key}: {meta[key]}")

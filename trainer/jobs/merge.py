@@ -13,7 +13,10 @@ import torch
 
 from trainer import atomic
 from trainer.events import EventSink, JobFailed, StopCheck, event, never_stop, null_sink
-from trainer.format.kohya import KohyaLora, LoraFileError, delta_weight, read_kohya, resolve_lora_path
+from trainer.format.kohya import KohyaLora, LoraFileError, read_kohya, resolve_lora_path
+from trainer.format.lyco import target_shape
+from trainer.format.lyco_layout import ALGO_NAMES
+from trainer.network.lyco_convert import ConversionError, as_plain_lora
 from trainer.network.merge_quality import MergeQuality, quality_text
 from trainer.network.patch import as_kohya
 from trainer.network.svd_merge import MergeError, check_same_arch, resolve_ranks, svd_merge_to_file
@@ -44,8 +47,7 @@ def merge_into_checkpoint(base: Any, loras: Sequence[tuple[Any, float]], out_pat
         with torch.no_grad():
             for name, t in targets.items():
                 layer = target_layer(model, t)
-                m = lora.modules[name]
-                d = delta_weight(m.down, m.up, m.alpha, m.kind).reshape(layer.weight.shape)
+                d = lora.modules[name].delta_for(layer.weight)  # LoHa/LoKr/DoRA by the loaders' rules
                 layer.weight.copy_((layer.weight.float() + strength * d.to(layer.weight.device)).to(layer.weight.dtype))
     ckpt.save_single_file(model, out_path, half=half)
     return out_path
@@ -109,11 +111,12 @@ def _merge_into_single_file(src: Path, loras: Sequence[tuple[Any, float]], out_p
             if ok.key not in work:
                 work[ok.key] = tensors[ok.key].float()
             target = work[ok.key]
-            d = strength * delta_weight(m.down, m.up, m.alpha, m.kind)
-            if ok.kind == "T":
-                d = d.T
             # SDXL's OpenCLIP text encoder keeps q, k, v stacked in attn.in_proj_weight: add into the row slice.
             view = target[ok.rows[0]:ok.rows[1]] if ok.rows is not None else target
+            own = (view.T if ok.kind == "T" else view).reshape(target_shape(t.kind, t.in_features, t.out_features))
+            d = strength * m.delta_for(own)  # in the layer's own orientation (DoRA normalises by its columns)
+            if ok.kind == "T":
+                d = d.reshape(own.shape[0], -1).T
             view += d.reshape(view.shape)
     for k, v in work.items():
         tensors[k] = v.to(tensors[k].dtype)  # back to the checkpoint's own dtype per tensor
@@ -184,7 +187,17 @@ def run_merge_job(spec: MergeSpec, job_dir: Path, on_event: EventSink = null_sin
             if done % 16 == 0 or done == total:
                 on_event(event("phase", name="svd merge", current=done, total=total))
 
-        items = [(lo, inp.ratio, inp.block_weights) for lo, inp in zip(loras, spec.inputs, strict=True)]
+        try:  # LoHa/LoKr: exact LoRAs by SVD of their full change, once (ranks below are then theirs)
+            plain = [as_plain_lora(lo)[0] for lo in loras]
+        except ConversionError as e:
+            raise JobFailed(str(e), reason="bad_input") from e
+        items = [(lo, inp.ratio, inp.block_weights) for lo, inp in zip(plain, spec.inputs, strict=True)]
+        converted = [f"{Path(inp.path).name} ({'/'.join(sorted(ALGO_NAMES[a] for a in lo.algos))})"
+                     for lo, inp in zip(loras, spec.inputs, strict=True) if lo.algos & {"loha", "lokr"}]
+        if converted:
+            note = f"to LoRA by SVD of each layer's full weight change: {', '.join(converted)}"
+            on_event(event("log", level="info", message="converted " + note))
+            summary["converted"] = note  # the result post reads "converted to LoRA by SVD ..."
         quality = MergeQuality()
         try:
             svd_merge_to_file(items, out, spec.rank, spec.conv_rank, spec.clamp_quantile, arch, spec.output_name,
@@ -199,7 +212,7 @@ def run_merge_job(spec: MergeSpec, job_dir: Path, on_event: EventSink = null_sin
                        clamped_modules=q["clamped_modules"])
         on_event(event("file", kind="lora", path=str(out)))
         outputs["lora"] = str(out)
-        r, cr = resolve_ranks(loras, spec.rank, spec.conv_rank)
+        r, cr = resolve_ranks(plain, spec.rank, spec.conv_rank)
         summary.update(rank=r, conv_rank=cr)
         if spec.grid is not None and spec.base_model:
             from trainer.infer.sample import get_sampler, render_strength_grid_file

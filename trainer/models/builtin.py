@@ -22,7 +22,7 @@ from trainer.models.tokenizers import build_local_tokenizer
 TINY_MODELS = tuple(TINY_CONFIGS.values())
 
 
-def _config_hash(folder: Path) -> str:
+def config_hash(folder: Path) -> str:
     h = hashlib.sha256()
     for p in sorted(folder.rglob("*.json")):
         h.update(p.relative_to(folder).as_posix().encode())
@@ -35,7 +35,7 @@ def tiny_model_dir(name: str) -> Path:
     if name not in TINY_MODELS:
         raise ModelError(f"unknown built-in model {name!r}; built-in models are {', '.join(TINY_MODELS)}")
     src = CONFIGS_DIR / name
-    dest = cache_root() / "tiny" / f"{name}-{_config_hash(src)}"
+    dest = cache_root() / "tiny" / f"{name}-{config_hash(src)}"
     if (dest / "model_index.json").exists():
         return dest
     with folder_atomic(dest, replace=False) as tmp:  # a concurrent builder's identical result may win

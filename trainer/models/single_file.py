@@ -59,7 +59,7 @@ from trainer.format.header import (
 from trainer.format.metadata import spec_architecture
 from trainer.format.names import to_original_state_dict, unet_key_map
 from trainer.models.base import BaseModel, ModelError, cache_root, load_diffusers_folder
-from trainer.models.builtin import tiny_model_dir
+from trainer.models.builtin import config_hash, tiny_model_dir
 from trainer.models.tokenizers import tokenizers_for
 
 _COMPONENT_PREFIXES = (UNET_PREFIX, VAE_PREFIX, "cond_stage_model.", "conditioner.")
@@ -191,7 +191,8 @@ def _effective_config_dir(config_dir: Path, arch: Arch, tensors: dict[str, dict]
     if not patch:
         return config_dir
     tag = "-".join(f"{k}{v}" for k, v in sorted(patch.items()))
-    dest = cache_root() / "single-file-configs" / f"{config_dir.name}-{tag}"
+    # The content hash too: a shipped config that changes (a new release) must not reuse the old copy.
+    dest = cache_root() / "single-file-configs" / f"{config_dir.name}-{config_hash(config_dir)}-{tag}"
     if (dest / "model_index.json").exists():
         return dest
     with folder_atomic(dest, replace=False) as tmp:  # a concurrent loader's identical copy may win
@@ -286,9 +287,13 @@ def _default_metadata(model: BaseModel) -> dict[str, str]:
     impl = ("https://github.com/Stability-AI/generative-models" if model.arch == "sdxl"
             else "https://github.com/Stability-AI/stablediffusion")
     size = int(model.vae.config.sample_size)
-    return {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": arch, "modelspec.implementation": impl,
-            "modelspec.title": model.name, "modelspec.resolution": f"{size}x{size}",
-            "modelspec.prediction_type": "v" if v else "epsilon"}
+    md = {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": arch, "modelspec.implementation": impl,
+          "modelspec.title": model.name, "modelspec.resolution": f"{size}x{size}",
+          "modelspec.prediction_type": "v" if v else "epsilon"}
+    config = model.extra.get("config") or Path(model.config_dir).name
+    if config in TOY_BASES:  # no tensor shape tells a toy layout: a merge of a toy base must say it still
+        md["loraforge.config"] = config
+    return md
 
 
 def save_single_file(model: BaseModel, path: str | Path, half: bool = False, metadata: dict[str, str] | None = None,

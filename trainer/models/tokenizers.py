@@ -10,6 +10,7 @@ import gzip
 import logging
 import os
 import sys
+from itertools import pairwise
 from pathlib import Path
 
 from transformers import CLIPTokenizer
@@ -43,6 +44,45 @@ def build_local_tokenizer() -> CLIPTokenizer:
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
     tok = CLIPTokenizer(vocab=vocab, merges=[])
+    tok.model_max_length = 77
+    return tok
+
+
+def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """CLIP's BPE on one word: merge the best-ranked adjacent pair until none is a merge."""
+    parts = [*word[:-1], word[-1] + "</w>"]
+    while len(parts) > 1:
+        pairs = [(ranks.get((a, b), len(ranks)), i) for i, (a, b) in enumerate(pairwise(parts))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return parts
+
+
+def word_merges(words: list[str] | tuple[str, ...]) -> list[tuple[str, str]]:
+    """BPE merges that make each of ``words`` one token. A merge is appended only when a word still splits: it
+    ranks after every earlier one, so it never changes how an already whole word is merged."""
+    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
+    for w in words:
+        while len(parts := _bpe(w, ranks)) > 1:
+            ranks[(parts[0], parts[1])] = len(merges)
+            merges.append((parts[0], parts[1]))
+    return merges
+
+
+def build_toy_tokenizer() -> CLIPTokenizer:
+    """The toy bases' tokenizer: like CLIP, every common word (each word of the toy world's captions) is one
+    token; any other word (a LoRA's trigger word such as "zqx") falls back to byte-level tokens, as rare words do
+    in CLIP. The byte tokens keep the ids of ``build_local_tokenizer``; the words follow, then the two specials."""
+    from trainer.toy.world import CAPTION_WORDS
+
+    chars = _bytes_to_unicode()
+    merges = word_merges(CAPTION_WORDS)
+    vocab_list = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges]
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    tok = CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab_list)}, merges=merges)
     tok.model_max_length = 77
     return tok
 
@@ -92,10 +132,13 @@ def build_clip_tokenizer(pad_token: str = "<|endoftext|>", bpe_path: Path | None
 
 
 def tokenizers_for(arch: Arch, config_name: str) -> list[CLIPTokenizer]:
-    """One tokenizer per text encoder: byte-level ones for the tiny and toy configs, CLIP's for full-size models."""
+    """One tokenizer per text encoder: byte-level ones for the tiny configs, word-level ones for the toy configs
+    (``build_toy_tokenizer``), CLIP's for full-size models."""
     # SD2 and SDXL's OpenCLIP encoder pad with "!" (id 0); CLIP-L pads with <|endoftext|>.
     pads = {"sd1": ["<|endoftext|>"], "sd2": ["!"], "sdxl": ["<|endoftext|>", "!"]}[arch]
-    if config_name.startswith(("tiny-", "toy-")):
+    if config_name.startswith("toy-"):
+        return [build_toy_tokenizer() for _ in pads]
+    if config_name.startswith("tiny-"):
         return [build_local_tokenizer() for _ in pads]
     bpe = find_clip_bpe()
     return [build_clip_tokenizer(pad, bpe) for pad in pads]

@@ -28,7 +28,6 @@ from trainer.format.kohya import (
     SUFFIX_UP,
     KohyaLora,
     LoraFileError,
-    delta_weight,
     export_state,
     read_kohya,
     save_kohya,
@@ -347,6 +346,9 @@ def apply_kohya_file(base: BaseModel, source: str | os.PathLike[str] | Mapping[s
     LoRA weights take the dtype of each base layer unless `dtype` is given.
     """
     lora = _as_lora(source)
+    if not lora.is_plain:
+        raise LoraFileError(f"{lora.source or 'the LoRA'} is a {'/'.join(sorted(lora.algos))} network; only plain "
+                            "LoRA/LoCon files can be attached as a network (preview and merge apply the others)")
     mapping = check_compatible(lora, base)
     name = adapter or _free_adapter_name(base, "applied")
     targets = list(mapping.values())
@@ -397,12 +399,11 @@ def merge_into_weights(base: BaseModel, source: str | os.PathLike[str] | Mapping
     mapping = check_compatible(lora, base)
     with torch.no_grad():
         for n, t in mapping.items():
-            m = lora.modules[n]
             layer = _model_of(base, t.model).get_submodule(t.path)
             if isinstance(layer, LoraLayer):
                 layer = layer.get_base_layer()
             w = layer.weight
-            dw = delta_weight(m.down, m.up, m.alpha, m.kind).reshape(w.shape).to(w.device)
+            dw = lora.modules[n].delta_for(w)  # LoHa/LoKr/DoRA too, by the loaders' rules
             w.copy_((w.float() + multiplier * dw).to(w.dtype))
     return len(mapping)
 

@@ -1,5 +1,5 @@
 """LoRAs applied the way AUTOMATIC1111 does it: the weight of every targeted Linear/Conv2d is patched in place
-(W += strength * alpha/r * up @ down) after backing the original weight up on the CPU. Removing a LoRA copies the
+(W += strength * alpha/r * up @ down; LoHa, LoKr and DoRA by trainer.format.lyco's rules) after backing the original weight up on the CPU. Removing a LoRA copies the
 backup back, so the base returns bit-exactly and is never reloaded. This works with files from any trainer (SD1
 diffusers names, SDXL original names or diffusers names, te/te1/te2 prefixes), with conv (LoCon) modules and with
 any strength including negative ones, and costs nothing per denoising step.
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from trainer.format.kohya import KohyaLora, delta_weight, read_kohya
+from trainer.format.kohya import KohyaLora, read_kohya
 from trainer.network.targets import check_compatible, target_layer
 
 if TYPE_CHECKING:
@@ -57,8 +57,7 @@ class WeightPatcher:
                 continue
             for name, t in targets.items():
                 m = target_layer(self.base, t)
-                mod = lora.modules[name]
-                d = (delta_weight(mod.down, mod.up, mod.alpha, mod.kind) * strength).reshape(m.weight.shape)
+                d = lora.modules[name].delta_for(m.weight) * strength  # DoRA: relative to the base weight
                 deltas[m] = deltas[m] + d if m in deltas else d
         for m, d in deltas.items():
             if m not in self._backup:

@@ -2,6 +2,7 @@
 
 SVD merge per module (facts.md 1):
     W = sum_i ratio_i * block_weight_i * (alpha_i / r_i) * up_i @ down_i      (float32; 3x3 convs flattened)
+LoHa/LoKr inputs enter as exact LoRAs made by SVD of their full change (``trainer.network.lyco_convert``).
     k = min(rank, in_channels, out_channels);  U, S, Vh = svd(W);  up = U[:, :k] diag(S[:k]);  down = Vh[:k]
     alpha = k;  kohya (clamp = true): clamp up and down to the `clamp_quantile` quantile of their joined values.
 By default (clamp = "auto") nothing is clamped but what fp16 storage cannot hold (merge_quality.fit_fp16): with
@@ -37,6 +38,7 @@ from trainer.format.kohya import (
     save_kohya,
 )
 from trainer.format.metadata import network_metadata, spec_architecture
+from trainer.network.lyco_convert import ConversionError, as_plain_lora
 from trainer.network.merge_quality import MergeQuality, fit_fp16, product_diff_sq
 from trainer.network.patch import as_kohya
 from trainer.network.targets import block_of_kohya_name, block_slots
@@ -68,7 +70,11 @@ def _normalize_inputs(loras: Sequence[MergeInputLike], arch: str | None) -> tupl
     for item in loras:
         src, ratio = item[0], float(item[1])
         bw = dict(item[2] or {}) if len(item) > 2 else {}  # type: ignore[misc]
-        inputs.append(_Input(as_kohya(src), ratio, bw))
+        try:  # LoHa/LoKr inputs become exact LoRAs by SVD of their full change; DoRA is refused
+            lora, _ = as_plain_lora(as_kohya(src))
+        except ConversionError as e:
+            raise MergeError(str(e)) from e
+        inputs.append(_Input(lora, ratio, bw))
     arch = check_same_arch([i.lora for i in inputs], arch)
     slots = set(block_slots(arch))  # type: ignore[arg-type]
     for i in inputs:

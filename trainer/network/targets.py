@@ -285,9 +285,10 @@ def check_compatible(lora: KohyaLora, base: BaseModel) -> dict[str, Target]:
     used: dict[str, str] = {}
     for n, m in lora.modules.items():
         t = table[n]
-        d_in = m.down.shape[1]
-        d_out = m.up.shape[0]
+        d_in, d_out = m.in_features, m.out_features
         ok_kind = m.kind == t.kind or {m.kind, t.kind} == {"linear", "conv1x1"}
+        if m.algo != "lora" and m.kind == "linear" and t.kind == "conv3x3" and d_in == 9 * t.in_features:
+            ok_kind, d_in = True, t.in_features  # a LoHa/LoKr of a 3x3 conv stored flat, [out, in*9]
         if not ok_kind or d_in != t.in_features or d_out != t.out_features:
             hint = ""
             if lora.arch in ("sd1", "sd2") and base.arch in ("sd1", "sd2") and lora.arch != base.arch:

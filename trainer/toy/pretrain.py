@@ -21,8 +21,7 @@ import torch
 
 from trainer.data.encode import encode_text
 from trainer.format.checkpoint import CONFIGS_DIR
-from trainer.models.base import BaseModel, load_diffusers_folder
-from trainer.models.builtin import tiny_model_dir
+from trainer.models.base import BaseModel
 from trainer.toy.world import (
     FIGURES,
     PATTERNS,
@@ -34,7 +33,7 @@ from trainer.toy.world import (
 )
 
 log = logging.getLogger(__name__)
-LAYOUTS = {"sd15": "tiny-sd15", "sdxl": "tiny-sdxl"}
+LAYOUTS = ("sd15", "sdxl")
 
 
 @dataclass(frozen=True)
@@ -67,15 +66,31 @@ def pixels(scenes: list) -> torch.Tensor:
 
 
 def skeleton(layout: str, seed: int = 0) -> BaseModel:
-    """The layout's tiny model (seeded random weights, byte-level tokenizers) with the toy config's VAE (seeded),
-    to train in place."""
-    from diffusers import AutoencoderKL
+    """The toy layout's model with seeded random weights and its word-level tokenizers, built from the toy config
+    (``trainer/configs/toy-<layout>``), to train in place."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    base = load_diffusers_folder(tiny_model_dir(LAYOUTS[layout]), name=f"toy-{layout}")
+    from trainer.models.tokenizers import tokenizers_for
+
+    folder = CONFIGS_DIR / f"toy-{layout}"
+    arch = "sdxl" if layout == "sdxl" else "sd1"
+    toks = tokenizers_for(arch, folder.name)
     torch.manual_seed(seed)
-    cfg = json.loads((CONFIGS_DIR / f"toy-{layout}" / "vae" / "config.json").read_text())
-    base.vae = AutoencoderKL.from_config(cfg).eval().requires_grad_(False)
-    return base
+    tes: list = []
+    for i, tok in enumerate(toks):
+        cfg = json.loads((folder / f"text_encoder{'_2' if i else ''}" / "config.json").read_text())
+        cfg.update(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                   pad_token_id=tok.pad_token_id)
+        cls = CLIPTextModelWithProjection if "Projection" in cfg["architectures"][0] else CLIPTextModel
+        tes.append(cls(CLIPTextConfig(**cfg)).eval().requires_grad_(False))
+    unet = UNet2DConditionModel.from_config(json.loads((folder / "unet" / "config.json").read_text()))
+    torch.manual_seed(seed)  # the VAE's init does not depend on the layout's UNet: both layouts share one VAE
+    vae = AutoencoderKL.from_config(json.loads((folder / "vae" / "config.json").read_text()))
+    sched = DDPMScheduler.from_pretrained(folder / "scheduler", local_files_only=True)
+    return BaseModel(arch=arch, name=f"toy-{layout}", unet=unet.eval().requires_grad_(False),
+                     vae=vae.eval().requires_grad_(False), text_encoders=tes, tokenizers=toks, noise_scheduler=sched,
+                     source=folder, config_dir=folder)
 
 
 def train_vae(vae: torch.nn.Module, recipe: Recipe, say: Callable[[str], None] = log.info) -> None:
@@ -126,6 +141,28 @@ def normalize_latents(vae: torch.nn.Module, data: torch.Tensor) -> None:
     # decoder: post_quant_conv(z) = W z + b with z = z' / a + mu
     pq.bias += torch.einsum("oi,i->o", pq.weight[:, :, 0, 0], mu)
     pq.weight /= a
+
+
+@torch.no_grad()
+def round_to_half(module: torch.nn.Module) -> None:
+    """Round the weights to fp16 (kept in fp32): the files are fp16, and what trains on top of a module (the UNets on
+    the VAE's latents) should see the weights the file holds, so a run from the file (--vae-from) is the same run."""
+    for p in module.parameters():
+        p.copy_(p.half().float())
+
+
+@torch.no_grad()
+def prompt_scene_ceiling(vae: torch.nn.Module, n: int = 96) -> float:
+    """The share of the prompt-following check's scenes whose figure and figure colour the detectors read back
+    after encode -> decode: no base drawing through this VAE can follow prompts better."""
+    from trainer.toy.detect import read
+    from trainer.toy.measure import prompt_scenes
+
+    scenes = prompt_scenes(n, seed=0)
+    rec = vae.decode(vae.encode(pixels(scenes)).latent_dist.mean).sample
+    imgs = ((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    reads = [read(i) for i in imgs]
+    return sum(r.figure == s.figure and r.colour == s.colour for r, s in zip(reads, scenes, strict=True)) / n
 
 
 ROUND_TRIP_SCENES: list = []

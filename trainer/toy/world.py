@@ -34,6 +34,9 @@ SIZES = ("small", "large")
 RESERVED_SHAPES = ("star",)
 RESERVED_PATTERNS = ("checkered",)
 PERIOD = 16  # pixels per pattern period at 64 px (stripes, dots, checkers)
+# Every word a caption can hold (reserved concepts included): the toy tokenizer gives each one its own token.
+CAPTION_WORDS = (*FIGURES, *RESERVED_SHAPES, "chibi", "in", "dress", "on", "with", "red", "green", "blue", "yellow",
+                 "white", "black", *PATTERNS, *RESERVED_PATTERNS, *SIZES)
 _RADIUS = {"small": 12.0, "large": 19.0}  # figure half-size in pixels at 64 px
 
 

@@ -28,6 +28,10 @@ def load_init_lora(network: Any, base: Any, ref: str, models_dir: Path | None = 
         check_compatible(lora, base)
     except LoraFileError as e:
         raise JobFailed(f"init_lora: {e}", reason="bad_input") from None
+    if not lora.is_plain or getattr(network, "algo", "lora") != "lora":
+        raise JobFailed(f"init_lora {path.name}: continuing from a file works for plain LoRA/LoCon networks only "
+                        f"(the file is {'/'.join(sorted(lora.algos))}, this job trains "
+                        f"{getattr(network, 'algo', 'lora')})", reason="bad_input")
     state = network.network_state()
     ours = {k[: -len(SUFFIX_DOWN)] for k in state if k.endswith(SUFFIX_DOWN)}
     extra = sorted(set(lora.modules) - ours)

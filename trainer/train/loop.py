@@ -57,6 +57,13 @@ def _create_network(base: Any, spec: TrainSpec) -> Any:
     from trainer.network.lora import LoraNetwork
 
     net = spec.network
+    if net.type != "lora":
+        from trainer.network.lycoris_net import LycorisNetwork
+
+        return LycorisNetwork.create(base, net.type, net.dim, net.resolved_alpha, conv_dim=net.conv_dim,
+                                     conv_alpha=net.resolved_conv_alpha, train_text_encoder=net.train_text_encoder,
+                                     blocks=net.blocks, seed=spec.seed, train_unet=net.train_unet,
+                                     factor=net.factor)
     # seed= makes the init a function of the spec alone (the network forks the global RNG for it)
     return LoraNetwork.create(base, net.dim, net.resolved_alpha, conv_dim=net.conv_dim,
                               conv_alpha=net.resolved_conv_alpha, train_text_encoder=net.train_text_encoder,
@@ -88,6 +95,7 @@ class Trainer:
         self.resumed_from = 0
         self.health = RunHealth(spec.optimizer.lr)  # step losses, fp16 skipped steps, divergence checks
         self.samples: list[str] = []
+        self.tb: TensorBoardLog | None = None  # set when training begins
         self.intermediate: list[str] = []
         self.last_state_step = -1
         self.scaler: torch.amp.GradScaler | None = None
@@ -140,6 +148,8 @@ class Trainer:
         self.network = _create_network(self.base, spec)
         for m in [self.base.unet, self.base.vae, *self.base.text_encoders]:
             m.to(self.device)  # BaseModel.to(dtype=None) makes diffusers warn about dtypes
+        if hasattr(self.network, "to"):  # LyCORIS modules live beside the models (peft layers moved with them)
+            self.network.to(self.device)
         self.train_te = spec.network.train_text_encoder
         gc, gc_why = pr.choose_gradient_checkpointing(spec, self.base.arch, self.device, self.models_dir)
         self.gradient_checkpointing, self.attention = pr.setup_modes(
@@ -270,7 +280,7 @@ class Trainer:
                     hidden, pooled = encode_text(self.base, b.captions, self.device)
             pred = L.unet_forward(self.base, noisy, ts, hidden, pooled, b.add_time_ids)
         return L.step_loss(pred, target, ts, self.noise_scheduler, self.snr_table, self.prediction_type,
-                           L.LossOptions.from_spec(spec), b.loss_weight)
+                           L.LossOptions.from_spec(spec), b.loss_weight, b.mask)
 
     def train_step(self) -> torch.Tensor | None:
         """One optimizer step; its mean loss as a 0-d tensor on the device, or None when fp16 overflowed and
@@ -345,6 +355,8 @@ class Trainer:
             self.text_encoders_to("cpu")
             for m in [self.base.unet, *self.base.text_encoders]:
                 m.train(modes[id(m)])
+        if self.tb is not None:
+            self.tb.samples(self.step, paths)
         for i, p in enumerate(paths):
             self.samples.append(p)
             prompt = prompts[i].prompt if len(paths) == len(prompts) else ""
@@ -368,6 +380,8 @@ class Trainer:
             if self.last_state_step != self.step:
                 self.save_state()
             outputs = self.outputs(lora)
+        if self.tb is not None:
+            self.tb.close()
         self.emit(event("cancelled", outputs=outputs, step=self.step))
         raise JobCancelled(f"stopped at step {self.step} of {self.spec.steps}")
 
@@ -386,7 +400,7 @@ class Trainer:
             self.log(f"resuming from step {self.resumed_from} (the newest state could not be read)", "warning")
         self.cache()
         self.emit(event("phase", name="training", current=self.step, total=spec.steps))
-        tb = TensorBoardLog(self.out_dir / "tensorboard", self.step, SMOOTH_WINDOW)  # only with `tensorboard`
+        tb = self.tb = TensorBoardLog(self.out_dir / "tensorboard", self.step, SMOOTH_WINDOW)  # with `tensorboard`
         # The one speed figure (bar, bot, summary): steps run in this run / seconds since training began (model
         # loading and caching excluded; in-loop saves and samples included). The summary repeats the last one.
         t0, s0, last_emit, sps = time.monotonic(), self.step, 0.0, 0.0
@@ -414,12 +428,12 @@ class Trainer:
             n = spec.sample.every_n_steps
             if n and spec.sample.prompts and self.step % n == 0 and self.step < spec.steps:
                 self.run_samples()
-        tb.close()
         if self.last_state_step != self.step:
             self.save_state()  # a crash while writing outputs resumes straight to them
         lora = self.save_lora(spec.output_name)
         if spec.sample.prompts and spec.sample.at_end:
             self.run_samples()
+        tb.close()
         outputs = self.outputs(lora)
         losses = [v for _, v in self.loss_history]
         summary = {

@@ -30,9 +30,10 @@ if TYPE_CHECKING:
 
 
 def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str = "l2",
-                    huber_c: float | torch.Tensor = 0.1) -> torch.Tensor:
+                    huber_c: float | torch.Tensor = 0.1, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean loss per sample, [b], in float32 (kohya's conditional_loss, then the mean over all but the batch).
-    huber_c: one value or one per sample (a Huber schedule)."""
+    huber_c: one value or one per sample (a Huber schedule). mask: [b, 1, H, W] uint8 loss masks, averaged down
+    to the loss's grid and multiplied in before the mean (kohya's apply_masked_loss)."""
     pred, target = pred.float(), target.float()
     if isinstance(huber_c, torch.Tensor):
         huber_c = huber_c.float().to(pred.device).view(-1, *([1] * (pred.ndim - 1)))
@@ -48,6 +49,10 @@ def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str = "
         loss = 2 * (torch.sqrt((pred - target) ** 2 + huber_c**2) - huber_c)
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}")
+    if mask is not None:
+        from trainer.data.masks import to_loss_grid
+
+        loss = loss * to_loss_grid(mask, loss)
     return loss.mean(dim=list(range(1, loss.ndim)))
 
 
@@ -107,7 +112,7 @@ class LossOptions:
 
 def step_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, scheduler: DDPMScheduler,
               snr_table: torch.Tensor, prediction_type: str, opts: LossOptions,
-              loss_weight: torch.Tensor | None) -> torch.Tensor:
+              loss_weight: torch.Tensor | None, mask: torch.Tensor | None = None) -> torch.Tensor:
     """kohya's loss of one step (train_network.process_batch + post_process_loss), in its order:
     per-sample loss (Huber c from the schedule) -> per-sample weights -> min-SNR -> scale_v_pred_loss_like_noise_pred
     -> v_pred_like_loss -> debiased estimation -> batch mean.
@@ -117,7 +122,7 @@ def step_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor,
     if opts.loss_type in ("huber", "smooth_l1"):
         c = huber_threshold(timesteps, opts.huber_schedule, opts.huber_c, opts.huber_scale,
                             scheduler.alphas_cumprod, scheduler.config.num_train_timesteps)
-    loss = per_sample_loss(pred, target, opts.loss_type, c)
+    loss = per_sample_loss(pred, target, opts.loss_type, c, mask)
     if loss_weight is not None:
         loss = loss * loss_weight.to(loss)
     snr_t = snr_table.to(loss.device)[timesteps.to(loss.device)].float()

@@ -41,6 +41,7 @@ def kohya_loss_metadata(spec: TrainSpec) -> dict[str, Any]:
         "min_timestep": spec.min_timestep, "max_timestep": spec.max_timestep,
         "v_pred_like_loss": spec.v_pred_like_loss,
         "scale_v_pred_loss_like_noise_pred": spec.scale_v_pred_loss_like_noise_pred or None,
+        "masked_loss": spec.masked_loss or None,
     }
     return md
 
@@ -75,7 +76,9 @@ def training_metadata(spec: TrainSpec, arch: str, step: int, items: Sequence[Ima
         base_model_name=Path(spec.base_model).name, output_name=spec.output_name, resolution=spec.data.resolution,
         training=training, v_parameterization=prediction_type == "v_prediction",
         train_unet=net.train_unet, train_text_encoder=net.train_text_encoder,
-        network_args={"rank_dropout": net.rank_dropout, "module_dropout": net.module_dropout},
+        network_args={"rank_dropout": net.rank_dropout, "module_dropout": net.module_dropout,
+                      "factor": net.factor if net.factor != -1 else 0},
+        network_type=net.type,
     )
 
 

@@ -1,5 +1,6 @@
 """TensorBoard logs next to `loss.json` (`outputs/tensorboard/`), under kohya's tags: `loss/current` (each step's
-loss), `loss/average` (the smoothed loss the progress bar shows) and `lr/unet`.
+loss), `loss/average` (the smoothed loss the progress bar shows) and `lr/unet`; the samples as images under
+`sample/<prompt index>` at the step they were rendered (as OneTrainer shows them; kohya sends samples only to wandb).
 
 Written only when the optional `tensorboard` package is installed (`pip install loraforge[tensorboard]`): it is
 large (~60 MB with its protobuf and gRPC dependencies) and only TensorBoard users need it. `tensorboard --logdir
@@ -42,6 +43,21 @@ class TensorBoardLog:
         if lr is not None and newest > self.last_step:
             self.writer.add_scalar("lr/unet", lr, newest)
         self.last_step = max(self.last_step, newest)
+        self.writer.flush()
+
+    def samples(self, step: int, paths: list[str]) -> None:
+        """Each rendered sample image, tagged by its prompt index, at `step`."""
+        if self.writer is None:
+            return
+        import numpy as np
+        from PIL import Image
+
+        for i, p in enumerate(paths):
+            if Path(p).suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp") or not Path(p).is_file():
+                continue  # a sample hook may hand back other files
+            with Image.open(p) as im:
+                pixels = np.asarray(im.convert("RGB"))
+            self.writer.add_image(f"sample/{i:02d}", pixels, step, dataformats="HWC")
         self.writer.flush()
 
     def close(self) -> None:
