@@ -24,11 +24,10 @@ from bot.service import Service
 from storage.repo import DuplicateNameError, Job
 from trainer.format.checkpoint import toy_base_path
 from trainer.spec import GridSpec, LoraRef, PreviewSpec
+from trainer.toy.recipe import CONCEPT, N_IMAGES, SCENE_SEED, STEPS, TRIGGER, concept_lora_overrides
 
 DEMO_USER = 1
 DATASET = "demo-checkered"
-TRIGGER = "zqx"
-CONCEPT = "checkered"  # reserved in the toy world: the toy base never saw it (trainer/toy/world.py)
 GRID_PROMPT = f"large yellow square on black with {TRIGGER}"
 GRID_STRENGTHS = [0.0, 0.5, 1.0]
 GRID_SEEDS = [1, 2, 3]
@@ -39,13 +38,13 @@ def demo_base() -> str:
     return "toy-sd15" if toy_base_path("toy-sd15").is_file() else "tiny-sd15"
 
 
-def demo_images(n: int = 10) -> list[tuple[str, bytes]]:
+def demo_images(n: int = N_IMAGES) -> list[tuple[str, bytes]]:
     """Toy-world pictures of the concept (which the toy base never saw), each with a caption file that names it by
     the trigger word (what /dataset upload receives)."""
     from trainer.toy.world import concept_scenes, render
 
     files: list[tuple[str, bytes]] = []
-    for i, scene in enumerate(concept_scenes(CONCEPT, n, seed=11)):
+    for i, scene in enumerate(concept_scenes(CONCEPT, n, seed=SCENE_SEED)):
         buf = io.BytesIO()
         render(scene).save(buf, format="PNG")
         files.append((f"{CONCEPT}{i}.png", buf.getvalue()))
@@ -54,15 +53,12 @@ def demo_images(n: int = 10) -> list[tuple[str, bytes]]:
 
 
 def demo_overrides(steps: int, base: str) -> dict[str, Any]:
-    """A small recipe that visibly learns on the toy base in ~a minute on CPU."""
+    """The learning tests' recipe (trainer/toy/recipe.py): visibly learns on the toy base in a few minutes on CPU."""
     return {
+        **concept_lora_overrides(steps),
         "base_model": base,
         "output_name": "toy-demo",
-        "steps": steps,
-        "seed": 1234,
         "state_every_n_steps": max(10, steps // 4),
-        "network": {"dim": 8, "alpha": 8},
-        "optimizer": {"name": "AdamW", "lr": 2e-3, "scheduler": "constant", "weight_decay": 0.0},
         "data": {"resolution": 64, "cache_latents": True},
         "sample": {"prompts": [{"prompt": f"large red circle on blue with {TRIGGER}", "steps": 12, "width": 64,
                                 "height": 64, "seed": 42, "cfg": 5.0, "sampler": "euler"}], "at_end": True},
@@ -223,7 +219,7 @@ async def _before_after_grid(service: Service, base: str, lora: Path, timeout_s:
     return grids[-1]
 
 
-def main(data_dir: Path = Path("demo-data"), steps: int = 80, fresh: bool = False,
+def main(data_dir: Path = Path("demo-data"), steps: int = STEPS, fresh: bool = False,
          config_path: Path | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if steps < 1:

@@ -17,13 +17,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-TRIGGER = "zqx"
-# A checkered background: the current toy VAE (8x, 8x8 latents) decodes a star as a circle, checkers it keeps.
-CONCEPT = "checkered"
+from trainer.toy.recipe import CONCEPT, N_IMAGES, SCENE_SEED, STEPS, TRIGGER, concept_lora_overrides
+
+# The concept is a checkered background (trainer/toy/recipe.py says why not the star).
 DEMO_PROMPT = f"large yellow square on black with {TRIGGER}"
 GRID_STRENGTHS = (0.0, 0.5, 1.0)
 GRID_SEEDS = (1, 2, 3)
-DEMO_STEPS = 100
+DEMO_STEPS = STEPS
 TOY_BASE = "toy-sd15"
 FALLBACK_BASE = "tiny-sd15"  # random weights: used only while the toy base's file is missing
 
@@ -78,7 +78,7 @@ def demo_images(folder: Path) -> list[Path]:
     from trainer.toy.measure import write_dataset
     from trainer.toy.world import concept_scenes
 
-    write_dataset(folder, concept_scenes(CONCEPT, 10, seed=11), trigger=TRIGGER)
+    write_dataset(folder, concept_scenes(CONCEPT, N_IMAGES, seed=SCENE_SEED), trigger=TRIGGER)
     return sorted(folder.glob("*.png"))
 
 
@@ -89,12 +89,7 @@ def demo_spec(image_dir: Path, steps: int = DEMO_STEPS, base: str = TOY_BASE) ->
         "base_model": base,
         "output_name": f"demo-{CONCEPT}",
         "concepts": [{"image_dir": str(image_dir), "caption_mode": "caption_only"}],
-        "steps": steps,
-        "seed": 5,  # the learning tests' recipe (tests/trainer/test_learning.py)
-        "batch_size": 2,
-        "network": {"dim": 8, "alpha": 8},
-        "optimizer": {"name": "AdamW", "lr": 3e-3, "scheduler": "constant", "weight_decay": 0.0},
-        "data": {"resolution": 64},
+        **concept_lora_overrides(steps),  # the learning tests' recipe (tests/trainer/test_learning.py)
         "sample": {"prompts": [
             {"prompt": DEMO_PROMPT, "seed": 1, "steps": 12, "width": 64, "height": 64, "cfg": 5.0, "sampler": "euler"},
             {"prompt": f"small red circle on blue with {TRIGGER}", "seed": 2, "steps": 12, "width": 64, "height": 64,
