@@ -64,7 +64,8 @@ def _sync(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from bot.demo import main as demo_main
 
-    return demo_main(data_dir=Path(args.data_dir), steps=args.steps, fresh=args.fresh, config_path=args.config)
+    steps = {"steps": args.steps} if args.steps is not None else {}
+    return demo_main(data_dir=Path(args.data_dir), fresh=args.fresh, config_path=args.config, **steps)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,9 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     y.add_argument("--guild", type=int, default=None, metavar="ID",
                    help="only this server (the commands show at once); default: the config's guild_ids, else global")
     y.add_argument("--config", type=Path, default=None, help="TOML config (default: ./config.toml if there)")
-    d = sub.add_parser("demo", help="train a tiny LoRA end to end without Discord")
+    d = sub.add_parser("demo", help="train a LoRA of a new concept on the toy base end to end without Discord")
     d.add_argument("--data-dir", default="demo-data", help="where the demo keeps its database and files")
-    d.add_argument("--steps", type=int, default=80, help="training steps (default 80)")
+    d.add_argument("--steps", type=int, default=None, help="training steps (default 300, the learning tests' recipe)")
     d.add_argument("--fresh", action="store_true", help="delete the data dir first")
     d.add_argument("--config", type=Path, default=None, help="optional config; the demo overrides paths")
     args = p.parse_args(argv)

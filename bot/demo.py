@@ -1,7 +1,9 @@
 """``python -m bot demo``: the whole pipeline on one machine, without Discord.
 
 Generated images -> intake -> a dataset in SQLite -> a queued train job -> a worker process
-training the built-in tiny SD1.5 model -> events and artifacts recorded -> paths printed.
+training a LoRA of a concept the built-in toy SD1.5 base never saw (a checkered background) -> events and
+artifacts recorded -> a before/after grid job (strength 0 = the base, 0.5, 1 x 3 seeds) -> paths printed.
+A checkout without the toy base's file trains the random-weight tiny-sd15 instead (its pictures are noise).
 Runs in a couple of minutes on two CPU cores, offline. Run it again and it reuses the data dir
 (the images dedupe, a new job is queued); ``--fresh`` starts over.
 """
@@ -10,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import math
 import os
 import shutil
 import sys
@@ -18,55 +19,49 @@ import time
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw
-
 from bot.config import Config, ConfigError, load_config
 from bot.service import Service
 from storage.repo import DuplicateNameError, Job
+from trainer.format.checkpoint import toy_base_path
+from trainer.spec import GridSpec, LoraRef, PreviewSpec
+from trainer.toy.recipe import CONCEPT, N_IMAGES, SCENE_SEED, STEPS, TRIGGER, concept_lora_overrides
 
 DEMO_USER = 1
-DATASET = "demo-shapes"
-TRIGGER = "zqx"
-COLORS = [((220, 40, 40), "red"), ((40, 160, 60), "green"), ((40, 80, 220), "blue"),
-          ((230, 200, 30), "yellow"), ((160, 60, 200), "purple"), ((240, 130, 20), "orange")]
+DATASET = "demo-checkered"
+GRID_PROMPT = f"large yellow square on black with {TRIGGER}"
+GRID_STRENGTHS = [0.0, 0.5, 1.0]
+GRID_SEEDS = [1, 2, 3]
 
 
-def demo_images(n: int = 6, size: int = 96) -> list[tuple[str, bytes]]:
-    """Colored circles on a gradient, each with a caption file (what /dataset upload receives)."""
+def demo_base() -> str:
+    """toy-sd15 (pretrained on the toy world) when its file is there, else the random-weight tiny-sd15."""
+    return "toy-sd15" if toy_base_path("toy-sd15").is_file() else "tiny-sd15"
+
+
+def demo_images(n: int = N_IMAGES) -> list[tuple[str, bytes]]:
+    """Toy-world pictures of the concept (which the toy base never saw), each with a caption file that names it by
+    the trigger word (what /dataset upload receives)."""
+    from trainer.toy.world import concept_scenes, render
+
     files: list[tuple[str, bytes]] = []
-    for i in range(n):
-        color, name = COLORS[i % len(COLORS)]
-        im = Image.new("RGB", (size, size))
-        px = im.load()
-        for y in range(size):
-            for x in range(size):
-                t = (x + y) / (2 * size)
-                px[x, y] = (int(30 + 60 * t), int(30 + 40 * t), int(90 + 120 * (1 - t)))  # type: ignore[index]
-        d = ImageDraw.Draw(im)
-        r = size // 4 + (i % 3) * 4
-        cx = size // 2 + int(10 * math.cos(i))
-        cy = size // 2 + int(10 * math.sin(i))
-        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color, outline=(255, 255, 255), width=2)
+    for i, scene in enumerate(concept_scenes(CONCEPT, n, seed=SCENE_SEED)):
         buf = io.BytesIO()
-        im.save(buf, format="PNG")
-        files.append((f"shape{i}.png", buf.getvalue()))
-        files.append((f"shape{i}.txt", f"a {name} circle on a gradient background".encode()))
+        render(scene).save(buf, format="PNG")
+        files.append((f"{CONCEPT}{i}.png", buf.getvalue()))
+        files.append((f"{CONCEPT}{i}.txt", scene.caption(TRIGGER).encode()))
     return files
 
 
-def demo_overrides(steps: int) -> dict[str, Any]:
-    """A small recipe that visibly learns on the tiny model in ~a minute on CPU."""
+def demo_overrides(steps: int, base: str) -> dict[str, Any]:
+    """The learning tests' recipe (trainer/toy/recipe.py): visibly learns on the toy base in a few minutes on CPU."""
     return {
-        "base_model": "tiny-sd15",
-        "output_name": "tiny-demo",
-        "steps": steps,
-        "seed": 1234,
+        **concept_lora_overrides(steps),
+        "base_model": base,
+        "output_name": "toy-demo",
         "state_every_n_steps": max(10, steps // 4),
-        "network": {"dim": 8, "alpha": 8},
-        "optimizer": {"name": "AdamW", "lr": 2e-3, "scheduler": "constant", "weight_decay": 0.0},
         "data": {"resolution": 64, "cache_latents": True},
-        "sample": {"prompts": [{"prompt": f"{TRIGGER}, a red circle", "steps": 8, "width": 64,
-                                "height": 64, "seed": 42, "cfg": 5.0}], "at_end": True},
+        "sample": {"prompts": [{"prompt": f"large red circle on blue with {TRIGGER}", "steps": 12, "width": 64,
+                                "height": 64, "seed": 42, "cfg": 5.0, "sampler": "euler"}], "at_end": True},
     }
 
 
@@ -154,8 +149,12 @@ async def run_demo(data_dir: Path, steps: int, config_path: Path | None = None, 
                 return 1
 
         service.add_listener(_Printer())
-        job = await service.submit_train(DEMO_USER, ds.id, demo_overrides(steps))
-        print(f"queued job {job.id}: {steps} steps on tiny-sd15, "
+        base = demo_base()
+        if base != "toy-sd15":
+            print("the toy base toy-sd15 is not in this checkout (tools/pretrain_toy_bases.py re-creates it): "
+                  "training the random-weight tiny-sd15, whose pictures are noise", flush=True)
+        job = await service.submit_train(DEMO_USER, ds.id, demo_overrides(steps, base))
+        print(f"queued job {job.id}: {steps} steps on {base}, "
               f"position {await service.scheduler.queue_position(job.id)}", flush=True)
         t0 = time.monotonic()
         await service.scheduler.start()
@@ -190,13 +189,37 @@ async def run_demo(data_dir: Path, steps: int, config_path: Path | None = None, 
             print(f"sample:     {s}")
         for p in plots:
             print(f"loss curve: {p}")
+        grid = await _before_after_grid(service, base, loras[-1], timeout_s)
+        if grid is None:
+            return 1
+        print(f"grid:       {grid}  (before/after: strength 0 = the base alone, 0.5, 1; rows: seeds)")
         print(f"database:   {service.files.db_path}")
         return 0
     finally:
         await service.stop()
 
 
-def main(data_dir: Path = Path("demo-data"), steps: int = 80, fresh: bool = False,
+async def _before_after_grid(service: Service, base: str, lora: Path, timeout_s: float) -> Path | None:
+    """Queue the before/after grid of the trained LoRA as a preview job (what /preview runs) and wait for it."""
+    grid = GridSpec(prompt=GRID_PROMPT, strengths=GRID_STRENGTHS, seeds=GRID_SEEDS, sampler="euler", steps=12,
+                    cfg=5.0, width=64, height=64)
+    spec = PreviewSpec(base_model=base, loras=[LoraRef(path=str(lora), strength=1.0)], grid=grid,
+                       output_name="demo-before-after")
+    job = await service.scheduler.submit(DEMO_USER, "preview", spec, is_admin=True)
+    print(f"queued job {job.id}: the before/after grid of {GRID_PROMPT!r}", flush=True)
+    try:
+        final = await service.scheduler.wait_for_job(job.id, timeout_s)
+    except TimeoutError:
+        print(f"error: grid job {job.id} did not finish within {timeout_s:.0f} s", file=sys.stderr)
+        return None
+    grids = await service.artifact_paths(job.id, "grid")
+    if final.state != "succeeded" or not grids:
+        print(f"error: grid job {job.id} {final.state}: {final.error or 'no grid recorded'}", file=sys.stderr)
+        return None
+    return grids[-1]
+
+
+def main(data_dir: Path = Path("demo-data"), steps: int = STEPS, fresh: bool = False,
          config_path: Path | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if steps < 1:

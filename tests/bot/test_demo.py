@@ -1,4 +1,5 @@
-"""`python -m bot demo` end to end: real worker process, tiny SD1.5, SQLite, artifacts."""
+"""`python -m bot demo` end to end: real worker process, the toy base (tiny SD1.5 without it), SQLite, artifacts,
+the before/after grid job."""
 
 from __future__ import annotations
 
@@ -43,8 +44,10 @@ def test_demo_trains_a_kohya_lora(tmp_path: Path) -> None:
     with sqlite3.connect(data / "loraforge.db") as db:
         rows = db.execute("SELECT kind, path, bytes, sha256 FROM artifacts").fetchall()
         state = db.execute("SELECT state FROM jobs").fetchall()
-    assert state == [("succeeded",)]
+    assert state == [("succeeded",), ("succeeded",)]  # the train job and its before/after grid job
     kinds = {r[0] for r in rows}
-    assert {"lora", "plot", "sample"} <= kinds, rows
+    assert {"lora", "plot", "sample", "grid"} <= kinds, rows
     assert all(r[2] > 0 and r[3] for r in rows)
     assert "sample:" in out.stdout and "loss curve:" in out.stdout
+    grid = Path(next(ln for ln in out.stdout.splitlines() if ln.startswith("grid:")).split()[1])
+    assert grid.is_file() and grid.suffix == ".png"

@@ -190,8 +190,14 @@ def render_strength_grid_file(sampler: Sampler, loras: Sequence[tuple[Any, float
                               on_event: EventSink = null_sink, should_stop: StopCheck = never_stop,
                               live: LivePreview | None = None) -> Path:
     cells = sampler.render_grid(loras, grid, on_event, should_stop, live)
-    img, _ = strength_seed_grid(cells, grid.strengths, grid.seeds, grid.prompt)
+    img, _ = strength_seed_grid(cells, grid.strengths, grid.seeds, grid_title(grid.prompt, loras))
     return save_png(img, out_path)
+
+
+def grid_title(prompt: str, loras: Sequence[tuple[Any, float]]) -> str:
+    """The grid's title names what it shows: the prompt and each LoRA (file name x its weight; the columns scale it)."""
+    names = ", ".join(f"{Path(src).name if isinstance(src, str | Path) else 'LoRA'} x{w:g}" for src, w in loras)
+    return f"{prompt}  (LoRA {names})" if names else prompt
 
 
 def run_preview_job(spec: PreviewSpec, job_dir: Path, on_event: EventSink = null_sink,

@@ -6,7 +6,7 @@
       --optimizer AdamW8bit --resolution 512 --preset sd15-8gb --name my_lora --out DIR [--device cuda]
       --epochs 10 --save-every-n-epochs 2 (instead of --steps)  --sample-prompt "..." (repeatable) --sample-every 100
   python -m trainer run JOB.toml [--set ...] [options] the same; also runs merge and preview job files
-  python -m trainer demo [--out DIR] [--steps 60]      train the built-in tiny SD1.5 on generated images (~1 min, CPU)
+  python -m trainer demo [--out DIR] [--steps 300]     a LoRA of a new concept on the toy base + before/after grid (CPU)
   python -m trainer validate JOB.toml [--set ...]      print the fully resolved spec, or what is wrong
   python -m trainer presets                            list the presets
   python -m trainer import-kohya FILE [--out job.toml]  translate a kohya sd-scripts config or command line
@@ -321,9 +321,10 @@ def main(argv: list[str] | None = None) -> int:
     sp = sub.add_parser("validate", help="print the fully resolved spec")
     sp.add_argument("job", type=Path)
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    sp = sub.add_parser("demo", help="train the built-in tiny SD1.5 on generated images (about a minute on CPU)")
+    sp = sub.add_parser("demo", help="train a LoRA of a concept the built-in toy base never saw and render a "
+                                      "before/after grid (a few minutes on CPU)")
     sp.add_argument("--out", type=Path, default=None, help="where the images, LoRA and samples go")
-    sp.add_argument("--steps", type=int, default=None, help="training steps (default 60)")
+    sp.add_argument("--steps", type=int, default=None, help="training steps (default 300)")
     sp.add_argument("--device", default="cpu")
     sub.add_parser("presets", help="list the presets")
     sp = sub.add_parser("inspect", help="check and summarise a LoRA file")
