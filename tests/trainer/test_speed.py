@@ -23,7 +23,8 @@ def _devices(module: torch.nn.Module) -> set[str]:
 def test_encoders_are_freed_once_everything_they_compute_is_cached(tmp_path: Path, module_dataset: Path,
                                                                     make_spec) -> None:
     events: list[dict] = []
-    tr = Trainer(make_spec(module_dataset, **CACHED), tmp_path / "job", events.append, device="cpu")
+    tr = Trainer(make_spec(module_dataset, **CACHED), tmp_path / "job", events.append, device="cpu",
+                 free_cached_models=True)
     tr.run()
     assert _devices(tr.base.vae) == {"meta"}
     assert _devices(tr.base.text_encoders[0]) == {"meta"}
@@ -35,9 +36,17 @@ def test_encoders_are_freed_once_everything_they_compute_is_cached(tmp_path: Pat
 def test_encoders_stay_when_samples_need_them(tmp_path: Path, module_dataset: Path, make_spec) -> None:
     calls: list[int] = []
     spec = make_spec(module_dataset, sample={"prompts": [{"prompt": "scs girl"}]}, **CACHED)
-    tr = Trainer(spec, tmp_path / "job", device="cpu", sample_hook=lambda step, net: calls.append(step) or [])
+    tr = Trainer(spec, tmp_path / "job", device="cpu", sample_hook=lambda step, net: calls.append(step) or [],
+                 free_cached_models=True)
     tr.run()
     assert calls and _devices(tr.base.vae) == {"cpu"} and _devices(tr.base.text_encoders[0]) == {"cpu"}
+
+
+def test_a_base_its_caller_reuses_is_never_freed(tmp_path: Path, module_dataset: Path, make_spec) -> None:
+    """The copy-machine's second pass and its copier check run the same base after the first pass's run()."""
+    tr = Trainer(make_spec(module_dataset, **CACHED), tmp_path / "job", device="cpu")
+    tr.run()
+    assert _devices(tr.base.vae) == {"cpu"} and _devices(tr.base.text_encoders[0]) == {"cpu"}
 
 
 def test_adamw_steps_bit_identical_to_torch_per_tensor_loop() -> None:

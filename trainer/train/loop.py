@@ -81,8 +81,12 @@ class Trainer(TrainerFiles):
     def __init__(self, spec: TrainSpec, job_dir: Path, on_event: EventSink = null_sink,
                  should_stop: StopCheck = never_stop, models_dir: Path | None = None, device: str | None = None,
                  sample_hook: SampleHook | None = None, base: Any | None = None, class_cache: Path | None = None,
-                 prepare_base: Callable[[Any], None] | None = None, extra_metadata: dict[str, str] | None = None):
+                 prepare_base: Callable[[Any], None] | None = None, extra_metadata: dict[str, str] | None = None,
+                 free_cached_models: bool = False):
         self.spec = spec
+        # Only the job's owner may free the VAE / text encoders after caching: a caller that keeps using
+        # `trainer.base` afterwards (copy-machine pass 2 and its copier check, tests reading the base) needs them.
+        self.free_cached_models = free_cached_models
         # Where generated class images are kept for the next job (keyed by base model and class prompt).
         self.class_cache = Path(class_cache) if class_cache is not None else None
         self._given_base = base  # a preloaded base instead of spec.base_model
@@ -233,7 +237,7 @@ class Trainer(TrainerFiles):
         self.te_offloaded = cache_inputs(self.spec, self.data, self.base, self.device, self.train_te,
                                          self._autocast, self.emit, self._phase_progress)
         # Nothing runs the VAE / text encoders again: their memory goes (~0.8 GB for SD1.5 in fp32).
-        later = bool(self.spec.sample.prompts or self.sample_hook or self.validation.active
+        later = not self.free_cached_models or bool(self.spec.sample.prompts or self.sample_hook or self.validation.active
                      or self.prepare_base or self.spec.mode != "standard")
         freed = speed.free_after_cache(self.spec, self.data, self.base, needs_models_later=later)
         if freed:
@@ -400,4 +404,4 @@ def train(spec: TrainSpec, job_dir: Path, on_event: EventSink = null_sink, shoul
     are kept under `class_cache` (default: the engine's cache folder, LORAFORGE_CACHE) for the next job.
     """
     return Trainer(spec, Path(job_dir), on_event, should_stop, models_dir, device, sample_hook,
-                   class_cache=class_cache).run()
+                   class_cache=class_cache, free_cached_models=True).run()
