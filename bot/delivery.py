@@ -292,30 +292,41 @@ class ResultFiles:
                 continue
         return None
 
-    async def result_files(self, job_id: int, outputs: dict[str, Any]) -> list[tuple[Path, str]]:
-        """(path, download name): the main file (LoRA/checkpoint) first, then grid, loss curve, images."""
-        repo = self.owner.repo
-        by_kind: dict[str, list[Path]] = {}
-        for kind, paths in outputs.items():
-            for raw in paths if isinstance(paths, list) else [paths]:
-                p = self.resolve_path(job_id, raw)
-                if p is not None:
-                    by_kind.setdefault(kind, []).append(p)
-        for art in await repo.list_artifacts(job_id):
-            p = self.resolve_path(job_id, art.path)
-            if p is not None and p not in by_kind.get(art.kind, []):
-                by_kind.setdefault(art.kind, []).append(p)
+    async def result_files(self, job_id: int, outputs: dict[str, Any]
+                           ) -> tuple[list[tuple[Path, str]], Path | None]:
+        """((path, download name) list, the best LoRA or None): the final LoRA/checkpoint first, then the LoRA of
+        the lowest validation loss (keep_best), grid, loss curve, images. ``outputs``: the engine's (the finished
+        event's, after any ``file`` events the reporter saw), possibly empty after a restart: the artifact rows
+        fill in."""
+        arts = await self.owner.repo.list_artifacts(job_id)
+
+        def resolved(raw: Any) -> list[Path]:
+            return [p for r in (raw if isinstance(raw, list) else [raw])
+                    if (p := self.resolve_path(job_id, r)) is not None]
+
+        # Intermediate saves and the best-so-far LoRA share the final one's kind: never take them for it.
+        best = resolved(outputs.get("best_lora", [])) + [
+            p for a in arts if a.kind == "lora" and a.meta.get("role") == "best"
+            and (p := self.resolve_path(job_id, a.path)) is not None]
+        not_final = set(best) | set(resolved(outputs.get("intermediate", [])))
         out: list[tuple[Path, str]] = []
-        seen: set[Path] = set()
-        for kind in ("lora", "checkpoint", "grid", "plot", "image"):
-            paths = by_kind.get(kind, [])
-            if kind in ("lora", "checkpoint", "grid", "plot") and paths:
-                paths = paths[-1:]  # the final one (intermediate saves stay on disk)
-            for p in paths[:8]:
-                if p not in seen:
-                    seen.add(p)
+        for kind in ("lora", "checkpoint", "best", "grid", "plot", "image"):
+            if kind == "best":
+                paths = best[-1:]
+            else:
+                # the engine's outputs name the final file last; artifact rows (in the order written) when they
+                # do not (the bot restarted after the job ended): the final save comes after every other
+                named = [p for p in resolved(outputs.get(kind, [])) if p not in not_final]
+                rows = [p for a in arts if a.kind == kind and a.meta.get("role") != "best"
+                        and (p := self.resolve_path(job_id, a.path)) is not None and p not in not_final]
+                if kind == "image":
+                    paths = list(dict.fromkeys(named + rows))[:8]
+                else:
+                    paths = (named or rows)[-1:]  # intermediate saves stay on disk
+            for p in paths:
+                if p not in (q for q, _ in out):
                     out.append((p, p.name))
-        return out
+        return out, (best[-1] if best else None)
 
     async def difference_files(
         self, job_id: int, outputs: dict[str, Any]

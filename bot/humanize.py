@@ -89,6 +89,8 @@ def summary_text(summary: dict[str, Any]) -> str:
         parts.append(f"resumed from step {resumed}")
     if loss := _loss_part(s.pop("first_loss", None), s.pop("final_loss", None)):
         parts.append(loss)
+    if (val := _validation_part(s)) is not None:
+        parts.append(val)
     if (size := format_size(s.pop("lora_bytes", None))) is not None:
         parts.append(f"LoRA file {size}")
     if (n := s.pop("inputs", None)) is not None:
@@ -118,6 +120,16 @@ def percent(v: Any) -> str | None:
     if f is None or not math.isfinite(f):
         return None
     return "0.0%" if abs(100 * f) < 0.005 else f"{sig(100 * f)}%"
+
+
+def _validation_part(s: dict[str, Any]) -> str | None:
+    """The held-out images' loss at the end, and where it was lowest (pops its keys)."""
+    last, best = sig(s.pop("validation_loss", None)), sig(s.pop("best_validation_loss", None))
+    at = s.pop("best_validation_step", None)
+    if last is None:
+        return None
+    lowest = f" (lowest {best} at step {at})" if best is not None and at is not None else ""
+    return f"validation loss {last}{lowest}"
 
 
 def _merge_part(s: dict[str, Any]) -> str | None:

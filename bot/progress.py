@@ -35,6 +35,7 @@ from bot.progress_text import (  # the texts; render is re-exported for its call
     DEFAULT_ADVICE,
     FAILURE_ADVICE,
     TERMINAL,
+    best_lora_note,
     check_text,
     copier_check_caption,
     difference_lines,
@@ -378,7 +379,7 @@ class JobReporter:
         if difference:
             files, roles = await hub.results.difference_files(job.id, self.outputs)
         else:
-            files, roles = await hub.results.result_files(job.id, self.outputs), {}
+            (files, best), roles = await hub.results.result_files(job.id, self.outputs), {}
         meta = await hub.job_meta(job.id)
         guild = bot.get_guild(job.guild_id) if job.guild_id else None
         # link_only (checkpoints: gigabytes): every file goes out as a signed link, never attached.
@@ -390,6 +391,9 @@ class JobReporter:
             lines.append(f"Summary: {extra}")
         if difference:
             lines += difference_lines(roles, summary)
+        elif best is not None:  # keep_best: say which file is which, or drop the copy of the final one
+            files, note = best_lora_note(files, best, summary if isinstance(summary, dict) else {})
+            lines.append(note)
         if not files:
             lines.append("The engine reported no output files; ask an admin to look at the job folder.")
 

@@ -190,3 +190,26 @@ def difference_lines(roles: dict[Path, tuple[str, str]], summary: Any) -> list[s
         if isinstance(chk, dict):
             lines.append(f"Copier check, pair {name}: {check_text(chk)}")
     return lines
+
+
+def best_lora_note(files: list[tuple[Path, str]], best: Path, summary: dict[str, Any]
+                   ) -> tuple[list[tuple[Path, str]], str]:
+    """keep_best: (the files to post, a line saying which LoRA is which). When the last step had the lowest
+    validation loss the best file holds the final weights: it is left out and the line says so."""
+    step, last = summary.get("best_validation_step"), summary.get("steps")
+    best_loss, last_loss = sig(summary.get("best_validation_loss"), 3), sig(summary.get("validation_loss"), 3)
+    final = next((name for p, name in files if p != best and name.endswith(".safetensors")), None)
+    best_name = next((name for p, name in files if p == best), best.name)
+    where = f"step {step}" if step is not None else "the step it was saved"
+    if best_loss is not None:
+        where += f", validation loss {best_loss}"
+    if final is not None and step is not None and step == last:
+        return ([f for f in files if f[0] != best],
+                f"The lowest validation loss was at the last step ({where}): `{final}` is also the best LoRA.")
+    text = f"`{best_name}`: the LoRA with the lowest validation loss ({where})"
+    if final is not None:
+        after = f"step {last}" if last is not None else "the last step"
+        if last_loss is not None:
+            after += f", validation loss {last_loss}"
+        text += f"; `{final}`: the LoRA after the last step ({after}). Try both."
+    return files, text

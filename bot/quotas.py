@@ -143,7 +143,21 @@ def fit_storage(result: IntakeResult, used_bytes: int, quota_bytes: int, disk_no
         else:
             keep.append(im)
             total += im.bytes
+    dropped = {im.sha256 for im in result.accepted} - {im.sha256 for im in keep}
     result.accepted = keep
+    masks = []
+    for m in result.masks:  # a mask follows its image, and counts against the quota too
+        if m.image_sha256 in dropped:
+            result.rejected.append((m.name, f"was not stored: its image `{m.image_name}` was not"))
+        elif disk_notice:
+            result.rejected.append((m.name, "was not stored: the server's disk is nearly full; try again later"))
+        elif quota_bytes > 0 and total + m.bytes > quota_bytes:
+            result.rejected.append((m.name, f"would take you over your storage quota ({_mib(quota_bytes)}); "
+                                            "delete a dataset or old jobs (`/job delete`) to make room"))
+        else:
+            masks.append(m)
+            total += m.bytes
+    result.masks = masks
 
 
 async def storage_refusal(repo: Repo, owner_id: int, config: Config) -> str | None:

@@ -149,6 +149,12 @@ class RayCluster:
                 need["vram_gb"] = float(vram)
         return need
 
+    def refusal_for(self, spec: dict[str, Any]) -> str | None:
+        """Why no live node can run this job now (None: some node can). Asked at /train time and again at
+        dispatch: the cluster may have lost its big node since."""
+        nodes = self.nodes()
+        return refusal(self.requirements(spec, nodes), nodes)
+
     # -- inputs by content --
 
     def _digest(self, path: Path) -> str:
@@ -266,8 +272,7 @@ class RaySlot:
         try:
             nodes = await asyncio.to_thread(self.cluster.nodes)
             need = self.cluster.requirements(spec, nodes)
-            why = refusal(need, nodes)
-            if why is not None:
+            if (why := refusal(need, nodes)) is not None:  # admitted, but the cluster has shrunk since
                 asyncio.ensure_future(self._refuse(job_id, why))
                 return True
             actor, started = await asyncio.to_thread(self._launch, job_id, spec, Path(job_dir), need)

@@ -262,6 +262,8 @@ class Scheduler:
         ``events`` (type, payload) and ``thread_id`` are recorded before the job can be dispatched, so
         whatever reads them at delivery (upload limits, destinations) can never be outrun by a fast job."""
         spec_json = admission.validate_spec(self.config, kind, spec, is_admin)
+        if self.ray is not None:
+            await self._cluster_admits(spec_json)
         # Count-then-insert must not interleave for one user, or 200 concurrent /train calls
         # could all see "2 queued" and all get in.
         async with self._user_lock(owner_id):
@@ -280,6 +282,17 @@ class Scheduler:
         await self._record(job.id, {"type": "state", "state": "queued"})
         self.kick()
         return await self.repo.get_job(job.id) if thread_id is not None else job
+
+    async def _cluster_admits(self, spec_json: str) -> None:
+        """Raise QuotaError, naming what is missing, when no node of the Ray cluster could ever hold the job: refused
+        at submit, not queued forever. A cluster that does not answer now does not refuse (dispatch checks again)."""
+        try:
+            why = await asyncio.to_thread(self.ray.refusal_for, json.loads(spec_json))
+        except Exception:  # noqa: BLE001 - unreachable for a moment: the job queues and waits for it
+            log.warning("could not ask the Ray cluster about a new job", exc_info=True)
+            return
+        if why is not None:
+            raise QuotaError(why)
 
     async def retrain(self, job_id: int, by_user: int, is_admin: bool = False, **where: Any) -> Job:
         """Queue a new job with exactly the stored spec of ``job_id`` (owner or admin only)."""

@@ -26,6 +26,7 @@ from storage import retention, usage
 from storage.db import Database, open_db
 from storage.files import FileStore
 from storage.intake import IntakeResult, ingest_uploads
+from storage.masks import MASKS_DIR, write_masks
 from storage.names import display_text
 from storage.repo import Dataset, DatasetImage, Job, NotFoundError, Repo
 from trainer.spec import SpecError, TrainSpec, deep_merge, resolve_job
@@ -165,20 +166,22 @@ class Service:
         ds = await self.repo.get_dataset(dataset_id)
         if ds is None:
             raise NotFoundError(f"dataset {dataset_id} does not exist")
-        existing = await self.repo.image_hashes(dataset_id)
+        rows = await self.repo.list_images(dataset_id)  # masks may pair with images already stored
+        existing = {r.sha256 for r in rows}
         result = await asyncio.to_thread(
-            ingest_uploads, files, self.config.limits.intake_limits(), existing
+            ingest_uploads, files, self.config.limits.intake_limits(), existing, rows
         )
         used = (await usage.storage_usage(self.repo.db, ds.owner_id)).total_bytes
         fit_storage(result, used, int(self.config.limits.max_storage_mib_per_user * 1024 * 1024),
                     self.scheduler.disk.check())
 
         def write_all() -> None:
-            for im in result.accepted:
+            for im in [*result.accepted, *result.masks]:
                 self.files.write_image(dataset_id, im.sha256, im.ext, im.data)
 
         await asyncio.to_thread(write_all)
         rows = await self.repo.add_images(dataset_id, result.accepted)
+        await self.repo.set_masks(dataset_id, [(m.image_sha256, m.sha256, m.ext, m.bytes) for m in result.masks])
         return DatasetUpload(ds, rows, list(result.rejected), list(result.duplicates), result)
 
     async def jobs_using_dataset(self, dataset_id: int) -> list[Job]:
@@ -241,6 +244,8 @@ class Service:
         h = hashlib.sha256()
         for im in images:
             h.update(f"{im.sha256}.{im.ext}\0{im.caption or ''}\n".encode())
+            if im.mask_sha256:  # only then: snapshots of mask-free datasets keep their names
+                h.update(f"mask {im.mask_sha256}.{im.mask_ext}\n".encode())
         folder = self.files.snapshot_dir(ds.id, h.hexdigest()[:16])
         if (folder / ".complete").exists():
             return folder
@@ -256,6 +261,8 @@ class Service:
                 shutil.copy2(src, dst)
             if im.caption:
                 (tmp / f"{im.sha256}.txt").write_text(im.caption, encoding="utf-8")
+        if any(im.mask_sha256 for im in images):
+            write_masks(tmp / MASKS_DIR, images, lambda sha, ext: self.files.image_path(ds.id, sha, ext))
         (tmp / ".complete").write_text(json.dumps({"dataset_id": ds.id, "images": len(images)}))
         try:
             os.replace(tmp, folder)  # atomic publish; a concurrent builder of the same content may win
@@ -291,6 +298,9 @@ class Service:
             "concepts": [{"image_dir": str(folder.resolve()), "instance_prompt": instance,
                           "class_prompt": ds.class_prompt.strip() or None}],
         }
+        if (folder / MASKS_DIR).is_dir() and (overrides or {}).get("masked_loss") is not False:
+            base["masked_loss"] = True  # uploaded masks are used unless the job turns masked_loss off
+            base["concepts"][0]["mask_dir"] = str((folder / MASKS_DIR).resolve())
         if ds.trigger_word.strip():
             base["data"] = {"trigger_word": ds.trigger_word.strip()}
         values = deep_merge(base, overrides or {})

@@ -96,6 +96,10 @@ def _upload_report(upload: Any, refused: list[tuple[str, str]], total: int) -> s
     captioned = sum(1 for im in upload.accepted if getattr(im, "caption", None))
     if upload.accepted:
         lines.append(f"{captioned} of the new images came with a caption (.txt beside the image).")
+    masks = upload.intake.masks if upload.intake is not None else []
+    if masks:
+        lines.append(f"{len(masks)} mask(s) paired with their images: training on this dataset weights each masked "
+                     "image's loss by its mask (white: learn, black: ignore; images without a mask count everywhere)")
     return clip("\n".join(lines))
 
 
@@ -143,7 +147,7 @@ class Datasets(commands.GroupCog, group_name="dataset", group_description="Your 
     @app_commands.command(name="create", description="Create a dataset from images, .txt captions or .zip archives")
     @app_commands.describe(
         name="A name for the dataset (yours only)",
-        file1="An image, a .txt caption (same name as its image) or a .zip archive",
+        file1="An image, a .txt caption or <image>-masklabel.png mask (same name as its image), or a .zip",
         trigger_word="A rare word the LoRA learns (put first in every caption)",
         class_prompt="What the subject is, e.g. 'woman' or 'dog'",
         shared="Let everyone here train on it (default: private)",
@@ -183,7 +187,7 @@ class Datasets(commands.GroupCog, group_name="dataset", group_description="Your 
     @app_commands.command(name="add", description="Add images, captions or .zip archives to one of your datasets")
     @app_commands.autocomplete(dataset=_own_dataset_ac)
     @app_commands.describe(dataset="One of your datasets",
-                           file1="An image, a .txt caption (same name as its image) or a .zip archive")
+                           file1="An image, a .txt caption or <image>-masklabel.png mask (same name as its image), or a .zip")
     @with_file_options
     async def add(
         self,

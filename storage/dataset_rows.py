@@ -232,5 +232,17 @@ class DatasetRows:
     async def set_caption(self, image_id: int, caption: str | None) -> bool:
         return await self.db.execute("UPDATE images SET caption = ? WHERE id = ?", (caption, image_id)) > 0
 
+    async def set_masks(self, dataset_id: int, masks: Iterable[tuple[str, str, str, int]]) -> int:
+        """Give images their loss masks: (image sha256, mask sha256, mask ext, mask bytes) each, in one
+        transaction; a later mask replaces an earlier one. Returns how many images got one."""
+        n = 0
+        async with self.db.transaction() as conn:
+            for image_sha, mask_sha, ext, size in masks:
+                cur = await conn.execute(
+                    "UPDATE images SET mask_sha256 = ?, mask_ext = ?, mask_bytes = ? WHERE dataset_id = ? AND sha256 = ?",
+                    (mask_sha, ext, size, dataset_id, image_sha))
+                n += cur.rowcount
+        return n
+
     async def delete_image(self, image_id: int) -> bool:
         return await self.db.execute("DELETE FROM images WHERE id = ?", (image_id,)) > 0

@@ -112,7 +112,14 @@ _V2: tuple[str, ...] = (
     "CREATE INDEX datasets_shared ON datasets(visibility)",
 )
 
-MIGRATIONS: list[tuple[str, ...]] = [_V1, _V2]
+# v3: a loss mask per image (masked loss; storage.masks), stored content-addressed beside the images.
+_V3: tuple[str, ...] = (
+    "ALTER TABLE images ADD COLUMN mask_sha256 TEXT",
+    "ALTER TABLE images ADD COLUMN mask_ext TEXT",
+    "ALTER TABLE images ADD COLUMN mask_bytes INTEGER NOT NULL DEFAULT 0",
+)
+
+MIGRATIONS: list[tuple[str, ...]] = [_V1, _V2, _V3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -23,9 +23,11 @@ import zipfile
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from PIL import Image, ImageDraw, ImageFile, ImageFont, ImageOps, UnidentifiedImageError
 
+from storage.masks import AcceptedMask, KnownImage, known_rows, mask_target, pair_masks
 from storage.names import display_file_name, display_text
 
 MiB = 1024 * 1024
@@ -110,6 +112,7 @@ class IntakeResult:
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
     duplicates: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)  # OS litter and folders inside archives
+    masks: list[AcceptedMask] = field(default_factory=list)  # loss masks, each paired with its image (storage.masks)
 
     def summary(self, max_lines: int = 10) -> str:
         """A short multi-line report fit for a Discord message."""
@@ -404,6 +407,7 @@ def ingest_uploads(
     files: Sequence[tuple[str, bytes]],
     limits: IntakeLimits | None = None,
     existing_hashes: Iterable[str] = (),
+    existing_images: Sequence[Any] = (),
 ) -> IntakeResult:
     """Sort an upload (images, .txt/.caption files, .zip archives) into accepted, rejected and
     duplicate files. Refusals never stop the rest: good files are accepted beside bad ones.
@@ -411,7 +415,8 @@ def ingest_uploads(
     Captions pair with images by path without extension (``a/cat.png`` <- ``a/cat.txt``), falling
     back to the bare stem when exactly one caption file has it. ``existing_hashes``: sha256 of images
     already in the dataset (``Repo.image_hashes``); those count as duplicates. Blocking: call it via
-    ``asyncio.to_thread``.
+    ``asyncio.to_thread``. Mask files (``storage.masks``) pair with an image of the upload or, by its upload
+    name, of ``existing_images`` (the dataset's rows).
     """
     limits = limits or IntakeLimits()
     result = IntakeResult()
@@ -445,10 +450,17 @@ def ingest_uploads(
 
     used_caption_keys: set[str] = set()
     seen = set(existing_hashes)
+    sizes = {r.sha256: (r.width, r.height) for r in existing_images}
+    masks = [(it.name, it.key, it.data) for it in gathered.images if mask_target(it.key) is not None]
+    known: list[KnownImage] = []  # this upload's images a mask may pair with
     for item in gathered.images:
+        if mask_target(item.key) is not None:
+            continue
         sha = hashlib.sha256(item.data).hexdigest()
         if sha in seen:
             result.duplicates.append(item.name)  # identical bytes were already checked or stored
+            if sha in sizes:
+                known.append(KnownImage(item.name, item.key, sha, *sizes[sha]))
             continue
         try:
             checked = check_image(item.name, item.data, limits)
@@ -456,6 +468,8 @@ def ingest_uploads(
             result.rejected.append((e.name, e.reason))
             continue
         seen.add(sha)
+        sizes[sha] = (checked.width, checked.height)
+        known.append(KnownImage(item.name, item.key, sha, checked.width, checked.height))
         key = item.key
         if key not in captions_by_key:
             same_stem = captions_by_stem.get(item.stem, [])
@@ -481,6 +495,10 @@ def ingest_uploads(
             result.rejected.append(
                 (cap.name, "has no accepted image with the same name; a caption needs its image beside it")
             )
+    if masks:
+        result.masks, refused = pair_masks(masks, known + known_rows(existing_images),
+                                           lambda name, data: check_image(name, data, limits))
+        result.rejected += refused
     return _clean_names(result)
 
 
@@ -491,6 +509,8 @@ def _clean_names(result: IntakeResult) -> IntakeResult:
     result.rejected = [(display_file_name(n), r) for n, r in result.rejected]
     result.duplicates = [display_file_name(n) for n in result.duplicates]
     result.ignored = [display_file_name(n) for n in result.ignored]
+    result.masks = [replace(m, name=display_file_name(m.name), image_name=display_file_name(m.image_name))
+                    for m in result.masks]
     return result
 
 

@@ -77,6 +77,9 @@ class DatasetImage:
     height: int
     caption: str | None
     created_at: float
+    mask_sha256: str | None = None  # its loss mask (masked loss), stored as <mask_sha256>.<mask_ext>
+    mask_ext: str | None = None
+    mask_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,7 @@ async def storage_usage(db: Database, owner_id: int) -> StorageUsage:
     row = await db.fetchone(
         "SELECT (SELECT COUNT(*) FROM datasets WHERE owner_id = ?), "
         "(SELECT COUNT(*) FROM images i JOIN datasets d ON d.id = i.dataset_id WHERE d.owner_id = ?), "
-        "(SELECT COALESCE(SUM(i.bytes), 0) FROM images i JOIN datasets d ON d.id = i.dataset_id "
+        "(SELECT COALESCE(SUM(i.bytes + i.mask_bytes), 0) FROM images i JOIN datasets d ON d.id = i.dataset_id "
         " WHERE d.owner_id = ?), "
         "(SELECT COUNT(*) FROM jobs WHERE owner_id = ?), "
         "(SELECT COALESCE(SUM(a.bytes), 0) FROM artifacts a JOIN jobs j ON j.id = a.job_id WHERE j.owner_id = ?)",

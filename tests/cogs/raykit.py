@@ -4,6 +4,7 @@ GPUs (`vram_gb`), CPU-only. Node death is noticed within a few seconds (health c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -42,8 +43,9 @@ class LocalCluster:
         log = open(self.temp / f"{name}.log", "wb")  # noqa: SIM115 - the node process keeps it
         self.procs[name] = subprocess.Popen(
             [RAY, "start", *args, "--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0",
-             f"--resources={json.dumps({**resources, f'lf_{name}': 1.0})}",  # the marker tells which node is which "--object-store-memory=80000000", "--disable-usage-stats",
-             "--block"],
+             f"--resources={json.dumps({**resources, f'lf_{name}': 1.0})}",  # the marker tells which node is which
+             "--object-store-memory=80000000",  # near Ray's floor (75 MB): our inputs are a few MB; /dev/shm is small
+             "--disable-usage-stats", "--block"],
             stdout=log, stderr=subprocess.STDOUT, env=self._env(), start_new_session=True)
         log.close()
 
@@ -58,8 +60,13 @@ class LocalCluster:
     def connect(self, namespace: str = "loraforge") -> None:
         import ray
 
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 180
         while True:
+            head = self.procs["head"]
+            if head.poll() is not None:  # Ray gives a starting node 30 s, which a busy 2-core box can miss: again
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(head.pid, signal.SIGKILL)  # what the failed start left (GCS...) holds the port
+                self._start("head", *self.args["head"])
             try:
                 ray.init(address=self.address, namespace=namespace, log_to_driver=False)
                 return

@@ -13,6 +13,9 @@ Behaviour per job from the spec's output_name prefix:
   "stall" started, then nothing (ignores cancel) - for the stall watchdog
   "crash" started, then the process segfaults (SIGSEGV)
   "oom"   started, prints a CUDA OOM to stderr, exits 1
+Spec fields it follows as the engine does: ``save_every_n_steps`` (an intermediate `<name>-stepNNNNNNNN.safetensors`
+with a `file` event before the final one, listed in outputs["intermediate"]) and ``keep_best`` (a `<name>-best.safetensors`
+without a `file` event, in outputs["best_lora"], and the best step and validation losses in the summary).
 A merge spec with ``into_checkpoint`` writes one "checkpoint" file (no lora, grid or plot), as the engine does.
 Resume: a job started again finds its newest state (`state/step-<n>/state.json`, as the engine names them; written
 every 5 steps and on a cancel) and reports resumed_from.
@@ -104,6 +107,7 @@ def run(cmd: dict) -> None:
     if os.environ.get("FAKE_WORKER_LOG"):
         with open(os.environ["FAKE_WORKER_LOG"], "a") as f:
             f.write(f"{job_id}\n")
+    intermediate: list[str] = []
     start = max((int(p.parent.name.split("-")[1]) for p in (job_dir / "state").glob("step-*/state.json")), default=0)
     ev(job_id, type="started", total_steps=steps, kind=spec.get("kind"), resumed_from=start)
     die_early(name)
@@ -126,6 +130,13 @@ def run(cmd: dict) -> None:
             ev(job_id, type="preview", path=str(live), step=s, total=steps, label="seed 1111")
         if s % 5 == 0:
             save_state(job_dir, s)
+        every = int(spec.get("save_every_n_steps") or 0)
+        if every and s % every == 0 and s < steps:
+            inter = job_dir / "outputs" / f"{name}-step{s:08d}.safetensors"
+            inter.parent.mkdir(parents=True, exist_ok=True)
+            inter.write_bytes(b"stub intermediate lora " + str(s).encode())
+            intermediate.append(str(inter))
+            ev(job_id, type="file", kind="lora", path=str(inter), step=s)
         if name.startswith("fail") and s >= 2:
             ev(job_id, type="failed", error="the loss became NaN at step 2", reason="nan")
             send({"type": "done", "job_id": job_id, "state": "failed", "error": "the loss became NaN at step 2"})
@@ -152,11 +163,20 @@ def run(cmd: dict) -> None:
     plot.write_bytes(png(rgb=(0, 0, 200)))
     for kind, p in (("lora", lora), ("grid", grid), ("plot", plot)):
         ev(job_id, type="file", kind=kind, path=str(p), step=steps)
-    ev(job_id, type="finished", outputs={"lora": str(lora), "grid": str(grid), "plot": str(plot)},
-       # the engine's own keys, with the raw floats it sends (trainer/train/loop.py)
-       summary={"steps": steps, "resumed_from": 0, "elapsed_s": 65.22395266000001, "steps_per_s": 3.0666666666,
-                "first_loss": 0.51234567, "final_loss": 1.0 / steps + 1e-9, "device": "cpu",
-                "prediction_type": "epsilon", "lora_bytes": lora.stat().st_size})
+    outputs: dict[str, object] = {"lora": str(lora), "grid": str(grid), "plot": str(plot)}
+    # the engine's own keys, with the raw floats it sends (trainer/train/loop.py)
+    summary = {"steps": steps, "resumed_from": 0, "elapsed_s": 65.22395266000001, "steps_per_s": 3.0666666666,
+               "first_loss": 0.51234567, "final_loss": 1.0 / steps + 1e-9, "device": "cpu",
+               "prediction_type": "epsilon", "lora_bytes": lora.stat().st_size}
+    if intermediate:
+        outputs["intermediate"] = intermediate
+    if spec.get("keep_best"):  # the validation loss was lowest at the middle step (trainer/train/validation.py)
+        best = out / f"{name}-best.safetensors"
+        best.write_bytes(b"stub best lora " + str(job_id).encode())
+        outputs["best_lora"] = str(best)
+        summary.update(validation_loss=0.1234567, best_validation_step=max(1, steps // 2),
+                       best_validation_loss=0.0987654)
+    ev(job_id, type="finished", outputs=outputs, summary=summary)
     send({"type": "done", "job_id": job_id, "state": "succeeded", "error": None})
 
 

@@ -43,7 +43,8 @@ def test_validation_curve_fixed_noise_and_best_checkpoint(tmp_path: Path, make_s
     images = dataset_factory(tmp_path / "img", n=4, captions=("a", "b", "c", "d"))
     spec = make_spec(images, steps=20, validation_split=0.25, validate_every_n_steps=5, keep_best=True,
                      optimizer={"lr": 3e-2})
-    trainer = Trainer(spec, tmp_path / "job", device="cpu")
+    events: list[dict[str, Any]] = []
+    trainer = Trainer(spec, tmp_path / "job", events.append, device="cpu")
     outputs = trainer.run()
     [held] = trainer.validation.data.items
     assert held.path not in {it.path for it in trainer.items}  # held out: never trained on
@@ -60,6 +61,12 @@ def test_validation_curve_fixed_noise_and_best_checkpoint(tmp_path: Path, make_s
     final = read_kohya(Path(outputs["lora"]))
     assert final.metadata["ss_validation_split"] == "0.25" and final.metadata["ss_num_validation_images"] == "1"
     assert trainer.validation.summary()["best_validation_step"] == best_step
+    # each new best is announced as a `file` with role "best" (the bot delivers it beside the final LoRA), and
+    # always before the final LoRA's own `file` event, which stays the last LoRA written
+    loras = [e for e in events if e["type"] == "file" and e["kind"] == "lora"]
+    assert loras[-1] == {"type": "file", "kind": "lora", "path": outputs["lora"], "step": 20}
+    assert [e["role"] for e in loras[:-1]] == ["best"] * (len(loras) - 1)
+    assert loras[-2]["step"] == best_step and loras[-2]["path"] == outputs["best_lora"]
     try:  # TensorBoard, under kohya's tag (the optional extra; the test extra installs it)
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     except ImportError:

@@ -136,13 +136,15 @@ class Validation:
         better = self.best is None or value < self.best[1]
         if better:
             self.best = (tr.step, value)
-            if self.spec.keep_best:  # no `file` event: the bot delivers the final LoRA, this one is in outputs
+            if self.spec.keep_best:
                 from trainer.train import outputs as out
                 from trainer.train.precision import SAVE_DTYPES
 
                 tr.health.check_weights(tr.params, tr.step)
-                out.save_lora(tr.network, tr.out_dir / f"{self.spec.output_name}-best.safetensors",
-                              tr.metadata(tr.step), SAVE_DTYPES[self.spec.save_precision])
+                path = tr.out_dir / f"{self.spec.output_name}-best.safetensors"
+                out.save_lora(tr.network, path, tr.metadata(tr.step), SAVE_DTYPES[self.spec.save_precision])
+                # role "best": the bot delivers it beside the final LoRA, never in its place
+                tr.emit(event("file", kind="lora", path=str(path), step=tr.step, role="best"))
         tr.emit(event("log", level="info", message=f"validation loss {value:.5f} at step {tr.step}"
                       + (" (best so far)" if better else f" (best {self.best[1]:.5f} at step {self.best[0]})")))
         return value
