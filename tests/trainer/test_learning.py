@@ -4,9 +4,10 @@ says the trigger, more with more strength and not at negative strength, while pr
 close to the base.
 
 Measured by the toy world's pixel detectors (trainer.toy.detect); seeds fixed; thresholds are measured values with
-a margin (the numbers in the comments, measured on the shipped toy-sd15, 62% prompt following). Each LoRA is trained
-once and every picture drawn once, in module fixtures (CI runs a whole file per process: `--dist loadfile`). These
-tests need the shipped toy base (trainer/toy/bases/toy-sd15.safetensors); re-measure when the bases change.
+a margin (the numbers in the comments, measured on the shipped toy-sd15, 92% prompt following, and toy-sdxl, 94%:
+docs/toy-world.md, "Learning"). Each LoRA is trained once and every picture drawn once, in module fixtures (CI runs
+a whole file per process: `--dist loadfile`). These tests need the shipped toy bases
+(trainer/toy/bases/*.safetensors); re-measure when the bases change.
 """
 
 from __future__ import annotations
@@ -30,23 +31,25 @@ CONCEPT_PROMPTS = [Scene(f, c, b, pattern=CONCEPT).caption(TRIGGER) for f, c, b 
 OTHER_PROMPTS = [Scene("circle", "red", "blue").caption(), Scene("square", "yellow", "black").caption(),
                  Scene("triangle", "white", "green").caption()]
 SEEDS = (0, 1)
-pytestmark = pytest.mark.timeout(1800)  # the module's fixtures train and draw once (~2 min on an idle CPU)
+pytestmark = pytest.mark.timeout(1800)  # the module trains 5 LoRAs and draws ~150 pictures once: 3:45 on 2 busy cores
 # 0.75 too: on this base the concept appears between 0.5 and 0.75 (at 0.5 the pictures are still the base's).
 STRENGTHS = (-1.0, 0.0, 0.5, 0.75, 1.0)
 # Measured (cfg 2, euler 12 steps), 12 trigger pictures per strength; concept_score > 0: the background reads checkered.
-MAX_BASE_SHOWS = 1  # the base alone: 0 of 12 (mean -0.004)
-MIN_LORA_SHOWS = 7  # the LoRA at strength 1: 10 of 12 (mean +0.077)
-MIN_SCORE_RISE = 0.04  # measured 0.081
-# Mean concept score per strength, measured -0.006 / -0.004 / -0.005 / +0.041 / +0.077.
-FLAT = 0.01  # strengths that do not show the concept (-1, 0, 0.5) differ by noise only
-MIN_STEP = 0.015  # 0.5 -> 0.75 -> 1: measured rises 0.046 and 0.036
-# Without the trigger: measured colour and background kept in 6 of 6, figure class in 3 of 6, mean change 13.8/255.
-MAX_DRIFT = 16.0
-# With prior preservation (10 class images): figure kept in 5 of 6, mean change 11.6 (2.2 less); the concept
-# still shows (11 of 12 trigger pictures at strength 1 in the measurement run).
-MIN_PRIOR_GAIN = 1.0
-MIN_PRIOR_FIGURE_KEPT = 5
-MIN_PRIOR_SHOWS = 2  # of the first 3 trigger prompts x 2 seeds
+MAX_BASE_SHOWS = 1  # the base alone: 0 of 12 (mean -0.021)
+MIN_LORA_SHOWS = 6  # the LoRA at strength 1: 8 of 12 (mean +0.056)
+MIN_SCORE_RISE = 0.04  # measured 0.077
+# Pictures showing the concept per strength -1 / 0 / 0.5 / 0.75 / 1, measured 0 / 0 / 1 / 8 / 8; mean concept score
+# -0.002 / -0.021 / -0.047 / +0.049 / +0.056 (the base draws dots for the unknown word, which score below 0; -1 and
+# 0.5 change those, so the mean below 0.75 is no measure of the checkers: the count is).
+MIN_SHOWN_RISE = 4  # pictures showing it at 0.75 and at 1 over 0.5
+MIN_MEAN_GAP = 0.04  # mean score at 0.75 and 1 over that at 0 and 0.5: measured 0.069
+# Without the trigger: measured colour and background kept in 6 of 6, figure class in 5 of 6, mean change 9.8/255.
+MAX_DRIFT = 13.0
+# With prior preservation (10 class images): figure kept in 5 of 6, mean change 6.9 (2.9 less); the concept still
+# shows in 4 of the first 6 trigger pictures.
+MIN_PRIOR_GAIN = 1.5
+MIN_PRIOR_FIGURE_KEPT = 4
+MIN_PRIOR_SHOWS = 3  # of the first 3 trigger prompts x 2 seeds
 
 
 @pytest.fixture(scope="module")
@@ -150,9 +153,10 @@ def _change(before: list, after: list) -> float:
 
 def test_prompts_without_the_trigger_stay_close_to_the_base(drawn: Drawn) -> None:
     """Without the trigger the LoRA keeps the figure's colour and the background and draws no checkers; the
-    pictures change a little (the figure's outline: a triangle's tip flattens, which the figure class reads)."""
+    pictures change a little (the figure's outline, which the figure class reads in 1 of 6)."""
     kept, drift = _kept(drawn.other_before, drawn.other_after)
     assert kept["colour"] == kept["background"] == len(drawn.other_before), kept
+    assert kept["figure"] >= len(drawn.other_before) - 2, kept
     assert drift <= MAX_DRIFT, drift
     assert not any(concept_score(b, CONCEPT) > 0 for b in drawn.other_after)  # the concept stays behind its trigger
 
@@ -170,13 +174,15 @@ def test_prior_preservation_makes_the_drift_smaller(toy_sd15, prior_lora: Path, 
 
 
 def test_the_strength_grid_is_monotone(drawn: Drawn) -> None:
-    """The mean concept score rises with strength from 0 to 1 (flat up to 0.5, where the pictures are still the
-    base's, then up at 0.75 and again at 1); a negative strength does not move towards it."""
+    """The number of pictures showing the concept never falls as the strength rises from 0 to 1 (it appears
+    between 0.5 and 0.75), the mean score of the strengths that show it is well above that of those that do not;
+    a negative strength shows it in no more pictures than the base."""
+    shown = {s: sum(x > 0 for x in drawn.scores(s)) for s in STRENGTHS}
     mean = {s: float(np.mean(drawn.scores(s))) for s in STRENGTHS}
-    assert mean[0.5] >= mean[0.0] - FLAT, mean
-    assert mean[0.75] >= mean[0.5] + MIN_STEP and mean[1.0] >= mean[0.75] + MIN_STEP, mean
-    assert mean[-1.0] <= mean[0.0] + FLAT / 2, mean
-    assert sum(s > 0 for s in drawn.scores(-1.0)) <= MAX_BASE_SHOWS, mean
+    assert shown[0.0] <= shown[0.5] <= shown[0.75] <= shown[1.0], shown
+    assert min(shown[0.75], shown[1.0]) >= shown[0.5] + MIN_SHOWN_RISE, shown
+    assert min(mean[0.75], mean[1.0]) >= max(mean[0.0], mean[0.5]) + MIN_MEAN_GAP, mean
+    assert shown[-1.0] <= shown[0.0], shown
 
 
 
@@ -184,8 +190,8 @@ def test_the_strength_grid_is_monotone(drawn: Drawn) -> None:
 # --- copy machine (Difference) ------------------------------------------------------------------------
 # One pair: a red circle on blue, and the same picture with a yellow circle. The difference LoRA turns red figures
 # of other scenes yellow and leaves the rest (measured on 3 other red scenes x 2 seeds: colour yellow in 6 of 6,
-# background kept 6 of 6, figure class kept 5 of 6; a blue figure stays blue 2 of 2; mean change 14/255). The
-# copier alone draws the original at the pair's prompt (4 of 4), copier + difference the target (4 of 4).
+# background kept 6 of 6, figure class kept 6 of 6; a blue figure stays blue 2 of 2; mean change 11.5/255). The
+# copier alone draws the original at the pair's prompt (4 of 4 seeds), copier + difference the target (4 of 4).
 ORIGINAL = Scene("circle", "red", "blue")
 CHANGED = with_change(ORIGINAL, colour="yellow")
 RED_SCENES = [Scene("square", "red", "green"), Scene("triangle", "red", "white"), Scene("circle", "red", "black",
@@ -209,7 +215,9 @@ def copy_machine(toy_sd15, tmp_path_factory: pytest.TempPathFactory) -> dict:
         "data": {"resolution": 64}, "save_precision": "fp32", "state_every_n_steps": 10_000,
         "optimizer": {"name": "AdamW", "lr": 3e-3, "scheduler": "constant", "weight_decay": 0.0},
         "network": {"dim": 8, "alpha": 8, "conv_dim": 4, "conv_alpha": 4},
-        "difference": {"prompt": ORIGINAL.caption(), "save_copier": True,
+        # The toy base already draws this scene closely at its caption (fixed-noise loss 0.014): the copier lowers
+        # that by ~13%, not the 50% the engine asks of a copier by default; the pictures are the check here.
+        "difference": {"prompt": ORIGINAL.caption(), "save_copier": True, "copier_min_improvement": 0.1,
                        "pairs": [{"name": "colour", "original": str(root / "original.png"),
                                   "target": str(root / "changed.png")}],
                        "pass2": {"steps": 100, "network": {"dim": 4, "alpha": 4, "conv_dim": 0}}},
@@ -258,7 +266,7 @@ def test_the_copier_reproduces_the_original(toy_sd15, copy_machine: dict) -> Non
 
 
 # --- merges -------------------------------------------------------------------------------------------
-MAX_MERGED_PIXEL_CHANGE = 0.5  # mean |merged checkpoint - LoRA applied| over the 12 pictures, 0-255; measured 0.02
+MAX_MERGED_PIXEL_CHANGE = 0.5  # mean |merged checkpoint - LoRA applied| over the 12 pictures, 0-255; measured 0.03
 # Ratio 1 each (rank 12 = 8 + 4: the exact sum): measured checkers in 6 of 6, a yellow figure in 5 of 6. At the
 # issue's 0.6 the checkers show in 1 of 6 (yellow 6 of 6): this LoRA's concept appears between strength 0.5 and
 # 0.75 (test_the_strength_grid_is_monotone), and a merge at 0.6 is the LoRA at 0.6.
@@ -306,7 +314,7 @@ def test_an_svd_merge_of_two_concept_loras_shows_both(toy_sd15, concept_lora: Pa
 # --- SDXL ---------------------------------------------------------------------------------------------
 # The SDXL-shaped base with kohya's plain LoRA (conv_dim 0: only the transformer blocks' attention, projection and
 # feed-forward layers), which could not learn on random weights (tests/trainer/test_train.py): the same recipe
-# learns the concept. Measured, 12 trigger pictures: the base 1 of 12 (mean -0.007), the LoRA 10 of 12 (+0.088).
+# learns the concept. Measured, 12 trigger pictures: the base 1 of 12 (mean -0.008), the LoRA 11 of 12 (+0.091).
 MAX_SDXL_BASE_SHOWS = 2
 MIN_SDXL_LORA_SHOWS = 7
 
