@@ -274,6 +274,11 @@ class TrainSpec(_Strict):
     # Attention: PyTorch SDPA (torch >= 2 picks flash / memory-efficient kernels itself, as fast and as lean as
     # xformers). True uses xformers' memory-efficient attention on a GPU when it is installed (opt-in).
     xformers: bool = False
+    # torch.compile of the UNet (the same maths, compiled kernels). "auto": on only for GPU jobs of 1000+ steps,
+    # where the minutes it takes to compile pay back; off on CPU (docs/benchmarks-peers.md has the measurements).
+    compile: Literal["auto"] | bool = "auto"
+    # The UNet's tensors in channels-last (NHWC) memory layout; same maths. "auto": on a GPU, off on CPU.
+    channels_last: Literal["auto"] | bool = "auto"
     seed: int = Field(1111, ge=0, le=2**32 - 1)
     min_snr_gamma: float | None = Field(None, gt=0, le=100)
     noise_offset: float = Field(0.0, ge=0.0, le=1.0)

@@ -18,6 +18,8 @@ Sides (``--sides``, comma-separated):
 - ``diffusers``: ``examples/text_to_image/train_text_to_image_lora.py`` at the matched rank (it cannot cache
   latents: it encodes every step; it trains the attention projections only: its target modules are fixed in code);
 - ``diffusers-defaults``: the same at its own rank (4).
+- ``ours-compile`` / ``ours-channels-last``: the engine's job with ``compile = true`` / ``channels_last = true``
+  (what those options buy on this machine; their "auto" is what ``ours`` runs).
 Matched everywhere: the same base weights (single file for ours and kohya, the same weights as a diffusers folder
 for the example), images and captions, resolution (center crop), batch 1, rank = alpha, AdamW (lr 1e-4, weight
 decay 0.01, constant schedule, gradient clipping 1.0), fp32 (``mixed_precision no``; CPU), UNet-only LoRA.
@@ -45,6 +47,8 @@ sys.path.insert(0, str(HERE))
 import stats  # noqa: E402 - bench/peers is not a package
 
 ALL_SIDES = ("ours", "kohya", "kohya-defaults", "diffusers", "diffusers-defaults")
+# the engine with a speed option forced on (to measure what it buys here; "ours" is the job at its defaults)
+OURS_VARIANTS = {"ours-compile": "compile = true", "ours-channels-last": "channels_last = true"}
 VERSIONS = ("import json, importlib.metadata as m; out = {}\n"
             "for p in ('torch', 'diffusers', 'transformers', 'accelerate', 'peft', 'safetensors', 'numpy'):\n"
             "    try: out[p] = m.version(p)\n"
@@ -52,10 +56,12 @@ VERSIONS = ("import json, importlib.metadata as m; out = {}\n"
             "print(json.dumps(out))")
 
 
-def ours_job(a: argparse.Namespace, base: Path, images: Path) -> str:
-    """The engine's job file: matched settings, spelled out (no auto value left to the machine)."""
+def ours_job(a: argparse.Namespace, base: Path, images: Path, extra: str = "") -> str:
+    """The engine's job file: matched settings, spelled out (no auto value left to the machine but the speed
+    options compile / channels_last, which do not change the maths; `extra` forces one for a variant side)."""
     return "\n".join([
         f'base_model = "{base}"', 'output_name = "lora"', f"steps = {a.steps}", "batch_size = 1", "seed = 1",
+        *([extra] if extra else []),
         'mixed_precision = "no"', "gradient_checkpointing = false", f"state_every_n_steps = {10**6}",
         'save_precision = "fp16"',
         "[[concepts]]", f'image_dir = "{images}"', 'instance_prompt = "chibi scs girl"', 'caption_mode = "caption_only"',
@@ -71,9 +77,9 @@ def side_command(side: str, a: argparse.Namespace, run_dir: Path) -> tuple[list[
     """(argv, cwd, venv name or '' for the engine's own) of one run of a side."""
     w = a.work
     single, folder = w / "base" / f"{a.model}.safetensors", w / "base" / f"{a.model}-diffusers"
-    if side == "ours":
+    if side == "ours" or side in OURS_VARIANTS:
         job = run_dir / "job.toml"
-        job.write_text(ours_job(a, single, w / "data" / "ours"))
+        job.write_text(ours_job(a, single, w / "data" / "ours", OURS_VARIANTS.get(side, "")))
         return ([sys.executable, "-m", "trainer", "train", str(job), "--out", str(run_dir / "job"),
                  "--device", a.device], ROOT, "")
     if side.startswith("kohya"):
@@ -99,7 +105,7 @@ def side_command(side: str, a: argparse.Namespace, run_dir: Path) -> tuple[list[
         if side == "diffusers":
             argv += ["--rank", str(a.dim)]
         return argv, run_dir, "diffusers"
-    raise SystemExit(f"unknown side {side!r}; sides are {', '.join(ALL_SIDES)}")
+    raise SystemExit(f"unknown side {side!r}; sides are {', '.join((*ALL_SIDES, *OURS_VARIANTS))}")
 
 
 def venv_python(a: argparse.Namespace, venv: str) -> str:
@@ -200,7 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "runs": [],
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    pairs = [("ours", s) for s in sides if s != "ours"] if "ours" in sides else []
+    pairs = [(o, s) for o in ("ours", *OURS_VARIANTS) if o in sides for s in sides
+             if s not in ("ours", *OURS_VARIANTS)]
+    pairs += [("ours", s) for s in sides if s in OURS_VARIANTS and "ours" in sides]
     for rnd in range(a.rounds):
         order = sides[rnd % len(sides):] + sides[:rnd % len(sides)]
         for side in order:

@@ -69,8 +69,10 @@ def build_optimizer(spec: OptimizerSpec, params: Iterable[Any]) -> tuple[torch.o
     lr = spec.lr
 
     if name == "AdamW":
+        # foreach: one kernel call per group instead of ~10 per tensor (torch's default on CPU is the per-tensor
+        # loop); bit-identical to it on CPU, and what torch picks on a GPU anyway. fused is faster but not identical.
         opt: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=spec.eps or 1e-8,
-                                                       weight_decay=wd)
+                                                       weight_decay=wd, foreach=True)
     elif name in ("AdamW8bit", "Lion", "Lion8bit"):
         bnb = _bnb()
         if name == "AdamW8bit":

@@ -38,7 +38,8 @@ STATE_VERSION = 1
 KEEP = 2
 # Spec fields that do not change the training trajectory: a state stays valid when only these differ.
 _NOT_FINGERPRINTED = {"output_name", "sample", "save_every_n_steps", "state_every_n_steps", "preset",
-                      "save_precision", "xformers", "validate_every_n_steps", "keep_best"}
+                      "save_precision", "xformers", "validate_every_n_steps", "keep_best", "compile",
+                      "channels_last"}
 
 
 class StateError(JobFailed):

@@ -1,0 +1,100 @@
+"""Speed settings that must not change the maths: the VAE / text encoders freed once their outputs are cached,
+AdamW's foreach step (bit-identical to torch's per-tensor loop on CPU), and the compile / channels-last rules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer.spec import OptimizerSpec, SpecError, TrainSpec, resolve_job
+from trainer.train.loop import Trainer
+from trainer.train.optim import build_optimizer
+from trainer.train.speed import COMPILE_AUTO_MIN_STEPS, resolve_channels_last, resolve_compile
+
+CACHED = {"data": {"cache_latents": True, "cache_text_encoder_outputs": True}, "steps": 2}
+
+
+def _devices(module: torch.nn.Module) -> set[str]:
+    return {p.device.type for p in module.parameters()}
+
+
+def test_encoders_are_freed_once_everything_they_compute_is_cached(tmp_path: Path, module_dataset: Path,
+                                                                    make_spec) -> None:
+    events: list[dict] = []
+    tr = Trainer(make_spec(module_dataset, **CACHED), tmp_path / "job", events.append, device="cpu",
+                 free_cached_models=True)
+    tr.run()
+    assert _devices(tr.base.vae) == {"meta"}
+    assert _devices(tr.base.text_encoders[0]) == {"meta"}
+    assert _devices(tr.base.unet) == {"cpu"}
+    assert (tmp_path / "job" / "outputs" / "lora.safetensors").is_file()
+    assert any("freed the VAE and the text encoder" in e.get("message", "") for e in events)
+
+
+def test_encoders_stay_when_samples_need_them(tmp_path: Path, module_dataset: Path, make_spec) -> None:
+    calls: list[int] = []
+    spec = make_spec(module_dataset, sample={"prompts": [{"prompt": "scs girl"}]}, **CACHED)
+    tr = Trainer(spec, tmp_path / "job", device="cpu", sample_hook=lambda step, net: calls.append(step) or [],
+                 free_cached_models=True)
+    tr.run()
+    assert calls and _devices(tr.base.vae) == {"cpu"} and _devices(tr.base.text_encoders[0]) == {"cpu"}
+
+
+def test_a_base_its_caller_reuses_is_never_freed(tmp_path: Path, module_dataset: Path, make_spec) -> None:
+    """The copy-machine's second pass and its copier check run the same base after the first pass's run()."""
+    tr = Trainer(make_spec(module_dataset, **CACHED), tmp_path / "job", device="cpu")
+    tr.run()
+    assert _devices(tr.base.vae) == {"cpu"} and _devices(tr.base.text_encoders[0]) == {"cpu"}
+
+
+def test_adamw_steps_bit_identical_to_torch_per_tensor_loop() -> None:
+    torch.manual_seed(0)
+    shapes = [(16, 64), (64, 16), (8, 320), (320, 8)] * 10
+    start = [torch.randn(s) for s in shapes]
+
+    def train(make) -> list[torch.Tensor]:
+        ps = [p.clone().requires_grad_(True) for p in start]
+        opt = make(ps)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g)
+            torch.nn.utils.clip_grad_norm_(ps, 1.0)
+            opt.step()
+        return ps
+
+    spec = OptimizerSpec(name="AdamW", lr=1e-3, weight_decay=0.01)
+    ours = train(lambda ps: build_optimizer(spec, ps)[0])
+    loop = train(lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.01, foreach=False))
+    assert all(torch.equal(a, b) for a, b in zip(ours, loop, strict=True))
+
+
+def test_compile_and_channels_last_rules() -> None:
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert resolve_compile("auto", cpu, 100_000)[0] is False
+    assert resolve_compile("auto", gpu, COMPILE_AUTO_MIN_STEPS - 1)[0] is False
+    assert resolve_compile("auto", gpu, COMPILE_AUTO_MIN_STEPS)[0] is True
+    assert resolve_compile(True, cpu, 10)[0] is True and resolve_compile(False, gpu, 10**5)[0] is False
+    assert "too short" in resolve_compile("auto", gpu, 50)[1]
+    assert resolve_channels_last("auto", cpu) is False and resolve_channels_last("auto", gpu) is True
+    assert resolve_channels_last(True, cpu) is True
+
+
+def test_compile_setting_in_job_files() -> None:
+    assert TrainSpec().compile == "auto" and TrainSpec().channels_last == "auto"
+    assert TrainSpec(compile=True, channels_last=False).compile is True
+    with pytest.raises(SpecError, match="compile"):
+        resolve_job({"compile": "sometimes"})
+
+
+@pytest.mark.slow
+def test_compiled_unet_trains_like_the_plain_one(tmp_path: Path, module_dataset: Path, make_spec) -> None:
+    """compile = true on CPU (inductor): the same losses as the eager UNet within float tolerance."""
+    losses = {}
+    for flag in (False, True):
+        tr = Trainer(make_spec(module_dataset, compile=flag, **CACHED), tmp_path / f"job-{flag}", device="cpu")
+        tr.run()
+        losses[flag] = [v for _, v in tr.loss_history]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-3, abs=1e-5)
