@@ -80,8 +80,12 @@ class Trainer:
     def __init__(self, spec: TrainSpec, job_dir: Path, on_event: EventSink = null_sink,
                  should_stop: StopCheck = never_stop, models_dir: Path | None = None, device: str | None = None,
                  sample_hook: SampleHook | None = None, base: Any | None = None, class_cache: Path | None = None,
-                 prepare_base: Callable[[Any], None] | None = None, extra_metadata: dict[str, str] | None = None):
+                 prepare_base: Callable[[Any], None] | None = None, extra_metadata: dict[str, str] | None = None,
+                 keep_models: bool = False):
         self.spec = spec
+        # keep_models: the caller uses self.base after the run (e.g. difference training's copier check), so the
+        # VAE / text encoders are not freed once their outputs are cached
+        self.keep_models = keep_models
         # Where generated class images are kept for the next job (keyed by base model and class prompt).
         self.class_cache = Path(class_cache) if class_cache is not None else None
         self._given_base = base  # a preloaded base instead of spec.base_model
@@ -252,7 +256,7 @@ class Trainer:
         self.te_offloaded = cache_inputs(self.spec, self.data, self.base, self.device, self.train_te,
                                          self._autocast, self.emit, self._phase_progress)
         # Nothing runs the VAE / text encoders again: their memory goes (~0.8 GB for SD1.5 in fp32).
-        later = bool(self.spec.sample.prompts or self.sample_hook or self.validation.active
+        later = bool(self.keep_models or self.spec.sample.prompts or self.sample_hook or self.validation.active
                      or self.prepare_base or self.spec.mode != "standard")
         freed = speed.free_after_cache(self.spec, self.data, self.base, needs_models_later=later)
         if freed:
