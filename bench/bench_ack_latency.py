@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from configfile import write_toml  # noqa: E402
 from fakediscord import FakeDiscord  # noqa: E402
 
 from bot.app import LoraforgeBot  # noqa: E402
@@ -70,16 +71,6 @@ def config_dict(tmp: Path, fake: FakeDiscord, worker: str) -> dict[str, Any]:
 
 def make_config(tmp: Path, fake: FakeDiscord, worker: str) -> Any:
     return config_from_dict(config_dict(tmp, fake, worker))
-
-
-def write_toml(path: Path, data: dict[str, Any]) -> Path:
-    """A config file for ``python -m bot run`` (the values here are strings, numbers, bools and lists)."""
-    lines = []
-    for section, values in data.items():
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 class ProcessCPU:

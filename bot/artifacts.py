@@ -46,6 +46,8 @@ async def record_artifact(repo: Repo, files: FileStore, job_id: int, ev: dict[st
     except ValueError:
         stored = str(path)  # outside data_dir (e.g. a models folder); keep it absolute
     meta = {k: v for k, v in ev.items() if k not in ("type", "kind", "path")}
+    if meta.get("role") == "best":  # each new best LoRA overwrites the last: one row, its bytes counted once
+        await repo.drop_artifacts(job_id, stored)
     # A resumed run may write the same file again: keep one row per content.
     for a in await repo.list_artifacts(job_id, kind):
         if a.path == stored and a.sha256 == sha:

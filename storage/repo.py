@@ -338,6 +338,10 @@ class Repo(DatasetRows):
         assert row is not None
         return _row_to(Artifact, row)
 
+    async def drop_artifacts(self, job_id: int, path: str) -> int:
+        """Forget a job's rows for a file that was written over (its old content is gone)."""
+        return await self.db.execute("DELETE FROM artifacts WHERE job_id = ? AND path = ?", (job_id, str(path)))
+
     async def list_artifacts(self, job_id: int, kind: str | None = None) -> list[Artifact]:
         if kind is None:
             rows = await self.db.fetchall("SELECT * FROM artifacts WHERE job_id = ? ORDER BY id", (job_id,))

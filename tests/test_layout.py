@@ -5,6 +5,9 @@ worker process."""
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +24,7 @@ ALLOWED = {
 # What of the engine the bot side may import at load time: the torch-free parts.
 TORCH_FREE = ("trainer.spec", "trainer.events", "trainer.atomic", "trainer.format.header", "trainer.format.checkpoint",
               "trainer.plan", "trainer.models.refs", "trainer.kohya_import",
-              "trainer.kohya_read")
+              "trainer.kohya_read", "trainer.toy.recipe")
 
 
 def _module_name(path: Path) -> str:
@@ -113,6 +116,16 @@ def test_arrows_point_down(room: str) -> None:
         or (room != "trainer" and n.split(".")[0] == "trainer" and not n.startswith(TORCH_FREE) and n != "trainer")
     )
     assert not wrong, "\n".join(wrong)
+
+
+def test_the_torch_free_modules_load_without_torch() -> None:
+    """What the bot imports of the engine really is torch-free (a fresh interpreter imports the list)."""
+    code = ("import importlib, sys\nfor m in sys.argv[1:]: importlib.import_module(m)\n"
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'peft') if m in sys.modules))")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code, *TORCH_FREE], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 def test_the_graph_sees_imports() -> None:

@@ -1,10 +1,10 @@
 """Re-create the toy bases shipped in trainer/toy/bases/ (docs/toy-world.md).
 
     nice -n 10 python tools/pretrain_toy_bases.py [--out trainer/toy/bases] [--only sd15|sdxl] [--seed 0]
-        [--vae-from trainer/toy/bases/toy-sd15.safetensors]
+        [--vae-from trainer/toy/bases/toy-sd15.safetensors [--refine-decoder]] [--unet-from <a toy file>]
 
 One thread and deterministic algorithms: the same seed on the same CPU writes the same weights. Trains the shared
-VAE first, then each base's UNet, writes toy-<layout>.safetensors (A1111 layout, fp16) and prints how often the
+VAE first (then refines its decoder alone), then each base's UNet, writes toy-<layout>.safetensors (A1111 layout, fp16) and prints how often the
 base draws the figure and colour its prompt asks for.
 """
 
@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
     ap.add_argument("--vae-from", type=Path, help="take the (already normalised) VAE of this toy checkpoint instead "
                     "of training one (saves the VAE stage; both bases share the VAE; --unet-steps 0 writes a file with only the VAE trained)")
+    ap.add_argument("--refine-decoder", action="store_true", help="also refine the decoder of the --vae-from VAE "
+                    "(--decoder-steps; its latents, and so any UNet trained on them, stay valid)")
     ap.add_argument("--check", type=int, default=24, help="prompts sampled to measure prompt following (0: none)")
     ap.add_argument("--unet-from", type=Path, help="continue the UNet and text encoders of this toy checkpoint (its "
                     "own VAE too) for --unet-steps more steps, with a fresh warm-up and cosine; needs one --only")
@@ -60,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         P.train_vae(vae_state, recipe, say)
         P.normalize_latents(vae_state, norm_data)
         P.round_to_half(vae_state)  # the UNets learn the latents of the VAE the files hold
+    if recipe.decoder_steps and (args.refine_decoder or not args.vae_from):
+        P.refine_decoder(vae_state, recipe, say)  # the encoder, and so the latents, stay as they are
+        P.round_to_half(vae_state)
     say(f"VAE round trip: {P.round_trip_accuracy(vae_state, norm_data[:64]):.0%} of 64 scenes read back right; "
         f"figure and colour of the prompt scenes: {P.prompt_scene_ceiling(vae_state):.0%}")
     args.out.mkdir(parents=True, exist_ok=True)

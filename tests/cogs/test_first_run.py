@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from cogkit import add_images, answer, make_config, run_command
+from configfile import write_toml as write_config
 
 from bot.app import LoraforgeBot
 from bot.config import ConfigError, load_config
@@ -34,12 +35,7 @@ def write_toml(path: Path, cfg: Any, **discord: Any) -> Path:
     """The test's Config as a TOML file for a subprocess (values are strings, numbers, bools, lists)."""
     data = json.loads(cfg.model_dump_json())
     data["discord"].update(discord)
-    lines = []
-    for section, values in data.items():
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_config(path, data)
 
 
 async def bot_cli(*args: str, token: str, timeout: float = 60.0) -> tuple[int, str, str]:

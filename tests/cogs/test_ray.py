@@ -100,6 +100,13 @@ async def _train(fake: Any, b: Any, user: str, steps: int, toml: bytes = JOB_TOM
     return int(text.split("Queued job **#")[1].split("**")[0])
 
 
+async def _no_check_grids(b: Any) -> None:
+    """No strength x seed grid job after each training (bot/autogrid.py): on a two-node cluster they would take the
+    nodes the tests' own jobs wait for, and double the CPU these tests need."""
+    await b.remove_cog("Preview")
+    assert b.get_cog("Preview") is None
+
+
 def _results(fake: Any, job: Any, user: str) -> list[Any]:
     """The posts in the job's thread that deliver its result (they mention the owner)."""
     return [m for m in fake.channel_messages(job.thread_id) if m.content.startswith(f"<@{fake.users[user]['id']}>")]
@@ -111,12 +118,28 @@ async def test_two_jobs_on_two_nodes_fair_order_results_once(fake_discord, bot_f
                     limits={"max_running_per_user": 1})
     async with fake.running(b, gateway=False):
         await asyncio.wait_for(b.service_ready.wait(), 120)
+        await _no_check_grids(b)
         assert len(b.scheduler.workers) == len(ray.nodes())  # one slot per node (CPU-only cluster)
         await _dataset(fake, b, "bob")
         await _dataset(fake, b, "carol")
         bob1 = await _train(fake, b, "bob", 6)
         bob2 = await _train(fake, b, "bob", 2)
         carol1 = await _train(fake, b, "carol", 6)
+
+        # /admin status while both run: each node, with its VRAM, says which job it runs
+        def placed() -> bool:
+            on = {w.job_id: w.node_id for w in b.scheduler.workers}
+            return all(on.get(j) for j in (bob1, carol1))
+
+        deadline = time.monotonic() + 240
+        while not placed():
+            assert time.monotonic() < deadline, "the first two jobs did not both start"
+            await asyncio.sleep(0.2)
+        text = answer(await run_command(fake, b, "admin", {}, user="alice", subcommand="status"))
+        nodes = [line for line in text.splitlines() if line.startswith("- node ")]
+        assert len(nodes) == 2 and {line.rsplit(": ", 1)[1] for line in nodes} == {f"#{bob1}", f"#{carol1}"}, text
+        assert any("4 GB VRAM" in line for line in nodes) and any("8 GB VRAM" in line for line in nodes), text
+
         jobs = {j: await b.scheduler.wait_for_job(j, 400) for j in (bob1, bob2, carol1)}
         assert all(j.state == "succeeded" for j in jobs.values()), [(j.id, j.error) for j in jobs.values()]
         for j in (bob1, bob2, carol1):
@@ -134,9 +157,9 @@ async def test_two_jobs_on_two_nodes_fair_order_results_once(fake_discord, bot_f
         lora = (await b.service.artifact_paths(bob1, "lora"))[-1]
         assert lora.is_file() and lora.is_relative_to(b.config.data_dir)
 
-        rec = await run_command(fake, b, "admin", {}, user="alice", subcommand="status")
-        text = answer(rec)
-        assert "**Ray cluster**" in text and "8 GB VRAM" in text and "4 GB VRAM" in text, text
+        text = answer(await run_command(fake, b, "admin", {}, user="alice", subcommand="status"))
+        nodes = [line for line in text.splitlines() if line.startswith("- node ")]
+        assert "**Ray cluster**" in text and [line.endswith(": idle") for line in nodes] == [True, True], text
 
 
 NO_NODE = ("no node of the Ray cluster can run this job: it needs 10 GB of GPU memory (`vram_gb`) but the largest "
@@ -230,9 +253,11 @@ async def test_node_killed_9_job_resumes_on_another_node(fake_discord, bot_facto
     head = _head_id()
     async with fake.running(b, gateway=False):
         await asyncio.wait_for(b.service_ready.wait(), 120)
+        await _no_check_grids(b)
         await _dataset(fake, b, "bob")
         await _dataset(fake, b, "carol")
-        jobs = [await _train(fake, b, "bob", 14), await _train(fake, b, "carol", 14)]
+        # long enough that the victim is still training when its first state save reaches the bot, even on an idle box
+        jobs = [await _train(fake, b, "bob", 30), await _train(fake, b, "carol", 30)]
         starts: list[tuple[int, int]] = []
         b.scheduler.add_listener(lambda job, ev: starts.append((job.id, ev.get("resumed_from", 0)))
                                  if ev.get("type") == "started" else None)
@@ -244,7 +269,7 @@ async def test_node_killed_9_job_resumes_on_another_node(fake_discord, bot_facto
                 if j is not None and w.node_id not in (None, head) and _state_steps(b.service.files.job_dir(j)):
                     victim, node = j, w.node_id
             assert time.monotonic() < deadline, "no job off the head saved a state in time"
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.05)
         saved = _state_steps(b.service.files.job_dir(victim))
         cluster.kill_node(str(cluster.name_of(node)))
         final = {j: await b.scheduler.wait_for_job(j, 400) for j in jobs}

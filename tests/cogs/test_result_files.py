@@ -5,6 +5,7 @@ explained so the user knows which is which."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 
 from cogkit import add_images, answer, run_command
@@ -54,7 +55,10 @@ async def test_keep_best_delivers_the_best_lora_beside_the_final_one_and_says_wh
     await bot.progress.wait_idle(job_id, 20)
     [post] = [m for m in fake.channel_messages(job.thread_id) if "finished" in m.content]
     assert post.file_names[:2] == ["kb.safetensors", "kb-best.safetensors"], post.file_names
-    assert post.file("kb-best.safetensors") == b"stub best lora " + str(job_id).encode()
+    assert post.file("kb-best.safetensors") == f"stub best lora {job_id} step 3".encode()
+    # written at step 1 and again at step 3: one artifact row, of the file as it is now
+    rows = [a for a in await bot.repo.list_artifacts(job_id) if a.path.endswith("kb-best.safetensors")]
+    assert [(r.sha256, r.meta["step"]) for r in rows] == [(hashlib.sha256(post.file("kb-best.safetensors")).hexdigest(), 3)]
     assert post.file("kb.safetensors") == b"stub lora " + str(job_id).encode()
     # the stub's validation: 0.1234567 at the end, lowest 0.0987654 at step 3 of 6
     assert ("`kb-best.safetensors`: the LoRA with the lowest validation loss (step 3, validation loss 0.0988); "

@@ -14,8 +14,9 @@ Behaviour per job from the spec's output_name prefix:
   "crash" started, then the process segfaults (SIGSEGV)
   "oom"   started, prints a CUDA OOM to stderr, exits 1
 Spec fields it follows as the engine does: ``save_every_n_steps`` (an intermediate `<name>-stepNNNNNNNN.safetensors`
-with a `file` event before the final one, listed in outputs["intermediate"]) and ``keep_best`` (a `<name>-best.safetensors`
-without a `file` event, in outputs["best_lora"], and the best step and validation losses in the summary).
+with a `file` event before the final one, listed in outputs["intermediate"]) and ``keep_best`` (`<name>-best.safetensors`
+written at step 1 and again at the middle step, a `file` event with role "best" each time, in outputs["best_lora"],
+and the best step and validation losses in the summary).
 A merge spec with ``into_checkpoint`` writes one "checkpoint" file (no lora, grid or plot), as the engine does.
 Resume: a job started again finds its newest state (`state/step-<n>/state.json`, as the engine names them; written
 every 5 steps and on a cancel) and reports resumed_from.
@@ -130,6 +131,11 @@ def run(cmd: dict) -> None:
             ev(job_id, type="preview", path=str(live), step=s, total=steps, label="seed 1111")
         if s % 5 == 0:
             save_state(job_dir, s)
+        if spec.get("keep_best") and s in (1, max(1, steps // 2)):  # a new best at step 1, then at the middle
+            best = job_dir / "outputs" / f"{name}-best.safetensors"
+            best.parent.mkdir(parents=True, exist_ok=True)
+            best.write_bytes(f"stub best lora {job_id} step {s}".encode())
+            ev(job_id, type="file", kind="lora", path=str(best), step=s, role="best")
         every = int(spec.get("save_every_n_steps") or 0)
         if every and s % every == 0 and s < steps:
             inter = job_dir / "outputs" / f"{name}-step{s:08d}.safetensors"
@@ -171,9 +177,7 @@ def run(cmd: dict) -> None:
     if intermediate:
         outputs["intermediate"] = intermediate
     if spec.get("keep_best"):  # the validation loss was lowest at the middle step (trainer/train/validation.py)
-        best = out / f"{name}-best.safetensors"
-        best.write_bytes(b"stub best lora " + str(job_id).encode())
-        outputs["best_lora"] = str(best)
+        outputs["best_lora"] = str(out / f"{name}-best.safetensors")
         summary.update(validation_loss=0.1234567, best_validation_step=max(1, steps // 2),
                        best_validation_loss=0.0987654)
     ev(job_id, type="finished", outputs=outputs, summary=summary)

@@ -217,7 +217,14 @@ def test_training_lowers_denoising_loss(tmp_path: Path, module_dataset: Path, ma
 
 def test_state_checkpoint_and_runtime_control() -> None:
     base = load_base("tiny-sd15")
+    # optimizer groups (trainer.network.groups): the text encoders, when trained, at their own rate
+    te = LycorisNetwork.create(base, "loha", 4, 2.0, train_text_encoder=True, seed=3)
+    assert te.trains_unet and te.trains_text_encoder
+    assert [(g["name"], g["lr"]) for g in te.param_groups(1e-4, 1e-5)] == [("unet", 1e-4), ("te", 1e-5)]
+    te.remove()
     net = _random_network(base, "lokr", 2, False)
+    assert net.trains_unet and not net.trains_text_encoder
+    assert [(g["name"], g["lr"]) for g in net.param_groups(1e-4, 1e-5)] == [("unet", 1e-4)]
     state = net.network_state()
     layer_name, (t, _) = next(iter(net.mods.items()))
     layer = target_layer(base, t)

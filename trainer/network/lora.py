@@ -35,6 +35,7 @@ from trainer.format.kohya import (
 from trainer.models.base import BaseModel
 from trainer.network.dropout import Dropouts
 from trainer.network.dropout import install as install_dropout
+from trainer.network.groups import TrainableNetwork
 from trainer.network.targets import Target, check_compatible, lora_targets, parse_blocks
 
 ADAPTER = "loraforge"
@@ -111,7 +112,7 @@ def _sync_layer(model: nn.Module, layer: LoraLayer) -> None:
             mod.requires_grad_(grad)
 
 
-class LoraNetwork:
+class LoraNetwork(TrainableNetwork):
     """A LoRA/LoCon network attached to a BaseModel (one peft adapter across UNet and text encoders)."""
 
     def __init__(self, base: BaseModel, adapter: str, slots: dict[str, _Slot], *, dim: int, alpha: float,
@@ -205,28 +206,6 @@ class LoraNetwork:
             if (s.target.model != "unet") == te:
                 yield from s.layer.lora_A[self.adapter].parameters()
                 yield from s.layer.lora_B[self.adapter].parameters()
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [*self._params(te=False), *self._params(te=True)]
-
-    @property
-    def trains_unet(self) -> bool:
-        return any(s.target.model == "unet" for s in self.slots.values())
-
-    @property
-    def trains_text_encoder(self) -> bool:
-        return any(s.target.model != "unet" for s in self.slots.values())
-
-    def param_groups(self, unet_lr: float, te_lr: float | None = None) -> list[dict]:
-        """Optimizer groups: {"name": "unet", ...} and, only when a text encoder is trained, {"name": "te", ...}."""
-        groups = []
-        unet = list(self._params(te=False))
-        if unet:
-            groups.append({"name": "unet", "params": unet, "lr": unet_lr})
-        te = list(self._params(te=True))
-        if te:
-            groups.append({"name": "te", "params": te, "lr": unet_lr if te_lr is None else te_lr})
-        return groups
 
     def targets(self) -> list[Target]:
         return [s.target for s in self.slots.values()]

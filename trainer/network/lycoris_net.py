@@ -22,6 +22,7 @@ from torch import nn
 
 from trainer.format.kohya import save_kohya
 from trainer.models.base import BaseModel
+from trainer.network.groups import TrainableNetwork
 from trainer.network.targets import Target, lora_targets, parse_blocks, target_layer
 
 ALGOS = ("loha", "lokr", "dora")
@@ -44,7 +45,7 @@ def _part(mod: nn.Module, part: str) -> torch.Tensor:
     return functools.reduce(getattr, part.split("."), mod)  # "lora_up.weight" -> mod.lora_up.weight
 
 
-class LycorisNetwork:
+class LycorisNetwork(TrainableNetwork):
     """A LoHa / LoKr / DoRA network on a BaseModel, with LoraNetwork's training-loop API."""
 
     def __init__(self, base: BaseModel, algo: str, mods: dict[str, tuple[Target, nn.Module]], *, dim: int,
@@ -103,27 +104,6 @@ class LycorisNetwork:
         for t, mod in self.mods.values():
             if (t.model != "unet") == te:
                 yield from mod.parameters()
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [*self._params(te=False), *self._params(te=True)]
-
-    @property
-    def trains_unet(self) -> bool:
-        return any(t.model == "unet" for t, _ in self.mods.values())
-
-    @property
-    def trains_text_encoder(self) -> bool:
-        return any(t.model != "unet" for t, _ in self.mods.values())
-
-    def param_groups(self, unet_lr: float, te_lr: float | None = None) -> list[dict]:
-        groups = []
-        unet = list(self._params(te=False))
-        if unet:
-            groups.append({"name": "unet", "params": unet, "lr": unet_lr})
-        te = list(self._params(te=True))
-        if te:
-            groups.append({"name": "te", "params": te, "lr": unet_lr if te_lr is None else te_lr})
-        return groups
 
     def targets(self) -> list[Target]:
         return [t for t, _ in self.mods.values()]

@@ -215,8 +215,7 @@ def train_difference(spec: TrainSpec, job_dir: Path, on_event: EventSink = null_
         else:
             on_event(event("phase", name=label1, **pair_info, **{"pass": 1}))
             tr = Trainer(s1, root / p.key / "pass1", _pass_sink(on_event, name, 1, label1, offset, total),
-                         should_stop, models_dir, device, extra_metadata=role_metadata("copier", p, diff.prompt, None),
-                         keep_models=True)  # the copier check below runs this base's VAE and text encoders
+                         should_stop, models_dir, device, extra_metadata=role_metadata("copier", p, diff.prompt, None))
             res = tr.run()
             copier_path = Path(res["lora"])
             if res.get("plot"):

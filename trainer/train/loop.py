@@ -8,7 +8,8 @@ Before training (setup): the concepts' class images are made ready for prior pre
 generated with the plain base model, before the network is attached: `trainer.train.prior`), the dataset report
 is emitted (`trainer.data.report`), and latents / text-encoder outputs are cached (`trainer.data.cache`). The
 step's maths live in `trainer.train.losses`, the device and precision policy in `trainer.train.precision`,
-the files in `trainer.train.outputs` and the state in `trainer.train.state`. Samples (spec.sample) are
+the files in `trainer.train.outputs` and the state in `trainer.train.state` (what a run writes, and when:
+`trainer.train.saving`). Samples (spec.sample) are
 rendered with the live network every N steps and at the end into job_dir/samples/ as `sample` events; the
 validation loss of held-out images (spec.validation_split) is measured by `trainer.train.validation`.
 
@@ -43,12 +44,12 @@ from trainer.infer.loss_plot import SMOOTH_WINDOW, prefetch_matplotlib
 from trainer.spec import TrainSpec
 from trainer.train import losses as L
 from trainer.train import noise as N
-from trainer.train import outputs as out
 from trainer.train import precision as pr
 from trainer.train import speed
 from trainer.train import state as st
 from trainer.train.health import RunHealth, scaled_step
 from trainer.train.optim import build_optimizer, build_scheduler, current_lrs
+from trainer.train.saving import TrainerFiles
 from trainer.train.tblog import TensorBoardLog
 from trainer.train.validation import Validation, split_validation
 
@@ -74,18 +75,18 @@ def _create_network(base: Any, spec: TrainSpec) -> Any:
                               rank_dropout=net.rank_dropout, module_dropout=net.module_dropout)
 
 
-class Trainer:
+class Trainer(TrainerFiles):
     """One training job. `run()` is the loop; the pieces are methods so tests and later features can reach them."""
 
     def __init__(self, spec: TrainSpec, job_dir: Path, on_event: EventSink = null_sink,
                  should_stop: StopCheck = never_stop, models_dir: Path | None = None, device: str | None = None,
                  sample_hook: SampleHook | None = None, base: Any | None = None, class_cache: Path | None = None,
                  prepare_base: Callable[[Any], None] | None = None, extra_metadata: dict[str, str] | None = None,
-                 keep_models: bool = False):
+                 free_cached_models: bool = False):
         self.spec = spec
-        # keep_models: the caller uses self.base after the run (e.g. difference training's copier check), so the
-        # VAE / text encoders are not freed once their outputs are cached
-        self.keep_models = keep_models
+        # Only the job's owner may free the VAE / text encoders after caching: a caller that keeps using
+        # `trainer.base` afterwards (copy-machine pass 2 and its copier check, tests reading the base) needs them.
+        self.free_cached_models = free_cached_models
         # Where generated class images are kept for the next job (keyed by base model and class prompt).
         self.class_cache = Path(class_cache) if class_cache is not None else None
         self._given_base = base  # a preloaded base instead of spec.base_model
@@ -230,33 +231,13 @@ class Trainer:
             self.cancel()
             raise
 
-    def save_state(self) -> Path:
-        self.health.check_weights(self.params, self.step)
-        s = st.TrainState(
-            step=self.step, network=self.network.network_state(), optimizer=self.optimizer.state_dict(),
-            scheduler=self.lr_scheduler.state_dict(), scaler=self.scaler.state_dict() if self.scaler else None,
-            rng=st.rng_states(),
-            data={"micro_batch": self.step * self.spec.grad_accum,
-                  "epoch": self.data.order.epoch_of(self.step * self.spec.grad_accum)},
-            loss_history=self.loss_history,
-            extra={"optimizer_layout": st.optimizer_layout(self.optimizer), "samples": self.samples,
-                   "intermediate": self.intermediate, "skipped_steps": self.health.skipped_steps,
-                   "skipped_in_a_row": self.health.skipped_in_a_row, "spec_fields": st.spec_fields(self.spec),
-                   "extensions": self.extensions, "validation": self.validation.state()},
-            spec_fingerprint=self.spec_fp, data_fingerprint=self.data_fp,
-        )
-        path = st.save_state(self.job_dir, s)
-        self.last_state_step = self.step
-        self.emit(event("file", kind="state", path=str(path), step=self.step))
-        return path
-
     def cache(self) -> None:
         from trainer.data.cache import cache_inputs
 
         self.te_offloaded = cache_inputs(self.spec, self.data, self.base, self.device, self.train_te,
                                          self._autocast, self.emit, self._phase_progress)
         # Nothing runs the VAE / text encoders again: their memory goes (~0.8 GB for SD1.5 in fp32).
-        later = bool(self.keep_models or self.spec.sample.prompts or self.sample_hook or self.validation.active
+        later = not self.free_cached_models or bool(self.spec.sample.prompts or self.sample_hook or self.validation.active
                      or self.prepare_base or self.spec.mode != "standard")
         freed = speed.free_after_cache(self.spec, self.data, self.base, needs_models_later=later)
         if freed:
@@ -330,70 +311,6 @@ class Trainer:
         self.log(f"step {self.step} skipped: fp16 overflow (inf/NaN gradients); the loss scale drops to "
                  f"{self.scaler.get_scale():g} and the learning-rate schedule waits", "warning")
         return None
-
-    # -- outputs --
-
-    def metadata(self, step: int) -> dict[str, str]:
-        md = out.training_metadata(self.spec, self.base.arch, step, self.items, self.mixed_precision,
-                                   self.gradient_checkpointing, self.prediction_type)
-        md.update({**self.validation.metadata(), **self.extra_metadata})
-        return md
-
-    def save_lora(self, name: str) -> Path:
-        self.health.check_weights(self.params, self.step)
-        path = self.out_dir / f"{name}.safetensors"
-        out.save_lora(self.network, path, self.metadata(self.step), pr.SAVE_DTYPES[self.spec.save_precision])
-        self.emit(event("file", kind="lora", path=str(path), step=self.step))
-        return path
-
-    def save_loss(self) -> dict[str, str]:
-        self.health.flush()
-        if not self.loss_history:
-            return {}
-        js, png = out.save_loss(self.loss_history, self.out_dir, f"{self.spec.output_name}: loss",
-                                self.validation.history)
-        self.emit(event("file", kind="plot", path=str(png), step=self.step))
-        return {"plot": str(png), "loss_history": str(js)}
-
-    def run_samples(self) -> None:
-        """Render spec.sample with the live network (or the given sample_hook); `sample` events."""
-        from trainer.infer.sample import render_with_network
-
-        prompts = self.spec.sample.prompts
-        hook = self.sample_hook or (lambda step, network: render_with_network(
-            self.base, network, prompts, self.job_dir / "samples", step))
-        if not self.sample_hook and not prompts:
-            return
-        self.health.flush()  # no time spent rendering a run that already diverged
-        modes = {id(m): m.training for m in [self.base.unet, *self.base.text_encoders]}
-        self.text_encoders_to(self.device)
-        try:
-            if hasattr(self.network, "set_multiplier"):
-                self.network.set_multiplier(1.0)
-            with torch.no_grad(), self._autocast():
-                paths = [str(p) for p in hook(self.step, self.network)]
-        finally:
-            self.text_encoders_to("cpu")
-            for m in [self.base.unet, *self.base.text_encoders]:
-                m.train(modes[id(m)])
-        if self.tb is not None:
-            self.tb.samples(self.step, paths)
-        for i, p in enumerate(paths):
-            self.samples.append(p)
-            prompt = prompts[i].prompt if len(paths) == len(prompts) else ""
-            self.emit(event("sample", path=p, step=self.step, prompt=prompt))
-
-    def outputs(self, lora: Path | None) -> dict[str, Any]:
-        res: dict[str, Any] = {}
-        if lora is not None:
-            res["lora"] = str(lora)
-        res.update(self.save_loss())
-        if self.samples:
-            res["samples"] = list(self.samples)
-        if self.intermediate:
-            res["intermediate"] = list(self.intermediate)
-        res.update(self.validation.outputs(self.out_dir))
-        return res
 
     def cancel(self) -> None:
         outputs: dict[str, Any] = {}
@@ -487,4 +404,4 @@ def train(spec: TrainSpec, job_dir: Path, on_event: EventSink = null_sink, shoul
     are kept under `class_cache` (default: the engine's cache folder, LORAFORGE_CACHE) for the next job.
     """
     return Trainer(spec, Path(job_dir), on_event, should_stop, models_dir, device, sample_hook,
-                   class_cache=class_cache).run()
+                   class_cache=class_cache, free_cached_models=True).run()
