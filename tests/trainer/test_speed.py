@@ -111,3 +111,21 @@ def test_compiled_unet_trains_like_the_plain_one(tmp_path: Path, module_dataset:
         losses[flag] = [v for _, v in tr.loss_history]
     assert compiled == ["UNet2DConditionModel"]
     assert losses[True] == pytest.approx(losses[False], rel=1e-4, abs=1e-6)
+
+
+def test_job_processes_import_bitsandbytes_only_for_8bit_optimizers() -> None:
+    """The CLI / worker defer bitsandbytes (peft and diffusers would import it, and it compiles kernels at import);
+    an 8-bit optimizer still gets it."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom trainer import bnb_gate\nbnb_gate.defer()\n"
+            "import peft.tuners.lora, diffusers.models.modeling_utils, trainer.network.lora\n"
+            "assert sys.modules['bitsandbytes'] is None, 'bitsandbytes was imported'\n"
+            "import torch\nfrom trainer.spec import OptimizerSpec\nfrom trainer.train.optim import build_optimizer\n"
+            "opt, _ = build_optimizer(OptimizerSpec(name='AdamW8bit', lr=1e-3), [torch.zeros(64, 64, requires_grad=True)])\n"
+            "print(type(opt).__module__)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().startswith("bitsandbytes")

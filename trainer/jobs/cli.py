@@ -32,6 +32,7 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from trainer import bnb_gate  # noqa: E402
 from trainer.jobs.preflight import PreflightError, preflight, read_job_text  # noqa: E402
 from trainer.spec import SpecError, deep_merge, list_presets, load_toml_text, resolve_job, to_toml  # noqa: E402
 
@@ -313,6 +314,7 @@ def _print_outputs(out: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    bnb_gate.defer()  # before anything imports peft / diffusers
     p = argparse.ArgumentParser(prog="python -m trainer", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)

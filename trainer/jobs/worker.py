@@ -24,6 +24,8 @@ import traceback
 from pathlib import Path
 from typing import IO, Any
 
+from trainer import bnb_gate
+
 HEARTBEAT_S = 5.0
 
 
@@ -147,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models-dir", type=Path, default=None)
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    bnb_gate.defer()  # before any job imports peft / diffusers
     # Keep the protocol stream to ourselves: everything else printed goes to stderr.
     proto = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())

@@ -48,7 +48,9 @@ def _groups(params: Iterable[Any]) -> list[dict[str, Any]]:
 
 def _bnb():
     try:
-        import bitsandbytes as bnb
+        from trainer.bnb_gate import load
+
+        bnb = load()
     except Exception as e:  # noqa: BLE001 - any import failure means the same thing to the user
         raise OptimizerError(f"bitsandbytes could not be loaded ({e}); choose optimizer AdamW or Prodigy") from None
     return bnb
