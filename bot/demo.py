@@ -133,9 +133,10 @@ async def run_demo(data_dir: Path, steps: int, config_path: Path | None = None, 
             files = demo_images()
             try:
                 if ds is None:
-                    up = await service.create_dataset_from_files(
-                        DEMO_USER, DATASET, files, trigger_word=TRIGGER, class_prompt="shape"
-                    )
+                    # No dataset trigger word or class prompt: each caption already names the concept by the
+                    # trigger, and an instance prompt in front of every caption would bind the concept to that
+                    # prefix, which the grid's prompt does not say (trainer/toy/recipe.py trains captions only).
+                    up = await service.create_dataset_from_files(DEMO_USER, DATASET, files)
                 else:
                     up = await service.add_files(ds.id, files)
             except DuplicateNameError:  # another run created it meanwhile

@@ -81,9 +81,10 @@ def checkpoint_skeleton(src: str | os.PathLike[str]) -> Any:
     src = Path(src)
     if src.is_dir():  # a diffusers folder: its own configs
         return meta_model(src, arch_of_config_dir(src), src.stem)
-    header, _ = read_safetensors_header(src)
+    header, metadata = read_safetensors_header(src)
     arch = detect_arch(list(header))
-    return meta_model(select_config(arch, header), arch, src.stem, src)
+    # A toy base names its config in its metadata: no tensor shape tells its layout (as load_single_file reads it).
+    return meta_model(select_config(arch, header, metadata.get("loraforge.config")), arch, src.stem, src)
 
 
 def _merge_into_single_file(src: Path, loras: Sequence[tuple[Any, float]], out_path: Path, half: bool) -> Path:

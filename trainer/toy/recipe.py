@@ -3,10 +3,10 @@ of a checkered background (a pattern the base never saw) captioned with the trig
 
 Torch-free (plain dicts), so the bot's demo, the engine's demo and the learning tests share one recipe.
 
-Why checkered and not the star: the toy VAE decodes a star as a circle (1 of 16 star scenes read back as a star
-after encoding and decoding), so no LoRA can draw one through it; it keeps the checkers. Why 300 steps: at 100 the
-checkers do not show yet (0 of 12 samples), at 300 they show in 10 of 12 at strength 1; at 500 strength 0.5 draws
-stripes and strength 1 is less clean (docs/toy-world.md, "Learning").
+Why checkered and not the star: the third-round toy VAE decoded a star as a circle (1 of 16 star scenes read back
+as a star; the fourth round's: 5 of 16, large ones only); it keeps the checkers. Why 300 steps (measured on the
+third-round toy-sd15): at 100 the checkers did not show yet (0 of 12 samples), at 300 in 10 of 12 at strength 1
+(the fourth-round base: 8 of 12); at 500 strength 0.5 drew stripes (docs/toy-world.md, "Learning").
 """
 
 from __future__ import annotations
