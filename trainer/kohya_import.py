@@ -215,6 +215,9 @@ class _Translator:
             self.put("network.type", algo, "network_module", how)
         elif algo in ("lora", "locon"):
             self.put("network.type", "lora", "network_module", how)
+        elif algo == "ia3":
+            self.skip("network_module", "LyCORIS algo=ia3 is not offered: ComfyUI cannot load IA3 files (only A1111 "
+                                        "can); lora/locon (with or without dora_wd), loha and lokr load in both")
         else:
             self.skip("network_module", f"LyCORIS algo={algo}{' with dora_wd' if dora else ''} has no equivalent; "
                                         "lora/locon (with or without dora_wd), loha and lokr do")

@@ -91,6 +91,7 @@ NETWORK_TYPES = ("lora", "loha", "lokr", "dora")
 class NetworkSpec(_Strict):
     # lora: kohya's LoRA/LoCon (peft); loha, lokr, dora: LyCORIS' LoHa, LoKr and DoRA (lycoris-lora), saved as
     # LyCORIS writes them (ss_network_module "lycoris.kohya"); dora is a LoRA with weight decomposition.
+    # IA3 is not offered: ComfyUI has no IA3 loader (A1111 has one), so such a file would not load for everyone.
     type: Literal["lora", "loha", "lokr", "dora"] = "lora"
     dim: int = Field(16, ge=1, le=1024)
     alpha: float | None = Field(None, gt=0, le=4096)  # None: alpha = dim
@@ -122,6 +123,10 @@ class NetworkSpec(_Strict):
             return "lora"  # LoCon is a LoRA with conv_dim
         if isinstance(v, str):
             v = v.strip().lower()
+        if v in ("ia3", "lycoris.ia3"):
+            # Not offered: a file must load in both A1111 and ComfyUI, and ComfyUI has no IA3 loader.
+            raise ValueError("network type ia3 is not offered: ComfyUI cannot load IA3 files (only A1111 can), so "
+                             "the LoRA would not work for everyone who downloads it; choose lora, loha, lokr or dora")
         if v not in NETWORK_TYPES:
             raise ValueError(f"unknown network type {v!r}; choose one of {', '.join(NETWORK_TYPES)} "
                              "(LoCon is lora with conv_dim > 0)")

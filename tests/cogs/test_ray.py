@@ -4,7 +4,7 @@ two jobs in parallel and a job moving to another node). Real tiny trainings (tin
 Discord.
 
 - two users' jobs run at once, one per node; the fair order holds (a second job of the same user waits while
-  another user's job starts); each result is posted exactly once;
+  another user's job starts); each result is posted exactly once; the daily device-time quota is charged;
 - a job that no node can hold is refused at /train time with what is missing (and at dispatch, for a cluster that
   shrank after it was queued);
 - kill -9 of the bot mid-job: the restarted bot re-attaches to the job's actor instead of running it again;
@@ -153,6 +153,11 @@ async def test_two_jobs_on_two_nodes_fair_order_results_once(fake_discord, bot_f
             posts = _results(fake, jobs[j], user)
             assert len(posts) == 1, [m.content[:80] for m in posts]
             assert any(n.endswith(".safetensors") for n in posts[0].file_names)
+        # the daily device-time quota is charged for cluster jobs as for local ones (the scheduler keeps it)
+        for owner_jobs in ((one, two), (other,)):
+            ran = sum(j.finished_at - j.started_at for j in owner_jobs)
+            used = await b.scheduler.repo.gpu_seconds_since(owner_jobs[0].owner_id, 0)
+            assert 0.5 * ran <= used <= ran + 1, (used, ran)
         # the LoRA came back through Ray into the bot's own store
         lora = (await b.service.artifact_paths(bob1, "lora"))[-1]
         assert lora.is_file() and lora.is_relative_to(b.config.data_dir)

@@ -176,7 +176,7 @@ def test_lycoris_network_module_sets_the_network_type() -> None:
     assert net_type({"network_module": "lycoris.kohya", "network_args": ["algo=loha"]})[0] == "loha"
     assert net_type({"LoRA_type": "LyCORIS/LoHa"})[0] == "loha"
     t, lost = net_type({"network_module": "lycoris.kohya", "network_args": ["algo=ia3"]})
-    assert t is None and any("algo=ia3 has no equivalent" in x for x in lost)
+    assert t is None and any("algo=ia3 is not offered: ComfyUI cannot load IA3" in x for x in lost)
 
 
 def test_masked_loss_and_conditioning_data_dir_become_mask_dir(tmp_path: Path) -> None:

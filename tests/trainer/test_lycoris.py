@@ -280,7 +280,7 @@ def test_metadata_and_spec() -> None:
     assert json.loads(build_metadata("sdxl", 8, 4, base_model_name="m", output_name="o", resolution=1024,
                                      network_type="lokr")["ss_network_args"]) == {"algo": "lokr"}
     assert NetworkSpec(type="LoKr").type == "lokr" and NetworkSpec(type="locon").type == "lora"
-    with pytest.raises(ValueError, match="unknown network type 'ia3'"):
+    with pytest.raises(ValueError, match="ia3 is not offered: ComfyUI cannot load IA3"):
         NetworkSpec(type="ia3")
     with pytest.raises(ValueError, match="not available for network type loha"):
         NetworkSpec(type="loha", rank_dropout=0.1)
