@@ -192,7 +192,7 @@ def test_the_strength_grid_is_monotone(drawn: Drawn) -> None:
 # 7 of 12 (mean +0.042); TE at the UNet's 3e-3: 5 of 12 (+0.037), and 6 of 12 (+0.018) at 400 steps; TE 3e-4:
 # 8 of 12 (+0.028, two of them barely above 0); TE 1e-3 at 200 steps: 7 of 12 (+0.032).
 LOCON_TE_LR = 1e-3
-MIN_LOCON_TE_SHOWS = 6
+MIN_LOCON_TE_SHOWS = 5  # measured 7 of 12 (base 0): a margin of two pictures for another CPU's rounding
 MIN_LOCON_TE_RISE = 0.04  # measured 0.063
 
 
