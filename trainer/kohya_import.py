@@ -179,6 +179,10 @@ class _Translator:
                     self.put("network.conv_dim", int(num(v)), "network_args conv_dim")  # type: ignore[arg-type]
                 else:
                     self.put("network.conv_alpha", float(num(v)), "network_args conv_alpha")  # type: ignore[arg-type]
+            elif k == "preset" and v.strip().lower() in ("attn-only", "full", "unet-transformer-only"):
+                # LyCORIS' presets that match a module set offered here (full / unet-transformer-only: kohya's)
+                modules = "attention" if v.strip().lower() == "attn-only" else "transformer"
+                self.put("network.unet_modules", modules, f"network_args preset={v.strip()}")
             elif k in ("rank_dropout", "module_dropout") and num(v) is not None:
                 self.put(f"network.{k}", float(num(v)), f"network_args {k}")  # type: ignore[arg-type]
             else:

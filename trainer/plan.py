@@ -297,6 +297,8 @@ def plan_settings(spec: TrainSpec, config: str, s: Settings) -> MemoryPlan:
     notes = []
     if spec.network.blocks:
         notes.append("block selection is not counted: the LoRA part is an upper bound")
+    if spec.network.unet_modules == "attention":
+        notes.append("the attention-only module set is counted as kohya's full set: the LoRA part is an upper bound")
     if spec.network.type != "lora":  # LyCORIS rebuilds each layer's full weight change in every forward
         notes.append(f"a {spec.network.type} network keeps a full-size weight change per trained layer for the "
                      "backward pass, which this plan does not count: expect a higher peak than shown")

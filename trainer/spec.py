@@ -101,6 +101,9 @@ class NetworkSpec(_Strict):
     train_text_encoder: bool = False
     text_encoder_lr: float | None = Field(None, gt=0, le=1.0)
     blocks: str | None = None  # e.g. "OUT03-OUT05,MID"; None: every block
+    # Which UNet layers of each transformer block train: "transformer" = kohya's LoRA (attention q/k/v/out,
+    # proj_in/out, feed-forward); "attention" = q/k/v/out only (diffusers' and peft's LoRA examples, LyCORIS' attn-only)
+    unet_modules: Literal["transformer", "attention"] = "transformer"
     dropout: float = Field(0.0, ge=0.0, lt=1.0)  # kohya's network_dropout: on the rank-r activations
     rank_dropout: float = Field(0.0, ge=0.0, lt=1.0)  # kohya's: whole ranks per sample, rescaled by 1/(1-p)
     module_dropout: float = Field(0.0, ge=0.0, lt=1.0)  # kohya's: a layer's whole LoRA skipped for a step
@@ -115,6 +118,12 @@ class NetworkSpec(_Strict):
     @property
     def resolved_conv_alpha(self) -> float:
         return float(self.conv_alpha if self.conv_alpha is not None else max(self.conv_dim, 1))
+
+    @field_validator("unet_modules", mode="before")
+    @classmethod
+    def _unet_modules(cls, v: Any) -> Any:
+        aliases = {"attn-only": "attention", "attn_only": "attention", "kohya": "transformer"}  # LyCORIS' preset name
+        return aliases.get(v.strip().lower(), v.strip().lower()) if isinstance(v, str) else v
 
     @field_validator("type", mode="before")
     @classmethod

@@ -20,6 +20,8 @@ Sides (``--sides``, comma-separated):
 - ``diffusers-defaults``: the same at its own rank (4).
 - ``ours-compile`` / ``ours-channels-last``: the engine's job with ``compile = true`` / ``channels_last = true``
   (what those options buy on this machine; their "auto" is what ``ours`` runs).
+- ``ours-attn``: the engine's job with ``unet_modules = "attention"``: the diffusers example's module set (q/k/v/out
+  of every attention), so that pair trains the same modules; ``ours`` trains kohya's set, matched with kohya.
 Matched everywhere: the same base weights (single file for ours and kohya, the same weights as a diffusers folder
 for the example), images and captions, resolution (center crop), batch 1, rank = alpha, AdamW (lr 1e-4, weight
 decay 0.01, constant schedule, gradient clipping 1.0), fp32 (``mixed_precision no``; CPU), UNet-only LoRA.
@@ -48,7 +50,9 @@ import stats  # noqa: E402 - bench/peers is not a package
 
 ALL_SIDES = ("ours", "kohya", "kohya-defaults", "diffusers", "diffusers-defaults")
 # the engine with a speed option forced on (to measure what it buys here; "ours" is the job at its defaults)
-OURS_VARIANTS = {"ours-compile": "compile = true", "ours-channels-last": "channels_last = true"}
+OURS_VARIANTS = {"ours-compile": "compile = true", "ours-channels-last": "channels_last = true",
+                 "ours-attn": 'unet_modules = "attention"'}
+NETWORK_OPTIONS = ("unet_modules",)  # variant lines that belong in the job file's [network] table
 VERSIONS = ("import json, importlib.metadata as m; out = {}\n"
             "for p in ('torch', 'diffusers', 'transformers', 'accelerate', 'peft', 'safetensors', 'numpy'):\n"
             "    try: out[p] = m.version(p)\n"
@@ -61,11 +65,12 @@ def ours_job(a: argparse.Namespace, base: Path, images: Path, extra: str = "") -
     options compile / channels_last, which do not change the maths; `extra` forces one for a variant side)."""
     return "\n".join([
         f'base_model = "{base}"', 'output_name = "lora"', f"steps = {a.steps}", "batch_size = 1", "seed = 1",
-        *([extra] if extra else []),
+        *([extra] if extra and not extra.startswith(NETWORK_OPTIONS) else []),
         'mixed_precision = "no"', "gradient_checkpointing = false", f"state_every_n_steps = {10**6}",
         'save_precision = "fp16"',
         "[[concepts]]", f'image_dir = "{images}"', 'instance_prompt = "chibi scs girl"', 'caption_mode = "caption_only"',
         "[network]", f"dim = {a.dim}", f"alpha = {a.dim}", "train_text_encoder = false",
+        *([extra] if extra.startswith(NETWORK_OPTIONS) else []),
         "[optimizer]", 'name = "AdamW"', "lr = 1e-4", "weight_decay = 0.01", 'scheduler = "constant"',
         "max_grad_norm = 1.0",
         "[data]", f"resolution = {a.resolution}", "bucketing = false", "random_flip = false", "cache_latents = true",
@@ -185,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("bench-results/peers.json"))
     a = ap.parse_args(argv)
     a.work, a.kohya, a.diffusers, a.venvs = (p.resolve() for p in (a.work, a.kohya, a.diffusers, a.venvs))
-    default = ALL_SIDES if a.model == "sd15" else ("ours", "diffusers", "diffusers-defaults")
+    default = (*ALL_SIDES, "ours-attn") if a.model == "sd15" else ("ours", "ours-attn", "diffusers", "diffusers-defaults")
     sides = [s.strip() for s in a.sides.split(",")] if a.sides else list(default)
     if a.model != "sd15" and any(s.startswith("kohya") for s in sides):
         ap.error("kohya's SD1.5 loader builds the full-size architecture: use --model sd15 for kohya sides")
@@ -206,8 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "runs": [],
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
+    # each engine side against each peer; ours-attn (the example's module set) against the diffusers example only
     pairs = [(o, s) for o in ("ours", *OURS_VARIANTS) if o in sides for s in sides
-             if s not in ("ours", *OURS_VARIANTS)]
+             if s not in ("ours", *OURS_VARIANTS) and (o != "ours-attn" or s.startswith("diffusers"))]
     pairs += [("ours", s) for s in sides if s in OURS_VARIANTS and "ours" in sides]
     for rnd in range(a.rounds):
         order = sides[rnd % len(sides):] + sides[:rnd % len(sides)]

@@ -177,6 +177,11 @@ def test_lycoris_network_module_sets_the_network_type() -> None:
     assert net_type({"LoRA_type": "LyCORIS/LoHa"})[0] == "loha"
     t, lost = net_type({"network_module": "lycoris.kohya", "network_args": ["algo=ia3"]})
     assert t is None and any("algo=ia3 is not offered: ComfyUI cannot load IA3" in x for x in lost)
+    # LyCORIS' attn-only preset is the attention-only module set; presets without an equivalent are reported
+    out = translate({"network_dim": 8, "network_module": "lycoris.kohya", "network_args": ["preset=attn-only"]})
+    assert out.values["network"]["unet_modules"] == "attention" and not out.untranslated
+    out = translate({"network_dim": 8, "network_module": "lycoris.kohya", "network_args": ["preset=attn-mlp"]})
+    assert "unet_modules" not in out.values["network"] and any("preset=attn-mlp" in x for x in out.untranslated)
 
 
 def test_masked_loss_and_conditioning_data_dir_become_mask_dir(tmp_path: Path) -> None:

@@ -112,6 +112,24 @@ def test_outputs_metadata_and_plot(tmp_path: Path, dataset: Path, make_spec) -> 
                and "attention PyTorch SDPA" in m for m in logs), logs
 
 
+def test_attention_only_lora_trains_and_says_so(tmp_path: Path, dataset: Path, make_spec) -> None:
+    # the module set of diffusers' LoRA examples and LyCORIS' attn-only preset: q/k/v/out of each attention, nothing
+    # else of the transformer blocks; the file keeps kohya's names, so every loader applies it
+    from trainer.format.kohya import read_kohya
+
+    spec = make_spec(dataset, steps=2, network={"dim": 4, "unet_modules": "attn-only"})
+    assert spec.network.unet_modules == "attention"
+    lf = read_kohya(Path(train(spec, tmp_path / "attn")["lora"]))
+    modules = set(lf.modules)
+    assert modules and all(m.endswith(("_to_q", "_to_k", "_to_v", "_to_out_0")) for m in modules), sorted(modules)
+    assert json.loads(lf.metadata["ss_network_args"]) == {"preset": "attn-only"}
+    full = read_kohya(Path(train(make_spec(dataset, steps=2, network={"dim": 4}), tmp_path / "full")["lora"]))
+    full_modules = set(full.modules)
+    # tiny-sd15's transformer blocks: 8 attention projections of kohya's 12 linears per block
+    assert modules < full_modules and len(modules) * 3 == len(full_modules) * 2
+    assert "preset" not in json.loads(full.metadata["ss_network_args"])
+
+
 def test_auto_precision_and_checkpointing_resolve_per_device(monkeypatch: pytest.MonkeyPatch) -> None:
     from trainer.train.precision import resolve_gradient_checkpointing, resolve_mixed_precision
 

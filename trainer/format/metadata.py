@@ -54,9 +54,11 @@ LYCORIS_ARGS: dict[str, dict[str, str]] = {
 
 
 def network_metadata(arch: Arch, dim: int, alpha: float, conv_dim: int = 0, conv_alpha: float = 1.0,
-                     network_args: Mapping[str, float] | None = None, network_type: str = "lora") -> dict[str, str]:
+                     network_args: Mapping[str, float | str] | None = None,
+                     network_type: str = "lora") -> dict[str, str]:
     """The ``ss_*`` fields every loader reads to apply a LoRA: base model version, network module, dims, args.
-    network_args: further kohya network args (rank_dropout, module_dropout), written as kohya does (strings).
+    network_args: further kohya network args (rank_dropout, module_dropout; LyCORIS' preset), written as kohya does
+    (strings; zero numbers and empty strings left out).
     network_type loha/lokr/dora: ss_network_module "lycoris.kohya" with LyCORIS' algo args."""
     if arch not in BASE_MODEL_VERSION:
         raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(BASE_MODEL_VERSION)}")
@@ -65,7 +67,7 @@ def network_metadata(arch: Arch, dim: int, alpha: float, conv_dim: int = 0, conv
     args = dict(LYCORIS_ARGS.get(network_type, {}))
     if conv_dim:
         args.update({"conv_dim": _num(conv_dim), "conv_alpha": _num(conv_alpha)})
-    args.update({k: _num(v) for k, v in (network_args or {}).items() if v})
+    args.update({k: v if isinstance(v, str) else _num(v) for k, v in (network_args or {}).items() if v})
     return {
         "ss_v2": str(arch == "sd2"),
         "ss_base_model_version": BASE_MODEL_VERSION[arch],
@@ -82,7 +84,8 @@ def build_metadata(arch: Arch, dim: int, alpha: float, conv_dim: int = 0, conv_a
                    v_parameterization: bool | None = None, train_unet: bool = True,
                    train_text_encoder: bool = False, date: _dt.datetime | None = None,
                    author: str | None = None, description: str | None = None,
-                   network_args: Mapping[str, float] | None = None, network_type: str = "lora") -> dict[str, str]:
+                   network_args: Mapping[str, float | str] | None = None,
+                   network_type: str = "lora") -> dict[str, str]:
     """kohya `ss_*` and Stability `modelspec.*` metadata, every value a string.
 
     `training` adds ss_* entries (key given with or without the ss_ prefix; dicts/lists become JSON),

@@ -36,7 +36,7 @@ from trainer.models.base import BaseModel
 from trainer.network.dropout import Dropouts
 from trainer.network.dropout import install as install_dropout
 from trainer.network.groups import TrainableNetwork
-from trainer.network.targets import Target, check_compatible, lora_targets, parse_blocks
+from trainer.network.targets import Target, UnetModules, check_compatible, lora_targets, parse_blocks
 
 ADAPTER = "loraforge"
 _REGISTRY_ATTR = "_loraforge_adapters"  # on each model root: adapter name -> {"enabled", "trainable"}
@@ -135,11 +135,12 @@ class LoraNetwork(TrainableNetwork):
                train_text_encoder: bool = False, blocks: str | Sequence[str] | None = None,
                dropout: float = 0.0, seed: int | None = None, train_unet: bool = True,
                dtype: torch.dtype = torch.float32, adapter: str = ADAPTER, rank_dropout: float = 0.0,
-               module_dropout: float = 0.0) -> LoraNetwork:
+               module_dropout: float = 0.0, unet_modules: UnetModules = "transformer") -> LoraNetwork:
         """A trainable network: kohya's module set, down kaiming-uniform, up zero (output starts unchanged).
 
         conv_dim > 0 adds LoCon (resnets, down/upsamplers); 3x3 convs get conv_dim/conv_alpha.
         `blocks` limits training to block slots ("OUT03-OUT05,MID"; BASE = text encoders).
+        unet_modules="attention" keeps, of the transformer blocks' linears, only the attention q/k/v/out.
         LoRA weights are kept in `dtype` (fp32 by default, as kohya does; peft casts inputs to it).
         dropout / rank_dropout / module_dropout: kohya's LoRAModule semantics (trainer.network.dropout).
         """
@@ -152,7 +153,7 @@ class LoraNetwork(TrainableNetwork):
         drops = Dropouts(dropout, rank_dropout, module_dropout)  # validates the ranges
         chosen = parse_blocks(blocks, base.arch)
         targets = lora_targets(base.unet, base.text_encoders, base.arch, conv=conv_dim > 0, train_unet=train_unet,
-                               train_te=train_text_encoder, blocks=chosen)
+                               train_te=train_text_encoder, blocks=chosen, unet_modules=unet_modules)
         if not targets:
             raise ValueError("this selection trains no module: check train_unet / train_text_encoder / blocks "
                              "(BASE is the text encoder)")

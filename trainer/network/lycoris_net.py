@@ -23,7 +23,7 @@ from torch import nn
 from trainer.format.kohya import save_kohya
 from trainer.models.base import BaseModel
 from trainer.network.groups import TrainableNetwork
-from trainer.network.targets import Target, lora_targets, parse_blocks, target_layer
+from trainer.network.targets import Target, UnetModules, lora_targets, parse_blocks, target_layer
 
 ALGOS = ("loha", "lokr", "dora")
 
@@ -64,7 +64,8 @@ class LycorisNetwork(TrainableNetwork):
     def create(cls, base: BaseModel, algo: str, dim: int, alpha: float, conv_dim: int = 0, conv_alpha: float = 1.0,
                train_text_encoder: bool = False, blocks: str | Sequence[str] | None = None,
                seed: int | None = None, train_unet: bool = True,
-               dtype: torch.dtype = torch.float32, factor: int = -1) -> LycorisNetwork:
+               dtype: torch.dtype = torch.float32, factor: int = -1,
+               unet_modules: UnetModules = "transformer") -> LycorisNetwork:
         """A trainable network that starts as a no-op (LyCORIS' own initialisation). Weights kept in `dtype`.
         factor: LoKr's Kronecker split (LyCORIS' `factor`; -1 automatic)."""
         if algo not in ALGOS:
@@ -75,7 +76,7 @@ class LycorisNetwork(TrainableNetwork):
             raise ValueError("alpha and conv_alpha must be > 0")
         chosen = parse_blocks(blocks, base.arch)
         targets = lora_targets(base.unet, base.text_encoders, base.arch, conv=conv_dim > 0, train_unet=train_unet,
-                               train_te=train_text_encoder, blocks=chosen)
+                               train_te=train_text_encoder, blocks=chosen, unet_modules=unet_modules)
         if not targets:
             raise ValueError("this selection trains no module: check train_unet / train_text_encoder / blocks "
                              "(BASE is the text encoder)")

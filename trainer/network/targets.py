@@ -26,6 +26,9 @@ ModelKey = Literal["unet", "te1", "te2"]
 
 # kohya's LoRA: every Linear / 1x1 conv inside the transformer blocks, and these text-encoder layers.
 UNET_LINEAR_SUFFIXES = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
+# unet_modules = "attention": the attention projections only (what diffusers' LoRA examples train)
+UNET_ATTENTION_SUFFIXES = UNET_LINEAR_SUFFIXES[:4]
+UnetModules = Literal["transformer", "attention"]
 TE_SUFFIXES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
 # LoCon adds the resnets, downsamplers and upsamplers (never conv_in / conv_out / time embedding).
 UNET_CONV_SUFFIXES = ("conv1", "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv")
@@ -156,8 +159,9 @@ def _iter_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         yield name, mod
 
 
-def _unet_selected(path: str, conv: bool) -> bool:
-    if ".attentions." in path and any(path.endswith("." + s) for s in UNET_LINEAR_SUFFIXES):
+def _unet_selected(path: str, conv: bool, modules: UnetModules = "transformer") -> bool:
+    linear = UNET_ATTENTION_SUFFIXES if modules == "attention" else UNET_LINEAR_SUFFIXES
+    if ".attentions." in path and any(path.endswith("." + s) for s in linear):
         return True
     if conv:
         if ".resnets." in path and any(path.endswith("." + s) for s in UNET_CONV_SUFFIXES[:4]):
@@ -205,8 +209,9 @@ def _te_target(path: str, mod: nn.Module, arch: Arch, te_index: int) -> Target |
 
 def lora_targets(unet: nn.Module | None, text_encoders: Sequence[nn.Module], arch: Arch, conv: bool,
                  train_unet: bool = True, train_te: bool = False,
-                 blocks: Sequence[str] | str | None = None) -> list[Target]:
-    """Exactly kohya's module set for these models.
+                 blocks: Sequence[str] | str | None = None, unet_modules: UnetModules = "transformer") -> list[Target]:
+    """Exactly kohya's module set for these models (`unet_modules="attention"`: of the transformer blocks' linear
+    layers only the attention projections q/k/v/out; LoCon's convs are unaffected).
 
     `blocks` (slot names or a spec string for parse_blocks) keeps only modules in those blocks;
     BASE stands for the text encoder(s), so a block list without BASE trains no text encoder.
@@ -225,7 +230,7 @@ def lora_targets(unet: nn.Module | None, text_encoders: Sequence[nn.Module], arc
     if train_unet and unet is not None:
         layout = _unet_layout(unet)
         for path, mod in _iter_layers(unet):
-            if _unet_selected(path, conv):
+            if _unet_selected(path, conv, unet_modules):
                 t = _unet_target(path, mod, arch, layout)
                 if t is not None:
                     out.append(t)

@@ -80,7 +80,9 @@ def training_metadata(spec: TrainSpec, arch: str, step: int, items: Sequence[Ima
         training=training, v_parameterization=prediction_type == "v_prediction",
         train_unet=net.train_unet, train_text_encoder=net.train_text_encoder,
         network_args={"rank_dropout": net.rank_dropout, "module_dropout": net.module_dropout,
-                      "factor": net.factor if net.factor != -1 else 0},
+                      "factor": net.factor if net.factor != -1 else 0,
+                      # LyCORIS' name for the attention-only module set, so its users read what trained
+                      "preset": "attn-only" if net.unet_modules == "attention" else ""},
         network_type=net.type,
     )
 
