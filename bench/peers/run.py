@@ -14,7 +14,8 @@ Sides (``--sides``, comma-separated):
 - ``ours``: ``python -m trainer train job.toml`` (the job file is written into the results);
 - ``kohya``: ``train_network.py --network_module networks.lora`` with matched settings (cached latents, SDPA);
 - ``kohya-defaults``: the same job with kohya's own defaults for everything that is not the job itself (rank 4,
-  alpha 1, no latent cache, its own attention);
+  alpha 1, no latent cache, its own attention), plus ``--enable_bucket``, without which kohya refuses uncached
+  images larger than the resolution (a plain resize here: square images, square resolution);
 - ``diffusers``: ``examples/text_to_image/train_text_to_image_lora.py`` at the matched rank (it cannot cache
   latents: it encodes every step; it trains the attention projections only: its target modules are fixed in code);
 - ``diffusers-defaults``: the same at its own rank (4).
@@ -98,6 +99,10 @@ def side_command(side: str, a: argparse.Namespace, run_dir: Path) -> tuple[list[
                 "--max_data_loader_n_workers", "0", "--tokenizer_cache_dir", str(w / "tokenizers")]
         if side == "kohya":
             argv += ["--network_dim", str(a.dim), "--network_alpha", str(a.dim), "--cache_latents", "--sdpa"]
+        else:
+            # Without cached latents kohya refuses images larger than the resolution unless bucketing or a crop is
+            # on; bucketing square images at a square resolution is a plain resize: what every other side does.
+            argv += ["--enable_bucket"]
         return argv, a.kohya, "kohya"
     if side.startswith("diffusers"):
         argv = [str(a.venvs / "diffusers" / "bin" / "python"),
