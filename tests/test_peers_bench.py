@@ -78,3 +78,33 @@ def test_ratios_goals_and_table(stats) -> None:  # noqa: ANN001
     table = stats.markdown(summary, [("ours", "kohya")])
     assert "| kohya | 2 (+1 failed) |" in table
     assert "| ours vs kohya | 1.16 (goal met) |" in table
+
+
+def test_each_engine_side_writes_a_job_the_engine_accepts(tmp_path: Path) -> None:
+    # the runner's own job files (ours, and ours-attn with the example's module set) must be valid job files with
+    # the matched settings, or a benchmark hours long measures the wrong job; kohya at its defaults needs bucketing
+    import argparse
+    import tomllib
+
+    from trainer.spec import TrainSpec
+
+    spec = importlib.util.spec_from_file_location("peers_run", PEERS / "run.py")
+    assert spec is not None and spec.loader is not None
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    a = argparse.Namespace(work=tmp_path, model="sd15", steps=50, dim=16, resolution=256, device="cpu",
+                           kohya=tmp_path / "sd-scripts", diffusers=tmp_path / "diffusers", venvs=tmp_path / "venvs")
+    jobs = {}
+    for side in ("ours", "ours-attn"):
+        (tmp_path / side).mkdir()
+        argv, _, venv = run.side_command(side, a, tmp_path / side)
+        assert venv == "" and argv[1:4] == ["-m", "trainer", "train"]
+        jobs[side] = TrainSpec.model_validate(tomllib.loads((tmp_path / side / "job.toml").read_text()))
+    assert jobs["ours"].network.unet_modules == "transformer" and jobs["ours-attn"].network.unet_modules == "attention"
+    for job in jobs.values():
+        assert (job.steps, job.network.dim, job.network.resolved_alpha, job.data.resolution) == (50, 16, 16.0, 256)
+        assert job.data.cache_latents and not job.network.train_text_encoder and job.optimizer.name == "AdamW"
+    matched, _, _ = run.side_command("kohya", a, tmp_path)
+    defaults, _, _ = run.side_command("kohya-defaults", a, tmp_path)
+    assert "--cache_latents" in matched and "--enable_bucket" not in matched
+    assert "--enable_bucket" in defaults and "--cache_latents" not in defaults and "--network_dim" not in defaults
